@@ -1,0 +1,134 @@
+"""Run configuration: frozen, keyword-only dataclasses validated at construction.
+
+Each field says what it controls; each validation error says what to change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from elastic.errors import ConfigError
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScalingConfig:
+    min_workers: int = 1
+    """Fewest workers the run may train with; below this it waits (bounded), then fails."""
+    max_workers: int | None = None
+    """Most workers the run grows to when the cluster has room (default: min_workers)."""
+    cpus_per_worker: float = 1.0
+    """Ray CPUs reserved by each worker actor."""
+    gpus_per_worker: float = 0.0
+    """Ray GPUs reserved by each worker actor; > 0 selects nccl and cuda devices."""
+    spares: int = 0
+    """Warm spare workers (torch imported, not training) kept ready to replace a failed rank."""
+    placement_timeout_s: float = 60.0
+    """How long to wait for the cluster to place min_workers before giving up."""
+    grow_interval_s: float = 2.0
+    """How often a run below max_workers checks whether the cluster gained room."""
+
+    def __post_init__(self) -> None:
+        if self.max_workers is None:
+            object.__setattr__(self, "max_workers", self.min_workers)
+        _require(self.min_workers >= 1, f"min_workers must be >= 1, got {self.min_workers}")
+        assert self.max_workers is not None
+        _require(
+            self.min_workers <= self.max_workers,
+            f"min_workers ({self.min_workers}) > max_workers ({self.max_workers}): "
+            "set --min-workers at or below --max-workers",
+        )
+        _require(self.cpus_per_worker >= 0, "cpus_per_worker must be >= 0")
+        _require(self.gpus_per_worker >= 0, "gpus_per_worker must be >= 0")
+        _require(self.spares >= 0, f"spares must be >= 0, got {self.spares}")
+        _require(self.placement_timeout_s > 0, "placement_timeout_s must be > 0")
+        _require(self.grow_interval_s > 0, "grow_interval_s must be > 0")
+
+    @property
+    def resources_per_worker(self) -> dict[str, float]:
+        res = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            res["GPU"] = self.gpus_per_worker
+        return res
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckpointConfig:
+    uri: str | None = None
+    """Where checkpoints and the event log live: file://, memory://, s3://, any fsspec URL or a
+    plain path. None: a fresh local directory under the system temp dir."""
+    every_n_steps: int = 100
+    """Commit a durable checkpoint every this many steps (0: only at the end and on preemption)."""
+    keep_last: int = 3
+    """Committed checkpoints to keep; older ones are deleted after each commit."""
+    async_save: bool = True
+    """Write shards in the background; the loop only stalls for the copy into host memory."""
+    when_busy: Literal["wait", "skip"] = "wait"
+    """If a save is due while the previous one is still writing: wait for it, or skip this one."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_n_steps >= 0, f"every_n_steps must be >= 0, got {self.every_n_steps}")
+        _require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        _require(self.when_busy in ("wait", "skip"), "when_busy must be 'wait' or 'skip'")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FailureConfig:
+    max_failures: int = 3
+    """Worker failures tolerated over the run (growth and graceful preemptions do not count);
+    -1 for unlimited. One more ends the run with a committed checkpoint to resume from."""
+    collective_timeout_s: float = 30.0
+    """Process-group timeout: bounds how long a collective blocks on a frozen peer. Size it above
+    the longest legitimate skew between ranks (slowest step, checkpoint planning)."""
+    hang_timeout_s: float = 300.0
+    """A rank whose step has not advanced for this long is declared hung and killed."""
+    poll_interval_s: float = 0.1
+    """How often the supervisor polls worker health."""
+    poll_timeout_s: float = 5.0
+    """A live worker that does not answer a poll within this long is treated as frozen."""
+    backoff_base_s: float = 0.0
+    """Pause before the n-th consecutive recovery: base * 2**(n-1), capped at backoff_max_s."""
+    backoff_max_s: float = 10.0
+    """Upper bound on the recovery back-off."""
+    below_min_wait_s: float = 60.0
+    """How long to wait for capacity when fewer than min_workers survive before failing."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_failures >= -1, "max_failures must be >= -1 (-1: unlimited)")
+        for name in ("collective_timeout_s", "hang_timeout_s", "poll_interval_s", "poll_timeout_s"):
+            value = getattr(self, name)
+            _require(value > 0 and math.isfinite(value), f"{name} must be a positive number")
+        _require(self.backoff_base_s >= 0, "backoff_base_s must be >= 0")
+        _require(self.backoff_max_s >= self.backoff_base_s, "backoff_max_s must be >= backoff_base_s")
+        _require(self.below_min_wait_s >= 0, "below_min_wait_s must be >= 0")
+
+    def failures_left(self, used: int) -> bool:
+        return self.max_failures < 0 or used <= self.max_failures
+
+    def backoff_s(self, consecutive: int) -> float:
+        if consecutive <= 0 or self.backoff_base_s == 0:
+            return 0.0
+        return min(self.backoff_max_s, self.backoff_base_s * 2 ** (consecutive - 1))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    """Everything the supervisor needs besides the training function."""
+
+    name: str = "elastic"
+    """Shown in progress lines and events."""
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    train_loop_config: dict = field(default_factory=dict)
+    """Passed to the training function as its only argument."""
+    progress_interval_s: float = 5.0
+    """Seconds between progress lines."""
+    seed: int = 0
+    """Seeds torch on every rank before the training function is entered."""

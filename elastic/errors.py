@@ -1,0 +1,71 @@
+"""The one error tree of elastic.
+
+Every error a user can meet derives from ElasticError and carries a message that names the problem
+and what to do. Errors cross Ray actor boundaries, so each keeps a single-string constructor (which
+pickles without a custom __reduce__).
+"""
+
+from __future__ import annotations
+
+
+class ElasticError(Exception):
+    """Base of every error elastic raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(ElasticError, ValueError):
+    """Bad configuration or usage: fix the input and run again (exit 2)."""
+
+    exit_code = 2
+
+
+class PlacementError(ElasticError):
+    """The cluster cannot place the minimum number of workers within the bounded wait."""
+
+    exit_code = 2
+
+
+class StorageError(ElasticError):
+    """Storage failed in a way retries did not (or must not) fix."""
+
+
+class TransientStorageError(StorageError):
+    """A storage error worth retrying (connection reset, 5xx, throttling, timeout)."""
+
+
+class StorageUnavailableError(StorageError):
+    """Storage is unreachable or refuses us for good (no bucket, permission denied, bad credentials)."""
+
+    exit_code = 2
+
+
+class CheckpointError(ElasticError):
+    """A checkpoint could not be written or read."""
+
+
+class NoCheckpointError(CheckpointError):
+    """There is no committed checkpoint (or no run at all) at the location."""
+
+    exit_code = 2
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A committed checkpoint has a missing or corrupted shard."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint was written by a different model (names or shapes differ)."""
+
+    exit_code = 2
+
+
+class WorkerGroupError(ElasticError):
+    """The process group around a worker broke (peer died, hung, or membership is changing).
+
+    Raised inside workers to unwind the training function; the supervisor rebuilds the group.
+    """
+
+
+class TrainingFailedError(ElasticError):
+    """The run ended without finishing: user code raised, or the failure budget is spent."""
