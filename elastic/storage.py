@@ -1,16 +1,26 @@
-"""Where bytes live: URI parsing and validation on top of fsspec.
+"""Where bytes live: URI parsing and validation on top of fsspec, plus small storage helpers.
 
 Local paths go to fsspec's local filesystem; every URL goes through `fsspec.core.url_to_fs`.
+Chained URLs work too (`faulty::memory://run`, the fault-injecting wrapper used by tests).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import posixpath
+import uuid
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from elastic.errors import ConfigError
+
+# Lazily imported on first use: the fault-injecting wrapper (elastic/checkpoint/faulty_fs.py).
+fsspec.register_implementation(
+    "faulty", "elastic.checkpoint.faulty_fs.FaultyFileSystem", clobber=True
+)
 
 
 def normalize_uri(uri: str) -> str:
@@ -23,14 +33,69 @@ def normalize_uri(uri: str) -> str:
 def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, root path inside it) for a URI; ConfigError for a scheme fsspec does not know."""
     uri = normalize_uri(uri)
-    scheme = uri.split("://", 1)[0]
-    if scheme not in fsspec.available_protocols():
-        raise ConfigError(
-            f"unknown storage scheme {scheme!r} in {uri!r}: use file://, memory://, s3:// "
-            "or another fsspec protocol"
-        )
+    schemes = [part.split("://", 1)[0] for part in uri.split("::") if part]
+    known = fsspec.available_protocols()
+    for scheme in schemes:
+        if scheme not in known:
+            raise ConfigError(
+                f"unknown storage scheme {scheme!r} in {uri!r}: use file://, memory://, s3:// "
+                "or another fsspec protocol"
+            )
     try:
         fs, path = url_to_fs(uri)
     except (ImportError, ValueError) as exc:
         raise ConfigError(f"cannot open storage {uri!r}: {exc}") from None
     return fs, path.rstrip("/") or "/"
+
+
+def join(*parts: str) -> str:
+    """Join storage paths (always '/', whatever the OS)."""
+    return posixpath.join(*parts)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True when the filesystem is (or wraps) the local disk, where fsync matters."""
+    inner = getattr(fs, "inner_fs", fs)
+    return isinstance(inner, LocalFileSystem)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory entry (a new or renamed file in it) durable on local disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a whole small file so that readers see either nothing or all of it.
+
+    Object stores and memory:// make a single put atomic already; on local disk we write a temp
+    file, fsync it, rename it over the target and fsync the directory.
+    """
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    parent = posixpath.dirname(path)
+    fs.makedirs(parent, exist_ok=True)
+    tmp = join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        fsync_file(f)
+    fs.mv(tmp, path)
+    fsync_dir(parent)
+
+
+def fsync_file(f: object) -> None:
+    """fsync an open file when it has a real descriptor (local disk); no-op elsewhere."""
+    try:
+        os.fsync(f.fileno())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass

@@ -1,0 +1,285 @@
+"""CheckpointStore: list, verify, clean, retain and load the checkpoints under a run's URI.
+
+Needs no process group: the supervisor and the CLI use it directly, and Checkpointer uses it for
+loading and for the coordinator's commit. A step directory is committed iff its manifest.json
+parses; anything else is partial and is never listed as committed nor loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import fsspec
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+
+from elastic import retry, storage
+from elastic.checkpoint import dcp_io
+from elastic.checkpoint.layout import (
+    CHECKPOINTS_DIR, COMMITTED, CORRUPT, DCP_METADATA, MANIFEST, PARTIAL, CheckpointInfo,
+    Manifest, crc32, parse_step_dirname, step_dirname,
+)  # fmt: skip
+from elastic.checkpoint.state import apply_values, check_tensors_match, split_state
+from elastic.errors import CheckpointCorruptError, NoCheckpointError
+
+log = logging.getLogger(__name__)
+_CHUNK = 8 << 20
+
+
+class CheckpointStore:
+    """The checkpoints of one run (URI/checkpoints/step_*)."""
+
+    def __init__(self, uri: str, *, fs: fsspec.AbstractFileSystem | None = None) -> None:
+        """`fs` replaces the filesystem resolved from `uri` (tests pass a fault-injecting one)."""
+        self.uri = storage.normalize_uri(uri)
+        resolved_fs, root = storage.resolve(self.uri)
+        self.fs = fs if fs is not None else resolved_fs
+        self.root = root
+        self.dir = storage.join(root, CHECKPOINTS_DIR)
+
+    # -- naming ---------------------------------------------------------------------------
+    def step_path(self, step: int) -> str:
+        return storage.join(self.dir, step_dirname(step))
+
+    def step_uri(self, step: int) -> str:
+        return f"{self.uri}/{CHECKPOINTS_DIR}/{step_dirname(step)}"
+
+    def _call(self, policy: retry.RetryPolicy, fn: Any, op: str, where: str | None = None) -> Any:
+        return retry.call(policy, fn, op=op, uri=where or self.uri)
+
+    # -- reading --------------------------------------------------------------------------
+    def _ls(self, path: str) -> list[dict[str, Any]]:
+        def ls() -> list[dict[str, Any]]:
+            self.fs.invalidate_cache(path)  # s3fs caches listings; other ranks wrote meanwhile
+            try:
+                return list(self.fs.ls(path, detail=True))
+            except FileNotFoundError:
+                return []
+
+        return self._call(retry.STORAGE_LIST, ls, "list")
+
+    def _step_dirs(self) -> list[tuple[int, str]]:
+        out = []
+        for entry in self._ls(self.dir):
+            step = parse_step_dirname(entry["name"])
+            if step is not None and entry.get("type") == "directory":
+                out.append((step, entry["name"].rstrip("/")))
+        return sorted(out)
+
+    def read_manifest(self, step: int) -> Manifest | None:
+        """The step's manifest; None when there is none (partial); CheckpointCorruptError if torn."""
+        path = storage.join(self.step_path(step), MANIFEST)
+        try:
+            data = self._call(retry.STORAGE_READ, lambda: self.fs.cat_file(path), "read manifest")
+        except FileNotFoundError:
+            return None
+        return Manifest.from_json(data, self.step_uri(step))
+
+    def _info(self, step: int, files: list[dict[str, Any]]) -> CheckpointInfo:
+        names = {f["name"].rstrip("/").rsplit("/", 1)[-1] for f in files}
+        manifest = None
+        if MANIFEST in names:
+            try:
+                manifest = self.read_manifest(step)
+            except CheckpointCorruptError as exc:
+                log.warning("%s", exc)
+        if manifest is None:
+            size = sum(int(f.get("size") or 0) for f in files if f.get("type") == "file")
+            return CheckpointInfo(step, self.step_uri(step), 0, 0.0, size, PARTIAL)
+        return CheckpointInfo(
+            step, self.step_uri(step), manifest.world_size, manifest.time, manifest.bytes,
+            COMMITTED, seconds=manifest.seconds,
+        )  # fmt: skip
+
+    def list(self, *, verify: bool = False) -> list[CheckpointInfo]:
+        """Every step directory, oldest first; with verify=True, bad committed ones are corrupt."""
+        infos = []
+        for step, path in self._step_dirs():
+            info = self._info(step, self._ls(path))
+            if verify and info.status == COMMITTED:
+                problems = self.verify(step)
+                if problems:
+                    info = dataclasses.replace(info, status=CORRUPT, problems=tuple(problems))
+            infos.append(info)
+        return infos
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint (not verified: load() verifies what it reads)."""
+        committed = [i for i in self.list() if i.status == COMMITTED]
+        return committed[-1] if committed else None
+
+    def _crc_file(self, path: str) -> tuple[int, int]:
+        def run() -> tuple[int, int]:
+            value, size = 0, 0
+            with self.fs.open(path, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    value = crc32(chunk, value)
+                    size += len(chunk)
+            return size, value
+
+        return self._call(retry.STORAGE_READ, run, "read", path)
+
+    def verify(self, step: int | None = None) -> list[str]:
+        """Problems of one committed step (or of every committed step): [] when all is well.
+
+        Each problem names the file (URL) and what is wrong: missing, short, checksum mismatch.
+        """
+        if step is None:
+            return [p for s, _ in self._step_dirs() for p in self._verify_if_committed(s)]
+        manifest = self.read_manifest(step)
+        if manifest is None:
+            raise NoCheckpointError(f"no committed checkpoint at {self.step_uri(step)}")
+        problems = []
+        listed = {
+            f["name"].rstrip("/").rsplit("/", 1)[-1]: int(f.get("size") or 0)
+            for f in self._ls(self.step_path(step))
+        }
+        for name, entry in sorted(manifest.files.items()):
+            where = f"{self.step_uri(step)}/{name}"
+            if name not in listed:
+                problems.append(f"{where}: missing")
+            elif listed[name] != entry.size:
+                problems.append(f"{where}: {listed[name]} bytes, manifest says {entry.size}")
+            else:
+                try:
+                    _, got = self._crc_file(storage.join(self.step_path(step), name))
+                except FileNotFoundError:
+                    problems.append(f"{where}: missing")
+                    continue
+                if got != entry.crc32:
+                    problems.append(
+                        f"{where}: checksum mismatch (crc32 {got:08x}, manifest {entry.crc32:08x})"
+                    )
+        return problems
+
+    def _verify_if_committed(self, step: int) -> list[str]:
+        try:
+            return self.verify(step)
+        except NoCheckpointError:
+            return []
+        except CheckpointCorruptError as exc:
+            return [str(exc)]
+
+    # -- cleaning -------------------------------------------------------------------------
+    def _rm_dir(self, path: str) -> None:
+        def rm() -> None:
+            try:
+                self.fs.rm(path, recursive=True)
+            except FileNotFoundError:
+                pass
+
+        self._call(retry.STORAGE_LIST, rm, "delete", path)
+
+    def clean_partial(self) -> list[str]:
+        """Delete uncommitted step directories; the URLs removed.
+
+        Call it only when no save is in flight (at start-up, or between saves on the coordinator).
+        """
+        removed = []
+        for info in self.list():
+            if info.status != COMMITTED:
+                self._rm_dir(self.step_path(info.step))
+                removed.append(info.uri)
+        return removed
+
+    def retain(self, keep_last: int, newest: int) -> list[str]:
+        """After committing `newest`: drop committed steps beyond the newest `keep_last` and
+        partial ones older than `newest` (abandoned saves). keep_last <= 0 keeps everything."""
+        infos = self.list()
+        committed = [i for i in infos if i.status == COMMITTED]
+        doomed = committed[:-keep_last] if keep_last > 0 else []
+        doomed += [i for i in infos if i.status != COMMITTED and i.step < newest]
+        for info in doomed:
+            self._rm_dir(self.step_path(info.step))
+        return [i.uri for i in doomed]
+
+    # -- commit (coordinator) -------------------------------------------------------------
+    def uncommit(self, step: int) -> None:
+        """Remove a manifest before rewriting its step (a re-save after falling back past it)."""
+        path = storage.join(self.step_path(step), MANIFEST)
+
+        def rm() -> None:
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
+        self._call(retry.STORAGE_WRITE, rm, "uncommit", self.step_uri(step))
+
+    def write_file(self, step: int, name: str, data: bytes) -> None:
+        path = storage.join(self.step_path(step), name)
+        self._call(
+            retry.STORAGE_WRITE, lambda: storage.write_bytes(self.fs, path, data), "write",
+            f"{self.step_uri(step)}/{name}",
+        )  # fmt: skip
+
+    # -- loading --------------------------------------------------------------------------
+    def _open(self, step: int) -> tuple[Manifest, Any]:
+        where = self.step_uri(step)
+        manifest = self.read_manifest(step)
+        if manifest is None:
+            raise NoCheckpointError(f"no committed checkpoint at {where}")
+        raw = dcp_io.read_verified(self.fs, self.step_path(step), DCP_METADATA, manifest.files, where)
+        return manifest, dcp_io.load_metadata(raw, where)
+
+    def _reader(self, step: int, manifest: Manifest, md: Any) -> dcp_io.VerifyingReader:
+        return dcp_io.VerifyingReader(
+            self.fs, self.step_path(step), manifest.files, md, self.step_uri(step)
+        )
+
+    def load_into(self, state: dict[str, Any], step: int | None = None) -> CheckpointInfo | None:
+        """Load `state` in place from `step`, or from the newest committed step that verifies.
+
+        Falls back past corrupt checkpoints (logging a warning; `skipped` lists them) unless a
+        step was asked for. None when there is no committed checkpoint at all.
+        """
+        committed = [i for i in self.list() if i.status == COMMITTED]
+        if step is not None:
+            committed = [i for i in committed if i.step == step]
+            if not committed:
+                raise NoCheckpointError(f"no committed checkpoint at {self.step_uri(step)}")
+        tensors, _ = split_state(state)
+        skipped: list[int] = []
+        errors: list[str] = []
+        for info in reversed(committed):
+            try:
+                manifest, md = self._open(info.step)
+                check_tensors_match(tensors, md, info.uri)
+                apply_values(state, manifest.values, info.uri, check_only=True)
+                dcp_io.run_load(tensors, self._reader(info.step, manifest, md),
+                                dcp_io.default_load_planner())  # fmt: skip
+                apply_values(state, manifest.values, info.uri)
+                return dataclasses.replace(info, skipped=tuple(skipped))
+            except CheckpointCorruptError as exc:
+                if step is not None:
+                    raise
+                log.warning("skipping checkpoint step %d, falling back to an older one: %s",
+                            info.step, exc)  # fmt: skip
+                skipped.append(info.step)
+                errors.append(str(exc))
+        if not committed:
+            return None
+        raise CheckpointCorruptError(
+            f"every committed checkpoint under {self.uri} failed verification "
+            f"({'; '.join(errors)}); the state may be partly overwritten: start from scratch or "
+            "restore the files"
+        )
+
+    def load_full(self, step: int | None = None) -> dict[str, Any]:
+        """The whole state of `step` (default: newest committed) as one nested dict.
+
+        World-size independent (shards are merged); verified like load(); no fallback.
+        """
+        if step is None:
+            latest = self.latest()
+            if latest is None:
+                raise NoCheckpointError(f"no committed checkpoint under {self.uri}")
+            step = latest.step
+        manifest, md = self._open(step)
+        state: dict[str, Any] = {}
+        dcp_io.run_load(state, self._reader(step, manifest, md), _EmptyStateDictLoadPlanner())
+        for path, value in manifest.values:
+            parent = state
+            for key in path[:-1]:
+                parent = parent.setdefault(key, {})
+            parent[path[-1]] = value
+        return state

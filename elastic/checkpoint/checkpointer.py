@@ -1,0 +1,319 @@
+"""Checkpointer: the worker side of saving and loading, one per worker process.
+
+save() is collective over the process group for its foreground part only: copy the tensors into
+reused host buffers, agree on a plan (one all_gather of small plan objects). Everything after that
+(writing shards, the commit) runs on a background thread and talks through the Store, never the
+group, because the runtime may destroy the group as soon as save() returns. Rank 0 coordinates:
+it commits (writes .metadata then manifest.json) only once every rank has published a durable
+shard, then applies retention, then calls on_commit. A missing shard or cancel_pending() means no
+commit, ever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+from elastic import retry
+from elastic.checkpoint import commit, dcp_io
+from elastic.checkpoint.catalog import CheckpointStore
+from elastic.checkpoint.layout import (
+    COMMITTED, DCP_METADATA, MANIFEST, CheckpointInfo, FileEntry, Manifest, crc32,
+)  # fmt: skip
+from elastic.checkpoint.state import HostBuffers, split_state
+from elastic.errors import CheckpointError, ConfigError, WorkerGroupError
+
+log = logging.getLogger(__name__)
+COORDINATOR = 0
+
+
+@dataclass
+class _Save:
+    """One save in flight on this rank."""
+
+    step: int
+    save_id: str
+    rank: int
+    world_size: int
+    started: float
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    info: CheckpointInfo | None = None
+    error: str | None = None
+    thread: threading.Thread | None = None
+
+
+class Checkpointer:
+    """Saves and loads one worker's state under URI/checkpoints; lives across group generations."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        keep_last: int = 3,
+        async_save: bool = True,
+        when_busy: Literal["wait", "skip"] = "wait",
+        commit_timeout_s: float = 300.0,
+        fs: Any = None,
+    ) -> None:
+        """
+        keep_last: committed checkpoints to keep (older ones are deleted after each commit);
+            0 keeps all.
+        async_save: write in the background; save() returns once tensors are copied to host.
+        when_busy: a save is due while the previous one is still in flight: "wait" for it, or
+            "skip" this one (decided collectively: all ranks skip together).
+        commit_timeout_s: how long the coordinator waits for every rank's shard (and other ranks
+            for the verdict) before abandoning the save.
+        fs: a filesystem object replacing the one resolved from `uri` (fault injection in tests).
+        """
+        if when_busy not in ("wait", "skip"):
+            raise ConfigError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
+        if keep_last < 0:
+            raise ConfigError(f"keep_last must be >= 0 (0 keeps all), got {keep_last}")
+        if commit_timeout_s <= 0:
+            raise ConfigError("commit_timeout_s must be > 0")
+        self.store = CheckpointStore(uri, fs=fs)
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.when_busy = when_busy
+        self.commit_timeout_s = commit_timeout_s
+        self.buffers = HostBuffers()
+        self.last_stall_s: float | None = None
+        """Foreground seconds of the last save() (staging + planning), for benchmarks/events."""
+        self._pending: _Save | None = None
+        self._commit_lock = threading.Lock()
+
+    # -- saving ---------------------------------------------------------------------------
+    def save(
+        self,
+        state: dict[str, Any],
+        *,
+        step: int,
+        rank: int,
+        world_size: int,
+        pg: Any,
+        store: dist.Store | None,
+        on_commit: Callable[[CheckpointInfo], None] | None = None,
+    ) -> None:
+        """Checkpoint `state` at `step`; collective over `pg` (all ranks, same step and keys).
+
+        Async: returns once the tensors are copied (or at once when skipped as busy). Sync:
+        returns after the commit; raises CheckpointError if the save did not commit.
+        `on_commit(info)` is called on the coordinator (rank 0) after the commit and retention.
+        pg may be None (and store None) for a single process (world_size 1).
+        """
+        t0 = time.monotonic()
+        if world_size > 1 and (pg is None or store is None):
+            raise ConfigError("save() with world_size > 1 needs the process group and the store")
+        if store is None:
+            store = dist.HashStore()
+        if not self._wait_or_skip(pg, world_size):
+            log.info("checkpoint at step %d skipped: the previous save is still in flight", step)
+            return
+        tensors, values = split_state(state)
+        staged = self.buffers.stage(tensors)
+        planner = DefaultSavePlanner(flatten_state_dict=True, dedup_save_to_lowest_rank=False)
+        planner.set_up_planner(staged, storage_meta=None, is_coordinator=rank == COORDINATOR)
+        local = planner.create_local_plan()
+        gathered = self._gather((local, uuid.uuid4().hex, step), pg, world_size, step)
+        steps = {g[2] for g in gathered}
+        if steps != {step}:
+            raise CheckpointError(f"ranks disagree on the checkpoint step: {sorted(steps)}")
+        save_id = f"{step}-{gathered[0][1]}"
+        global_plans, metadata = planner.create_global_plan([g[0] for g in gathered])
+        plan = planner.finish_plan(dcp_io.storage_prefix(global_plans[rank], rank, save_id))
+        job = _Save(step, save_id, rank, world_size, started=time.time() - (time.monotonic() - t0))
+        args = (job, plan, planner, metadata, values, store, on_commit)
+        self.last_stall_s = time.monotonic() - t0
+        self._pending = job
+        if self.async_save:
+            job.thread = threading.Thread(
+                target=self._run, args=args, name=f"elastic-ckpt-{step}", daemon=True
+            )
+            job.thread.start()
+            return
+        self._run(*args)
+        if job.info is None:
+            raise CheckpointError(
+                f"checkpoint at step {step} did not commit: {job.error or 'cancelled'}"
+            )
+
+    def _wait_or_skip(self, pg: Any, world_size: int) -> bool:
+        """Wait for the save in flight, or agree with all ranks to skip (False)."""
+        job = self._pending
+        busy = job is not None and not job.done.is_set()
+        if self.when_busy == "skip":
+            if world_size > 1:
+                flag = torch.tensor([1 if busy else 0], dtype=torch.int32)
+                try:
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
+                except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+                    raise WorkerGroupError(f"checkpoint busy check failed: {exc}") from exc
+                busy = bool(flag.item())
+            if busy:
+                return False
+        elif busy and job is not None:
+            job.done.wait()  # bounded: the job gives up after commit_timeout_s
+        return True
+
+    def _gather(self, payload: Any, pg: Any, world_size: int, step: int) -> list[Any]:
+        if world_size == 1:
+            return [payload]
+        out: list[Any] = [None] * world_size
+        try:
+            dist.all_gather_object(out, payload, group=pg)
+        except Exception as exc:  # noqa: BLE001 - a peer died: the group is broken
+            raise WorkerGroupError(
+                f"checkpoint at step {step}: planning collective failed: {exc}"
+            ) from exc
+        return out
+
+    def _run(
+        self, job: _Save, plan: Any, planner: Any, metadata: Any, values: Any, store: dist.Store,
+        on_commit: Callable[[CheckpointInfo], None] | None,
+    ) -> None:  # fmt: skip
+        """Background part: write this rank's shards, publish, and (coordinator) commit."""
+        cs = self.store
+        try:
+            try:
+                results, files = retry.call(
+                    retry.STORAGE_WRITE,
+                    lambda: dcp_io.write_shards(cs.fs, cs.step_path(job.step), plan, planner,
+                                                job.rank),  # fmt: skip
+                    op="write shard", uri=cs.step_uri(job.step),
+                )  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - publish the failure so rank 0 stops waiting
+                commit.publish(store, job.save_id, f"rank{job.rank}", {"ok": False,
+                               "error": retry.redact(f"{type(exc).__name__}: {exc}")})  # fmt: skip
+                raise
+            commit.publish(store, job.save_id, f"rank{job.rank}", {
+                "ok": True,
+                "files": {n: [f.size, f.crc32] for n, f in files.items()},
+                "results": dcp_io.encode_results(results),
+            })  # fmt: skip
+            if job.rank == COORDINATOR:
+                self._coordinate(job, metadata, values, store, on_commit)
+            else:
+                commit.wait_keys(store, job.save_id, ["verdict"], timeout_s=self.commit_timeout_s,
+                                 cancel=job.cancel, what="commit verdict")  # fmt: skip
+                verdict = commit.read(store, job.save_id, "verdict")
+                if verdict.get("committed"):
+                    d = verdict["info"]
+                    job.info = CheckpointInfo(**{**d, "skipped": tuple(d.get("skipped", ())),
+                                                 "problems": tuple(d.get("problems", ()))})
+                else:
+                    job.error = verdict.get("reason", "not committed")
+        except commit.Cancelled:
+            job.error = "cancelled"
+            log.info("checkpoint at step %d cancelled before its commit", job.step)
+        except Exception as exc:  # noqa: BLE001 - a failed save must not kill the worker
+            job.error = retry.redact(f"{type(exc).__name__}: {exc}")
+            log.warning("checkpoint at step %d failed: %s", job.step, job.error)
+        finally:
+            job.done.set()
+
+    def _coordinate(
+        self, job: _Save, metadata: Any, values: Any, store: dist.Store,
+        on_commit: Callable[[CheckpointInfo], None] | None,
+    ) -> None:  # fmt: skip
+        ranks = [f"rank{r}" for r in range(job.world_size)]
+        try:
+            commit.wait_keys(store, job.save_id, ranks, timeout_s=self.commit_timeout_s,
+                             cancel=job.cancel, what="durable shard")  # fmt: skip
+            docs = [commit.read(store, job.save_id, r) for r in ranks]
+            failed = [f"{r}: {d.get('error')}" for r, d in zip(ranks, docs) if not d.get("ok")]
+            if failed:
+                raise CheckpointError("a rank failed to write its shard: " + "; ".join(failed))
+            info = self._commit(job, metadata, values, docs)
+        except BaseException as exc:
+            reason = "cancelled" if isinstance(exc, commit.Cancelled) else str(exc)
+            commit.publish(store, job.save_id, "verdict", {"committed": False, "reason": reason})
+            commit.cleanup(store, job.save_id, ranks)
+            raise
+        commit.publish(store, job.save_id, "verdict", {"committed": True, "info": info.__dict__})
+        commit.cleanup(store, job.save_id, ranks)
+        job.info = info
+        try:
+            removed = self.store.retain(self.keep_last, job.step)
+            if removed:
+                log.info("retention removed %s", ", ".join(removed))
+        except Exception as exc:  # noqa: BLE001 - retention failing must not undo a commit
+            log.warning("checkpoint retention failed: %s", retry.redact(str(exc)))
+        if on_commit is not None:
+            try:
+                on_commit(info)
+            except Exception:  # noqa: BLE001 - a callback bug must not fail the save
+                log.exception("on_commit callback failed for step %d", job.step)
+
+    def _commit(
+        self, job: _Save, metadata: Any, values: Any, docs: list[dict[str, Any]]
+    ) -> CheckpointInfo:
+        cs = self.store
+        files: dict[str, FileEntry] = {}
+        results = []
+        for r, doc in enumerate(docs):
+            files.update({n: FileEntry(int(s), int(c), r) for n, (s, c) in doc["files"].items()})
+            results += dcp_io.decode_results(doc["results"])
+        md = dcp_io.metadata_bytes(metadata, results, cs.step_uri(job.step), job.save_id)
+        files[DCP_METADATA] = FileEntry(len(md), crc32(md), COORDINATOR)
+        # The lock makes cancel_pending() and the commit mutually exclusive: once cancel returns,
+        # no commit can start; a commit already writing finishes first.
+        with self._commit_lock:
+            if job.cancel.is_set():
+                raise commit.Cancelled()
+            cs.uncommit(job.step)
+            cs.write_file(job.step, DCP_METADATA, md)
+            now = time.time()
+            manifest = Manifest(
+                step=job.step, world_size=job.world_size, time=now, seconds=now - job.started,
+                save_id=job.save_id, files=files, values=list(values),
+            )  # fmt: skip
+            cs.write_file(job.step, MANIFEST, manifest.to_json())
+        return CheckpointInfo(
+            job.step, cs.step_uri(job.step), job.world_size, now, manifest.bytes, COMMITTED,
+            seconds=manifest.seconds,
+        )  # fmt: skip
+
+    def wait(self, timeout_s: float | None = None) -> CheckpointInfo | None:
+        """Block until the save in flight is committed, failed or cancelled; what got committed.
+
+        None when nothing committed (no save, failure, cancel) or `timeout_s` passed first.
+        """
+        job = self._pending
+        if job is None:
+            return None
+        if not job.done.wait(timeout_s):
+            return None
+        return job.info
+
+    def cancel_pending(self) -> None:
+        """The group broke: stop waiting for peers and never commit the save in flight."""
+        job = self._pending
+        if job is None or job.done.is_set():
+            return
+        with self._commit_lock:
+            job.cancel.set()
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last save did not commit (None if it did or is still running)."""
+        job = self._pending
+        return job.error if job is not None and job.done.is_set() else None
+
+    # -- loading --------------------------------------------------------------------------
+    def load(self, state: dict[str, Any], *, step: int | None = None) -> CheckpointInfo | None:
+        """Load `state` in place from the newest committed checkpoint that verifies (or `step`).
+
+        Works at any world size (DDP replicas each read everything). None when there is no
+        committed checkpoint. CheckpointMismatchError when the state does not fit the checkpoint.
+        """
+        return self.store.load_into(state, step=step)

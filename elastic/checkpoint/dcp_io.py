@@ -1,0 +1,293 @@
+"""The glue to torch.distributed.checkpoint (DCP): write shards with checksums, read them verified.
+
+Files stay standard DCP (torch.save-serialized tensors in *.distcp, a pickled .metadata), so that a
+committed step directory loads with plain `dcp.load` and `format_utils.dcp_to_torch_save`.
+What we add: every byte written is CRC-32'd on the way out; every file is checked against the
+manifest before any of it is trusted; .metadata is unpickled with an allowlist of DCP classes only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import pickle
+import posixpath
+from collections.abc import Generator
+from contextlib import contextmanager
+from typing import Any
+
+import fsspec
+import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _FsspecFS
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import (
+    CURRENT_DCP_VERSION,
+    FileSystemReader,
+    _FileSystemWriter,
+    _StorageInfo,
+    _StoragePrefix,
+)
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, SavePlan
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.checkpoint.utils import _create_file_view
+from torch.futures import Future
+
+from elastic import retry, storage
+from elastic.checkpoint.layout import DCP_METADATA, FileEntry, crc32
+from elastic.errors import CheckpointCorruptError
+
+
+class _HashingStream(io.RawIOBase):
+    """A write stream that counts and CRC-32s every byte on its way to the real file."""
+
+    def __init__(self, raw: Any) -> None:
+        super().__init__()
+        self._raw = raw
+        self.size = 0
+        self.crc = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        mv = memoryview(b).cast("B")
+        self._raw.write(mv)
+        self.crc = crc32(mv, self.crc)
+        self.size += len(mv)
+        return len(mv)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        if not self._raw.closed:
+            self._raw.flush()
+
+    def close(self) -> None:
+        # DCP closes the stream itself after writing; the first close makes the file durable.
+        if not self.closed:
+            self.flush()
+            storage.fsync_file(self._raw)
+            self._raw.close()
+        super().close()
+
+
+class _ShardFS(_FsspecFS):
+    """DCP's fsspec adapter on a given filesystem object, recording (size, crc) of files written."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem) -> None:
+        super().__init__()
+        self.fs = fs
+        self.written: dict[str, tuple[int, int]] = {}
+
+    @contextmanager
+    def create_stream(self, path: Any, mode: str) -> Generator[io.IOBase, None, None]:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as s:
+                yield s
+            return
+        path = str(path)
+        stream = _HashingStream(self.fs.open(path, mode))
+        try:
+            yield stream  # type: ignore[misc]
+            stream.close()
+        except BaseException:
+            stream.close()
+            try:
+                self.fs.rm(path)
+            except Exception:  # noqa: BLE001 - best effort; the step dir stays uncommitted anyway
+                pass
+            raise
+        self.written[posixpath.basename(path)] = (stream.size, stream.crc)
+
+
+class _ShardWriter(_FileSystemWriter):
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+        # sync_files=False: our stream fsyncs on close where it means something (local disk);
+        # DCP's fallback for other streams is a machine-wide os.sync().
+        super().__init__(path=path, single_file_per_rank=True, sync_files=False, thread_count=1)
+        self.fs = _ShardFS(fs)  # type: ignore[assignment]
+        self.path = path  # type: ignore[assignment]
+
+
+def storage_prefix(plan: SavePlan, rank: int, save_id: str) -> SavePlan:
+    """Unique file names per save: a stale writer of an abandoned save never clobbers ours."""
+    return dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{rank}_{save_id.rsplit('-', 1)[-1][:8]}_"))
+
+
+def write_shards(
+    fs: fsspec.AbstractFileSystem, step_path: str, plan: SavePlan, planner: Any, rank: int
+) -> tuple[list[WriteResult], dict[str, FileEntry]]:
+    """Write this rank's part of the plan; (DCP write results, {file name: entry})."""
+    fs.makedirs(step_path, exist_ok=True)
+    writer = _ShardWriter(fs, step_path)
+    fut = writer.write_data(plan, planner)
+    fut.wait()
+    if storage.is_local(fs):
+        storage.fsync_dir(step_path)
+    files = {name: FileEntry(size, crc, rank) for name, (size, crc) in writer.fs.written.items()}
+    return fut.value(), files
+
+
+def encode_results(results: list[WriteResult]) -> list[list[Any]]:
+    """WriteResults as JSON (they cross the store; we never unpickle what others sent)."""
+    out = []
+    for r in results:
+        si: _StorageInfo = r.storage_data
+        offset = list(r.index.offset) if r.index.offset is not None else None
+        out.append([r.index.fqn, offset, r.index.index, r.size_in_bytes,
+                    si.relative_path, si.offset, si.length])  # fmt: skip
+    return out
+
+
+def decode_results(rows: list[list[Any]]) -> list[WriteResult]:
+    return [
+        WriteResult(
+            index=MetadataIndex(fqn, torch.Size(off) if off is not None else None, idx),
+            size_in_bytes=int(size),
+            storage_data=_StorageInfo(str(rel), int(foff), int(flen)),
+        )
+        for fqn, off, idx, size, rel, foff, flen in rows
+    ]
+
+
+def metadata_bytes(
+    metadata: Metadata, results: list[WriteResult], checkpoint_id: str, save_id: str
+) -> bytes:
+    """The .metadata file DCP's own writer would produce for these results (its finish())."""
+    md = dataclasses.replace(
+        metadata,
+        version=CURRENT_DCP_VERSION,
+        storage_data={r.index: r.storage_data for r in results},
+        storage_meta=StorageMeta(checkpoint_id=checkpoint_id, save_id=save_id),
+    )
+    return pickle.dumps(md)
+
+
+_ALLOWED = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata and refuses every other global (no code from storage runs)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+
+
+def load_metadata(data: bytes, where: str) -> Metadata:
+    try:
+        md = _MetadataUnpickler(io.BytesIO(data)).load()
+    except Exception as exc:  # noqa: BLE001 - any failure here means the file is not trustworthy
+        raise CheckpointCorruptError(f"{where}: unreadable DCP metadata ({exc})") from None
+    if not isinstance(md, Metadata):
+        raise CheckpointCorruptError(f"{where}: .metadata holds {type(md).__name__}")
+    return md
+
+
+def read_verified(
+    fs: fsspec.AbstractFileSystem, step_path: str, name: str, files: dict[str, FileEntry],
+    where: str,
+) -> bytes:  # fmt: skip
+    """A whole file, checked against its manifest entry; CheckpointCorruptError otherwise."""
+    entry = files.get(name)
+    if entry is None:
+        raise CheckpointCorruptError(f"{where}/{name}: not listed in the manifest")
+    path = storage.join(step_path, name)
+    try:
+        data = retry.call(retry.STORAGE_READ, lambda: fs.cat_file(path), op="read", uri=where)
+    except FileNotFoundError:
+        raise CheckpointCorruptError(f"{where}/{name}: missing") from None
+    if len(data) != entry.size:
+        raise CheckpointCorruptError(
+            f"{where}/{name}: {len(data)} bytes, manifest says {entry.size} (short or overwritten)"
+        )
+    got = crc32(data)
+    if got != entry.crc32:
+        raise CheckpointCorruptError(
+            f"{where}/{name}: checksum mismatch (crc32 {got:08x}, manifest {entry.crc32:08x})"
+        )
+    return data
+
+
+class VerifyingReader(FileSystemReader):
+    """DCP reader that reads each needed file once, verifies it, then deserializes weights-only."""
+
+    def __init__(
+        self, fs: fsspec.AbstractFileSystem, step_path: str, files: dict[str, FileEntry],
+        metadata: Metadata, where: str,
+    ) -> None:  # fmt: skip
+        super().__init__(step_path)
+        self.fs = _ShardFS(fs)  # type: ignore[assignment]
+        self.path = step_path  # type: ignore[assignment]
+        self._raw_fs = fs
+        self._files = files
+        self._metadata = metadata
+        self._where = where
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return self._metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        per_file: dict[str, list[Any]] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(
+                item
+            )
+        for rel, items in sorted(per_file.items()):
+            data = read_verified(self._raw_fs, self.path, rel, self._files, self._where)
+            base = io.BytesIO(data)  # shares the bytes: no copy
+            for req in items:
+                info: _StorageInfo = self.storage_data[req.storage_index]
+                if req.type == LoadItemType.BYTE_IO:
+                    # we never write pickled objects; a checkpoint that has some is not ours
+                    raise CheckpointCorruptError(f"{self._where}/{rel}: unexpected pickled object")
+                view = _create_file_view(base, info.offset, info.length)
+                tensor = torch.load(view, map_location="cpu", weights_only=True)
+                tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
+                target = planner.resolve_tensor(req).detach()
+                if target.size() != tensor.size():
+                    raise CheckpointCorruptError(
+                        f"{self._where}/{rel}: chunk of {req.storage_index.fqn} has shape "
+                        f"{list(tensor.size())}, expected {list(target.size())}"
+                    )
+                target.copy_(tensor)
+                planner.commit_tensor(req, target)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+
+def run_load(state: dict[str, Any], reader: VerifyingReader, planner: LoadPlanner) -> None:
+    """DCP's load sequence for one process, without collectives (DDP replicas read everything)."""
+    md = reader.read_metadata()
+    planner.set_up_planner(state, md, True)
+    reader.set_up_storage_reader(md, True)
+    plan = planner.create_local_plan()
+    plan = reader.prepare_local_plan(plan)
+    plan = planner.create_global_plan([plan])[0]
+    plan = planner.finish_plan(reader.prepare_global_plan([plan])[0])
+    reader.read_data(plan, planner).wait()
+
+
+def default_load_planner() -> DefaultLoadPlanner:
+    return DefaultLoadPlanner(flatten_state_dict=True, allow_partial_load=False)
+
