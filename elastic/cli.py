@@ -1,0 +1,196 @@
+"""`elastic` command line: run, resume, and look at what a run stored.
+
+Exit codes: 0 done, 1 training failed, 2 bad usage or input. Errors are one line on stderr;
+set ELASTIC_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from elastic.config import CheckpointConfig, FailureConfig, ScalingConfig
+from elastic.errors import ConfigError, ElasticError
+
+
+def parse_config_pairs(pairs: list[str]) -> dict[str, Any]:
+    """--config k=v (repeatable): values parse as JSON where they can, else stay strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--config {pair!r} is not key=value: write e.g. --config lr=0.1")
+        key, raw = pair.split("=", 1)
+        if not key:
+            raise ConfigError(f"--config {pair!r} has an empty key")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def load_entrypoint(spec: str) -> Callable[[dict], Any]:
+    """'path/to/file.py:function' -> the function, shipped to workers by value."""
+    if ":" not in spec:
+        raise ConfigError(f"entry point {spec!r} must be FILE.py:FUNCTION, e.g. train.py:train")
+    path_s, func = spec.rsplit(":", 1)
+    path = Path(path_s).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"entry file {path_s!r} does not exist: check the path")
+    name = f"elastic_entry_{path.stem}"
+    mod_spec = importlib.util.spec_from_file_location(name, path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise ConfigError(f"cannot import {path_s!r} as a Python module")
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.parent))
+    mod_spec.loader.exec_module(module)
+    fn = getattr(module, func, None)
+    if fn is None or not callable(fn):
+        raise ConfigError(f"{path_s!r} has no function {func!r}: check the name after the colon")
+    from ray import cloudpickle  # Ray serializes with its own vendored copy
+
+    # Workers may run on nodes without this file on sys.path: send its code, not a reference.
+    cloudpickle.register_pickle_by_value(module)
+    return fn
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-workers", type=int, default=1)
+    p.add_argument("--max-workers", type=int, default=None)
+    p.add_argument("--spares", type=int, default=0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--placement-timeout", type=float, default=60.0, help="seconds to wait for min workers")
+    p.add_argument("--checkpoint-uri", default=None, help="file://, s3://, any fsspec URL or a path")
+    p.add_argument("--every-n-steps", type=int, default=100)
+    p.add_argument("--keep-last", type=int, default=3)
+    p.add_argument("--sync-checkpoints", action="store_true", help="write checkpoints in the foreground")
+    p.add_argument("--max-failures", type=int, default=3)
+    p.add_argument("--collective-timeout", type=float, default=30.0)
+    p.add_argument("--hang-timeout", type=float, default=300.0)
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None)
+    p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _trainer_from_args(args: argparse.Namespace, fn: Callable, entry: str) -> Any:
+    from elastic.trainer import ElasticTrainer
+
+    return ElasticTrainer(
+        fn,
+        train_loop_config=parse_config_pairs(args.config),
+        scaling=ScalingConfig(min_workers=args.min_workers, max_workers=args.max_workers, spares=args.spares,
+                              cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                              placement_timeout_s=args.placement_timeout),
+        checkpoint=CheckpointConfig(uri=args.checkpoint_uri, every_n_steps=args.every_n_steps,
+                                    keep_last=args.keep_last, async_save=not args.sync_checkpoints),
+        failure=FailureConfig(max_failures=args.max_failures, collective_timeout_s=args.collective_timeout,
+                              hang_timeout_s=args.hang_timeout),
+        name=args.name or Path(entry.rsplit(":", 1)[0]).stem,
+        seed=args.seed,
+        address=args.address,
+        entrypoint=entry,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # Validate everything cheap before Ray starts.
+    parse_config_pairs(args.config)
+    ScalingConfig(min_workers=args.min_workers, max_workers=args.max_workers, spares=args.spares)
+    if args.checkpoint_uri:
+        from elastic.storage import resolve
+
+        resolve(args.checkpoint_uri)
+    fn = load_entrypoint(args.entrypoint)
+    trainer = _trainer_from_args(args, fn, args.entrypoint)
+    result = trainer.fit(raise_on_failure=False, quiet=args.quiet)
+    if not result.ok:
+        print(f"error: {(result.error or 'training failed').strip().splitlines()[-1]}", file=sys.stderr)
+    return result.exit_code
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from elastic.trainer import ElasticTrainer, load_spec
+
+    spec = load_spec(args.uri)
+    if spec is None:
+        raise ConfigError(f"no run at {args.uri!r} (no run.json): start one with `elastic run FILE.py:FN "
+                          "--checkpoint-uri URI`")
+    fn = load_entrypoint(spec["entrypoint"])
+    trainer = ElasticTrainer(
+        fn, train_loop_config=spec["train_loop_config"], scaling=ScalingConfig(**spec["scaling"]),
+        checkpoint=CheckpointConfig(**spec["checkpoint"]), failure=FailureConfig(**spec["failure"]),
+        name=spec.get("name", "elastic"), seed=spec.get("seed", 0), address=args.address,
+        entrypoint=spec["entrypoint"])
+    result = trainer.fit(raise_on_failure=False, quiet=args.quiet)
+    if not result.ok:
+        print(f"error: {(result.error or 'training failed').strip().splitlines()[-1]}", file=sys.stderr)
+    return result.exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elastic", description="Fault-tolerant elastic training on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="start (or continue) a run")
+    p.add_argument("entrypoint", help="FILE.py:FUNCTION")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("resume", help="continue a run from its checkpoint location with its stored spec")
+    p.add_argument("uri")
+    p.add_argument("--address", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_resume)
+    p = sub.add_parser("ls", help="list checkpoints at a location")
+    p.add_argument("uri")
+    p.set_defaults(func=lambda a: _storage_cmd("cmd_ls", a.uri))
+    p = sub.add_parser("inspect", help="tensor names, shapes, dtypes and shards of a checkpoint")
+    p.add_argument("uri")
+    p.add_argument("--step", type=int, default=None)
+    p.set_defaults(func=lambda a: _storage_cmd("cmd_inspect", a.uri, step=a.step))
+    p = sub.add_parser("verify", help="check every shard of a checkpoint against its manifest")
+    p.add_argument("uri")
+    p.add_argument("--step", type=int, default=None)
+    p.set_defaults(func=lambda a: _storage_cmd("cmd_verify", a.uri, step=a.step))
+    p = sub.add_parser("export", help="write a checkpoint as one torch.save file")
+    p.add_argument("uri")
+    p.add_argument("out")
+    p.add_argument("--step", type=int, default=None)
+    p.set_defaults(func=lambda a: _storage_cmd("cmd_export", a.uri, a.out, step=a.step))
+    p = sub.add_parser("events", help="show a run's event log")
+    p.add_argument("uri")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=lambda a: _storage_cmd("cmd_events", a.uri, as_json=a.json))
+    return parser
+
+
+def _storage_cmd(name: str, *args: Any, **kwargs: Any) -> int:
+    from elastic import storage_cmds
+
+    return getattr(storage_cmds, name)(*args, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ElasticError as exc:
+        if os.environ.get("ELASTIC_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The resizable set of worker actors, one per rank (plus spares and not-yet-placed requests).
+
+Requests for the workers a run wants but cannot place yet stay queued in Ray: when a node joins
+or a worker's CPU frees up, Ray places them and they show up here as ready. The controller only
+sees worker ids; actors stay behind this class so that tests can swap in a fake group.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Protocol
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from elastic.config import RunConfig
+from elastic.supervisor.policy import DEAD, UNRESPONSIVE
+from elastic.worker.protocol import Assignment, WorkerInfo, WorkerPoll
+
+
+class WorkerGroup(Protocol):
+    infos: dict[int, WorkerInfo]
+
+    def request(self, n: int) -> list[int]: ...
+    def refresh(self) -> list[int]: ...
+    def pending(self) -> list[int]: ...
+    def ready(self) -> list[int]: ...
+    def start(self, wid: int, assignment: Assignment) -> None: ...
+    def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | str]: ...
+    def request_pause(self, wids: list[int]) -> None: ...
+    def kill(self, wid: int) -> None: ...
+    def placeable(self) -> int: ...
+    def describe_resources(self) -> str: ...
+    def shutdown(self) -> None: ...
+
+
+class RayWorkerGroup:
+    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, uri: str):
+        from elastic.worker.actor import RemoteWorker
+
+        self._need = run.scaling.resources_per_worker
+        self._cls = RemoteWorker.options(
+            num_cpus=run.scaling.cpus_per_worker,
+            num_gpus=run.scaling.gpus_per_worker,
+            max_restarts=0,
+            max_task_retries=0,
+        )
+        # Top-level ObjectRef arguments are resolved by Ray: the function is serialized once.
+        self._fn_ref = ray.put(fn)
+        self._run = run
+        self._uri = uri
+        self._actors: dict[int, Any] = {}
+        self._info_refs: dict[int, ray.ObjectRef] = {}
+        self.infos: dict[int, WorkerInfo] = {}
+        self._next_id = 0
+
+    def request(self, n: int) -> list[int]:
+        ids = []
+        for _ in range(n):
+            wid = self._next_id
+            self._next_id += 1
+            actor = self._cls.remote(self._fn_ref, self._run, self._uri)
+            self._actors[wid] = actor
+            self._info_refs[wid] = actor.info.remote()
+            ids.append(wid)
+        return ids
+
+    def refresh(self) -> list[int]:
+        """Collect workers that became ready; returns their ids."""
+        if not self._info_refs:
+            return []
+        refs = list(self._info_refs.values())
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        done_set = set(done)
+        newly = []
+        for wid, ref in list(self._info_refs.items()):
+            if ref not in done_set:
+                continue
+            del self._info_refs[wid]
+            try:
+                self.infos[wid] = ray.get(ref)
+                newly.append(wid)
+            except RayActorError:
+                self._actors.pop(wid, None)
+        return newly
+
+    def pending(self) -> list[int]:
+        return sorted(self._info_refs)
+
+    def ready(self) -> list[int]:
+        return sorted(self.infos)
+
+    def start(self, wid: int, assignment: Assignment) -> None:
+        self._actors[wid].start.remote(assignment)
+
+    def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | str]:
+        refs = {wid: self._actors[wid].poll.remote() for wid in wids if wid in self._actors}
+        out: dict[int, WorkerPoll | str] = {wid: DEAD for wid in wids if wid not in self._actors}
+        if refs:
+            ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        for wid, ref in refs.items():
+            try:
+                out[wid] = ray.get(ref, timeout=0)
+            except GetTimeoutError:
+                out[wid] = UNRESPONSIVE
+            except RayActorError:
+                out[wid] = DEAD
+        return out
+
+    def request_pause(self, wids: list[int]) -> None:
+        for wid in wids:
+            if wid in self._actors:
+                self._actors[wid].request_pause.remote()
+
+    def kill(self, wid: int) -> None:
+        actor = self._actors.pop(wid, None)
+        self._info_refs.pop(wid, None)
+        self.infos.pop(wid, None)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+
+    def placeable(self) -> int:
+        """How many more workers the cluster could place right now (beyond queued requests)."""
+        avail = ray.available_resources()
+        fits = min((math.floor(avail.get(k, 0.0) / v + 1e-9) for k, v in self._need.items() if v > 0), default=10**6)
+        return max(0, fits - len(self._info_refs))
+
+    def describe_resources(self) -> str:
+        total = ray.cluster_resources()
+        avail = ray.available_resources()
+        parts = [f"{k}: {avail.get(k, 0):g} free of {total.get(k, 0):g}" for k in self._need]
+        return ", ".join(parts)
+
+    def shutdown(self) -> None:
+        for wid in list(self._actors):
+            self.kill(wid)
+

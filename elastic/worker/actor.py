@@ -1,0 +1,44 @@
+"""The Ray actor that hosts one rank. Its process, imported modules and memory survive every
+rebuild of the process group; only the supervisor decides when it goes away."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any, Callable
+
+import ray
+
+from elastic.config import RunConfig
+from elastic.worker.protocol import Assignment, WorkerInfo, WorkerPoll
+from elastic.worker.runtime import WorkerRuntime
+
+
+class WorkerActor:
+    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, uri: str):
+        self._rt = WorkerRuntime(fn, run, uri)
+        # A spot VM gets SIGTERM before it is reclaimed: turn it into a graceful leave at the next
+        # step boundary instead of dying mid-step. Sync actors run __init__ on the main thread.
+        try:
+            signal.signal(signal.SIGTERM, lambda *_: self._rt.request_preempt())
+        except ValueError:
+            pass
+
+    def info(self) -> WorkerInfo:
+        ctx = ray.get_runtime_context()
+        return WorkerInfo(pid=os.getpid(), node_id=ctx.get_node_id(), ip=ray.util.get_node_ip_address())
+
+    def start(self, assignment: Assignment) -> None:
+        self._rt.start(assignment)
+
+    def poll(self) -> WorkerPoll:
+        return self._rt.poll()
+
+    def request_pause(self) -> None:
+        self._rt.request_pause()
+
+    def request_preempt(self) -> None:
+        self._rt.request_preempt()
+
+
+RemoteWorker = ray.remote(WorkerActor)

@@ -1,0 +1,158 @@
+"""The worker-side API: what a training function calls.
+
+    ctx = elastic.get_context()
+    ctx.restore(state)              # newest committed state: a peer's memory first, storage second
+    ddp = ctx.prepare_model(model)  # DDP over this generation's process group
+    ctx.commit(state, metrics)      # ends a step: step += 1, snapshot, vote, checkpoint when due
+
+commit() is also where membership changes take effect: every rank votes in one tiny allreduce, so
+all ranks agree on the step at which to pause for a resize or a preemption.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from elastic.errors import WorkerGroupError
+from elastic.train_state import TrainState
+from elastic.worker import grad_sync, peer_sync
+from elastic.worker.seeding import reseed
+
+if TYPE_CHECKING:
+    from elastic.worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+_current: "WorkerContext | None" = None
+
+
+class PauseRequested(WorkerGroupError):
+    """Unwinds the training function at a step boundary that every rank agreed on."""
+
+
+def get_context() -> "WorkerContext":
+    if _current is None:
+        raise RuntimeError(
+            "elastic.get_context() is only available inside a training function run by "
+            "elastic.ElasticTrainer or `elastic run`"
+        )
+    return _current
+
+
+def _set_current(ctx: "WorkerContext | None") -> None:
+    global _current
+    _current = ctx
+
+
+class WorkerContext:
+    def __init__(self, runtime: "WorkerRuntime", *, rank: int, world_size: int, local_rank: int,
+                 generation: int, device: torch.device, pg: dist.ProcessGroup):
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = local_rank
+        self.generation = generation
+        self.device = device
+        self.process_group = pg
+        self._rt = runtime
+        self._ddp: DistributedDataParallel | None = None
+
+    def __repr__(self) -> str:
+        return (f"WorkerContext(rank={self.rank}, world_size={self.world_size}, "
+                f"generation={self.generation}, device={self.device})")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- restore ---------------------------------------------------------------------------
+    def restore(self, state: TrainState) -> bool:
+        """Load the newest committed state into `state`; False on a fresh run (nothing to load).
+
+        Sources, freshest first: this rank's own snapshot, a surviving peer's snapshot (sent over
+        the group), the newest durable checkpoint that verifies.
+        """
+        rt = self._rt
+        durable = rt.latest_durable_step()
+        mine = torch.tensor([rt.snapshot.step, durable], dtype=torch.int64, device=self._comm_device)
+        gathered = [torch.zeros(2, dtype=torch.int64, device=self._comm_device) for _ in range(self.world_size)]
+        with rt.collective():
+            dist.all_gather(gathered, mine, group=self.process_group)
+        steps = [int(t[0]) for t in gathered]
+        durable = max(int(t[1]) for t in gathered)
+        best = max(steps)
+        source = "fresh"
+        if best >= 0 and best >= durable:
+            if all(s == best for s in steps):
+                state.load_state_dict(rt.snapshot.state_dict())
+                source = "memory"
+            else:
+                src = steps.index(best)
+                with rt.collective():
+                    sd = peer_sync.broadcast_state(rt.snapshot, src, self.process_group, self._comm_device)
+                state.load_state_dict(sd)
+                source = f"peer:{src}"
+        elif durable >= 0:
+            template = state.state_dict()
+            info = rt.checkpointer.load(template, step=durable)
+            if info is None:
+                raise WorkerGroupError(f"checkpoint at step {durable} vanished while loading")
+            state.load_state_dict(template)
+            source = f"checkpoint:{info.step}"
+        if source != "fresh":
+            rt.snapshot.capture(state.state_dict(), state.step)
+        rt.on_restored(state, source)
+        reseed(rt.seed, state.step, self.rank)
+        return source != "fresh"
+
+    # -- model -----------------------------------------------------------------------------
+    def prepare_model(self, model: torch.nn.Module, **ddp_kwargs: Any) -> DistributedDataParallel:
+        """Move `model` to this rank's device and wrap it in DDP over the current group.
+
+        Gradients are reduced per parameter (see grad_sync) so that results do not depend on when
+        the wrapper was built.
+        """
+        model.to(self.device)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=self.process_group, **ddp_kwargs)
+        ddp.register_comm_hook(None, grad_sync.make_hook(self.process_group, self._rt.clock))
+        self._ddp = ddp
+        return ddp
+
+    # -- commit ----------------------------------------------------------------------------
+    def commit(self, state: TrainState, metrics: dict[str, float] | None = None) -> None:
+        """End a step: step += 1; remember the state; checkpoint when due; apply agreed pauses."""
+        rt = self._rt
+        state.step += 1
+        sd = state.state_dict()
+        rt.snapshot.capture(sd, state.step)
+        rt.last_state = state
+        flags = torch.tensor([int(rt.pause_requested), int(rt.preempt_requested)], dtype=torch.int64,
+                             device=self._comm_device)
+        with rt.collective():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
+        pause, preempt = (bool(v) for v in flags.tolist())
+        if rt.checkpoint_due(state.step) or preempt:
+            rt.save_checkpoint(sd, state.step, self, wait=preempt)
+        rt.on_step(state.step, metrics)
+        reseed(rt.seed, state.step, self.rank)
+        if preempt:
+            raise PauseRequested("preemption notice: checkpoint committed, leaving the group")
+        if pause:
+            raise PauseRequested("membership change at a step boundary")
+
+    def report(self, metrics: dict[str, float]) -> None:
+        """Publish metrics without ending a step (e.g. a final evaluation)."""
+        self._rt.on_step(self._rt.step, metrics, merge=True)
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _release(self) -> None:
+        # The DDP wrapper holds the process group: drop it before the group is destroyed.
+        self._ddp = None

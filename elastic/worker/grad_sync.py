@@ -1,0 +1,55 @@
+"""A DDP communication hook whose result does not depend on DDP's bucket layout.
+
+A freshly built DDP reduces its first iteration with a different bucket layout from the one it
+settles on, and with 3+ ranks the ring allreduce then sums each element in a different order, so a
+run that rebuilt DDP after a failure drifts bitwise from one that did not. Reducing each
+parameter's gradient as its own tensor makes every element's summation order a function of that
+parameter's size and the world size only.
+"""
+
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+class CollectiveClock:
+    """Marks when this rank entered a collective that has not completed yet (for hang blame)."""
+
+    def __init__(self) -> None:
+        self.waiting_since: "float | None" = None
+
+    def enter(self) -> None:
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
+
+    def leave(self) -> None:
+        self.waiting_since = None
+
+
+def make_hook(pg: dist.ProcessGroup, clock: CollectiveClock) -> Callable:
+    world = dist.get_world_size(pg)
+
+    # DDP checks these annotations at runtime, so they must be real objects, not strings.
+    def hook(_state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        buffer = bucket.buffer()
+        buffer.div_(world)
+        clock.enter()
+        futures = []
+        offset = 0
+        for param in bucket.parameters():
+            n = param.numel()
+            work = dist.all_reduce(buffer[offset : offset + n], group=pg, async_op=True)
+            futures.append(work.get_future())
+            offset += n
+
+        def done(_f: torch.futures.Future) -> torch.Tensor:
+            clock.leave()
+            for f in futures:
+                f.value()  # re-raise a failed collective here, inside backward()
+            return buffer
+
+        return torch.futures.collect_all(futures).then(done)
+
+    return hook
