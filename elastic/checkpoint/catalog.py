@@ -54,7 +54,9 @@ class CheckpointStore:
             self.fs.invalidate_cache(path)  # s3fs caches listings; other ranks wrote meanwhile
             try:
                 return list(self.fs.ls(path, detail=True))
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                if retry.is_permanent(exc):  # no bucket: not an empty run, a wrong URI
+                    raise
                 return []
 
         return self._call(retry.STORAGE_LIST, ls, "list")
@@ -226,17 +228,22 @@ class CheckpointStore:
             self.fs, self.step_path(step), manifest.files, md, self.step_uri(step)
         )
 
-    def load_into(self, state: dict[str, Any], step: int | None = None) -> CheckpointInfo | None:
-        """Load `state` in place from `step`, or from the newest committed step that verifies.
+    def load_into(
+        self, state: dict[str, Any], step: int | None = None, *, fallback: bool | None = None
+    ) -> CheckpointInfo | None:
+        """Load `state` in place from the newest committed step that verifies (or from `step`).
 
-        Falls back past corrupt checkpoints (logging a warning; `skipped` lists them) unless a
-        step was asked for. None when there is no committed checkpoint at all.
+        fallback (default: only when no step is given): on a missing or corrupt file, log a
+        warning and try the next older committed step (at or below `step`); `skipped` in the
+        result lists the steps passed over. None when there is no committed checkpoint at all.
         """
+        if fallback is None:
+            fallback = step is None
         committed = [i for i in self.list() if i.status == COMMITTED]
         if step is not None:
-            committed = [i for i in committed if i.step == step]
-            if not committed:
+            if not any(i.step == step for i in committed):
                 raise NoCheckpointError(f"no committed checkpoint at {self.step_uri(step)}")
+            committed = [i for i in committed if (i.step <= step if fallback else i.step == step)]
         tensors, _ = split_state(state)
         skipped: list[int] = []
         errors: list[str] = []
@@ -250,7 +257,7 @@ class CheckpointStore:
                 apply_values(state, manifest.values, info.uri)
                 return dataclasses.replace(info, skipped=tuple(skipped))
             except CheckpointCorruptError as exc:
-                if step is not None:
+                if not fallback:
                     raise
                 log.warning("skipping checkpoint step %d, falling back to an older one: %s",
                             info.step, exc)  # fmt: skip

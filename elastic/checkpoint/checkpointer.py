@@ -30,7 +30,7 @@ from elastic.checkpoint.layout import (
     COMMITTED, DCP_METADATA, MANIFEST, CheckpointInfo, FileEntry, Manifest, crc32,
 )  # fmt: skip
 from elastic.checkpoint.state import HostBuffers, split_state
-from elastic.errors import CheckpointError, ConfigError, WorkerGroupError
+from elastic.errors import CheckpointError, ConfigError, StorageError, WorkerGroupError
 
 log = logging.getLogger(__name__)
 COORDINATOR = 0
@@ -49,6 +49,7 @@ class _Save:
     done: threading.Event = field(default_factory=threading.Event)
     info: CheckpointInfo | None = None
     error: str | None = None
+    exc: BaseException | None = None
     thread: threading.Thread | None = None
 
 
@@ -142,6 +143,8 @@ class Checkpointer:
             job.thread.start()
             return
         self._run(*args)
+        if isinstance(job.exc, StorageError):
+            raise job.exc  # typed: StorageUnavailableError exits 2, TransientStorageError 1
         if job.info is None:
             raise CheckpointError(
                 f"checkpoint at step {step} did not commit: {job.error or 'cancelled'}"
@@ -216,6 +219,7 @@ class Checkpointer:
             job.error = "cancelled"
             log.info("checkpoint at step %d cancelled before its commit", job.step)
         except Exception as exc:  # noqa: BLE001 - a failed save must not kill the worker
+            job.exc = exc
             job.error = retry.redact(f"{type(exc).__name__}: {exc}")
             log.warning("checkpoint at step %d failed: %s", job.step, job.error)
         finally:
@@ -310,10 +314,15 @@ class Checkpointer:
         return job.error if job is not None and job.done.is_set() else None
 
     # -- loading --------------------------------------------------------------------------
-    def load(self, state: dict[str, Any], *, step: int | None = None) -> CheckpointInfo | None:
+    def load(
+        self, state: dict[str, Any], *, step: int | None = None, fallback: bool | None = None
+    ) -> CheckpointInfo | None:
         """Load `state` in place from the newest committed checkpoint that verifies (or `step`).
 
+        With `step`, a corrupt checkpoint raises CheckpointCorruptError unless fallback=True,
+        which tries older committed steps (info.step then says which one loaded, and
+        info.skipped which were passed over).
         Works at any world size (DDP replicas each read everything). None when there is no
         committed checkpoint. CheckpointMismatchError when the state does not fit the checkpoint.
         """
-        return self.store.load_into(state, step=step)
+        return self.store.load_into(state, step=step, fallback=fallback)

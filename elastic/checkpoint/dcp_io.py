@@ -121,7 +121,8 @@ def write_shards(
     fs: fsspec.AbstractFileSystem, step_path: str, plan: SavePlan, planner: Any, rank: int
 ) -> tuple[list[WriteResult], dict[str, FileEntry]]:
     """Write this rank's part of the plan; (DCP write results, {file name: entry})."""
-    fs.makedirs(step_path, exist_ok=True)
+    if storage.is_local(fs):  # object stores have no directories (s3fs would create a bucket)
+        fs.makedirs(step_path, exist_ok=True)
     writer = _ShardWriter(fs, step_path)
     fut = writer.write_data(plan, planner)
     fut.wait()
