@@ -1,0 +1,1 @@
+"""Fault injection: typed faults, deterministic schedules, and tools to inject them into real runs."""

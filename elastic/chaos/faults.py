@@ -1,0 +1,83 @@
+"""Typed faults that a rank inflicts on itself at a chosen step (deterministic, fire-once).
+
+Each kind is one enum value with one implementation. A fault fires at most once per run: the
+first rank to reach it creates a marker file with O_EXCL, so the step replayed after recovery does
+not fire it again, and a test can count the markers to check that each fault fired exactly once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+
+class FaultKind(str, enum.Enum):
+    SIGKILL = "sigkill"  # the process dies at once (OOM kill, node loss)
+    SEGFAULT = "segfault"  # a crash in native code
+    SIGTERM = "sigterm"  # a preemption notice: leave gracefully
+    HANG = "hang"  # stuck holding the GIL: answers nothing
+    FREEZE = "freeze"  # SIGSTOP: the process stops, sockets stay open
+    STALL = "stall"  # stuck in user code (GIL released): answers polls, makes no progress
+    RAISE = "raise"  # user code raises
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: FaultKind
+    step: int
+    rank: int
+
+    @property
+    def marker(self) -> str:
+        return f"fault-{self.kind.value}-step{self.step}-rank{self.rank}"
+
+
+def parse_faults(specs: Iterable[dict | Fault]) -> list[Fault]:
+    out = []
+    for s in specs:
+        out.append(s if isinstance(s, Fault) else Fault(FaultKind(s["kind"]), int(s["step"]), int(s["rank"])))
+    return out
+
+
+def fired(marker_dir: str | os.PathLike) -> list[str]:
+    d = Path(marker_dir)
+    return sorted(p.name for p in d.glob("fault-*")) if d.exists() else []
+
+
+def maybe_inject(faults: Iterable[Fault], *, step: int, rank: int, marker_dir: str | os.PathLike) -> None:
+    """Call at the top of each step: inflicts the fault planned for (step, rank), once."""
+    for fault in faults:
+        if fault.step != step or fault.rank != rank:
+            continue
+        Path(marker_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(os.path.join(marker_dir, fault.marker), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        os.write(fd, f"{os.getpid()} {time.time()}\n".encode())
+        os.close(fd)
+        inflict(fault.kind)
+
+
+def inflict(kind: FaultKind) -> None:
+    if kind is FaultKind.SIGKILL:
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind is FaultKind.SEGFAULT:
+        ctypes.string_at(0)
+    elif kind is FaultKind.SIGTERM:
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif kind is FaultKind.HANG:
+        # PyDLL keeps the GIL across the call: no other thread of this process runs.
+        ctypes.PyDLL(None).sleep(3600)
+    elif kind is FaultKind.FREEZE:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    elif kind is FaultKind.STALL:
+        time.sleep(3600)
+    elif kind is FaultKind.RAISE:
+        raise RuntimeError("injected fault: user code raised")
