@@ -8,6 +8,7 @@ re-saving a committed step, load_full.
 from __future__ import annotations
 
 import logging
+import pickle
 import uuid
 
 import pytest
@@ -56,6 +57,7 @@ def test_round_trip(ckpt_uri: str, async_save: bool) -> None:
     info = Checkpointer(ckpt_uri).load(fresh)
     assert info is not None and info.step == 2 and info.status == "committed"
     assert info.world_size == 1 and info.bytes > 0 and info.skipped == ()
+    assert pickle.loads(pickle.dumps(info)) == info  # crosses Ray actor boundaries
     assert_state_equal(state, fresh)
     assert isinstance(fresh["optim"]["param_groups"][0]["betas"], tuple)
 

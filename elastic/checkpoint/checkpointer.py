@@ -121,7 +121,9 @@ class Checkpointer:
             log.info("checkpoint at step %d skipped: the previous save is still in flight", step)
             return
         tensors, values = split_state(state)
-        staged = self.buffers.stage(tensors)
+        # Sync saves write straight from the live tensors: save() blocks until the commit, so
+        # nothing can modify them meanwhile, and a host copy would only cost time and memory.
+        staged = self.buffers.stage(tensors) if self.async_save else tensors
         planner = DefaultSavePlanner(flatten_state_dict=True, dedup_save_to_lowest_rank=False)
         planner.set_up_planner(staged, storage_meta=None, is_coordinator=rank == COORDINATOR)
         local = planner.create_local_plan()
