@@ -125,7 +125,10 @@ def is_transient(exc: BaseException) -> bool:
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
 _SECRET_PATTERNS = [
-    re.compile(r"(?i)(secret|token|password|passwd|credential|signature|key_id)([\"']?\s*[=:]\s*)[^\s,;&\"']+"),
+    re.compile(
+        r"(?i)(secret|token|password|passwd|credential|signature|key_id)"
+        r"([\"']?\s*[=:]\s*)[^\s,;&\"']+"
+    ),
     re.compile(r"(?i)(X-Amz-Credential|X-Amz-Signature|X-Amz-Security-Token)=[^&\s]+"),
     re.compile(r"(://)[^/@\s]+@"),  # user:password@ in a URL
 ]
@@ -180,7 +183,7 @@ def call(
     uri: str,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """fn() under `policy`; raises StorageUnavailableError or TransientStorageError with op and URI."""
+    """fn() under `policy`; StorageUnavailableError or TransientStorageError naming op and URI."""
     where = redact(uri)
     retrying = tenacity.Retrying(
         stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.total_s),

@@ -133,8 +133,8 @@ def cmd_inspect(uri: str, step: int | None = None, *, out: TextIO | None = None)
                 info = md.storage_data.get(MetadataIndex(key, c.offsets))
                 where = info.relative_path if info is not None else "?"
                 chunks.append(f"{list(c.offsets)}->{where}")
-            rows.append([f"  {key}", str(list(tmd.size)),
-                         str(tmd.properties.dtype).removeprefix("torch."), ", ".join(chunks)])  # fmt: skip
+            dtype = str(tmd.properties.dtype).removeprefix("torch.")
+            rows.append([f"  {key}", str(list(tmd.size)), dtype, ", ".join(chunks)])
         _table(rows, out)
         print("values:", file=out)
         for path, value in manifest.values:
@@ -226,7 +226,9 @@ def cmd_events(uri: str, as_json: bool = False, *, out: TextIO | None = None) ->
                               uri=f"{cs.uri}/{EVENTS_FILE}")  # fmt: skip
         except FileNotFoundError:
             if cs.list():
-                raise NoCheckpointError(f"no {EVENTS_FILE} at {cs.uri}: the run recorded no events") from None
+                raise NoCheckpointError(
+                    f"no {EVENTS_FILE} at {cs.uri}: the run recorded no events"
+                ) from None
             raise NoCheckpointError(
                 f"no run at {cs.uri} (no checkpoints/ or {EVENTS_FILE}): check the URI"
             ) from None

@@ -70,7 +70,8 @@ class CheckpointStore:
         return sorted(out)
 
     def read_manifest(self, step: int) -> Manifest | None:
-        """The step's manifest; None when there is none (partial); CheckpointCorruptError if torn."""
+        """The step's manifest; None when there is none (partial); CheckpointCorruptError if torn.
+        """
         path = storage.join(self.step_path(step), MANIFEST)
         try:
             data = self._call(retry.STORAGE_READ, lambda: self.fs.cat_file(path), "read manifest")
@@ -220,7 +221,8 @@ class CheckpointStore:
         manifest = self.read_manifest(step)
         if manifest is None:
             raise NoCheckpointError(f"no committed checkpoint at {where}")
-        raw = dcp_io.read_verified(self.fs, self.step_path(step), DCP_METADATA, manifest.files, where)
+        path = self.step_path(step)
+        raw = dcp_io.read_verified(self.fs, path, DCP_METADATA, manifest.files, where)
         return manifest, dcp_io.load_metadata(raw, where)
 
     def _reader(self, step: int, manifest: Manifest, md: Any) -> dcp_io.VerifyingReader:

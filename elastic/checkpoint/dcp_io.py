@@ -114,7 +114,8 @@ class _ShardWriter(_FileSystemWriter):
 
 def storage_prefix(plan: SavePlan, rank: int, save_id: str) -> SavePlan:
     """Unique file names per save: a stale writer of an abandoned save never clobbers ours."""
-    return dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{rank}_{save_id.rsplit('-', 1)[-1][:8]}_"))
+    nonce = save_id.rsplit("-", 1)[-1][:8]
+    return dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{rank}_{nonce}_"))
 
 
 def write_shards(
