@@ -98,7 +98,7 @@ class WorkerContext:
                 source = f"peer:{src}"
         elif durable >= 0:
             template = state.state_dict()
-            info = rt.checkpointer.load(template, step=durable)
+            info = rt.checkpointer.load(template, step=durable, fallback=True)
             if info is None:
                 raise WorkerGroupError(f"checkpoint at step {durable} vanished while loading")
             state.load_state_dict(template)

@@ -19,6 +19,9 @@ class CollectiveClock:
 
     def __init__(self) -> None:
         self.waiting_since: "float | None" = None
+        # Set when a collective of this generation failed: whatever the training function raises
+        # afterwards is a consequence of the broken group, not a bug in user code.
+        self.broken = False
 
     def enter(self) -> None:
         if self.waiting_since is None:
@@ -44,10 +47,15 @@ def make_hook(pg: dist.ProcessGroup, clock: CollectiveClock) -> Callable:
             futures.append(work.get_future())
             offset += n
 
-        def done(_f: torch.futures.Future) -> torch.Tensor:
+        def done(all_done: torch.futures.Future) -> torch.Tensor:
             clock.leave()
-            for f in futures:
-                f.value()  # re-raise a failed collective here, inside backward()
+            try:
+                # collect_all may complete early with the first error; only its own value is safe
+                # to read (reading a sub-future that has not completed trips an internal assert).
+                all_done.value()
+            except Exception:
+                clock.broken = True
+                raise
             return buffer
 
         return torch.futures.collect_all(futures).then(done)

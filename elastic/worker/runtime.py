@@ -74,6 +74,7 @@ class WorkerRuntime:
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError(f"generation {self.generation} is still running on this worker")
         self.pause_requested = False
+        self.clock.broken = False
         self.generation = assignment.generation
         self.state = "running"
         self.error = None
@@ -112,6 +113,9 @@ class WorkerRuntime:
         self.clock.enter()
         try:
             yield
+        except Exception:
+            self.clock.broken = True
+            raise
         finally:
             self.clock.leave()
 
@@ -177,7 +181,7 @@ class WorkerRuntime:
         except BaseException as exc:  # noqa: BLE001 - everything must be reported, nothing may escape
             if isinstance(exc, ElasticError) and exc.exit_code == 2:
                 self.error, self.fatal = f"{type(exc).__name__}: {exc}", True
-            elif _looks_like_group_failure(exc):
+            elif self.clock.broken or _looks_like_group_failure(exc):
                 outcome = "parked"
                 self.error = f"group broke: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             else:
