@@ -95,4 +95,8 @@ def test_sigterm_is_a_graceful_leave_not_a_failure(ray_local, tmp_path):
     names = [e["event"] for e in r.events]
     assert "preemption_notice" in names and "worker_left" in names
     commits = [e["step"] for e in r.events if e["event"] == "checkpoint_committed"]
-    assert 15 in commits  # committed at once, at the step boundary after the notice
+    # A durable checkpoint at the step boundary where the group paused for the notice (the signal
+    # is handled on the actor's main thread, so that boundary may be a step or two later).
+    paused_at = [e["step"] for e in r.events if e["event"] == "restored" and e["generation"] == 1]
+    assert paused_at and 14 < paused_at[0] <= 18 and paused_at[0] in commits
+    assert not any(e["event"] == "worker_failed" for e in r.events)
