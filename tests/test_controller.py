@@ -1,0 +1,278 @@
+"""Unit: the supervisor's state machine, stepped with a fake worker group and an injected clock.
+
+No Ray, no processes, no real time: every transition is driven by scripted worker polls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from elastic.config import FailureConfig, RunConfig, ScalingConfig
+from elastic.supervisor import policy
+from elastic.supervisor.controller import Controller
+from elastic.supervisor.states import StateType
+from elastic.worker.protocol import WorkerInfo, WorkerPoll
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, dt: float) -> None:
+        self.t += dt
+
+
+class Events:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        rec = {"event": event, **fields}
+        self.events.append(rec)
+        return rec
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.events.append(record)
+
+    def names(self) -> list[str]:
+        return [e["event"] for e in self.events]
+
+
+class FakeGroup:
+    """Workers that advance one step per poll; tests script deaths, freezes and capacity."""
+
+    def __init__(self, capacity: int, steps: int = 20):
+        self.capacity = capacity
+        self.steps = steps
+        self.infos: dict[int, WorkerInfo] = {}
+        self._pending: list[int] = []
+        self._next = 0
+        self.gen: dict[int, int] = {}
+        self.step: dict[int, int] = {}
+        self.state: dict[int, str] = {}
+        self.global_step = 0
+        self.dead: set[int] = set()
+        self.frozen: set[int] = set()
+        self.preempted: set[int] = set()
+        self.killed: list[int] = []
+        self.die_at: dict[int, int] = {}  # wid -> step at which it dies
+        self.starts: list[tuple[int, int, int]] = []  # (wid, generation, rank)
+
+    def request(self, n: int) -> list[int]:
+        ids = list(range(self._next, self._next + n))
+        self._next += n
+        self._pending += ids
+        return ids
+
+    def refresh(self) -> list[int]:
+        newly = []
+        while self._pending and len(self.infos) < self.capacity:
+            wid = self._pending.pop(0)
+            self.infos[wid] = WorkerInfo(pid=10_000 + wid, node_id="n", ip="127.0.0.1")
+            newly.append(wid)
+        return newly
+
+    def pending(self) -> list[int]:
+        return list(self._pending)
+
+    def ready(self) -> list[int]:
+        return sorted(self.infos)
+
+    def start(self, wid: int, a) -> None:
+        self.starts.append((wid, a.generation, a.rank))
+        self.gen[wid] = a.generation
+        self.state[wid] = "running"
+        self.step[wid] = self.global_step
+
+    def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | str]:
+        out: dict[int, WorkerPoll | str] = {}
+        running = [w for w in wids if self.state.get(w) == "running" and w not in self.dead | self.frozen]
+        for w in running:
+            if self.die_at.get(w) == self.step[w]:
+                self.dead.add(w)
+        if any(w in self.dead for w in wids):  # a dead peer breaks the group for everyone
+            for w in running:
+                if w not in self.dead:
+                    self.state[w] = "parked"
+        for w in wids:
+            if w in self.dead or w not in self.infos:
+                out[w] = policy.DEAD
+                continue
+            if w in self.frozen:
+                out[w] = policy.UNRESPONSIVE
+                continue
+            if self.state[w] == "running":
+                self.step[w] += 1
+                self.global_step = max(self.global_step, self.step[w])
+                if w in self.preempted:
+                    for p in wids:
+                        if self.state.get(p) == "running":
+                            self.state[p] = "parked"
+                elif self.step[w] >= self.steps:
+                    self.state[w] = "finished"
+            events = []
+            out[w] = WorkerPoll(state=self.state[w], generation=self.gen[w], step=self.step[w], progress_age_s=0.0,
+                                waiting_in_collective_s=None, metrics={"loss": 1.0}, events=events,
+                                preempted=w in self.preempted)
+        return out
+
+    def request_pause(self, wids: list[int]) -> None:
+        for w in wids:
+            if self.state.get(w) == "running":
+                self.state[w] = "parked"
+
+    def kill(self, wid: int) -> None:
+        self.killed.append(wid)
+        self.infos.pop(wid, None)
+        self.dead.add(wid)
+        if wid in self._pending:
+            self._pending.remove(wid)
+
+    def placeable(self) -> int:
+        return max(0, self.capacity - len(self.infos) - len(self._pending))
+
+    def describe_resources(self) -> str:
+        return f"CPU: {self.capacity} slots"
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make(group: FakeGroup, *, min_w: int = 2, max_w: int = 2, spares: int = 0, max_failures: int = 3):
+    clock = FakeClock()
+    events = Events()
+    run = RunConfig(scaling=ScalingConfig(min_workers=min_w, max_workers=max_w, spares=spares, placement_timeout_s=5),
+                    failure=FailureConfig(max_failures=max_failures, below_min_wait_s=3, poll_timeout_s=1,
+                                          collective_timeout_s=2))
+    ctl = Controller(run, group, events, ("127.0.0.1", 1), clock=clock, sleep=clock.sleep)
+    return ctl, events, clock
+
+
+def run_states(ctl: Controller) -> list[StateType]:
+    from elastic.supervisor.states import Starting
+
+    state = Starting()
+    seen = [state.type]
+    for _ in range(10_000):
+        state = ctl.transition(state)
+        if state.type is not seen[-1]:
+            seen.append(state.type)
+        if state.is_terminal():
+            ctl.final_state = state
+            return seen
+    raise AssertionError("controller did not terminate")
+
+
+def test_clean_run_starts_runs_finishes():
+    g = FakeGroup(capacity=2)
+    ctl, events, _ = make(g)
+    assert run_states(ctl) == [StateType.STARTING, StateType.RUNNING, StateType.FINISHED]
+    assert events.names().count("group_built") == 1 and ctl.failures == 0
+    assert [(w, r) for w, _, r in g.starts] == [(0, 0), (1, 1)]
+
+
+def test_worker_death_keeps_survivor_and_replaces_at_same_size():
+    g = FakeGroup(capacity=3)  # room for a replacement
+    g.die_at = {1: 5}
+    ctl, events, _ = make(g)
+    assert run_states(ctl) == [StateType.STARTING, StateType.RUNNING, StateType.RESTARTING, StateType.RUNNING,
+                               StateType.FINISHED]
+    assert ctl.failures == 1
+    gen1 = [(w, r) for w, gen, r in g.starts if gen == 1]
+    assert gen1[0] == (0, 0) and len(gen1) == 2 and gen1[1][0] not in (0, 1)  # survivor keeps rank 0
+    failed = [e for e in events.events if e["event"] == "worker_failed"]
+    assert [e["worker"] for e in failed] == [1] and failed[0]["pid"] == 10_001
+
+
+def test_death_without_room_shrinks_then_grows_back():
+    g = FakeGroup(capacity=3, steps=60)
+    g.die_at = {2: 4}
+    ctl, events, clock = make(g, min_w=2, max_w=3)
+    from elastic.supervisor.states import Starting
+
+    state = Starting()
+    state = ctl.transition(state)  # started with 3
+    assert len(ctl.members) == 3
+    g.capacity = 2  # the node under worker 2 is gone: no room for a replacement
+    while state.type is not StateType.RESTARTING:
+        state = ctl.transition(state)
+    state = ctl.transition(state)
+    assert state.type is StateType.RUNNING and len(ctl.members) == 2  # continued smaller
+    g.capacity = 3  # a node joins
+    while state.type is not StateType.RESIZING:
+        state = ctl.transition(state)
+    assert "failure" not in state.reason
+    state = ctl.transition(state)
+    assert state.type is StateType.RUNNING and len(ctl.members) == 3
+    assert ctl.failures == 1  # growing is not a failure
+
+
+def test_failure_budget_spent_fails_with_exit_1():
+    g = FakeGroup(capacity=4)
+    g.die_at = {1: 3}
+    ctl, events, _ = make(g, max_failures=0)
+    assert run_states(ctl)[-1] is StateType.FAILED
+    assert ctl.final_state.exit_code == 1 and "max_failures=0" in ctl.final_state.error
+
+
+def test_min_workers_cannot_be_placed_fails_fast_with_resources_named():
+    g = FakeGroup(capacity=1)
+    ctl, _, clock = make(g, min_w=2)
+    t0 = clock()
+    assert run_states(ctl) == [StateType.STARTING, StateType.FAILED]
+    assert ctl.final_state.exit_code == 2
+    assert "min_workers=2" in ctl.final_state.error and "CPU" in ctl.final_state.error
+    assert clock() - t0 <= 5 + 1  # bounded by placement_timeout_s
+
+
+def test_frozen_worker_is_killed_and_replaced():
+    g = FakeGroup(capacity=3, steps=30)
+    ctl, events, _ = make(g)
+    from elastic.supervisor.states import Starting
+
+    state = ctl.transition(Starting())
+    state = ctl.transition(state)
+    g.frozen.add(1)
+    while state.type is not StateType.FINISHED:
+        state = ctl.transition(state)
+    assert 1 in g.killed and ctl.failures == 1
+    assert any(e["event"] == "worker_failed" and e["reason"].startswith("rank(s) 1 stopped answering")
+               for e in events.events)
+
+
+def test_preemption_is_a_resize_not_a_failure():
+    g = FakeGroup(capacity=3, steps=30)
+    ctl, events, _ = make(g, min_w=2, max_w=3)
+    from elastic.supervisor.states import Starting
+
+    state = ctl.transition(Starting())
+    g.preempted.add(2)
+    seen = []
+    while not state.is_terminal():
+        state = ctl.transition(state)
+        seen.append(state.type)
+    assert StateType.RESIZING in seen and StateType.RESTARTING not in seen
+    assert ctl.failures == 0 and 2 in g.killed
+    assert "worker_left" in events.names()
+
+
+def test_below_min_waits_bounded_then_fails():
+    g = FakeGroup(capacity=2)
+    g.die_at = {1: 3}
+    ctl, _, clock = make(g, min_w=2, max_w=2)
+    from elastic.supervisor.states import Starting
+
+    state = ctl.transition(Starting())
+    g.capacity = 1  # no room for a replacement
+    t0 = clock()
+    while not state.is_terminal():
+        state = ctl.transition(state)
+    assert state.type is StateType.FAILED and "below min_workers=2" in state.error
+    assert clock() - t0 < 5 + 3 + 5  # placement wait + below_min_wait_s + polls: bounded
