@@ -1,0 +1,81 @@
+"""The command line: bad input gets one clear line and exit 2; real runs and resumes via `elastic`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = ROOT / "tests" / "jobs.py"
+pytestmark = pytest.mark.timeout(120)
+
+
+def elastic_cli(*args: str, timeout: float = 100) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ELASTIC_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "elastic.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert p.returncode == code, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    assert "Traceback" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, p.stderr
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["run", "nope/missing.py:train"], ["does not exist"]),
+    (["run", f"{JOBS}:no_such_fn"], ["no function 'no_such_fn'"]),
+    (["run", f"{JOBS}"], ["FILE.py:FUNCTION"]),
+    (["run", f"{JOBS}:train", "--config", "steps"], ["key=value"]),
+    (["run", f"{JOBS}:train", "--min-workers", "3", "--max-workers", "2"], ["min_workers (3) > max_workers (2)"]),
+    (["run", f"{JOBS}:train", "--checkpoint-uri", "bogus://x/y"], ["unknown storage scheme 'bogus'"]),
+])
+def test_bad_input_is_one_line_and_exit_2(args, needles):
+    assert_one_line_error(elastic_cli(*args), 2, *needles)
+
+
+def test_unwritable_storage_is_reported_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    p = elastic_cli("run", f"{JOBS}:train", "--checkpoint-uri", str(blocker / "run"), "--config", "steps=2")
+    assert_one_line_error(p, 2, "cannot write to")
+
+
+@pytest.mark.parametrize("cmd", ["resume", "ls"])
+def test_no_run_at_location(tmp_path, cmd):
+    p = elastic_cli(cmd, str(tmp_path / "empty"))
+    assert_one_line_error(p, 2, "no run")
+
+
+def test_unplaceable_min_workers_names_resources(tmp_path):
+    p = elastic_cli("run", f"{JOBS}:train", "--min-workers", "64", "--placement-timeout", "3",
+                    "--checkpoint-uri", str(tmp_path / "r"), "--config", "steps=2", "--quiet")
+    assert_one_line_error(p, 2, "min_workers=64", "CPU")
+
+
+def test_run_resume_and_a_checkpoint_from_another_model(tmp_path):
+    uri = str(tmp_path / "run")
+    p = elastic_cli("run", f"{JOBS}:train", "--min-workers", "2", "--checkpoint-uri", uri, "--every-n-steps", "5",
+                    "--config", "steps=12", "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    ls = elastic_cli("ls", uri)
+    assert ls.returncode == 0 and "12" in ls.stdout and "committed" in ls.stdout
+    # resume with the stored spec: already at its last step, so it finishes at once from storage
+    p = elastic_cli("resume", uri, "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    events = elastic_cli("events", uri)
+    assert events.returncode == 0 and events.stdout.count("run_started") == 2
+    # the same location with a different model: refused, nothing overwritten
+    before = elastic_cli("ls", uri).stdout
+    p = elastic_cli("run", f"{JOBS}:train_other_model", "--min-workers", "2", "--checkpoint-uri", uri,
+                    "--config", "steps=20", "--quiet")
+    assert_one_line_error(p, 2, "different model", "model.0.weight")
+    assert elastic_cli("ls", uri).stdout == before
