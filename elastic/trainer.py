@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 from typing import Any, Callable
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from elastic.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from elastic.errors import ConfigError, StorageUnavailableError, TrainingFailedError
@@ -96,8 +97,11 @@ class ElasticTrainer:
         self._write_spec()
         ensure_ray(self.address, self.run)
         printer = ProgressPrinter(self.run.progress_interval_s)
-        sup = RemoteSupervisor.options(num_cpus=0, max_concurrency=4, max_restarts=0).remote(
-            self.train_fn, self.run, self.uri)
+        # The supervisor lives on the driver's node (normally the head, not a spot node): losing a
+        # worker node must never take the supervisor with it.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        sup = RemoteSupervisor.options(num_cpus=0, max_concurrency=4, max_restarts=0,
+                                       scheduling_strategy=here).remote(self.train_fn, self.run, self.uri)
         done_ref = sup.run.remote()
         try:
             while True:

@@ -23,8 +23,8 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def make_model(width: int = 32) -> nn.Module:
-    return nn.Sequential(nn.Linear(IN_DIM, width), nn.ReLU(), nn.Dropout(0.1), nn.Linear(width, width), nn.ReLU(),
+def make_model(width: int = 32, dropout: float = 0.1) -> nn.Module:
+    return nn.Sequential(nn.Linear(IN_DIM, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, width), nn.ReLU(),
                          nn.Linear(width, 4))
 
 
@@ -33,7 +33,7 @@ def train(config: dict) -> None:
     torch.set_num_threads(1)
     ctx = elastic.get_context()
     x, y = make_data()
-    model = make_model(config.get("width", 32))
+    model = make_model(config.get("width", 32), config.get("dropout", 0.1))
     opt = torch.optim.SGD(model.parameters(), lr=config.get("lr", 0.05), momentum=0.9)
     state = elastic.TrainState(model=model, optimizer=opt)
     ctx.restore(state)

@@ -1,0 +1,130 @@
+"""Node loss and node join on a multi-node Ray cluster (ray.cluster_utils.Cluster), and the death
+of the supervisor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import elastic
+from conftest import final_model
+from elastic.events import read_events
+import jobs
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def built(uri: str) -> list[dict]:
+    return [e for e in read_events(uri) if e["event"] == "group_built"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def _trainer(uri: str, steps: int, min_w: int, max_w: int, step_sleep: float = 0.0) -> elastic.ElasticTrainer:
+    return elastic.ElasticTrainer(
+        # No dropout: random masks are drawn per rank, so they change with the world size.
+        jobs.train, train_loop_config={"steps": steps, "step_sleep": step_sleep, "dropout": 0.0},
+        scaling=elastic.ScalingConfig(min_workers=min_w, max_workers=max_w, placement_timeout_s=30, grow_interval_s=0.5),
+        checkpoint=elastic.CheckpointConfig(uri=uri, every_n_steps=10),
+        failure=elastic.FailureConfig(max_failures=5, collective_timeout_s=8, poll_timeout_s=2))
+
+
+def test_node_removed_then_added_world_shrinks_and_grows(cluster, tmp_path):
+    extra = cluster.add_node(num_cpus=1)
+    ref_uri = str(tmp_path / "ref")
+    assert _trainer(ref_uri, 120, 3, 3).fit(quiet=True).ok
+    uri = str(tmp_path / "run")
+    actions: list[str] = []
+    result: dict = {}
+    # Ray's Cluster must be driven from the main thread, so the run goes to a background thread.
+    t = threading.Thread(target=lambda: result.setdefault(
+        "r", _trainer(uri, 120, 2, 3, step_sleep=0.05).fit(raise_on_failure=False, quiet=True)), daemon=True)
+    t.start()
+    wait_for(lambda: any(e["world_size"] == 3 for e in built(uri)), 60, "world size 3")
+    wait_for(lambda: any(e["event"] == "checkpoint_committed" for e in read_events(uri)), 60, "a checkpoint")
+    cluster.remove_node(extra)
+    actions.append("removed")
+    wait_for(lambda: built(uri)[-1]["world_size"] == 2, 60, "world size 2 after node loss")
+    cluster.add_node(num_cpus=1)
+    actions.append("added")
+    t.join(timeout=120)
+    r = result["r"]
+    assert r.ok, r.error
+    assert actions == ["removed", "added"]
+    sizes = [e["world_size"] for e in r.events if e["event"] == "group_built"]
+    assert sizes[0] == 3 and 2 in sizes and sizes[-1] == 3, sizes
+    assert any(e["event"] == "resized" for e in r.events)  # growth is a resize, not a failure
+    ref, got = final_model(ref_uri), final_model(uri)
+    for k in ref:
+        rel = (ref[k] - got[k]).abs().max() / ref[k].abs().max()
+        assert rel <= 1e-4, f"{k}: relative difference {rel:.3g}"
+
+
+def test_supervisor_death_stops_workers_and_run_resumes(cluster, tmp_path):
+    from ray.util.state import list_actors
+
+    uri = str(tmp_path / "sup")
+    trainer = _trainer(uri, 400, 2, 2, step_sleep=0.02)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["r"] = trainer.fit(raise_on_failure=False, quiet=True)
+        except Exception as exc:  # noqa: BLE001 - the driver sees the supervisor die
+            result["exc"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    wait_for(lambda: any(e["event"] == "checkpoint_committed" for e in read_events(uri)), 60, "a checkpoint")
+    pids = [m["pid"] for m in built(uri)[-1]["members"]]
+    sup = wait_for(lambda: [a for a in list_actors(filters=[("class_name", "=", "SupervisorActor"),
+                                                             ("state", "=", "ALIVE")])], 20, "supervisor")
+    os.kill(sup[0].pid, signal.SIGKILL)
+    t0 = time.monotonic()
+
+    def workers_gone() -> bool:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        return not alive
+
+    wait_for(workers_gone, 30, "workers to stop after their supervisor died")
+    stopped_in = time.monotonic() - t0
+    t.join(timeout=30)
+    assert "exc" in result or not result["r"].ok
+    assert stopped_in < 30
+    # Everything died: the newest committed checkpoint is where the run continues.
+    latest = elastic.checkpoint.CheckpointStore(uri).latest()
+    assert latest is not None
+    r = _trainer(uri, latest.step + 10, 2, 2).fit(quiet=True)
+    restored = [e for e in r.events if e["event"] == "restored"]
+    assert r.ok and restored[0]["source"] == f"checkpoint:{latest.step}"
