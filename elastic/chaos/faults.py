@@ -55,14 +55,34 @@ def maybe_inject(faults: Iterable[Fault], *, step: int, rank: int, marker_dir: s
     for fault in faults:
         if fault.step != step or fault.rank != rank:
             continue
-        Path(marker_dir).mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(os.path.join(marker_dir, fault.marker), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            continue
-        os.write(fd, f"{os.getpid()} {time.time()}\n".encode())
-        os.close(fd)
-        inflict(fault.kind)
+        if claim(marker_dir, fault.marker):
+            inflict(fault.kind)
+
+
+def claim(marker_dir: str | os.PathLike, name: str, detail: str = "") -> bool:
+    """Create the marker `name` (O_EXCL): True for the one caller that created it, in any process.
+
+    The marker holds "PID TIME DETAIL": the chaos suite reads TIME to find what followed the fault.
+    """
+    Path(marker_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(os.path.join(marker_dir, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, f"{os.getpid()} {time.time()} {detail}".strip().encode() + b"\n")
+    os.close(fd)
+    return True
+
+
+def fired_at(marker_dir: str | os.PathLike) -> dict[str, float]:
+    """Marker name -> the time its fault fired (every marker must hold exactly one record)."""
+    out = {}
+    for name in fired(marker_dir):
+        lines = (Path(marker_dir) / name).read_text().splitlines()
+        if len(lines) != 1:
+            raise AssertionError(f"marker {name} holds {len(lines)} records: the fault fired more than once")
+        out[name] = float(lines[0].split()[1])
+    return out
 
 
 def inflict(kind: FaultKind) -> None:

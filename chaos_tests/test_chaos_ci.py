@@ -1,0 +1,43 @@
+"""The CI subset of the chaos suite: in-process faults under every schedule, at fixed seeds.
+
+Each test prints its seed; CHAOS_SEED=N (or --chaos-seed N) replays one with another seed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from chaos_tests import harness
+from chaos_tests.schedules import Schedule, draw
+
+pytestmark = pytest.mark.timeout(120)
+
+CASES = [  # kind, schedule, workers, seed
+    ("sigkill", Schedule.AT_STEP, 2, 1),
+    ("segfault", Schedule.CASCADE, 3, 2),
+    ("freeze", Schedule.RANDOM_TIME, 2, 3),
+    ("hang", Schedule.DURING_CHECKPOINT, 2, 4),
+    ("raise", Schedule.SEVERAL, 3, 5),
+    ("stall", Schedule.DURING_REBUILD, 3, 6),
+    ("sigterm", Schedule.AT_STEP, 3, 7),
+]
+
+
+@pytest.mark.parametrize("kind,schedule,workers,seed", CASES, ids=[f"{c[0]}-{c[1].value}-w{c[2]}" for c in CASES])
+def test_chaos(chaos_ray, rules_dir, tmp_path, chaos_seed, kind, schedule, workers, seed):
+    plan = draw(kind, schedule, chaos_seed(seed), workers)
+    print("plan:", plan.describe())
+    job = plan.job(tmp_path)
+    plan.arm_storage(job, rules_dir)
+    ref = harness.reference(tmp_path.parent, job)
+    out = harness.run(job, plan.actions)
+    harness.check(out, ref, exact=plan.exact, expect_markers=plan.n_faults)
+
+
+def test_failure_budget_spent_ends_with_error_and_checkpoint(chaos_ray, tmp_path, chaos_seed):
+    plan = draw("sigkill", Schedule.CASCADE, chaos_seed(8), 2)
+    job = plan.job(tmp_path, max_failures=1)
+    out = harness.run(job, plan.actions)
+    # The second failure spends the budget: the third fault never fires.
+    harness.check(out, None, exact=True, expect_markers=2, expect_failed=True)
+    assert "max_failures=1" in out.result.error
