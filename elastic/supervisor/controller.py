@@ -261,7 +261,7 @@ class Controller:
                 "`elastic resume URI`", exit_code=1)
         return self._build(members, reason=reason)
 
-    def _build(self, members: list[int], *, reason: str) -> Running:
+    def _build(self, members: list[int], *, reason: str, mode: str = "train") -> Running:
         t0 = self.clock()
         self.generation += 1
         g = self.generation
@@ -276,7 +276,7 @@ class Controller:
             self.group.start(wid, Assignment(
                 generation=g, rank=rank, world_size=len(self.members), store_host=host, store_port=port,
                 backend=self.backend, collective_timeout_s=self._failure.collective_timeout_s,
-                local_rank=local_rank))
+                local_rank=local_rank, mode=mode))
             if wid not in self._joined:
                 self._joined.add(wid)
                 self._emit_worker("worker_started", wid, generation=g)
@@ -302,10 +302,19 @@ class Controller:
             self.group.request(sc.max_workers + sc.spares - have)
 
     def _final_save(self, survivors: list[int]) -> None:
-        # The survivors' newest state is in their memory; a durable copy of it is what a resume
-        # will start from. Not attempted in this version when the group is gone: the newest
-        # committed checkpoint stays the resume point.
-        del survivors
+        """The run ends unfinished: have the survivors commit the newest state they hold, so that
+        `elastic resume` starts from it rather than from an older periodic checkpoint. Bounded."""
+        if not survivors:
+            return
+        f = self._failure
+        self._build(survivors, reason="final checkpoint", mode="save")
+        deadline = self.clock() + 2 * f.collective_timeout_s + f.poll_timeout_s
+        while self.clock() < deadline:
+            polls = self.group.poll(self.members, f.poll_timeout_s)
+            self._absorb(polls)
+            if not any(isinstance(p, WorkerPoll) and p.state == "running" for p in polls.values()):
+                return
+            self.sleep(f.poll_interval_s)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _start_incident(self, reason: str, *, is_failure: bool) -> None:

@@ -77,25 +77,15 @@ class WorkerContext:
         the group), the newest durable checkpoint that verifies.
         """
         rt = self._rt
-        durable = rt.latest_durable_step()
-        mine = torch.tensor([rt.snapshot.step, durable], dtype=torch.int64, device=self._comm_device)
-        gathered = [torch.zeros(2, dtype=torch.int64, device=self._comm_device) for _ in range(self.world_size)]
         with rt.collective():
-            dist.all_gather(gathered, mine, group=self.process_group)
-        steps = [int(t[0]) for t in gathered]
-        durable = max(int(t[1]) for t in gathered)
-        best = max(steps)
+            agreed = peer_sync.agree(rt.snapshot.step, rt.latest_durable_step(), self.process_group,
+                                     self._comm_device)
+        durable = agreed.durable
         source = "fresh"
-        if best >= 0 and best >= durable:
-            if all(s == best for s in steps):
-                state.load_state_dict(rt.snapshot.state_dict())
-                source = "memory"
-            else:
-                src = steps.index(best)
-                with rt.collective():
-                    sd = peer_sync.broadcast_state(rt.snapshot, src, self.process_group, self._comm_device)
-                state.load_state_dict(sd)
-                source = f"peer:{src}"
+        if agreed.peers_are_freshest:
+            with rt.collective():
+                sd, source = peer_sync.newest_state(rt.snapshot, agreed, self.process_group, self._comm_device)
+            state.load_state_dict(sd)
         elif durable >= 0:
             template = state.state_dict()
             info = rt.checkpointer.load(template, step=durable, fallback=True)

@@ -7,6 +7,7 @@ one byte buffer (one collective, any dtype), the structure as one pickled object
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,15 +17,42 @@ from elastic.worker.flat_state import slots, unflatten
 from elastic.worker.snapshot import Snapshot
 
 
-def agree_on_source(local_step: int, pg: dist.ProcessGroup, device: torch.device) -> tuple[int, int, list[int]]:
-    """(newest step any rank holds, the lowest rank holding it, every rank's step)."""
+@dataclass(frozen=True)
+class Agreement:
+    """What every rank of a new group holds: the step of its in-memory snapshot (-1: none) and the
+    newest durable checkpoint any rank saw. All ranks compute the same Agreement."""
+
+    steps: list[int]
+    durable: int
+
+    @property
+    def best(self) -> int:
+        return max(self.steps)
+
+    @property
+    def source(self) -> int:
+        return self.steps.index(self.best)
+
+    @property
+    def peers_are_freshest(self) -> bool:
+        return self.best >= 0 and self.best >= self.durable
+
+
+def agree(snapshot_step: int, durable_step: int, pg: dist.ProcessGroup, device: torch.device) -> Agreement:
     world = dist.get_world_size(pg)
-    mine = torch.tensor([local_step], dtype=torch.int64, device=device)
-    gathered = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    mine = torch.tensor([snapshot_step, durable_step], dtype=torch.int64, device=device)
+    gathered = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(gathered, mine, group=pg)
-    steps = [int(t.item()) for t in gathered]
-    best = max(steps)
-    return best, steps.index(best), steps
+    return Agreement(steps=[int(t[0]) for t in gathered], durable=max(int(t[1]) for t in gathered))
+
+
+def newest_state(snapshot: Snapshot, agreement: Agreement, pg: dist.ProcessGroup,
+                 device: torch.device) -> tuple[dict[str, Any], str]:
+    """(the newest committed state, where it came from) when a peer holds it; collective."""
+    if all(s == agreement.best for s in agreement.steps):
+        return snapshot.state_dict(), "memory"
+    sd = broadcast_state(snapshot, agreement.source, pg, device)
+    return sd, f"peer:{agreement.source}"
 
 
 def broadcast_state(snapshot: Snapshot, src: int, pg: dist.ProcessGroup, device: torch.device) -> dict[str, Any]:

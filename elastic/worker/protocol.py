@@ -18,6 +18,7 @@ class Assignment:
     backend: str
     collective_timeout_s: float
     local_rank: int = 0
+    mode: str = "train"  # train | save (make the newest in-memory state durable, then stop)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from elastic.config import RunConfig
 from elastic.errors import ElasticError, WorkerGroupError
 from elastic.train_state import TrainState
 from elastic.worker import context as ctx_mod
+from elastic.worker import peer_sync
 from elastic.worker.grad_sync import CollectiveClock
 from elastic.worker.protocol import Assignment, WorkerPoll
 from elastic.worker.seeding import reseed
@@ -172,9 +173,12 @@ class WorkerRuntime:
             ctx = ctx_mod.WorkerContext(self, rank=a.rank, world_size=a.world_size, local_rank=a.local_rank,
                                         generation=a.generation, device=device, pg=pg)
             ctx_mod._set_current(ctx)
-            reseed(self.seed, 0, 0)  # same model init on every rank and in every run
-            self.fn(dict(self.run.train_loop_config))
-            self._finish(ctx)
+            if a.mode == "save":
+                self._save_newest(ctx)
+            else:
+                reseed(self.seed, 0, 0)  # same model init on every rank and in every run
+                self.fn(dict(self.run.train_loop_config))
+                self._finish(ctx)
             outcome = "finished"
         except ctx_mod.PauseRequested:
             outcome = "parked"
@@ -208,6 +212,17 @@ class WorkerRuntime:
             self.save_checkpoint(state.state_dict(), state.step, ctx, wait=True)
         else:
             self.checkpointer.wait(timeout_s=self.run.failure.collective_timeout_s * 4)
+
+    def _save_newest(self, ctx: "ctx_mod.WorkerContext") -> None:
+        """The run is ending unfinished: make the newest state any survivor holds durable."""
+        with self.collective():
+            agreed = peer_sync.agree(self.snapshot.step, self.latest_durable_step(), ctx.process_group,
+                                     ctx._comm_device)
+        if agreed.best <= agreed.durable:
+            return
+        with self.collective():
+            sd, _ = peer_sync.newest_state(self.snapshot, agreed, ctx.process_group, ctx._comm_device)
+        self.save_checkpoint(sd, agreed.best, ctx, wait=True)
 
     def _device(self) -> torch.device:
         if self.run.scaling.gpus_per_worker > 0 and torch.cuda.is_available():
