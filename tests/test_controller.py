@@ -64,6 +64,7 @@ class FakeGroup:
         self.killed: list[int] = []
         self.die_at: dict[int, int] = {}  # wid -> step at which it dies
         self.starts: list[tuple[int, int, int]] = []  # (wid, generation, rank)
+        self.draining: set[str] = set()
 
     def request(self, n: int) -> list[int]:
         ids = list(range(self._next, self._next + n))
@@ -75,7 +76,7 @@ class FakeGroup:
         newly = []
         while self._pending and len(self.infos) < self.capacity:
             wid = self._pending.pop(0)
-            self.infos[wid] = WorkerInfo(pid=10_000 + wid, node_id="n", ip="127.0.0.1")
+            self.infos[wid] = WorkerInfo(pid=10_000 + wid, node_id=f"node{wid}", ip="127.0.0.1")
             newly.append(wid)
         return newly
 
@@ -127,6 +128,12 @@ class FakeGroup:
         for w in wids:
             if self.state.get(w) == "running":
                 self.state[w] = "parked"
+
+    def request_preempt(self, wids: list[int]) -> None:
+        self.preempted.update(wids)
+
+    def draining_nodes(self) -> set[str]:
+        return set(self.draining)
 
     def kill(self, wid: int) -> None:
         self.killed.append(wid)
@@ -276,3 +283,20 @@ def test_below_min_waits_bounded_then_fails():
         state = ctl.transition(state)
     assert state.type is StateType.FAILED and "below min_workers=2" in state.error
     assert clock() - t0 < 5 + 3 + 5  # placement wait + below_min_wait_s + polls: bounded
+
+
+def test_draining_node_is_a_graceful_leave():
+    g = FakeGroup(capacity=3, steps=30)
+    ctl, events, _ = make(g, min_w=2, max_w=3)
+    from elastic.supervisor.states import Starting
+
+    state = ctl.transition(Starting())
+    g.draining.add("node1")
+    g.capacity = 2  # the drained node's slot goes away with it
+    seen = []
+    while not state.is_terminal():
+        state = ctl.transition(state)
+        seen.append(state.type)
+    assert "node_draining" in events.names() and "worker_left" in events.names()
+    assert StateType.RESTARTING not in seen and ctl.failures == 0
+    assert 1 in g.killed and len(ctl.members) == 2

@@ -128,3 +128,32 @@ def test_supervisor_death_stops_workers_and_run_resumes(cluster, tmp_path):
     r = _trainer(uri, latest.step + 10, 2, 2).fit(quiet=True)
     restored = [e for e in r.events if e["event"] == "restored"]
     assert r.ok and restored[0]["source"] == f"checkpoint:{latest.step}"
+
+
+def test_ray_node_drain_is_a_preemption_not_a_failure(cluster, tmp_path):
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    extra = cluster.add_node(num_cpus=1)
+    uri = str(tmp_path / "drain")
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault(
+        "r", _trainer(uri, 150, 2, 3, step_sleep=0.03).fit(raise_on_failure=False, quiet=True)), daemon=True)
+    t.start()
+    wait_for(lambda: any(e["world_size"] == 3 for e in built(uri)), 60, "world size 3")
+    gcs = ray._private.worker.global_worker.gcs_client
+    accepted, why = gcs.drain_node(extra.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                   "spot preemption (test)", int(time.time() * 1000) + 60_000)
+    assert accepted, why
+    t.join(timeout=120)
+    r = result["r"]
+    assert r.ok, r.error
+    assert r.failures == 0
+    names = [e["event"] for e in r.events]
+    assert "node_draining" in names and "worker_left" in names and "worker_failed" not in names
+    sizes = [e["world_size"] for e in r.events if e["event"] == "group_built"]
+    assert sizes[0] == 3 and sizes[-1] == 2
+    paused_at = [e["step"] for e in r.events if e["event"] == "restored" and e["generation"] == 1]
+    commits = [e["step"] for e in r.events if e["event"] == "checkpoint_committed"]
+    assert paused_at[0] in commits  # committed before the node went
+    cluster.remove_node(extra)

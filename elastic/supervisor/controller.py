@@ -73,6 +73,8 @@ class Controller:
         self._rate_mark: tuple[float, int] | None = None
         self._next_grow_check = 0.0
         self._last_polls: dict[int, WorkerPoll | str] = {}
+        self._next_drain_check = 0.0
+        self._notified: set[int] = set()
 
     # -- loop --------------------------------------------------------------------------------
     def run_to_end(self) -> State:
@@ -140,6 +142,7 @@ class Controller:
             return Restarting(reason=reason, failed_workers=h.lost, since=self.clock())
         if h.preempted:
             return Resizing(reason="preemption", leaving_workers=h.preempted, since=self.clock())
+        self._watch_drains()
         if len(self.members) < (sc.max_workers or 0) and self.clock() >= self._next_grow_check:
             self._next_grow_check = self.clock() + sc.grow_interval_s
             if self._newcomers(limit=1):
@@ -287,6 +290,23 @@ class Controller:
         self.progress.generation = g
         self._rate_mark = None
         return Running(generation=g)
+
+    def _watch_drains(self) -> None:
+        """A node being drained (spot preemption via Ray, autoscaler scale-down) gets the same
+        treatment as SIGTERM to its workers: commit at the next step boundary, then leave."""
+        if self.clock() < self._next_drain_check:
+            return
+        self._next_drain_check = self.clock() + 1.0
+        draining = self.group.draining_nodes()
+        if not draining:
+            return
+        leaving = [w for w in self.members if w not in self._notified
+                   and (info := self.group.infos.get(w)) is not None and info.node_id in draining]
+        if leaving:
+            self._notified.update(leaving)
+            for wid in leaving:
+                self._emit_worker("node_draining", wid)
+            self.group.request_preempt(leaving)
 
     def _newcomers(self, *, limit: int, exclude: list[int] | None = None) -> list[int]:
         if limit <= 0:

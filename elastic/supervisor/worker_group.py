@@ -28,10 +28,15 @@ class WorkerGroup(Protocol):
     def start(self, wid: int, assignment: Assignment) -> None: ...
     def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | str]: ...
     def request_pause(self, wids: list[int]) -> None: ...
+    def request_preempt(self, wids: list[int]) -> None: ...
+    def draining_nodes(self) -> set[str]: ...
     def kill(self, wid: int) -> None: ...
     def placeable(self) -> int: ...
     def describe_resources(self) -> str: ...
     def shutdown(self) -> None: ...
+
+
+_DRAINING = 3  # ray.rpc.NodeSnapshot.State.DRAINING
 
 
 class RayWorkerGroup:
@@ -111,6 +116,20 @@ class RayWorkerGroup:
         for wid in wids:
             if wid in self._actors:
                 self._actors[wid].request_pause.remote()
+
+    def request_preempt(self, wids: list[int]) -> None:
+        for wid in wids:
+            if wid in self._actors:
+                self._actors[wid].request_preempt.remote()
+
+    def draining_nodes(self) -> set[str]:
+        """Ids of nodes Ray is draining (a preemption notice, an autoscaler scale-down)."""
+        try:
+            gcs = ray._private.worker.global_worker.gcs_client
+            infos = gcs.get_all_node_info(timeout=2)
+        except Exception:  # noqa: BLE001 - a private API: without it, SIGTERM still works
+            return set()
+        return {nid.hex() for nid, info in infos.items() if info.state_snapshot.state == _DRAINING}
 
     def kill(self, wid: int) -> None:
         actor = self._actors.pop(wid, None)
