@@ -116,7 +116,7 @@ def draw(kind: str, schedule: Schedule, seed: int, workers: int, *, steps: int =
             p.faults.append({"kind": "sigkill", "step": s, "rank": rank})  # a rank dies while the write is slow
     elif kind == "corrupt_shard":
         # Corrupt the newest checkpoint, then lose every worker: the restore must skip the bad step.
-        p.actions = [Action(ExternalKind.CORRUPT_SHARD, Trigger("commit", every_n))]
+        p.actions = [Action(ExternalKind.CORRUPT_SHARD, Trigger("commit", 2 * every_n))]
         p.actions += [Action(ExternalKind.KILL, Trigger("now", None), rank=r) for r in range(workers)]
     elif kind in ("kill_supervisor", "kill_driver"):
         ek = ExternalKind.KILL_SUPERVISOR if kind == "kill_supervisor" else ExternalKind.KILL_DRIVER

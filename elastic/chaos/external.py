@@ -78,7 +78,8 @@ def inflict(kind: ExternalKind, target: Target) -> str:
         assert target.uri is not None and target.step is not None
         return corrupt_shard(target.uri, target.step)
     if kind is ExternalKind.KILL_SUPERVISOR:
-        sups = procs.actor_processes("SupervisorActor", everywhere=True)
+        # Ours first (a local Ray started by this process); else anywhere on this machine.
+        sups = procs.actor_processes("SupervisorActor") or procs.actor_processes("SupervisorActor", everywhere=True)
         if target.pid is not None:
             sups = [p for p in sups if p.pid == target.pid]
         if len(sups) != 1:
