@@ -1,0 +1,152 @@
+"""`elastic chaos URI`: inject faults into a live run, at random, for users testing their setup.
+
+    elastic chaos URI --mtbf 20s --faults kill,sigterm,stop --max-faults N --duration 120s --seed S
+
+Follows URI/events.jsonl: the newest `group_built` names the workers (rank, pid), `worker_failed`
+and `worker_left` remove them, `run_finished` / `run_failed` end the session. Faults arrive with
+exponential inter-arrival times (mean: mtbf) against a worker drawn at random, until max_faults
+were injected, the duration passed, or the run ended. Signals go to PIDs on this machine: run it
+on the node that hosts the workers (a local run, or one node of a cluster: only its workers are hit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from elastic.chaos import procs
+from elastic.chaos.external import SIGNALS, ExternalKind, Target, inflict
+from elastic.events import read_events
+
+WORKER_KINDS = tuple(k.value for k in SIGNALS)  # kill, segv, sigterm, stop
+
+
+@dataclass
+class ChaosReport:
+    actions: list[dict] = field(default_factory=list)
+    """Each: time (s since start), kind, pid, rank, generation."""
+    ended_by: str = ""
+    """max_faults, duration, run_finished, run_failed."""
+
+    def summary(self) -> str:
+        kinds: dict[str, int] = {}
+        for a in self.actions:
+            kinds[a["kind"]] = kinds.get(a["kind"], 0) + 1
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())) or "none"
+        return f"chaos: {len(self.actions)} fault(s) injected ({shown}); stopped: {self.ended_by}"
+
+
+def parse_seconds(text: str | float) -> float:
+    """'20s', '2m', '1h', '1.5' -> seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    t = text.strip().lower()
+    mult = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for suffix in ("ms", "s", "m", "h"):
+        if t.endswith(suffix):
+            return float(t[: -len(suffix)]) * mult[suffix]
+    return float(t)
+
+
+def live_workers(events: list[dict]) -> tuple[int, list[dict]]:
+    """(generation, members still alive) of the newest group in an event log."""
+    built = [i for i, e in enumerate(events) if e["event"] == "group_built"]
+    if not built:
+        return -1, []
+    i = built[-1]
+    gone = {e.get("worker") for e in events[i:] if e["event"] in ("worker_failed", "worker_left")}
+    return events[i]["generation"], [m for m in events[i]["members"] if m["worker"] not in gone]
+
+
+def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("kill",), max_faults: int = 3,
+              duration_s: float = 120.0, seed: int | None = None, *,
+              out: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
+              sleep: Callable[[float], None] = time.sleep, poll_s: float = 0.2) -> ChaosReport:
+    """Inject up to `max_faults` faults into the live run at `uri` within `duration_s`; see module doc."""
+    kinds = [ExternalKind(f) for f in faults]
+    for k in kinds:
+        if k not in SIGNALS:
+            raise ValueError(f"fault {k.value!r} is not injectable by this tool: use {', '.join(WORKER_KINDS)}")
+    if mtbf_s <= 0 or duration_s <= 0 or max_faults < 0:
+        raise ValueError("mtbf and duration must be > 0, max_faults >= 0")
+    seed = seed if seed is not None else random.randrange(2**31)
+    rng = random.Random(seed)
+    report = ChaosReport()
+    t0 = clock()
+    out(f"chaos: {uri} mtbf={mtbf_s:g}s faults={','.join(k.value for k in kinds)} max={max_faults} "
+        f"duration={duration_s:g}s seed={seed}")
+    next_at = t0 + rng.expovariate(1.0 / mtbf_s)
+    while True:
+        now = clock()
+        events = _read(uri)
+        ended = [e["event"] for e in events if e["event"] in ("run_finished", "run_failed")]
+        if ended:
+            report.ended_by = ended[-1]
+            break
+        if len(report.actions) >= max_faults:
+            report.ended_by = "max_faults"
+            break
+        if now - t0 >= duration_s:
+            report.ended_by = "duration"
+            break
+        if now < next_at:
+            sleep(min(poll_s, next_at - now))
+            continue
+        generation, members = live_workers(events)
+        members = [m for m in members if m.get("pid") and procs.alive(int(m["pid"]))]
+        if not members:  # between groups: try again shortly, keeping the schedule's randomness
+            sleep(poll_s)
+            continue
+        victim = rng.choice(members)
+        kind = rng.choice(kinds)
+        try:
+            inflict(kind, Target(pid=int(victim["pid"])))
+        except ProcessLookupError:
+            sleep(poll_s)
+            continue
+        action = {"time": round(clock() - t0, 3), "kind": kind.value, "pid": victim["pid"], "rank": victim["rank"],
+                  "generation": generation}
+        report.actions.append(action)
+        out(f"chaos: t={action['time']:.2f}s {kind.value} pid={victim['pid']} rank={victim['rank']} "
+            f"generation={generation}")
+        next_at = clock() + rng.expovariate(1.0 / mtbf_s)
+    out(report.summary())
+    return report
+
+
+def _read(uri: str) -> list[dict]:
+    try:
+        return read_events(uri)
+    except Exception:  # noqa: BLE001 - a line being written right now, or the log not there yet
+        return []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="elastic chaos", description="inject random faults into a live run")
+    p.add_argument("uri", help="the run's checkpoint URI (where events.jsonl lives)")
+    p.add_argument("--mtbf", default="20s", help="mean time between faults (e.g. 20s, 2m)")
+    p.add_argument("--faults", default="kill", help=f"comma-separated, from: {','.join(WORKER_KINDS)}")
+    p.add_argument("--max-faults", type=int, default=3)
+    p.add_argument("--duration", default="120s", help="stop after this long (e.g. 120s, 10m)")
+    p.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: `elastic chaos ...` calls main(argv_rest). Exit 0 done, 2 bad usage."""
+    args = build_parser().parse_args(argv)
+    try:
+        run_chaos(args.uri, parse_seconds(args.mtbf), [f.strip() for f in args.faults.split(",") if f.strip()],
+                  args.max_faults, parse_seconds(args.duration), args.seed)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
