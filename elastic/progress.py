@@ -8,7 +8,7 @@ import time
 from typing import Any, TextIO
 
 _SHOWN = {
-    "run_started", "group_built", "worker_failed", "worker_left", "recovered", "resized", "preemption_notice",
+    "run_started", "group_built", "group_failed", "worker_failed", "worker_left", "recovered", "resized", "preemption_notice",
     "checkpoint_committed", "restored", "waiting_for_workers", "run_finished", "run_failed",
 }
 

@@ -86,11 +86,13 @@ class FakeGroup:
     def ready(self) -> list[int]:
         return sorted(self.infos)
 
-    def start(self, wid: int, a) -> None:
-        self.starts.append((wid, a.generation, a.rank))
-        self.gen[wid] = a.generation
-        self.state[wid] = "running"
-        self.step[wid] = self.global_step
+    def start(self, assignments: dict, timeout_s: float) -> list[int]:
+        for wid, a in assignments.items():
+            self.starts.append((wid, a.generation, a.rank))
+            self.gen[wid] = a.generation
+            self.state[wid] = "running"
+            self.step[wid] = self.global_step
+        return []
 
     def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | str]:
         out: dict[int, WorkerPoll | str] = {}

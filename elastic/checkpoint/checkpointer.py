@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 COORDINATOR = 0
 
 
+_BUSY_ROUND_S = 0.05  # how often ranks waiting for a save in flight re-agree
+
+
 @dataclass
 class _Save:
     """One save in flight on this rank."""
@@ -152,23 +155,42 @@ class Checkpointer:
                 f"checkpoint at step {step} did not commit: {job.error or 'cancelled'}"
             )
 
-    def _wait_or_skip(self, pg: Any, world_size: int) -> bool:
-        """Wait for the save in flight, or agree with all ranks to skip (False)."""
-        job = self._pending
-        busy = job is not None and not job.done.is_set()
-        if self.when_busy == "skip":
+    def settle(self, pg: Any, world_size: int) -> None:
+        """Collective: wait, together with every rank, until no rank has a save in flight."""
+        self._wait_or_skip(pg, world_size, skip=False)
+
+    def _wait_or_skip(self, pg: Any, world_size: int, *, skip: bool | None = None) -> bool:
+        """Wait for the save in flight, or agree with all ranks to skip (False).
+
+        Ranks wait together, in short agreed rounds: a rank waiting for its own slow write while
+        a peer already sits in the next planning collective would let that collective time out
+        and break the group. Each round is one tiny allreduce, so no collective waits long.
+        """
+        deadline = time.monotonic() + self.commit_timeout_s
+        while True:
+            job = self._pending
+            mine = job is not None and not job.done.is_set()
+            busy = mine
             if world_size > 1:
-                flag = torch.tensor([1 if busy else 0], dtype=torch.int32)
+                flag = torch.tensor([1 if mine else 0], dtype=torch.int32)
                 try:
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
                 except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses
                     raise WorkerGroupError(f"checkpoint busy check failed: {exc}") from exc
                 busy = bool(flag.item())
-            if busy:
+            if not busy:
+                return True
+            if (self.when_busy == "skip") if skip is None else skip:
                 return False
-        elif busy and job is not None:
-            job.done.wait()  # bounded: the job gives up after commit_timeout_s
-        return True
+            if time.monotonic() >= deadline:
+                raise CheckpointError(
+                    f"the previous checkpoint did not finish within {self.commit_timeout_s:g}s: "
+                    "storage is too slow for the checkpoint interval"
+                )
+            if mine and job is not None:
+                job.done.wait(_BUSY_ROUND_S)
+            else:
+                time.sleep(_BUSY_ROUND_S)
 
     def _gather(self, payload: Any, pg: Any, world_size: int, step: int) -> list[Any]:
         if world_size == 1:

@@ -139,6 +139,9 @@ class Controller:
         unexpected_park = set(h.parked) - set(h.preempted)
         if h.lost or (unexpected_park and not h.preempted):
             reason = self._describe_loss(h)
+            rank_of = {w: r for r, w in enumerate(self.members)}
+            self.events.emit("group_failed", generation=self.generation, reason=reason,
+                             errors={rank_of[w]: e.strip().splitlines()[-1] for w, e in h.errors.items() if e})
             return Restarting(reason=reason, failed_workers=h.lost, since=self.clock())
         if h.preempted:
             return Resizing(reason="preemption", leaving_workers=h.preempted, since=self.clock())
@@ -271,18 +274,23 @@ class Controller:
         self.members = list(members)
         host, port = self.store_addr
         nodes: dict[str, int] = {}
+        assignments = {}
         for rank, wid in enumerate(self.members):
             info = self.group.infos.get(wid)
             node = info.node_id if info else "?"
             local_rank = nodes.get(node, 0)
             nodes[node] = local_rank + 1
-            self.group.start(wid, Assignment(
+            assignments[wid] = Assignment(
                 generation=g, rank=rank, world_size=len(self.members), store_host=host, store_port=port,
                 backend=self.backend, collective_timeout_s=self._failure.collective_timeout_s,
-                local_rank=local_rank, mode=mode))
+                local_rank=local_rank, mode=mode)
             if wid not in self._joined:
                 self._joined.add(wid)
                 self._emit_worker("worker_started", wid, generation=g)
+        # A worker that refuses its assignment is lost: killing it breaks the new group at once,
+        # and the next poll turns that into a failure (never a silent wait).
+        for wid in self.group.start(assignments, self._failure.poll_timeout_s + 10.0):
+            self._drop(wid, "did not accept its assignment")
         self.events.emit("group_built", generation=g, world_size=len(self.members), reason=reason,
                          seconds=round(self.clock() - t0, 4),
                          members=[self._describe(w) for w in self.members])

@@ -25,7 +25,7 @@ class WorkerGroup(Protocol):
     def refresh(self) -> list[int]: ...
     def pending(self) -> list[int]: ...
     def ready(self) -> list[int]: ...
-    def start(self, wid: int, assignment: Assignment) -> None: ...
+    def start(self, assignments: dict[int, Assignment], timeout_s: float) -> list[int]: ...
     def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | str]: ...
     def request_pause(self, wids: list[int]) -> None: ...
     def request_preempt(self, wids: list[int]) -> None: ...
@@ -95,8 +95,18 @@ class RayWorkerGroup:
     def ready(self) -> list[int]:
         return sorted(self.infos)
 
-    def start(self, wid: int, assignment: Assignment) -> None:
-        self._actors[wid].start.remote(assignment)
+    def start(self, assignments: dict[int, Assignment], timeout_s: float) -> list[int]:
+        """Hand each worker its place in a new generation; the ids that did not accept it."""
+        refs = {wid: self._actors[wid].start.remote(a) for wid, a in assignments.items() if wid in self._actors}
+        failed = [wid for wid in assignments if wid not in refs]
+        if refs:
+            ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        for wid, ref in refs.items():
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001 - dead, refused or too slow: the worker is lost
+                failed.append(wid)
+        return failed
 
     def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | str]:
         refs = {wid: self._actors[wid].poll.remote() for wid in wids if wid in self._actors}

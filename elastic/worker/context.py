@@ -120,7 +120,6 @@ class WorkerContext:
         state.step += 1
         sd = state.state_dict()
         rt.snapshot.capture(sd, state.step)
-        rt.last_state = state
         flags = torch.tensor([int(rt.pause_requested), int(rt.preempt_requested)], dtype=torch.int64,
                              device=self._comm_device)
         with rt.collective():

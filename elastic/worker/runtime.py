@@ -56,7 +56,6 @@ class WorkerRuntime:
         self.catalog = CheckpointStore(uri)
         self.pause_requested = False
         self.preempt_requested = False
-        self.last_state: TrainState | None = None
         self.state = "idle"
         self.generation = -1
         self.step = -1
@@ -73,7 +72,11 @@ class WorkerRuntime:
     # -- called from the actor's thread ---------------------------------------------------------
     def start(self, assignment: Assignment) -> None:
         if self._thread is not None and self._thread.is_alive():
-            raise RuntimeError(f"generation {self.generation} is still running on this worker")
+            # The previous generation reports its outcome just before its thread ends: give that
+            # thread a moment to finish instead of refusing the new assignment.
+            self._thread.join(timeout=10.0)
+            if self._thread.is_alive():
+                raise RuntimeError(f"generation {self.generation} is still running on this worker")
         self.pause_requested = False
         self.clock.broken = False
         self.generation = assignment.generation
@@ -203,18 +206,16 @@ class WorkerRuntime:
             self.state = outcome
 
     def _finish(self, ctx: "ctx_mod.WorkerContext") -> None:
-        """The function returned: make the last committed state durable.
-
-        Decided from the step alone, so every rank takes the same branch of this collective code.
-        """
-        state = self.last_state
-        if state is not None and not self.checkpoint_due(state.step):
-            self.save_checkpoint(state.state_dict(), state.step, ctx, wait=True)
-        else:
-            self.checkpointer.wait(timeout_s=self.run.failure.collective_timeout_s * 4)
+        """The function returned: the newest committed state must be durable before we report."""
+        self._save_newest(ctx)
 
     def _save_newest(self, ctx: "ctx_mod.WorkerContext") -> None:
-        """The run is ending unfinished: make the newest state any survivor holds durable."""
+        """Make the newest state any rank holds durable (the run is ending, finished or not).
+
+        Every decision here comes from values all ranks agreed on, so all take the same branch.
+        """
+        with self.collective():
+            self.checkpointer.settle(ctx.process_group, ctx.world_size)
         with self.collective():
             agreed = peer_sync.agree(self.snapshot.step, self.latest_durable_step(), ctx.process_group,
                                      ctx._comm_device)
