@@ -59,7 +59,8 @@ def ensure_ray(address: str | None, run: RunConfig) -> None:
     # A local cluster gets enough logical CPUs for the largest group (and spares): the point of a
     # laptop run is to exercise the real thing, not to refuse it.
     cpus = max(os.cpu_count() or 1, int((sc.max_workers + sc.spares) * sc.cpus_per_worker + 0.999))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
+    # address="local": always a fresh embedded cluster, never silently another one found on this host.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
 
 

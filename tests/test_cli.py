@@ -61,6 +61,7 @@ def test_unplaceable_min_workers_names_resources(tmp_path):
     assert_one_line_error(p, 2, "min_workers=64", "CPU")
 
 
+@pytest.mark.timeout(300)
 def test_run_resume_and_a_checkpoint_from_another_model(tmp_path):
     uri = str(tmp_path / "run")
     p = elastic_cli("run", f"{JOBS}:train", "--min-workers", "2", "--checkpoint-uri", uri, "--every-n-steps", "5",

@@ -65,6 +65,7 @@ class FakeGroup:
         self.die_at: dict[int, int] = {}  # wid -> step at which it dies
         self.starts: list[tuple[int, int, int]] = []  # (wid, generation, rank)
         self.draining: set[str] = set()
+        self.events: dict[int, list[dict]] = {}
 
     def request(self, n: int) -> list[int]:
         ids = list(range(self._next, self._next + n))
@@ -92,6 +93,8 @@ class FakeGroup:
             self.gen[wid] = a.generation
             self.state[wid] = "running"
             self.step[wid] = self.global_step
+            self.events[wid] = [{"event": "restored", "step": self.global_step, "generation": a.generation,
+                                 "source": "memory", "time": 0.0}]
         return []
 
     def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | str]:
@@ -120,7 +123,7 @@ class FakeGroup:
                             self.state[p] = "parked"
                 elif self.step[w] >= self.steps:
                     self.state[w] = "finished"
-            events = []
+            events = self.events.pop(w, [])
             out[w] = WorkerPoll(state=self.state[w], generation=self.gen[w], step=self.step[w], progress_age_s=0.0,
                                 waiting_in_collective_s=None, metrics={"loss": 1.0}, events=events,
                                 preempted=w in self.preempted)
@@ -198,6 +201,17 @@ def test_worker_death_keeps_survivor_and_replaces_at_same_size():
     assert gen1[0] == (0, 0) and len(gen1) == 2 and gen1[1][0] not in (0, 1)  # survivor keeps rank 0
     failed = [e for e in events.events if e["event"] == "worker_failed"]
     assert [e["worker"] for e in failed] == [1] and failed[0]["pid"] == 10_001
+    assert [r["failure"] for r in ctl.recoveries] == [True] and ctl.recoveries[0]["world_size"] == 2
+
+
+def test_cascading_failures_each_get_a_recovery_record():
+    g = FakeGroup(capacity=4, steps=30)
+    g.die_at = {1: 5, 2: 5}  # the replacement (worker 2) dies as soon as it joins
+    ctl, events, _ = make(g)
+    run_states(ctl)
+    assert ctl.failures == 2
+    assert len(ctl.recoveries) == 2 and all(r["failure"] for r in ctl.recoveries)
+    assert events.names().count("recovered") == 2
 
 
 def test_death_without_room_shrinks_then_grows_back():

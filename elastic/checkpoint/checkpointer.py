@@ -218,9 +218,13 @@ class Checkpointer:
                                                 job.rank),  # fmt: skip
                     op="write shard", uri=cs.step_uri(job.step),
                 )  # fmt: skip
-            except Exception as exc:  # noqa: BLE001 - publish the failure so rank 0 stops waiting
-                commit.publish(store, job.save_id, f"rank{job.rank}", {"ok": False,
-                               "error": retry.redact(f"{type(exc).__name__}: {exc}")})  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - publish the failure so no rank keeps waiting
+                reason = retry.redact(f"{type(exc).__name__}: {exc}")
+                commit.publish(store, job.save_id, f"rank{job.rank}", {"ok": False, "error": reason})
+                if job.rank == COORDINATOR:
+                    # The other ranks wait for a verdict that only the coordinator gives.
+                    commit.publish(store, job.save_id, "verdict",
+                                   {"committed": False, "reason": f"rank0 failed to write: {reason}"})
                 raise
             commit.publish(store, job.save_id, f"rank{job.rank}", {
                 "ok": True,

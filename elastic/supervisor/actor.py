@@ -8,6 +8,7 @@ worker outlives its supervisor by more than Ray's owner-death detection.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import timedelta
 from typing import Any, Callable
@@ -46,7 +47,8 @@ class SupervisorActor:
         removed = store.clean_partial()
         latest = store.latest()
         sc = self.run_config.scaling
-        self.events.emit("run_started", name=self.run_config.name, uri=self.uri, min_workers=sc.min_workers,
+        self.events.emit("run_started", name=self.run_config.name, uri=self.uri, supervisor_pid=os.getpid(),
+                         supervisor_node_id=ray.get_runtime_context().get_node_id(), min_workers=sc.min_workers,
                          max_workers=sc.max_workers, resume_from_step=latest.step if latest else None,
                          cleaned_partial=removed)
         try:

@@ -68,7 +68,9 @@ class Controller:
         self.recoveries: list[dict[str, Any]] = []
         self.progress = Progress()
         self.last_error: str | None = None
-        self._incident: _Incident | None = None
+        # Open incidents: a failure during a recovery opens a second one; each is closed (and gets
+        # its own recovered/resized record) when the group first steps past the restored state.
+        self._incidents: list[_Incident] = []
         self._joined: set[int] = set()
         self._rate_mark: tuple[float, int] | None = None
         self._next_grow_check = 0.0
@@ -346,8 +348,8 @@ class Controller:
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _start_incident(self, reason: str, *, is_failure: bool) -> None:
-        self._incident = _Incident(reason=reason, since=self.clock(), step_before=self.progress.step,
-                                   is_failure=is_failure)
+        self._incidents.append(_Incident(reason=reason, since=self.clock(), step_before=self.progress.step,
+                                         is_failure=is_failure))
 
     def _absorb(self, polls: dict[int, WorkerPoll | str]) -> None:
         rank_of = {w: r for r, w in enumerate(self.members)}
@@ -360,8 +362,9 @@ class Controller:
             for ev in poll.events:
                 ev = {**ev, "worker": wid, "rank": rank_of.get(wid), "pid": info.pid if info else None}
                 self.events.record(ev)
-                if ev["event"] == "restored" and self._incident is not None:
-                    self._incident.restored_step = ev.get("step")
+                if ev["event"] == "restored" and ev.get("generation") == self.generation:
+                    for inc in self._incidents:
+                        inc.restored_step = ev.get("step")
             if poll.generation == self.generation and poll.state in ("running", "finished"):
                 steps.append(poll.step)
             if rank_of.get(wid) == 0 and poll.metrics:
@@ -379,19 +382,19 @@ class Controller:
             t0, s0 = self._rate_mark
             self.progress.steps_per_s = (step - s0) / (now - t0)
             self._rate_mark = (now, step)
-        inc = self._incident
-        if inc is not None and inc.restored_step is not None and step > inc.restored_step:
-            seconds = now - inc.since
-            lost = max(0, inc.step_before - inc.restored_step)
-            rec = {"reason": inc.reason, "seconds": round(seconds, 4), "lost_steps": lost,
-                   "generation": self.generation, "world_size": len(self.members), "failure": inc.is_failure}
+        done = [i for i in self._incidents if i.restored_step is not None and step > i.restored_step]
+        for inc in done:
+            assert inc.restored_step is not None
+            rec = {"reason": inc.reason, "seconds": round(now - inc.since, 4),
+                   "lost_steps": max(0, inc.step_before - inc.restored_step), "generation": self.generation,
+                   "world_size": len(self.members), "failure": inc.is_failure}
             self.recoveries.append(rec)
-            self.progress.recoveries = len(self.recoveries)
             self.events.emit("recovered" if inc.is_failure else "resized", **rec)
-            self._incident = None
             if inc.is_failure:
                 self.consecutive_failures = 0
-        self.progress.step = max(self.progress.step, step) if inc is None else step
+        self._incidents = [i for i in self._incidents if i not in done]
+        self.progress.recoveries = len(self.recoveries)
+        self.progress.step = step if self._incidents or done else max(self.progress.step, step)
 
     def _describe_loss(self, h: policy.Health) -> str:
         parts = []

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from elastic.checkpoint import Checkpointer, CheckpointStore
 from elastic.config import RunConfig
-from elastic.errors import ElasticError, WorkerGroupError
+from elastic.errors import CheckpointCorruptError, CheckpointMismatchError, ElasticError, WorkerGroupError
 from elastic.train_state import TrainState
 from elastic.worker import context as ctx_mod
 from elastic.worker import peer_sync
@@ -41,6 +41,14 @@ def _looks_like_group_failure(exc: BaseException) -> bool:
     text = str(exc)
     return any(s in text for s in ("Connection closed by peer", "Connection reset", "Timed out", "timed out",
                                    "Broken pipe", "Socket", "gloo", "NCCL", "connectFullMesh", "Connection refused"))
+
+
+def _is_fatal(exc: BaseException) -> bool:
+    """Errors a restart cannot fix: bad input, a checkpoint from another model, no checkpoint
+    that verifies. Restarting on them would only burn the failure budget."""
+    if isinstance(exc, (CheckpointMismatchError, CheckpointCorruptError)):
+        return True
+    return isinstance(exc, ElasticError) and exc.exit_code == 2
 
 
 class WorkerRuntime:
@@ -186,7 +194,7 @@ class WorkerRuntime:
         except ctx_mod.PauseRequested:
             outcome = "parked"
         except BaseException as exc:  # noqa: BLE001 - everything must be reported, nothing may escape
-            if isinstance(exc, ElasticError) and exc.exit_code == 2:
+            if _is_fatal(exc):
                 self.error, self.fatal = f"{type(exc).__name__}: {exc}", True
             elif self.clock.broken or _looks_like_group_failure(exc):
                 outcome = "parked"
