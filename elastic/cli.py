@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--step", type=int, default=None)
     p.set_defaults(func=lambda a: _storage_cmd("cmd_export", a.uri, a.out, step=a.step))
+    sub.add_parser("chaos", help="inject faults into a live run at random (elastic chaos URI --help)",
+                   add_help=False)
     p = sub.add_parser("events", help="show a run's event log")
     p.add_argument("uri")
     p.add_argument("--json", action="store_true")
@@ -180,6 +182,11 @@ def _storage_cmd(name: str, *args: Any, **kwargs: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chaos"]:
+        from elastic.chaos import tool
+
+        return tool.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
