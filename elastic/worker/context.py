@@ -60,6 +60,7 @@ class WorkerContext:
         self.process_group = pg
         self._rt = runtime
         self._ddp: DistributedDataParallel | None = None
+        self._pending_vote: tuple[Any, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
         return (f"WorkerContext(rank={self.rank}, world_size={self.world_size}, "
@@ -120,19 +121,41 @@ class WorkerContext:
         state.step += 1
         sd = state.state_dict()
         rt.snapshot.capture(sd, state.step)
-        flags = torch.tensor([int(rt.pause_requested), int(rt.preempt_requested)], dtype=torch.int64,
-                             device=self._comm_device)
-        with rt.collective():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
-        pause, preempt = (bool(v) for v in flags.tolist())
+        pause, preempt = self._vote(rt.pause_requested, rt.preempt_requested)
         if rt.checkpoint_due(state.step) or preempt:
             rt.save_checkpoint(sd, state.step, self, wait=preempt)
         rt.on_step(state.step, metrics)
         reseed(rt.seed, state.step, self.rank)
+        if preempt or pause:
+            self._drain_vote()  # every rank launched it at this same boundary
         if preempt:
             raise PauseRequested("preemption notice: checkpoint committed, leaving the group")
         if pause:
             raise PauseRequested("membership change at a step boundary")
+
+    def _vote(self, pause: bool, preempt: bool) -> tuple[bool, bool]:
+        """Agree on pausing: returns the vote launched at the previous commit and launches this
+        one asynchronously, so the tiny allreduce overlaps the next step instead of stalling this
+        one. Every rank acts on the same reduced values at the same step boundary."""
+        rt = self._rt
+        agreed = (False, False)
+        if self._pending_vote is not None:
+            work, buf = self._pending_vote
+            with rt.collective():
+                work.wait()
+            agreed = (bool(buf[0]), bool(buf[1]))
+        buf = torch.tensor([int(pause), int(preempt)], dtype=torch.int64, device=self._comm_device)
+        work = dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.process_group, async_op=True)
+        self._pending_vote = (work, buf)
+        return agreed
+
+    def _drain_vote(self) -> None:
+        """Complete the vote in flight before anything else uses (or destroys) the group."""
+        if self._pending_vote is not None:
+            work, _ = self._pending_vote
+            self._pending_vote = None
+            with self._rt.collective():
+                work.wait()
 
     def report(self, metrics: dict[str, float]) -> None:
         """Publish metrics without ending a step (e.g. a final evaluation)."""
@@ -145,3 +168,4 @@ class WorkerContext:
     def _release(self) -> None:
         # The DDP wrapper holds the process group: drop it before the group is destroyed.
         self._ddp = None
+        self._pending_vote = None

@@ -215,6 +215,7 @@ class WorkerRuntime:
 
     def _finish(self, ctx: "ctx_mod.WorkerContext") -> None:
         """The function returned: the newest committed state must be durable before we report."""
+        ctx._drain_vote()
         self._save_newest(ctx)
 
     def _save_newest(self, ctx: "ctx_mod.WorkerContext") -> None:
