@@ -23,6 +23,7 @@ class WorkerActor:
             signal.signal(signal.SIGTERM, lambda *_: self._rt.request_preempt())
         except ValueError:
             pass
+        _warm_up()
 
     def info(self) -> WorkerInfo:
         ctx = ray.get_runtime_context()
@@ -39,6 +40,23 @@ class WorkerActor:
 
     def request_preempt(self) -> None:
         self._rt.request_preempt()
+
+
+def _warm_up() -> None:
+    """Pay torch's first-use costs (thread pools, autograd, optimizer, gloo, DCP imports) now, while
+    this actor is a spare or not yet needed, rather than inside a recovery."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint  # noqa: F401 - imported for its cost
+    from torch.nn.parallel import DistributedDataParallel  # noqa: F401
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    store = dist.HashStore()
+    pg = dist.ProcessGroupGloo(store, 0, 1)
+    pg.allreduce([torch.zeros(1)]).wait()
 
 
 RemoteWorker = ray.remote(WorkerActor)
