@@ -65,6 +65,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-workers", type=int, default=1)
     p.add_argument("--max-workers", type=int, default=None)
     p.add_argument("--spares", type=int, default=0)
+    p.add_argument("--replacement", choices=["wait", "continue"], default="wait",
+                   help="after a failure without a spare: wait for a replacement (same world size) or "
+                        "continue with the survivors and grow back later")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--placement-timeout", type=float, default=60.0, help="seconds to wait for min workers")
@@ -89,7 +92,8 @@ def _trainer_from_args(args: argparse.Namespace, fn: Callable, entry: str) -> An
         fn,
         train_loop_config=parse_config_pairs(args.config),
         scaling=ScalingConfig(min_workers=args.min_workers, max_workers=args.max_workers, spares=args.spares,
-                              cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                              replacement=args.replacement, cpus_per_worker=args.cpus_per_worker,
+                              gpus_per_worker=args.gpus_per_worker,
                               placement_timeout_s=args.placement_timeout),
         checkpoint=CheckpointConfig(uri=args.checkpoint_uri, every_n_steps=args.every_n_steps,
                                     keep_last=args.keep_last, async_save=not args.sync_checkpoints),

@@ -33,6 +33,11 @@ class ScalingConfig:
     """How long to wait for the cluster to place min_workers before giving up."""
     grow_interval_s: float = 2.0
     """How often a run below max_workers checks whether the cluster gained room."""
+    replacement: Literal["wait", "continue"] = "wait"
+    """After a failure, with no warm spare: "wait" for a cold replacement (~2-3 s) and keep the
+    world size (results stay bitwise equal to a failure-free run); "continue" at once with the
+    survivors (if >= min_workers) and grow back when the replacement is ready (fastest recovery;
+    results then match only up to float summation order)."""
 
     def __post_init__(self) -> None:
         if self.max_workers is None:
@@ -49,6 +54,7 @@ class ScalingConfig:
         _require(self.spares >= 0, f"spares must be >= 0, got {self.spares}")
         _require(self.placement_timeout_s > 0, "placement_timeout_s must be > 0")
         _require(self.grow_interval_s > 0, "grow_interval_s must be > 0")
+        _require(self.replacement in ("wait", "continue"), "replacement must be 'wait' or 'continue'")
 
     @property
     def resources_per_worker(self) -> dict[str, float]:

@@ -36,12 +36,15 @@ import bench_common as bc  # noqa: E402
 TARGETS = {"recovery_no_spare_s": 2.0, "recovery_spare_s": 1.0, "lost_steps": 1, "join_pause_s": 1.0}
 
 
-def fit(config: dict, *, workers: int, max_workers: int, spares: int, every: int) -> Any:
+def fit(config: dict, *, workers: int, max_workers: int, spares: int, every: int, replacement: str = "wait") -> Any:
     import elastic
 
+    # "continue" needs room to shrink: the survivors go on alone until the replacement is ready.
+    min_workers = workers - 1 if replacement == "continue" else workers
     return elastic.ElasticTrainer(
         bc.elastic_train, train_loop_config=config, name="bench",
-        scaling=elastic.ScalingConfig(min_workers=workers, max_workers=max_workers, spares=spares),
+        scaling=elastic.ScalingConfig(min_workers=min_workers, max_workers=max_workers, spares=spares,
+                                      replacement=replacement, grow_interval_s=0.5),
         checkpoint=elastic.CheckpointConfig(uri=os.path.join(config["run_dir"], "ckpt"), every_n_steps=every),
         failure=elastic.FailureConfig(max_failures=20)).fit(quiet=True)
 
@@ -63,7 +66,8 @@ def breakdown(events: list[dict], rec: bc.Recovery, kill_pid: int) -> dict[str, 
                             and e.get("generation") == gen and e.get("rank") == 0), None)}
 
 
-def kill_runs(workers: int, spares: int, kills: int, per_run: int, gap: int, every: int, root: str) -> list[dict]:
+def kill_runs(workers: int, spares: int, kills: int, per_run: int, gap: int, every: int, root: str,
+              replacement: str = "wait") -> list[dict]:
     out: list[dict] = []
     run = 0
     while len(out) < kills:
@@ -75,12 +79,13 @@ def kill_runs(workers: int, spares: int, kills: int, per_run: int, gap: int, eve
         cfg = {"steps": first + (n - 1) * gap + 40, "every": every, "run_dir": run_dir, "marker_dir": marker_dir,
                "faults": faults}
         t0 = time.time()
-        result = fit(cfg, workers=workers, max_workers=workers, spares=spares, every=every)
+        result = fit(cfg, workers=workers, max_workers=workers, spares=spares, every=every, replacement=replacement)
         a = bc.analyze_run(run_dir, marker_dir)
         kills_by_time = {round(k[2], 6): k[1] for k in bc.read_kills(marker_dir)}
         for rec in a.recoveries:
             pid = kills_by_time.get(round(rec.kill_time, 6), -1)
-            out.append({"workers": workers, "spares": spares, "run": run, "kill_step": rec.kill_step,
+            out.append({"workers": workers, "spares": spares, "replacement": replacement, "run": run,
+                        "kill_step": rec.kill_step,
                         "recovery_s": rec.seconds, "lost_steps": rec.lost_steps,
                         **breakdown(result.events, rec, pid),
                         "supervisor_recovered_s": None, "step_s": bc.med(a.step_times)})
@@ -88,7 +93,7 @@ def kill_runs(workers: int, spares: int, kills: int, per_run: int, gap: int, eve
         for o, e in zip(out[-len(a.recoveries):] if a.recoveries else [], sup):
             o["supervisor_recovered_s"] = e["seconds"]
             o["supervisor_lost_steps"] = e["lost_steps"]
-        print(f"  w={workers} spares={spares} run {run}: {len(a.recoveries)}/{n} kills measured, "
+        print(f"  w={workers} spares={spares} {replacement} run {run}: {len(a.recoveries)}/{n} kills measured, "
               f"{result.steps} steps in {time.time() - t0:.1f}s, "
               + ", ".join(f"{r.seconds:.2f}s" for r in a.recoveries), flush=True)
         run += 1
@@ -151,6 +156,8 @@ def main() -> None:
     ap.add_argument("--gap", type=int, default=300, help="steps between kills in one run (lets a new spare warm up)")
     ap.add_argument("--every", type=int, default=20, help="checkpoint interval (steps)")
     ap.add_argument("--joins", type=int, default=1)
+    ap.add_argument("--continue-mode", action="store_true",
+                    help="also measure replacement='continue' without spares (survivors go on, grow back later)")
     ap.add_argument("--out", default="bench_out/recovery.json")
     ap.add_argument("--keep", action="store_true", help="keep run directories")
     args = ap.parse_args()
@@ -165,8 +172,8 @@ def main() -> None:
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         try:
             for w in args.workers:
-                for s in args.spares:
-                    kills += kill_runs(w, s, args.kills, args.kills_per_run, args.gap, args.every, root)
+                for s, mode in configs(args):
+                    kills += kill_runs(w, s, args.kills, args.kills_per_run, args.gap, args.every, root, mode)
         finally:
             ray.shutdown()
     joins = join_runs(args.joins, args.every, root) if args.joins else []
@@ -175,21 +182,26 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def configs(args: argparse.Namespace) -> list[tuple[int, str]]:
+    out = [(s, "wait") for s in args.spares]
+    return out + [(0, "continue")] if args.continue_mode else out
+
+
 def report(kills: list[dict], joins: list[dict], args: argparse.Namespace, before: dict) -> None:
     print(f"\nRecovery after SIGKILL (median (min–max) seconds; {args.kills} kills per row)")
     rows = []
     verdicts: dict[str, Any] = {}
     for w in args.workers:
-        for s in args.spares:
-            ks = [k for k in kills if k["workers"] == w and k["spares"] == s]
+        for s, mode in configs(args):
+            ks = [k for k in kills if k["workers"] == w and k["spares"] == s and k.get("replacement", "wait") == mode]
             col = lambda key: [k[key] for k in ks if k.get(key) is not None]  # noqa: E731
             target = TARGETS["recovery_spare_s" if s else "recovery_no_spare_s"]
             m = bc.med(col("recovery_s"))
             ok = None if m is None else m <= target
             lost_ok = None if not ks else max(col("lost_steps")) <= TARGETS["lost_steps"]
-            verdicts[f"w{w}_spares{s}"] = {"recovery_median_s": m, "target_s": target, "ok": ok,
+            verdicts[f"w{w}_spares{s}_{mode}"] = {"recovery_median_s": m, "target_s": target, "ok": ok,
                                            "lost_max": max(col("lost_steps"), default=None), "lost_ok": lost_ok}
-            rows.append([w, s, len(ks), bc.spread(col("recovery_s")), f"{check(ok)} ≤{target:g}",
+            rows.append([w, s if mode == "wait" else "0 (continue)", len(ks), bc.spread(col("recovery_s")), f"{check(ok)} ≤{target:g}",
                          bc.spread(col("detect")), bc.spread(col("rebuild")), bc.spread(col("transfer")),
                          bc.spread(col("first")), bc.spread(col("lost_steps"), "{:.0f}"), check(lost_ok),
                          bc.spread(col("supervisor_recovered_s")), bc.spread(col("step_s"), "{:.4f}")])

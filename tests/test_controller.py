@@ -316,3 +316,26 @@ def test_draining_node_is_a_graceful_leave():
     assert "node_draining" in events.names() and "worker_left" in events.names()
     assert StateType.RESTARTING not in seen and ctl.failures == 0
     assert 1 in g.killed and len(ctl.members) == 2
+
+
+def test_replacement_continue_goes_on_with_survivors_then_grows_back():
+    g = FakeGroup(capacity=3, steps=60)
+    g.die_at = {1: 4}
+    clock = FakeClock()
+    events = Events()
+    run = RunConfig(scaling=ScalingConfig(min_workers=1, max_workers=2, replacement="continue", placement_timeout_s=5,
+                                          grow_interval_s=0.5),
+                    failure=FailureConfig(max_failures=3, poll_timeout_s=1, collective_timeout_s=2))
+    ctl = Controller(run, g, events, ("127.0.0.1", 1), clock=clock, sleep=clock.sleep)
+    g.capacity = 2  # the replacement cannot be placed yet...
+    run_states(ctl)
+    sizes = [e["world_size"] for e in events.events if e["event"] == "group_built"]
+    assert sizes[:2] == [2, 1]  # ...so the survivor went on alone at once
+    g2 = FakeGroup(capacity=3, steps=60)
+    g2.die_at = {1: 4}
+    clock2, events2 = FakeClock(), Events()
+    ctl2 = Controller(run, g2, events2, ("127.0.0.1", 1), clock=clock2, sleep=clock2.sleep)
+    run_states(ctl2)
+    sizes2 = [e["world_size"] for e in events2.events if e["event"] == "group_built"]
+    assert sizes2[1] == 1 and sizes2[-1] == 2  # continued alone, then grew back when room appeared
+    assert "resized" in events2.names() and ctl2.failures == 1

@@ -240,6 +240,9 @@ class Controller:
         deadline = self.clock() + sc.placement_timeout_s
         no_room_since: float | None = None
         while len(members) < sc.max_workers and self.clock() < deadline:
+            if sc.replacement == "continue" and len(members) >= sc.min_workers:
+                self._top_up()  # the replacement joins later, through a resize
+                break
             self._top_up()
             self.group.refresh()
             members += self._newcomers(limit=sc.max_workers - len(members), exclude=members)
