@@ -1,0 +1,74 @@
+"""A small, deterministic, fault-injectable training job: the reference job of the test and chaos
+suites, and a safe target for practising failures with `elastic chaos`:
+
+    elastic run "$(python -c 'import elastic.chaos.job as j; print(j.__file__)')":train \\
+        --min-workers 2 --checkpoint-uri /tmp/runs/practice --config steps=5000 --config step_sleep=0.05
+
+config: steps, lr, width, dropout, global_batch, step_sleep, faults [{kind, step, rank}] (faults a
+rank inflicts on itself, see faults.py), trips [step] (the first rank to reach each step creates
+`trip-step{s}` in marker_dir, for external faults to wait on), marker_dir.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import elastic
+from elastic.chaos.faults import maybe_inject, parse_faults
+
+N_SAMPLES = 512
+IN_DIM = 16
+
+
+def make_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N_SAMPLES, IN_DIM, generator=g)
+    w = torch.randn(IN_DIM, 4, generator=g)
+    return x, (x @ w).argmax(1)
+
+
+def make_model(width: int = 32, dropout: float = 0.1) -> nn.Module:
+    return nn.Sequential(nn.Linear(IN_DIM, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, width),
+                         nn.ReLU(), nn.Linear(width, 4))
+
+
+def _trip(marker_dir: str, step: int) -> None:
+    try:
+        fd = os.open(os.path.join(marker_dir, f"trip-step{step}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"{os.getpid()} {time.time()}\n".encode())
+    os.close(fd)
+
+
+def train(config: dict) -> None:
+    torch.set_num_threads(1)
+    ctx = elastic.get_context()
+    x, y = make_data()
+    model = make_model(config.get("width", 32), config.get("dropout", 0.1))
+    opt = torch.optim.SGD(model.parameters(), lr=config.get("lr", 0.05), momentum=0.9)
+    state = elastic.TrainState(model=model, optimizer=opt)
+    ctx.restore(state)
+    ddp = ctx.prepare_model(model)
+    sampler = elastic.ElasticSampler(num_samples=N_SAMPLES, global_batch_size=config.get("global_batch", 48), seed=3)
+    faults = parse_faults(config.get("faults", []))
+    trips = set(config.get("trips", []))
+    marker_dir = config.get("marker_dir", "/tmp")
+    step_sleep = config.get("step_sleep", 0.0)
+    while state.step < config["steps"]:
+        if state.step in trips:
+            _trip(marker_dir, state.step)
+        maybe_inject(faults, step=state.step, rank=ctx.rank, marker_dir=marker_dir)
+        idx = sampler.indices(step=state.step, rank=ctx.rank, world_size=ctx.world_size)
+        loss = F.cross_entropy(ddp(x[idx]), y[idx], reduction="sum") * sampler.loss_scale(ctx.world_size)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step_sleep:
+            time.sleep(step_sleep)
+        ctx.commit(state, metrics={"loss": loss.item() / ctx.world_size})
