@@ -78,6 +78,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failures", type=int, default=3)
     p.add_argument("--collective-timeout", type=float, default=30.0)
     p.add_argument("--hang-timeout", type=float, default=300.0)
+    p.add_argument("--snapshot-every", type=int, default=1,
+                   help="steps between in-memory snapshots (= most steps lost per failure)")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None)
@@ -98,7 +100,7 @@ def _trainer_from_args(args: argparse.Namespace, fn: Callable, entry: str) -> An
         checkpoint=CheckpointConfig(uri=args.checkpoint_uri, every_n_steps=args.every_n_steps,
                                     keep_last=args.keep_last, async_save=not args.sync_checkpoints),
         failure=FailureConfig(max_failures=args.max_failures, collective_timeout_s=args.collective_timeout,
-                              hang_timeout_s=args.hang_timeout),
+                              hang_timeout_s=args.hang_timeout, snapshot_every_n_steps=args.snapshot_every),
         name=args.name or Path(entry.rsplit(":", 1)[0]).stem,
         seed=args.seed,
         address=args.address,

@@ -104,6 +104,10 @@ class FailureConfig:
     """Upper bound on the recovery back-off."""
     below_min_wait_s: float = 60.0
     """How long to wait for capacity when fewer than min_workers survive before failing."""
+    snapshot_every_n_steps: int = 1
+    """Copy the committed state into host memory every this many steps. A survivor hands the
+    newest copy to newcomers, so at most this many steps are lost per failure; the copy costs about
+    one memcpy of the model and optimizer state per snapshot."""
 
     def __post_init__(self) -> None:
         _require(self.max_failures >= -1, "max_failures must be >= -1 (-1: unlimited)")
@@ -113,6 +117,7 @@ class FailureConfig:
         _require(self.backoff_base_s >= 0, "backoff_base_s must be >= 0")
         _require(self.backoff_max_s >= self.backoff_base_s, "backoff_max_s must be >= backoff_base_s")
         _require(self.below_min_wait_s >= 0, "below_min_wait_s must be >= 0")
+        _require(self.snapshot_every_n_steps >= 1, "snapshot_every_n_steps must be >= 1")
 
     def failures_left(self, used: int) -> bool:
         return self.max_failures < 0 or used <= self.max_failures

@@ -116,6 +116,8 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     if first_async is not None:
         rows["elastic async (first save)"] = [first_async]
+    floor = memcpy_floor(state)
+    inflation = step_inflation(state, root_parent=args.dir)
     base = statistics.median(s for s, _ in rows["torch.save + fsync"])
     print(f"state: {size / 1e6:.0f} MB in {len(state['model']) * 4} tensors; "
           f"medians of {args.repeats} (first async save: 1 run)")  # fmt: skip
@@ -125,6 +127,63 @@ def main() -> None:
         durable = statistics.median(v[1] for v in vals)
         print(f"{name:34} {stall:8.3f} {durable:10.3f} {size / 1e6 / durable:8.0f} "
               f"{stall / base:19.2f}x")  # fmt: skip
+    raw = statistics.median(v[1] for v in rows["raw write + fsync"])
+    asy = rows.get("elastic async (reused buffers)")
+    if asy:
+        stall = statistics.median(v[0] for v in asy)
+        durable = statistics.median(v[1] for v in asy)
+        print(f"\nmemcpy floor (copy into reused buffers): {floor:.4f} s; async stall / floor = {stall / floor:.2f} "
+              f"(target <= 3); torch.save / async stall = {base / stall:.1f}x (target >= 5)")
+        print(f"async write throughput / raw write = {raw / durable:.2f} (target >= 0.8)")
+    print(f"step time while a save is writing / idle step time = {inflation:.3f} (target <= 1.10)")
+
+
+def memcpy_floor(state: dict[str, Any], repeats: int = 5) -> float:
+    tensors = [t for t in _leaves(state)]
+    bufs = [torch.empty_like(t) for t in tensors]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for b, t in zip(bufs, tensors):
+            b.copy_(t)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _leaves(d: Any) -> list[torch.Tensor]:
+    if isinstance(d, torch.Tensor):
+        return [d]
+    if isinstance(d, dict):
+        return [t for v in d.values() for t in _leaves(v)]
+    return []
+
+
+def step_inflation(state: dict[str, Any], root_parent: str | None) -> float:
+    """Median time of a ~20 ms single-threaded compute step while an async save of `state` writes,
+    over the median idle step time (the background write must not starve the loop of the GIL)."""
+    torch.set_num_threads(1)
+    a, b = torch.randn(384, 384), torch.randn(384, 384)
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        for _ in range(8):
+            (a @ b).relu_()
+        return time.perf_counter() - t0
+
+    idle = statistics.median(step() for _ in range(40))
+    root = tempfile.mkdtemp(prefix="bench_ckpt_infl_", dir=root_parent)
+    busy: list[float] = []
+    try:
+        ck = Checkpointer(os.path.join(root, "run"), async_save=True, keep_last=1)
+        for r in range(3):
+            ck.save(state, step=r + 1, rank=0, world_size=1, pg=None, store=None)
+            job = ck._pending
+            while job is not None and not job.done.is_set():
+                busy.append(step())
+            ck.wait(timeout_s=600)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return statistics.median(busy) / idle if busy else float("nan")
 
 
 if __name__ == "__main__":

@@ -102,3 +102,14 @@ def test_sigterm_is_a_graceful_leave_not_a_failure(ray_local, tmp_path):
     paused_at = [e["step"] for e in r.events if e["event"] == "restored" and e["generation"] == 1]
     assert paused_at and 14 < paused_at[0] <= 18 and paused_at[0] in commits
     assert not any(e["event"] == "worker_failed" for e in r.events)
+
+
+def test_sparser_snapshots_lose_at_most_that_many_steps(reference, tmp_path):
+    r = _fit(tmp_path / "run", 2, faults=[{"kind": "sigkill", "step": 17, "rank": 1}], marker_dir=tmp_path,
+             snapshot_every_n_steps=5)
+    assert r.ok, r.error
+    restored = [e for e in r.events if e["event"] == "restored" and e["generation"] == 1]
+    assert restored and all(e["step"] == 15 for e in restored)  # the newest snapshot, not step 17
+    rec = [e for e in r.events if e["event"] == "recovered"]
+    assert 1 <= rec[0]["lost_steps"] <= 5
+    assert_models_equal(reference[2], final_model(str(tmp_path / "run")))  # replayed steps are exact

@@ -48,6 +48,7 @@ class _Incident:
     step_before: int
     is_failure: bool
     restored_step: int | None = None
+    lost_steps: int = 0  # as the restoring ranks measured it (the supervisor's view lags a poll)
 
 
 class Controller:
@@ -368,6 +369,7 @@ class Controller:
                 if ev["event"] == "restored" and ev.get("generation") == self.generation:
                     for inc in self._incidents:
                         inc.restored_step = ev.get("step")
+                        inc.lost_steps = max(inc.lost_steps, int(ev.get("lost_steps") or 0))
             if poll.generation == self.generation and poll.state in ("running", "finished"):
                 steps.append(poll.step)
             if rank_of.get(wid) == 0 and poll.metrics:
@@ -389,7 +391,8 @@ class Controller:
         for inc in done:
             assert inc.restored_step is not None
             rec = {"reason": inc.reason, "seconds": round(now - inc.since, 4),
-                   "lost_steps": max(0, inc.step_before - inc.restored_step), "generation": self.generation,
+                   "lost_steps": max(inc.lost_steps, inc.step_before - inc.restored_step),
+                   "generation": self.generation,
                    "world_size": len(self.members), "failure": inc.is_failure}
             self.recoveries.append(rec)
             self.events.emit("recovered" if inc.is_failure else "resized", **rec)

@@ -80,7 +80,7 @@ class WorkerContext:
         rt = self._rt
         with rt.collective():
             agreed = peer_sync.agree(rt.snapshot.step, rt.latest_durable_step(), self.process_group,
-                                     self._comm_device)
+                                     self._comm_device, last_committed=rt.step)
         durable = agreed.durable
         source = "fresh"
         if agreed.peers_are_freshest:
@@ -96,7 +96,7 @@ class WorkerContext:
             source = f"checkpoint:{info.step}"
         if source != "fresh":
             rt.snapshot.capture(state.state_dict(), state.step)
-        rt.on_restored(state, source)
+        rt.on_restored(state, source, lost_steps=max(0, agreed.last_committed - state.step))
         reseed(rt.seed, state.step, self.rank)
         return source != "fresh"
 
@@ -119,11 +119,16 @@ class WorkerContext:
         """End a step: step += 1; remember the state; checkpoint when due; apply agreed pauses."""
         rt = self._rt
         state.step += 1
-        sd = state.state_dict()
-        rt.snapshot.capture(sd, state.step)
         pause, preempt = self._vote(rt.pause_requested, rt.preempt_requested)
-        if rt.checkpoint_due(state.step) or preempt:
-            rt.save_checkpoint(sd, state.step, self, wait=preempt)
+        # Leaving the group (pause, preemption) always snapshots: the next group restores from it.
+        snapshot = preempt or pause or state.step % rt.run.failure.snapshot_every_n_steps == 0
+        save = rt.checkpoint_due(state.step) or preempt
+        if snapshot or save:
+            sd = state.state_dict()
+            if snapshot:
+                rt.snapshot.capture(sd, state.step)
+            if save:
+                rt.save_checkpoint(sd, state.step, self, wait=preempt)
         rt.on_step(state.step, metrics)
         reseed(rt.seed, state.step, self.rank)
         if preempt or pause:

@@ -39,13 +39,19 @@ def make_hook(pg: dist.ProcessGroup, clock: CollectiveClock) -> Callable:
         buffer = bucket.buffer()
         buffer.div_(world)
         clock.enter()
-        futures = []
-        offset = 0
-        for param in bucket.parameters():
-            n = param.numel()
-            work = dist.all_reduce(buffer[offset : offset + n], group=pg, async_op=True)
-            futures.append(work.get_future())
-            offset += n
+        if world <= 2:
+            # Adding two floats is commutative: any layout gives the same bits, so one collective
+            # for the whole bucket (what DDP does by default) is exact and cheaper.
+            pending = dist.all_reduce(buffer, group=pg, async_op=True).get_future()
+        else:
+            futures = []
+            offset = 0
+            for param in bucket.parameters():
+                n = param.numel()
+                work = dist.all_reduce(buffer[offset : offset + n], group=pg, async_op=True)
+                futures.append(work.get_future())
+                offset += n
+            pending = torch.futures.collect_all(futures)
 
         def done(all_done: torch.futures.Future) -> torch.Tensor:
             clock.leave()
@@ -58,6 +64,6 @@ def make_hook(pg: dist.ProcessGroup, clock: CollectiveClock) -> Callable:
                 raise
             return buffer
 
-        return torch.futures.collect_all(futures).then(done)
+        return pending.then(done)
 
     return hook

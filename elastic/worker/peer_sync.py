@@ -24,6 +24,9 @@ class Agreement:
 
     steps: list[int]
     durable: int
+    last_committed: int = -1
+    """The newest step any surviving rank had committed (snapshot or not): lost work is measured
+    against it."""
 
     @property
     def best(self) -> int:
@@ -38,12 +41,14 @@ class Agreement:
         return self.best >= 0 and self.best >= self.durable
 
 
-def agree(snapshot_step: int, durable_step: int, pg: dist.ProcessGroup, device: torch.device) -> Agreement:
+def agree(snapshot_step: int, durable_step: int, pg: dist.ProcessGroup, device: torch.device,
+          last_committed: int = -1) -> Agreement:
     world = dist.get_world_size(pg)
-    mine = torch.tensor([snapshot_step, durable_step], dtype=torch.int64, device=device)
-    gathered = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(world)]
+    mine = torch.tensor([snapshot_step, durable_step, last_committed], dtype=torch.int64, device=device)
+    gathered = [torch.zeros(3, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(gathered, mine, group=pg)
-    return Agreement(steps=[int(t[0]) for t in gathered], durable=max(int(t[1]) for t in gathered))
+    return Agreement(steps=[int(t[0]) for t in gathered], durable=max(int(t[1]) for t in gathered),
+                     last_committed=max(int(t[2]) for t in gathered))
 
 
 def newest_state(snapshot: Snapshot, agreement: Agreement, pg: dist.ProcessGroup,

@@ -159,10 +159,10 @@ class WorkerRuntime:
             self.metrics = {**self.metrics, **new} if merge else new
         self._last_progress = time.monotonic()
 
-    def on_restored(self, state: TrainState, source: str) -> None:
+    def on_restored(self, state: TrainState, source: str, lost_steps: int = 0) -> None:
         self.step = state.step
         self._last_progress = time.monotonic()
-        self.emit("restored", step=state.step, source=source, generation=self.generation)
+        self.emit("restored", step=state.step, source=source, generation=self.generation, lost_steps=lost_steps)
 
     # -- the generation thread ------------------------------------------------------------------
     def _run_generation(self, a: Assignment) -> None:
