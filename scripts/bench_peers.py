@@ -45,8 +45,6 @@ def torch_worker(cfg: dict) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from elastic.chaos.faults import maybe_inject, parse_faults
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -56,33 +54,49 @@ def torch_worker(cfg: dict) -> None:
     model = bc.make_model()
     opt = bc.make_optimizer(model)
     path = os.path.join(cfg["run_dir"], "ckpt.pt")
-    step = 0
-    if os.path.exists(path):
-        sd = torch.load(path)
-        model.load_state_dict(sd["model"])
-        opt.load_state_dict(sd["optim"])
-        step = sd["step"]
+    step = _restore(path, model, opt) if os.path.exists(path) else 0
     t_restored = time.time()
     ddp = DDP(model)
     _phase(cfg, gen, rank, T_START, t_setup, t_restored)
+
+    def save(step: int) -> float:  # synchronous torch.save on rank 0: the loop waits for it
+        if rank != 0:
+            return 0.0
+        t0 = time.perf_counter()
+        with open(path + ".tmp", "wb") as f:
+            torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        return time.perf_counter() - t0
+
+    _loop(cfg, ddp, opt, x, y, rank, world, gen, step, save)
+    dist.barrier()
+    os._exit(0)  # destroying the gloo group at exit can hang a rank whose peer already left
+
+
+def _restore(path: str, model: Any, opt: Any) -> int:
+    import torch
+
+    sd = torch.load(path)
+    model.load_state_dict(sd["model"])
+    opt.load_state_dict(sd["optim"])
+    return int(sd["step"])
+
+
+def _loop(cfg: dict, ddp: Any, opt: Any, x: Any, y: Any, rank: int, world: int, gen: int, step: int,
+          save: Any) -> None:
+    """The peers' common training loop; `save(step) -> stall seconds` runs every cfg["every"] steps."""
+    from elastic.chaos.faults import maybe_inject, parse_faults
+
     sampler, faults, log = bc.make_sampler(), parse_faults(cfg["faults"]), bc.StepLog(cfg["run_dir"], rank == 0)
     while step < cfg["steps"]:
         maybe_inject(faults, step=step, rank=rank, marker_dir=cfg["marker_dir"])
         bc.train_step(ddp, opt, x, y, sampler, step, rank, world)
         step += 1
-        stall = 0.0
-        if step % cfg["every"] == 0 and rank == 0:  # synchronous torch.save: the loop waits for it
-            t0 = time.perf_counter()
-            with open(path + ".tmp", "wb") as f:
-                torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(path + ".tmp", path)
-            stall = time.perf_counter() - t0
+        stall = save(step) if step % cfg["every"] == 0 else 0.0
         log.step(step, gen, 0.0, stall)
     log.close()
-    dist.barrier()
-    os._exit(0)  # destroying the gloo group at exit can hang a rank whose peer already left
 
 
 def _phase(cfg: dict, gen: int, rank: int, entered: float, setup: float, restored: float) -> None:
@@ -150,8 +164,6 @@ def ray_train_loop(cfg: dict) -> None:
     from ray.train import Checkpoint
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from elastic.chaos.faults import maybe_inject, parse_faults
-
     t_enter = time.time()
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
@@ -168,30 +180,21 @@ def ray_train_loop(cfg: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            sd = torch.load(os.path.join(d, "state.pt"))
-        model.load_state_dict(sd["model"])
-        opt.load_state_dict(sd["optim"])
-        step = sd["step"]
+            step = _restore(os.path.join(d, "state.pt"), model, opt)
     t_restored = time.time()
     ddp = DDP(model)
     _phase(cfg, gen, rank, t_enter, t_setup, t_restored)
-    sampler, faults, log = bc.make_sampler(), parse_faults(cfg["faults"]), bc.StepLog(cfg["run_dir"], rank == 0)
-    while step < cfg["steps"]:
-        maybe_inject(faults, step=step, rank=rank, marker_dir=cfg["marker_dir"])
-        bc.train_step(ddp, opt, x, y, sampler, step, rank, world)
-        step += 1
-        stall = 0.0
-        if step % cfg["every"] == 0:
-            t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
-                    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step},
-                               os.path.join(d, "state.pt"))
-                ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
-            stall = time.perf_counter() - t0
-        log.step(step, gen, 0.0, stall)
-    log.close()
 
+    def save(step: int) -> float:  # every rank reports; rank 0 attaches the checkpoint
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step},
+                           os.path.join(d, "state.pt"))
+            ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+        return time.perf_counter() - t0
+
+    _loop(cfg, ddp, opt, x, y, rank, world, gen, step, save)
 
 def run_raytrain(cfg: dict) -> dict:
     import ray.train

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.utils import _create_file_view
 from torch.futures import Future
 
 from elastic import retry, storage
-from elastic.checkpoint.layout import DCP_METADATA, FileEntry, crc32
+from elastic.checkpoint.layout import FileEntry, crc32
 from elastic.errors import CheckpointCorruptError
 
 
