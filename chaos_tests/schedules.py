@@ -49,6 +49,8 @@ class Plan:
     exact: bool = True
     min_workers: int | None = None
     corrupted: tuple[int, ...] = ()
+    job_kw: dict = field(default_factory=dict)
+    """Job settings the schedule needs (e.g. slower steps so that a timed fault lands mid-run)."""
 
     @property
     def n_faults(self) -> int:
@@ -63,7 +65,7 @@ class Plan:
 
     def job(self, root, **kw) -> Job:
         job = Job(root=root, workers=self.workers, min_workers=self.min_workers, faults=list(self.faults),
-                  trips=list(self.trips), **kw)
+                  trips=list(self.trips), **{**self.job_kw, **kw})
         return job
 
     def arm_storage(self, job: Job, rules_dir) -> None:
@@ -135,7 +137,10 @@ def _in_process(p: Plan, rng: random.Random, schedule: Schedule, step: int, rank
         p.faults = [{"kind": kind, "step": step, "rank": rank}]
     elif schedule is Schedule.RANDOM_TIME:
         if kind in AS_SIGNAL:
-            p.actions = [Action(AS_SIGNAL[kind], Trigger("time", round(rng.uniform(0.3, 1.5), 3)), rank=rank)]
+            # Seconds after the group is built. Steps sleep 60 ms (40 steps >= 2.4 s) so that the fault
+            # lands mid-run even on a fast machine and with a late chaos thread.
+            p.job_kw = {"step_sleep": 0.06}
+            p.actions = [Action(AS_SIGNAL[kind], Trigger("time", round(rng.uniform(0.3, 1.2), 3)), rank=rank)]
         else:
             p.faults = [{"kind": kind, "step": rng.randrange(2, steps - 3), "rank": rank}]
     elif schedule is Schedule.DURING_CHECKPOINT:
