@@ -188,7 +188,7 @@ class Chaos(threading.Thread):
                 target = Target(cluster=self.cluster, driver=self.driver, num_cpus=a.num_cpus, uri=self.job.uri)
                 rank = None
                 if a.kind.targets_worker or a.kind is ExternalKind.NODE_REMOVE:
-                    members = live_members(self._events())
+                    members = self._wait(lambda: live_members(self._events())) or []
                     pick = [m for m in members if m["rank"] == a.rank] or members
                     if not pick:
                         self.error = f"action {i} ({a.kind.value}): no live worker"

@@ -69,7 +69,11 @@ def read_events(uri: str) -> list[dict[str, Any]]:
     if not fs.exists(path):
         return []
     with fs.open(path, "rb") as f:
-        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        text = f.read().decode()
+    # A live run may be appending right now: a last line without its newline is not written yet.
+    lines = text.split("\n")
+    complete = lines if text.endswith("\n") else lines[:-1]
+    return [json.loads(line) for line in complete if line.strip()]
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

@@ -97,7 +97,7 @@ def find_node(cluster: Any, node_id: str | None) -> Any:
     workers = [n for n in cluster.list_all_nodes() if n is not cluster.head_node]
     if node_id is not None:
         for n in workers:
-            if n.unique_id == node_id:
+            if node_id in (getattr(n, "node_id", None), getattr(n, "unique_id", None)):
                 return n
         raise RuntimeError(f"no removable node {node_id[:8]}")
     if not workers:
