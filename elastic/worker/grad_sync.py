@@ -34,24 +34,30 @@ class CollectiveClock:
 def make_hook(pg: dist.ProcessGroup, clock: CollectiveClock) -> Callable:
     world = dist.get_world_size(pg)
 
+    def launch(buffer: torch.Tensor, params: list[torch.Tensor]) -> torch.futures.Future:
+        if world <= 2:
+            # Adding two floats is commutative: any layout gives the same bits, so one collective
+            # for the whole bucket (what DDP does by default) is exact and cheaper.
+            return dist.all_reduce(buffer, group=pg, async_op=True).get_future()
+        futures = []
+        offset = 0
+        for param in params:
+            n = param.numel()
+            futures.append(dist.all_reduce(buffer[offset : offset + n], group=pg, async_op=True).get_future())
+            offset += n
+        return torch.futures.collect_all(futures)
+
     # DDP checks these annotations at runtime, so they must be real objects, not strings.
     def hook(_state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         buffer = bucket.buffer()
         buffer.div_(world)
         clock.enter()
-        if world <= 2:
-            # Adding two floats is commutative: any layout gives the same bits, so one collective
-            # for the whole bucket (what DDP does by default) is exact and cheaper.
-            pending = dist.all_reduce(buffer, group=pg, async_op=True).get_future()
-        else:
-            futures = []
-            offset = 0
-            for param in bucket.parameters():
-                n = param.numel()
-                work = dist.all_reduce(buffer[offset : offset + n], group=pg, async_op=True)
-                futures.append(work.get_future())
-                offset += n
-            pending = torch.futures.collect_all(futures)
+        try:
+            pending = launch(buffer, bucket.parameters())
+        except Exception:
+            clock.leave()
+            clock.broken = True  # the group is gone under us: not a bug in user code
+            raise
 
         def done(all_done: torch.futures.Future) -> torch.Tensor:
             clock.leave()
