@@ -13,7 +13,6 @@ to the run's directory. Worker processes learn the protocol through Ray's
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import time
@@ -24,7 +23,7 @@ from typing import Any
 import fsspec
 
 from elastic.chaos.faults import claim
-from elastic.checkpoint.faulty_fs import FaultyFileSystem
+from elastic.checkpoint.faulty_fs import FaultyFileSystem, raise_injected
 
 ENV = "ELASTIC_CHAOS_STORAGE"
 PROTOCOL = "chaosfs"
@@ -98,10 +97,7 @@ class ChaosFileSystem(FaultyFileSystem):
                 continue
             if rule.latency_s:
                 time.sleep(rule.latency_s)
-            if rule.kind == "transient":
-                raise ConnectionResetError(errno.ECONNRESET, f"injected transient fault: {op} {path}")
-            if rule.kind == "permanent":
-                raise PermissionError(errno.EACCES, f"injected permanent fault: {op} {path}")
+            raise_injected(rule.kind, op, str(path))
             return
 
 

@@ -161,10 +161,7 @@ class FaultyFileSystem(ChainedFileSystem):
             return
         if fire.latency_s:
             self._sleep(fire.latency_s)
-        if fire.kind == "transient":
-            raise ConnectionResetError(errno.ECONNRESET, f"injected transient fault: {op} {path}")
-        if fire.kind == "permanent":
-            raise PermissionError(errno.EACCES, f"injected permanent fault: {op} {path}")
+        raise_injected(fire.kind, op, path)
 
     # -- delegated operations ------------------------------------------------------------
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
@@ -216,3 +213,11 @@ class FaultyFileSystem(ChainedFileSystem):
 
     def invalidate_cache(self, path: str | None = None) -> None:
         self.inner_fs.invalidate_cache(path)
+
+
+def raise_injected(kind: str, op: str, path: str) -> None:
+    """Raise the error a real backend would for an injected fault of `kind` (latency: none)."""
+    if kind == "transient":
+        raise ConnectionResetError(errno.ECONNRESET, f"injected transient fault: {op} {path}")
+    if kind == "permanent":
+        raise PermissionError(errno.EACCES, f"injected permanent fault: {op} {path}")
