@@ -139,14 +139,16 @@ class Controller:
             return self._fail(h.errors.get(h.fatal[0], "fatal error"), exit_code=2)
         if len(h.finished) == len(self.members):
             return Finished()
-        unexpected_park = set(h.parked) - set(h.preempted)
-        if h.lost or (unexpected_park and not h.preempted):
+        # Ranks leave at an agreed boundary only for a preemption (Running asks for no other pause);
+        # any other park means the group broke under them.
+        broken = set(h.parked) - set(h.paused)
+        if h.lost or broken or (h.paused and not h.preempted):
             reason = self._describe_loss(h)
             rank_of = {w: r for r, w in enumerate(self.members)}
             self.events.emit("group_failed", generation=self.generation, reason=reason,
                              errors={rank_of[w]: e.strip().splitlines()[-1] for w, e in h.errors.items() if e})
             return Restarting(reason=reason, failed_workers=h.lost, since=self.clock())
-        if h.preempted:
+        if h.paused and h.preempted:
             return Resizing(reason="preemption", leaving_workers=h.preempted, since=self.clock())
         self._watch_drains()
         if len(self.members) < (sc.max_workers or 0) and self.clock() >= self._next_grow_check:

@@ -26,7 +26,8 @@ class Health:
     dead: tuple[int, ...] = ()
     unresponsive: tuple[int, ...] = ()
     hung: tuple[int, ...] = ()  # answers polls, but no step progress for hang_timeout_s
-    preempted: tuple[int, ...] = ()  # parked after a preemption notice: leaving on purpose
+    preempted: tuple[int, ...] = ()  # got a preemption notice (running or parked): leaving on purpose
+    paused: tuple[int, ...] = ()  # parked at an agreed step boundary (not because the group broke)
     errors: dict[int, str] = field(default_factory=dict)
 
     @property
@@ -41,7 +42,8 @@ class Health:
 
 def classify(polls: dict[int, WorkerPoll | str], failure: FailureConfig) -> Health:
     buckets: dict[str, list[int]] = {k: [] for k in
-                                     ("running", "parked", "finished", "failed", "fatal", "dead", "unresponsive", "hung", "preempted")}
+                                     ("running", "parked", "finished", "failed", "fatal", "dead", "unresponsive", "hung", "preempted",
+                                      "paused")}
     errors: dict[int, str] = {}
     for wid, poll in sorted(polls.items()):
         if poll == DEAD or poll == UNRESPONSIVE:
@@ -50,12 +52,14 @@ def classify(polls: dict[int, WorkerPoll | str], failure: FailureConfig) -> Heal
         assert isinstance(poll, WorkerPoll)
         if poll.error:
             errors[wid] = poll.error
+        if poll.preempted:
+            buckets["preempted"].append(wid)
         if poll.state == "failed":
             buckets["fatal" if poll.fatal else "failed"].append(wid)
         elif poll.state == "parked":
             buckets["parked"].append(wid)
-            if poll.preempted:
-                buckets["preempted"].append(wid)
+            if poll.park_reason == "pause":
+                buckets["paused"].append(wid)
         elif poll.state == "finished":
             buckets["finished"].append(wid)
         elif poll.state == "running" and poll.progress_age_s > failure.hang_timeout_s:

@@ -35,6 +35,7 @@ class WorkerPoll:
     error: str | None = None
     fatal: bool = False  # a bad-input error (exit 2): retrying cannot help
     preempted: bool = False
+    park_reason: str | None = None  # "pause": left at an agreed step boundary; "broken": the group broke
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ class WorkerRuntime:
         self.metrics: dict[str, float] = {}
         self.error: str | None = None
         self.fatal = False
+        self.park_reason: str | None = None
         self._last_progress = time.monotonic()
         self._events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -87,6 +88,7 @@ class WorkerRuntime:
                 raise RuntimeError(f"generation {self.generation} is still running on this worker")
         self.pause_requested = False
         self.clock.broken = False
+        self.park_reason = None
         self.generation = assignment.generation
         self.state = "running"
         self.error = None
@@ -104,7 +106,7 @@ class WorkerRuntime:
             progress_age_s=time.monotonic() - self._last_progress,
             waiting_in_collective_s=None if waiting is None else time.monotonic() - waiting,
             metrics=dict(self.metrics), events=events, error=self.error, fatal=self.fatal,
-            preempted=self.preempt_requested,
+            preempted=self.preempt_requested, park_reason=self.park_reason,
         )
 
     def request_pause(self) -> None:
@@ -193,11 +195,13 @@ class WorkerRuntime:
             outcome = "finished"
         except ctx_mod.PauseRequested:
             outcome = "parked"
+            self.park_reason = "pause"
         except BaseException as exc:  # noqa: BLE001 - everything must be reported, nothing may escape
             if _is_fatal(exc):
                 self.error, self.fatal = f"{type(exc).__name__}: {exc}", True
             elif self.clock.broken or _looks_like_group_failure(exc):
                 outcome = "parked"
+                self.park_reason = "broken"
                 self.error = f"group broke: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             else:
                 self.error = "".join(traceback.format_exception(exc)).strip()
