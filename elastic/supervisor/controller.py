@@ -68,7 +68,6 @@ class Controller:
         self.consecutive_failures = 0
         self.recoveries: list[dict[str, Any]] = []
         self.progress = Progress()
-        self.last_error: str | None = None
         # Open incidents: a failure during a recovery opens a second one; each is closed (and gets
         # its own recovered/resized record) when the group first steps past the restored state.
         self._incidents: list[_Incident] = []
@@ -377,8 +376,6 @@ class Controller:
             if rank_of.get(wid) == 0 and poll.metrics:
                 self.progress.metrics = poll.metrics
                 self.progress.loss = poll.metrics.get("loss")
-            if poll.error:
-                self.last_error = poll.error
         if not steps:
             return
         step = max(steps)
@@ -433,5 +430,4 @@ class Controller:
                 "node_id": info.node_id if info else None}
 
     def _fail(self, error: str, *, exit_code: int) -> Failed:
-        self.last_error = error
         return Failed(error=error, exit_code=exit_code)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from elastic.config import FailureConfig, ScalingConfig
+from elastic.config import FailureConfig
 from elastic.worker.protocol import WorkerPoll
 
 DEAD = "dead"
@@ -79,16 +79,3 @@ def stragglers(polls: dict[int, WorkerPoll | str], blocked_for_s: float) -> tupl
             if waiting is None or waiting > blocked_for_s:
                 out.append(wid)
     return tuple(sorted(out))
-
-
-def can_continue(n_workers: int, scaling: ScalingConfig) -> bool:
-    return n_workers >= scaling.min_workers
-
-
-def target_size(survivors: int, ready_newcomers: int, scaling: ScalingConfig) -> int:
-    assert scaling.max_workers is not None
-    return min(scaling.max_workers, survivors + ready_newcomers)
-
-
-def failure_budget_left(failures: int, failure: FailureConfig) -> bool:
-    return failure.failures_left(failures)
