@@ -36,6 +36,27 @@ def ray_runtime_env(rules_dir: str) -> dict:
             "worker_process_setup_hook": "elastic.chaos.storage.register"}
 
 
+def node_cluster(workers: int, rules_dir: str):
+    """A ray.cluster_utils.Cluster with a CPU-less head (the driver and supervisor) and `workers`
+    one-CPU nodes, connected to as this process's Ray. Returns (cluster, close)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(workers):
+        c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False, runtime_env=ray_runtime_env(rules_dir))
+
+    def close() -> None:
+        ray.shutdown()
+        c.shutdown()
+
+    return c, close
+
+
 @pytest.fixture(scope="module")
 def rules_dir(tmp_path_factory):
     from elastic.chaos.storage import ENV

@@ -1,7 +1,7 @@
 """Run a job under a chaos plan and check what every chaos run must satisfy.
 
-The driver (`fit()`) runs in the calling thread; external faults run in a background thread that
-waits on conditions (a trip file the job writes at a step, an event in URI/events.jsonl), each
+The driver (`fit()`) runs in the calling thread and external faults in a background thread (the
+other way round when a multi-node cluster is driven: see `run`). The chaos side waits on conditions (a trip file the job writes at a step, an event in URI/events.jsonl), each
 with a deadline, and claims a marker before it acts. `check()` asserts: the run finished (or failed
 as documented), the final model equals the failure-free reference, every committed checkpoint
 verifies, each fault fired exactly once and was followed by its recovery event, survivors kept
@@ -61,6 +61,8 @@ class Job:
     placement_timeout_s: float = 30.0
     storage_wrapper: bool = True
     """Run on chaosfs::file:// (storage rules can fire) instead of file://."""
+    dropout: float = 0.1
+    """0 for runs that resize: dropout masks are drawn per rank, so they change with the world size."""
 
     @property
     def run_dir(self) -> Path:
@@ -75,7 +77,7 @@ class Job:
         return f"{'chaosfs::' if self.storage_wrapper else ''}file://{self.run_dir}"
 
     def config(self) -> dict:
-        return {"steps": self.steps, "step_sleep": self.step_sleep, "faults": list(self.faults),
+        return {"steps": self.steps, "step_sleep": self.step_sleep, "dropout": self.dropout, "faults": list(self.faults),
                 "trips": list(self.trips), "marker_dir": str(self.marker_dir)}
 
     def trainer(self) -> elastic.ElasticTrainer:
@@ -228,19 +230,35 @@ class Outcome:
         return [e for e in self.events if e["event"] in ("recovered", "resized")]
 
 
-def run(job: Job, actions: list[Action] = (), *, cluster: Any = None) -> Outcome:
+def run(job: Job, actions: list[Action] = (), *, cluster: Any = None, timeout_s: float = 150.0) -> Outcome:
+    """Run `job` with `actions` inflicted on it. With a `cluster`, the chaos runs on the calling
+    (main) thread and the driver in a thread: `Cluster.add_node` installs signal handlers, which
+    only the main thread may do."""
     job.marker_dir.mkdir(parents=True, exist_ok=True)
     chaos = Chaos(job, list(actions), cluster=cluster)
-    chaos.start()
+    box: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = job.trainer().fit(raise_on_failure=False, quiet=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. the supervisor was killed under fit()
+            box["raised"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        finally:
+            chaos.stop.set()
+
     t0 = time.monotonic()
-    result, raised = None, None
-    try:
-        result = job.trainer().fit(raise_on_failure=False, quiet=True)
-    except Exception as exc:  # noqa: BLE001 - e.g. the supervisor was killed under fit()
-        raised = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    chaos.stop.set()
-    chaos.join(10)
-    return Outcome(job, result, raised, chaos, time.monotonic() - t0)
+    if cluster is None:
+        chaos.start()
+        fit()
+        chaos.join(10)
+    else:
+        driver = threading.Thread(target=fit, name="driver", daemon=True)
+        driver.start()
+        chaos.run()
+        driver.join(timeout_s)
+        if driver.is_alive():
+            box["raised"] = f"fit() did not return within {timeout_s:g}s"
+    return Outcome(job, box.get("result"), box.get("raised"), chaos, time.monotonic() - t0)
 
 
 def resume(job: Job) -> Any:
@@ -281,11 +299,11 @@ _REFERENCES: dict[tuple, dict] = {}
 
 def reference(tmp_root: Path, job: Job) -> dict[str, torch.Tensor]:
     """The final model of the same job without faults (cached per shape of job)."""
-    key = (job.workers, job.steps, job.every_n)
+    key = (job.workers, job.steps, job.every_n, job.dropout)
     if key not in _REFERENCES:
         clean = Job(root=tmp_root / f"ref-{job.workers}-{job.steps}-{job.every_n}-{time.time_ns()}",
                     workers=job.workers, steps=job.steps, every_n=job.every_n, step_sleep=0.0,
-                    storage_wrapper=False)
+                    storage_wrapper=False, dropout=job.dropout)
         r = clean.trainer().fit(raise_on_failure=False, quiet=True)
         assert r.ok, f"the failure-free reference run failed: {r.error}"
         _REFERENCES[key] = CheckpointStore(clean.uri).load_full()["model"]

@@ -5,8 +5,8 @@
     CHAOS_SEED=7 python -m chaos_tests.matrix --kinds raise --schedules several --seeds 1   # replay seed 7
 
 Every run is checked like the CI subset (harness.check); a failed check is counted, printed with
-its replay command, and the matrix goes on. Node faults need a multi-node cluster and run in
-pytest (`-m chaos_full`) only.
+its replay command, and the matrix goes on. Node faults run last, each world size on its own
+multi-node cluster (ray.cluster_utils.Cluster: a CPU-less head and one 1-CPU node per worker).
 """
 
 from __future__ import annotations
@@ -26,42 +26,48 @@ from chaos_tests.schedules import KINDS, SUPPORTED, Schedule, draw
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m chaos_tests.matrix")
-    p.add_argument("--kinds", default=",".join(k for k in KINDS if k != "node"))
+    p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--schedules", default=",".join(s.value for s in Schedule))
     p.add_argument("--workers", default="2,3")
     p.add_argument("--seeds", type=int, default=3, help="seeds per cell (from CHAOS_SEED, default 1, upwards)")
     args = p.parse_args(argv)
     import ray
 
-    from chaos_tests.conftest import ray_runtime_env
+    from chaos_tests.conftest import node_cluster, ray_runtime_env
     from elastic.chaos.storage import ENV
 
     tmp = Path(tempfile.mkdtemp(prefix="chaos-matrix-"))
     rules = tmp / "rules"
     os.environ[ENV] = str(rules)
+    first = harness.seed_or(1)
+    kinds = args.kinds.split(",")
+    cells = [(kind, sched, int(w), seed)
+             for kind in kinds
+             for sched in [Schedule(s) for s in args.schedules.split(",")] if sched in SUPPORTED[kind]
+             for w in args.workers.split(",")
+             for seed in range(first, first + args.seeds)]
+    # Node cells last, grouped by world size: one cluster per size.
+    cells.sort(key=lambda c: (c[0] == "node", c[2] if c[0] == "node" else 0))
+    rows: dict[str, dict] = {}
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env=ray_runtime_env(str(rules)))
-    first = harness.seed_or(1)
-    rows: dict[str, dict] = {}
-    n = 0
+    cluster, close, cluster_size = None, ray.shutdown, None
     try:
-        for kind in args.kinds.split(","):
-            for sched in [Schedule(s) for s in args.schedules.split(",")]:
-                if sched not in SUPPORTED[kind]:
-                    continue
-                for workers in [int(w) for w in args.workers.split(",")]:
-                    for seed in range(first, first + args.seeds):
-                        n += 1
-                        row = rows.setdefault(kind, {"runs": 0, "finished": 0, "equal": 0, "rec": [], "lost": 0})
-                        row["runs"] += 1
-                        _one(kind, sched, workers, seed, tmp / f"r{n}", row)
+        for n, (kind, sched, workers, seed) in enumerate(cells, 1):
+            if kind == "node" and cluster_size != workers:
+                close()
+                cluster, close = node_cluster(workers, str(rules))
+                cluster_size = workers
+            row = rows.setdefault(kind, {"runs": 0, "finished": 0, "equal": 0, "rec": [], "lost": 0})
+            row["runs"] += 1
+            _one(kind, sched, workers, seed, tmp / f"r{n}", row, cluster=cluster if kind == "node" else None)
     finally:
-        ray.shutdown()
+        close()
     print(table(rows))
     return 0 if all(r["equal"] == r["runs"] for r in rows.values()) else 1
 
 
-def _one(kind: str, sched: Schedule, workers: int, seed: int, root: Path, row: dict) -> None:
+def _one(kind: str, sched: Schedule, workers: int, seed: int, root: Path, row: dict, *, cluster=None) -> None:
     plan = draw(kind, sched, seed, workers)
     label = f"{kind}/{sched.value}/w{workers}/seed{seed}"
     t0 = time.monotonic()
@@ -74,7 +80,7 @@ def _one(kind: str, sched: Schedule, workers: int, seed: int, root: Path, row: d
 
             out = harness.run_driver(job, plan.actions, ray.get_runtime_context().gcs_address)
         else:
-            out = harness.run(job, plan.actions)
+            out = harness.run(job, plan.actions, cluster=cluster)
             if kind == "kill_supervisor":
                 harness.procs.wait_gone(timeout_s=30)
                 out.raised, out.result = None, harness.resume(job)

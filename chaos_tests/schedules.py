@@ -2,7 +2,7 @@
 
 The same arguments always give the same plan. Schedules: at a step, at a random time, during a
 checkpoint write (the write slowed by a storage latency rule so that it is in flight), during a
-group rebuild (a survivor killed once the first failure is seen), several at once, cascading (one
+group rebuild (a rank of the rebuilt group killed as it restores), several at once, cascading (one
 fault after another as each recovery completes).
 """
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from chaos_tests.harness import Action, Job, Trigger
 from elastic.chaos.external import ExternalKind
 from elastic.chaos.faults import FaultKind
+from elastic.chaos.job import REBUILD
 from elastic.chaos.storage import StorageRule
 
 
@@ -57,7 +58,8 @@ class Plan:
         return len(self.faults) + len(self.actions) + len(self.storage)
 
     def describe(self) -> str:
-        parts = [f"{f['kind']}@step{f['step']}/rank{f['rank']}" for f in self.faults]
+        parts = [f"{f['kind']}@{'rebuild' if f['step'] == REBUILD else 'step' + str(f['step'])}/rank{f['rank']}"
+                 for f in self.faults]
         parts += [f"{a.kind.value}@{a.trigger.kind}:{a.trigger.value}" + (f"/rank{a.rank}" if a.rank is not None else "")
                   for a in self.actions]
         parts += [f"storage:{s['kind']}:{s['op']}:{s['path']}" for s in self.storage]
@@ -104,6 +106,9 @@ def draw(kind: str, schedule: Schedule, seed: int, workers: int, *, steps: int =
         # node that joins later grows the group back.
         p.min_workers = workers - 1
         p.exact = False
+        # No dropout (its masks change with the world size), and a run long enough for the
+        # returning node's worker to start and join before the end.
+        p.job_kw = {"dropout": 0.0, "steps": 200, "step_sleep": 0.05}
         trig = Trigger("trip", step) if schedule is Schedule.AT_STEP else Trigger("time", rng.uniform(0.3, 1.5))
         if trig.kind == "trip":
             p.trips.append(step)
@@ -149,9 +154,10 @@ def _in_process(p: Plan, rng: random.Random, schedule: Schedule, step: int, rank
         p.storage = [{"op": "write", "path": f"checkpoints/step_{ckpt_step:08d}/", "kind": "latency",
                       "latency_s": 0.5}]
     elif schedule is Schedule.DURING_REBUILD:
-        p.faults = [{"kind": kind, "step": step, "rank": rank}]
-        other = (rank + 1) % w
-        p.actions = [Action(ExternalKind.KILL, Trigger("after", ("worker_failed", "worker_left")), rank=other)]
+        # A rank of the rebuilt group dies as it restores: inside the new group's first collectives
+        # (agreeing on the step, the state broadcast). In-process, so it lands there however fast the
+        # rebuild was.
+        p.faults = [{"kind": kind, "step": step, "rank": rank}, {"kind": "sigkill", "step": REBUILD, "rank": 0}]
     elif schedule is Schedule.SEVERAL:
         ranks = rng.sample(range(w), min(2, w))
         p.faults = [{"kind": kind, "step": step, "rank": r} for r in ranks]

@@ -20,6 +20,7 @@ CASES = [  # kind, schedule, workers, seed
     ("raise", Schedule.SEVERAL, 3, 5),
     pytest.param("stall", Schedule.DURING_REBUILD, 3, 6, marks=pytest.mark.chaos_full),  # ~27 s: full runs only
     ("sigterm", Schedule.AT_STEP, 3, 7),
+    ("break_comm", Schedule.AT_STEP, 3, 9),
 ]
 
 

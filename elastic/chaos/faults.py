@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from elastic.chaos import comm, procs
+
 
 class FaultKind(str, enum.Enum):
     SIGKILL = "sigkill"  # the process dies at once (OOM kill, node loss)
@@ -25,6 +27,7 @@ class FaultKind(str, enum.Enum):
     FREEZE = "freeze"  # SIGSTOP: the process stops, sockets stay open
     STALL = "stall"  # stuck in user code (GIL released): answers polls, makes no progress
     RAISE = "raise"  # user code raises
+    BREAK_COMM = "break_comm"  # the rank's connections to its peers are cut (a network fault)
 
 
 @dataclass(frozen=True)
@@ -101,3 +104,9 @@ def inflict(kind: FaultKind) -> None:
         time.sleep(3600)
     elif kind is FaultKind.RAISE:
         raise RuntimeError("injected fault: user code raised")
+    elif kind is FaultKind.BREAK_COMM:
+        # The peers are the other worker actors; the process group's next collective fails on every
+        # rank, while every process stays alive and healthy.
+        peers = [p.pid for p in procs.actor_processes("WorkerActor", everywhere=True) if p.pid != os.getpid()]
+        if not comm.break_connections(peers):
+            raise RuntimeError("injected fault break_comm found no connection to a peer worker")

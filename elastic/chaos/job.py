@@ -5,8 +5,9 @@ suites, and a safe target for practising failures with `elastic chaos`:
         --min-workers 2 --checkpoint-uri /tmp/runs/practice --config steps=5000 --config step_sleep=0.05
 
 config: steps, lr, width, dropout, global_batch, step_sleep, faults [{kind, step, rank}] (faults a
-rank inflicts on itself, see faults.py), trips [step] (the first rank to reach each step creates
-`trip-step{s}` in marker_dir, for external faults to wait on), marker_dir.
+rank inflicts on itself, see faults.py; at step REBUILD one fires as a rebuilt group restores),
+trips [step] (the first rank to reach each step creates `trip-step{s}` in marker_dir, for
+external faults to wait on), marker_dir.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import elastic
 from elastic.chaos.faults import maybe_inject, parse_faults
 
 N_SAMPLES = 512
+REBUILD = -1
+"""A fault planned at this step fires while a rebuilt group (generation > 0) restores its state."""
 IN_DIM = 16
 
 
@@ -53,12 +56,14 @@ def train(config: dict) -> None:
     model = make_model(config.get("width", 32), config.get("dropout", 0.1))
     opt = torch.optim.SGD(model.parameters(), lr=config.get("lr", 0.05), momentum=0.9)
     state = elastic.TrainState(model=model, optimizer=opt)
+    faults = parse_faults(config.get("faults", []))
+    marker_dir = config.get("marker_dir", "/tmp")
+    if ctx.generation > 0:
+        maybe_inject(faults, step=REBUILD, rank=ctx.rank, marker_dir=marker_dir)
     ctx.restore(state)
     ddp = ctx.prepare_model(model)
     sampler = elastic.ElasticSampler(num_samples=N_SAMPLES, global_batch_size=config.get("global_batch", 48), seed=3)
-    faults = parse_faults(config.get("faults", []))
     trips = set(config.get("trips", []))
-    marker_dir = config.get("marker_dir", "/tmp")
     step_sleep = config.get("step_sleep", 0.0)
     while state.step < config["steps"]:
         if state.step in trips:
