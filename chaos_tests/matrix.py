@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedules", default=",".join(s.value for s in Schedule))
     p.add_argument("--workers", default="2,3")
     p.add_argument("--seeds", type=int, default=3, help="seeds per cell (from CHAOS_SEED, default 1, upwards)")
+    p.add_argument("--out", type=Path, help="rewrite the table here after every run, so a cut-short matrix still counts")
     args = p.parse_args(argv)
     import ray
 
@@ -46,21 +47,28 @@ def main(argv: list[str] | None = None) -> int:
              for sched in [Schedule(s) for s in args.schedules.split(",")] if sched in SUPPORTED[kind]
              for w in args.workers.split(",")
              for seed in range(first, first + args.seeds)]
-    # Node cells last, grouped by world size: one cluster per size.
-    cells.sort(key=lambda c: (c[0] == "node", c[2] if c[0] == "node" else 0))
+    # One world size at a time, its node cells last on their own multi-node cluster, so a matrix cut
+    # short has covered whole world sizes.
+    cells.sort(key=lambda c: (c[2], c[0] == "node"))
     rows: dict[str, dict] = {}
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env=ray_runtime_env(str(rules)))
-    cluster, close, cluster_size = None, ray.shutdown, None
+    where, close, cluster = None, lambda: None, None
     try:
         for n, (kind, sched, workers, seed) in enumerate(cells, 1):
-            if kind == "node" and cluster_size != workers:
+            want = ("node", workers) if kind == "node" else ("local", 0)
+            if want != where:
                 close()
-                cluster, close = node_cluster(workers, str(rules))
-                cluster_size = workers
+                if kind == "node":
+                    cluster, close = node_cluster(workers, str(rules))
+                else:
+                    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                             runtime_env=ray_runtime_env(str(rules)))
+                    cluster, close = None, ray.shutdown
+                where = want
             row = rows.setdefault(kind, {"runs": 0, "finished": 0, "equal": 0, "rec": [], "lost": 0})
             row["runs"] += 1
-            _one(kind, sched, workers, seed, tmp / f"r{n}", row, cluster=cluster if kind == "node" else None)
+            _one(kind, sched, workers, seed, tmp / f"r{n}", row, cluster=cluster)
+            if args.out:
+                args.out.write_text(f"{n}/{len(cells)} runs\n{table(rows)}\n")
     finally:
         close()
     print(table(rows))
