@@ -27,6 +27,7 @@ class ExternalKind(str, enum.Enum):
     SIGTERM = "sigterm"  # a spot VM's preemption notice to a worker
     STOP = "stop"  # SIGSTOP a worker: frozen, sockets open
     NODE_REMOVE = "node_remove"  # a Ray node (and every worker on it) disappears
+    NODE_WORKERS = "node"  # every worker on one node SIGKILLed at once: a host lost, seen from a real cluster
     NODE_ADD = "node_add"  # a Ray node joins
     CORRUPT_SHARD = "corrupt_shard"  # flip bytes in a committed checkpoint's shard (same size)
     KILL_SUPERVISOR = "kill_supervisor"  # SIGKILL the supervisor actor's process
@@ -47,6 +48,8 @@ class Target:
 
     pid: int | None = None
     """A worker's PID (signal kinds)."""
+    pids: tuple[int, ...] = ()
+    """Every worker PID on one node (node)."""
     cluster: Any = None
     """A ray.cluster_utils.Cluster (node kinds)."""
     node_id: str | None = None
@@ -67,6 +70,14 @@ def inflict(kind: ExternalKind, target: Target) -> str:
         assert target.pid is not None, f"{kind.value} needs a worker pid"
         os.kill(target.pid, SIGNALS[kind])
         return f"{SIGNALS[kind].name} -> pid {target.pid}"
+    if kind is ExternalKind.NODE_WORKERS:
+        assert target.pids, "node needs the PIDs of the node's workers"
+        for pid in target.pids:  # back to back: the ranks of a lost host die within microseconds
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return f"SIGKILL -> pids {', '.join(map(str, target.pids))} (one node)"
     if kind is ExternalKind.NODE_REMOVE:
         node = find_node(target.cluster, target.node_id)
         target.cluster.remove_node(node, allow_graceful=False)

@@ -1,12 +1,14 @@
 """`elastic chaos URI`: inject faults into a live run, at random, for users testing their setup.
 
-    elastic chaos URI --mtbf 20s --faults kill,sigterm,stop --max-faults N --duration 120s --seed S
+    elastic chaos URI --mtbf 20s --faults kill,sigterm,stop,node --max-faults N --duration 120s --seed S
 
 Follows URI/events.jsonl: the newest `group_built` names the workers (rank, pid), `worker_failed`
 and `worker_left` remove them, `run_finished` / `run_failed` end the session. Faults arrive with
 exponential inter-arrival times (mean: mtbf) against a worker drawn at random, until max_faults
-were injected, the duration passed, or the run ended. Signals go to PIDs on this machine: run it
-on the node that hosts the workers (a local run, or one node of a cluster: only its workers are hit).
+were injected, the duration passed, or the run ended. `node` SIGKILLs every live worker on the
+drawn worker's Ray node at once (a lost host; on a one-node run that is every worker). Signals go
+to PIDs on this machine: run it on the node that hosts the workers (a local run, or one node of a
+cluster: only its workers are hit).
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from elastic.chaos import procs
 from elastic.chaos.external import SIGNALS, ExternalKind, Target, inflict
 from elastic.events import read_events
 
-WORKER_KINDS = tuple(k.value for k in SIGNALS)  # kill, segv, sigterm, stop
+TOOL_KINDS = (*SIGNALS, ExternalKind.NODE_WORKERS)
+WORKER_KINDS = tuple(k.value for k in TOOL_KINDS)  # kill, segv, sigterm, stop, node
 
 
 @dataclass
 class ChaosReport:
     actions: list[dict] = field(default_factory=list)
-    """Each: time (s since start), kind, pid, rank, generation."""
+    """Each: time (s since start), kind, pids, ranks, generation."""
     ended_by: str = ""
     """max_faults, duration, run_finished, run_failed."""
 
@@ -67,9 +70,12 @@ def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("k
               out: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
               sleep: Callable[[float], None] = time.sleep, poll_s: float = 0.2) -> ChaosReport:
     """Inject up to `max_faults` faults into the live run at `uri` within `duration_s`; see module doc."""
-    kinds = [ExternalKind(f) for f in faults]
+    try:
+        kinds = [ExternalKind(f) for f in faults]
+    except ValueError as exc:
+        raise ValueError(f"{exc}: use {', '.join(WORKER_KINDS)}") from None
     for k in kinds:
-        if k not in SIGNALS:
+        if k not in TOOL_KINDS:
             raise ValueError(f"fault {k.value!r} is not injectable by this tool: use {', '.join(WORKER_KINDS)}")
     if mtbf_s <= 0 or duration_s <= 0 or max_faults < 0:
         raise ValueError("mtbf and duration must be > 0, max_faults >= 0")
@@ -103,16 +109,19 @@ def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("k
             continue
         victim = rng.choice(members)
         kind = rng.choice(kinds)
+        hit = [victim]
+        if kind is ExternalKind.NODE_WORKERS:
+            hit = [m for m in members if m.get("node_id") == victim.get("node_id")] or hit
         try:
-            inflict(kind, Target(pid=int(victim["pid"])))
+            inflict(kind, Target(pid=int(victim["pid"]), pids=tuple(int(m["pid"]) for m in hit)))
         except ProcessLookupError:
             sleep(poll_s)
             continue
-        action = {"time": round(clock() - t0, 3), "kind": kind.value, "pid": victim["pid"], "rank": victim["rank"],
-                  "generation": generation}
+        action = {"time": round(clock() - t0, 3), "kind": kind.value, "pids": [int(m["pid"]) for m in hit],
+                  "ranks": [m["rank"] for m in hit], "generation": generation}
         report.actions.append(action)
-        out(f"chaos: t={action['time']:.2f}s {kind.value} pid={victim['pid']} rank={victim['rank']} "
-            f"generation={generation}")
+        out(f"chaos: t={action['time']:.2f}s {kind.value} pid={','.join(map(str, action['pids']))} "
+            f"rank={','.join(map(str, action['ranks']))} generation={generation}")
         next_at = clock() + rng.expovariate(1.0 / mtbf_s)
     out(report.summary())
     return report
