@@ -68,8 +68,10 @@ class FakeGroup:
         self.reason: dict[int, str] = {}  # why a parked worker parked: pause | broken
         self.sticky: set[int] = set()
         self.events: dict[int, list[dict]] = {}
+        self.requests: list[tuple[int, bool]] = []  # (n, background)
 
-    def request(self, n: int) -> list[int]:
+    def request(self, n: int, *, background: bool = False) -> list[int]:
+        self.requests.append((n, background))
         ids = list(range(self._next, self._next + n))
         self._next += n
         self._pending += ids
@@ -212,6 +214,22 @@ def test_worker_death_keeps_survivor_and_replaces_at_same_size():
     failed = [e for e in events.events if e["event"] == "worker_failed"]
     assert [e["worker"] for e in failed] == [1] and failed[0]["pid"] == 10_001
     assert [r["failure"] for r in ctl.recoveries] == [True] and ctl.recoveries[0]["world_size"] == 2
+
+
+def test_workers_requested_while_others_train_start_in_the_background():
+    # Wait mode: the survivors wait for the replacement, so it starts at full priority.
+    g = FakeGroup(capacity=3)
+    g.die_at = {1: 5}
+    ctl, _, _ = make(g)
+    run_states(ctl)
+    assert g.requests == [(2, False), (1, False)]
+    # With a spare: the spare replaces the dead rank at once, and the next spare is requested while
+    # the group trains, so it starts in the background.
+    g = FakeGroup(capacity=4)
+    g.die_at = {1: 5}
+    ctl, _, _ = make(g, spares=1)
+    run_states(ctl)
+    assert g.requests[0] == (3, False) and g.requests[1:] == [(1, True)], g.requests
 
 
 def test_cascading_failures_each_get_a_recovery_record():

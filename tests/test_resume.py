@@ -23,7 +23,7 @@ def _fit(uri: str, steps: int, workers: int = 2, **cfg) -> elastic.Result:
     ).fit(quiet=True)
 
 
-@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("workers", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_stop_and_resume_equals_straight_run(ray_local, tmp_path, workers):
     straight = tmp_path / "straight"
     split = tmp_path / "split"

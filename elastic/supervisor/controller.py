@@ -155,7 +155,7 @@ class Controller:
             if self._newcomers(limit=1):
                 self.group.request_pause(self.members)
                 return Resizing(reason="grow", since=self.clock())
-        self._top_up()
+        self._top_up(background=True)
         self.sleep(self._failure.poll_interval_s)
         return state
 
@@ -243,7 +243,7 @@ class Controller:
         no_room_since: float | None = None
         while len(members) < sc.max_workers and self.clock() < deadline:
             if sc.replacement == "continue" and len(members) >= sc.min_workers:
-                self._top_up()  # the replacement joins later, through a resize
+                self._top_up(background=True)  # the replacement joins later, through a resize
                 break
             self._top_up()
             self.group.refresh()
@@ -329,12 +329,13 @@ class Controller:
         taken = set(self.members) | set(exclude or [])
         return [w for w in self.group.ready() if w not in taken][:limit]
 
-    def _top_up(self) -> None:
+    def _top_up(self, *, background: bool = False) -> None:
+        """Keep max_workers + spares requested; `background` when the group trains meanwhile."""
         sc = self._scaling
         assert sc.max_workers is not None
         have = len(set(self.group.ready()) | set(self.group.pending()))
         if have < sc.max_workers + sc.spares:
-            self.group.request(sc.max_workers + sc.spares - have)
+            self.group.request(sc.max_workers + sc.spares - have, background=background)
 
     def _final_save(self, survivors: list[int]) -> None:
         """The run ends unfinished: have the survivors commit the newest state they hold, so that

@@ -21,7 +21,7 @@ from elastic.worker.protocol import Assignment, WorkerInfo, WorkerPoll
 class WorkerGroup(Protocol):
     infos: dict[int, WorkerInfo]
 
-    def request(self, n: int) -> list[int]: ...
+    def request(self, n: int, *, background: bool = False) -> list[int]: ...
     def refresh(self) -> list[int]: ...
     def pending(self) -> list[int]: ...
     def ready(self) -> list[int]: ...
@@ -59,12 +59,14 @@ class RayWorkerGroup:
         self.infos: dict[int, WorkerInfo] = {}
         self._next_id = 0
 
-    def request(self, n: int) -> list[int]:
+    def request(self, n: int, *, background: bool = False) -> list[int]:
+        """Ask for n more workers; `background`: others are training meanwhile, so these start at
+        idle CPU priority (elastic.worker.priority)."""
         ids = []
         for _ in range(n):
             wid = self._next_id
             self._next_id += 1
-            actor = self._cls.remote(self._fn_ref, self._run, self._uri)
+            actor = self._cls.remote([self._fn_ref], self._run, self._uri, background)
             self._actors[wid] = actor
             self._info_refs[wid] = actor.info.remote()
             ids.append(wid)

@@ -5,25 +5,37 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ray
 
 from elastic.config import RunConfig
+from elastic.worker.priority import background_priority
 from elastic.worker.protocol import Assignment, WorkerInfo, WorkerPoll
-from elastic.worker.runtime import WorkerRuntime
+
+if TYPE_CHECKING:
+    from elastic.worker.runtime import WorkerRuntime
 
 
 class WorkerActor:
-    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, uri: str):
-        self._rt = WorkerRuntime(fn, run, uri)
-        # A spot VM gets SIGTERM before it is reclaimed: turn it into a graceful leave at the next
-        # step boundary instead of dying mid-step. Sync actors run __init__ on the main thread.
-        try:
-            signal.signal(signal.SIGTERM, lambda *_: self._rt.request_preempt())
-        except ValueError:
-            pass
-        _warm_up()
+    def __init__(self, fn_box: list[ray.ObjectRef], run: RunConfig, uri: str, background: bool = False):
+        # A worker started while others train (a spare, a replacement that joins later) pays its
+        # start-up (torch import, warm-up: seconds of CPU) at idle priority, so that it does not
+        # slow the training ranks it shares cores with. This module imports no torch for that
+        # reason, and the training function comes boxed (Ray does not resolve a reference inside a
+        # list): unpickling it imports the user's module, and with it torch, inside the block.
+        with background_priority(background):
+            from elastic.worker.runtime import WorkerRuntime
+
+            fn: Callable[[dict], Any] = ray.get(fn_box[0])
+            self._rt: WorkerRuntime = WorkerRuntime(fn, run, uri)
+            # A spot VM gets SIGTERM before it is reclaimed: turn it into a graceful leave at the next
+            # step boundary instead of dying mid-step. Sync actors run __init__ on the main thread.
+            try:
+                signal.signal(signal.SIGTERM, lambda *_: self._rt.request_preempt())
+            except ValueError:
+                pass
+            _warm_up()
 
     def info(self) -> WorkerInfo:
         ctx = ray.get_runtime_context()
