@@ -1,18 +1,32 @@
-"""Unit: a background worker's start-up runs at SCHED_IDLE and every thread comes back to normal."""
+"""A background worker's start-up runs at SCHED_IDLE, every thread comes back to normal, and what
+it relies on: loading the actor class imports no torch."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
 from elastic.worker.priority import background_priority, can_restore
 
-pytestmark = [pytest.mark.timeout(30),
-              pytest.mark.skipif(not can_restore(), reason="this process may not leave SCHED_IDLE (RLIMIT_NICE)")]
+pytestmark = pytest.mark.timeout(60)
+needs_restore = pytest.mark.skipif(not can_restore(), reason="this process may not leave SCHED_IDLE (RLIMIT_NICE)")
 
 
+def test_the_actor_module_and_the_package_import_no_torch():
+    # The worker actor lowers its priority before importing torch: that only helps if loading the
+    # actor class (and `import elastic`) does not import torch already. Every exported name resolves.
+    code = ("import sys, elastic, elastic.worker.actor; assert 'torch' not in sys.modules, 'torch imported'; "
+            "[getattr(elastic, n) for n in elastic.__all__]; assert 'torch' in sys.modules")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+@needs_restore
 def test_block_runs_idle_and_every_thread_it_started_comes_back():
     started = threading.Event()
     stop = threading.Event()
@@ -38,3 +52,22 @@ def test_block_runs_idle_and_every_thread_it_started_comes_back():
 def test_disabled_leaves_priority_alone():
     with background_priority(False) as lowered:
         assert not lowered and os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+@needs_restore
+def test_idle_priority_ends_after_the_cap_even_while_the_block_runs():
+    helper_ready = threading.Event()
+    stop = threading.Event()
+    t = threading.Thread(target=lambda: (helper_ready.set(), stop.wait(10)))
+    with background_priority(True, max_idle_s=0.3) as lowered:
+        assert lowered and os.sched_getscheduler(0) == os.SCHED_IDLE
+        t.start()
+        assert helper_ready.wait(10)
+        deadline = time.monotonic() + 10
+        while os.sched_getscheduler(0) != os.SCHED_OTHER and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # Back to normal inside the block, for the thread it started too.
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+        assert os.sched_getscheduler(t.native_id) == os.SCHED_OTHER
+    stop.set()
+    t.join(10)

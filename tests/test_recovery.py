@@ -7,6 +7,7 @@ import pytest
 import elastic
 from conftest import assert_models_equal, final_model
 from elastic.chaos.faults import fired
+from elastic.worker.priority import can_restore
 import jobs
 
 pytestmark = pytest.mark.timeout(180)
@@ -14,10 +15,11 @@ pytestmark = pytest.mark.timeout(180)
 STEPS = 40
 
 
-def _fit(uri, workers=2, faults=(), marker_dir="/tmp", max_failures=3, spares=0, **failure_kw):
+def _fit(uri, workers=2, faults=(), marker_dir="/tmp", max_failures=3, spares=0, step_sleep=0.0, **failure_kw):
     return elastic.ElasticTrainer(
         jobs.train,
-        train_loop_config={"steps": STEPS, "faults": list(faults), "marker_dir": str(marker_dir)},
+        train_loop_config={"steps": STEPS, "faults": list(faults), "marker_dir": str(marker_dir),
+                           "step_sleep": step_sleep},
         scaling=elastic.ScalingConfig(min_workers=workers, max_workers=workers, spares=spares, placement_timeout_s=30),
         checkpoint=elastic.CheckpointConfig(uri=str(uri), every_n_steps=10, keep_last=2),
         failure=elastic.FailureConfig(max_failures=max_failures, **{"collective_timeout_s": 8, "poll_timeout_s": 2,
@@ -82,6 +84,25 @@ def test_two_kills_in_a_row(reference, tmp_path):
     r = _fit(tmp_path / "run", 2, faults=faults, marker_dir=tmp_path)
     assert r.ok, r.error
     assert len(fired(tmp_path)) == 2 and r.failures == 2
+    assert_models_equal(reference[2], final_model(str(tmp_path / "run")))
+
+
+def test_spares_replace_two_kills_and_the_next_spare_starts_in_the_background(reference, tmp_path):
+    # 0.3 s steps: the first kill (3 s in) finds the first spare ready, and the spare asked for
+    # then has ~7 s, at idle priority on cores the ranks leave free, before the second kill.
+    faults = [{"kind": "sigkill", "step": 10, "rank": 1}, {"kind": "sigkill", "step": 33, "rank": 0}]
+    r = _fit(tmp_path / "run", 2, faults=faults, marker_dir=tmp_path, spares=1, step_sleep=0.3)
+    assert r.ok, r.error
+    assert len(fired(tmp_path)) == 2 and r.failures == 2
+    started = {e["worker"]: e for e in r.events if e["event"] == "worker_started"}
+    # Workers 0-2 start with the run, in the foreground: the first two ready form generation 0, the
+    # third is the spare that replaces the first victim. Worker 3 is the spare asked for while the
+    # rebuilt group trains: its start-up ran at idle priority where the process may come back from
+    # it (root or RLIMIT_NICE), and it replaced the second victim.
+    assert sorted(started) == [0, 1, 2, 3], sorted(started)
+    assert sorted(started[w]["generation"] for w in (0, 1, 2)) == [0, 0, 1] and started[3]["generation"] == 2
+    assert not any(started[w]["background_startup"] for w in (0, 1, 2))
+    assert started[3]["background_startup"] is can_restore()
     assert_models_equal(reference[2], final_model(str(tmp_path / "run")))
 
 

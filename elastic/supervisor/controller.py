@@ -293,7 +293,8 @@ class Controller:
                 local_rank=local_rank, mode=mode)
             if wid not in self._joined:
                 self._joined.add(wid)
-                self._emit_worker("worker_started", wid, generation=g)
+                self._emit_worker("worker_started", wid, generation=g,
+                                  background_startup=info.background_startup if info else None)
         # A worker that refuses its assignment is lost: killing it breaks the new group at once,
         # and the next poll turns that into a failure (never a silent wait).
         for wid in self.group.start(assignments, self._failure.poll_timeout_s + 10.0):

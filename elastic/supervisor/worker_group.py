@@ -50,7 +50,7 @@ class RayWorkerGroup:
             max_restarts=0,
             max_task_retries=0,
         )
-        # Top-level ObjectRef arguments are resolved by Ray: the function is serialized once.
+        # Serialized once; each actor gets the reference boxed and fetches it itself (WorkerActor).
         self._fn_ref = ray.put(fn)
         self._run = run
         self._uri = uri

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from elastic.worker.runtime import WorkerRuntime
 
 
+FN_FETCH_TIMEOUT_S = 60.0
+
+
 class WorkerActor:
     def __init__(self, fn_box: list[ray.ObjectRef], run: RunConfig, uri: str, background: bool = False):
         # A worker started while others train (a spare, a replacement that joins later) pays its
@@ -24,10 +27,11 @@ class WorkerActor:
         # slow the training ranks it shares cores with. This module imports no torch for that
         # reason, and the training function comes boxed (Ray does not resolve a reference inside a
         # list): unpickling it imports the user's module, and with it torch, inside the block.
-        with background_priority(background):
+        with background_priority(background) as lowered:
             from elastic.worker.runtime import WorkerRuntime
 
-            fn: Callable[[dict], Any] = ray.get(fn_box[0])
+            # Bounded: a supervisor that died meanwhile must fail this start, not park it.
+            fn: Callable[[dict], Any] = ray.get(fn_box[0], timeout=FN_FETCH_TIMEOUT_S)
             self._rt: WorkerRuntime = WorkerRuntime(fn, run, uri)
             # A spot VM gets SIGTERM before it is reclaimed: turn it into a graceful leave at the next
             # step boundary instead of dying mid-step. Sync actors run __init__ on the main thread.
@@ -36,10 +40,12 @@ class WorkerActor:
             except ValueError:
                 pass
             _warm_up()
+        self._background = lowered
 
     def info(self) -> WorkerInfo:
         ctx = ray.get_runtime_context()
-        return WorkerInfo(pid=os.getpid(), node_id=ctx.get_node_id(), ip=ray.util.get_node_ip_address())
+        return WorkerInfo(pid=os.getpid(), node_id=ctx.get_node_id(), ip=ray.util.get_node_ip_address(),
+                          background_startup=self._background)
 
     def start(self, assignment: Assignment) -> None:
         self._rt.start(assignment)

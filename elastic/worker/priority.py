@@ -3,16 +3,20 @@
 SCHED_IDLE (not nice): a process may raise its nice value but not lower it again without
 privilege, while leaving SCHED_IDLE is allowed wherever RLIMIT_NICE permits nice 0 (root, or a
 raised limit). Where it is not allowed the start-up simply runs at normal priority.
+
+Bounded: on cores the training ranks keep fully busy an idle-priority start-up gets no CPU at all,
+and a spare that never becomes ready cannot take the next failure. After MAX_IDLE_S the start-up
+goes on at normal priority, so it defers the competition for at most that long.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
+import threading
 from typing import Iterator
 
-log = logging.getLogger(__name__)
+MAX_IDLE_S = 5.0
 
 
 def can_restore() -> bool:
@@ -44,18 +48,32 @@ def _set_all(policy: int) -> None:
 
 
 @contextlib.contextmanager
-def background_priority(enabled: bool) -> Iterator[bool]:
-    """Run the block at SCHED_IDLE when `enabled` and the process can return to normal afterwards;
-    yields whether it did."""
+def background_priority(enabled: bool, *, max_idle_s: float = MAX_IDLE_S) -> Iterator[bool]:
+    """Run the block at SCHED_IDLE (for at most `max_idle_s`) when `enabled` and the process can
+    return to normal afterwards; yields whether it lowered the priority."""
     if not enabled or not can_restore():
         yield False
         return
+    block_done = threading.Event()
+
+    def restore_when_due() -> None:
+        if not block_done.wait(max_idle_s):
+            _set_all(os.SCHED_OTHER)
+
+    # Started before lowering: this thread keeps normal priority, so it runs on time however busy
+    # the cores are.
+    timer = threading.Thread(target=restore_when_due, name="elastic-idle-cap", daemon=True)
+    timer.start()
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except OSError:
+        block_done.set()
+        timer.join()
         yield False
         return
     try:
         yield True
     finally:
+        block_done.set()
+        timer.join()
         _set_all(os.SCHED_OTHER)

@@ -43,3 +43,4 @@ class WorkerInfo:
     pid: int
     node_id: str
     ip: str
+    background_startup: bool = False  # its start-up ran at idle CPU priority (elastic.worker.priority)
