@@ -28,7 +28,8 @@ from elastic.chaos.external import ExternalKind, Target, inflict
 from elastic.chaos.faults import claim, fired_at
 from elastic.checkpoint import CheckpointStore
 from elastic.checkpoint.layout import COMMITTED
-from elastic.events import read_events
+from elastic.events import live_members, read_events
+from elastic.waiting import wait_until
 
 SEED_ENV = "CHAOS_SEED"
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,16 +127,6 @@ class Action:
     """node_add: CPUs of the new node."""
 
 
-def live_members(events: list[dict]) -> list[dict]:
-    """Members of the newest group, minus workers that failed or left since it was built."""
-    built = [i for i, e in enumerate(events) if e["event"] == "group_built"]
-    if not built:
-        return []
-    i = built[-1]
-    gone = {e.get("worker") for e in events[i:] if e["event"] in ("worker_failed", "worker_left")}
-    return [m for m in events[i]["members"] if m["worker"] not in gone]
-
-
 class Chaos(threading.Thread):
     """Carries out a list of external actions, in order, against one run."""
 
@@ -149,18 +140,13 @@ class Chaos(threading.Thread):
         self.error: str | None = None
 
     def _events(self) -> list[dict]:
-        try:
-            return read_events(f"file://{self.job.run_dir}")
-        except Exception:  # noqa: BLE001 - a line half-written right now: read again next time
-            return []
+        return read_events(f"file://{self.job.run_dir}")
 
     def _wait(self, cond) -> Any:
-        while not self.stop.is_set() and time.monotonic() < self.deadline:
-            got = cond()
-            if got:
-                return got
-            time.sleep(0.02)
-        return None
+        if self.stop.is_set():
+            return None
+        return wait_until(cond, timeout_s=max(0.0, self.deadline - time.monotonic()), interval_s=0.02,
+                          sleep=self.stop.wait)
 
     def _trigger(self, t: Trigger, since: float) -> bool:
         if t.kind == "now":
@@ -190,7 +176,7 @@ class Chaos(threading.Thread):
                 target = Target(cluster=self.cluster, driver=self.driver, num_cpus=a.num_cpus, uri=self.job.uri)
                 rank = None
                 if a.kind.targets_worker or a.kind is ExternalKind.NODE_REMOVE:
-                    members = self._wait(lambda: live_members(self._events())) or []
+                    members = self._wait(lambda: live_members(self._events())[1]) or []
                     pick = [m for m in members if m["rank"] == a.rank] or members
                     if not pick:
                         self.error = f"action {i} ({a.kind.value}): no live worker"

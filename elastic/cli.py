@@ -15,7 +15,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from elastic.config import CheckpointConfig, FailureConfig, ScalingConfig
+from elastic import cli_options
+from elastic.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from elastic.errors import ConfigError, ElasticError
 
 
@@ -62,82 +63,67 @@ def load_entrypoint(spec: str) -> Callable[[dict], Any]:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--min-workers", type=int, default=1)
-    p.add_argument("--max-workers", type=int, default=None)
-    p.add_argument("--spares", type=int, default=0)
-    p.add_argument("--replacement", choices=["wait", "continue"], default="wait",
-                   help="after a failure without a spare: wait for a replacement (same world size) or "
-                        "continue with the survivors and grow back later")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--placement-timeout", type=float, default=60.0, help="seconds to wait for min workers")
-    p.add_argument("--checkpoint-uri", default=None, help="file://, s3://, any fsspec URL or a path")
-    p.add_argument("--every-n-steps", type=int, default=100)
-    p.add_argument("--keep-last", type=int, default=3)
-    p.add_argument("--sync-checkpoints", action="store_true", help="write checkpoints in the foreground")
-    p.add_argument("--max-failures", type=int, default=3)
-    p.add_argument("--collective-timeout", type=float, default=30.0)
-    p.add_argument("--hang-timeout", type=float, default=300.0)
-    p.add_argument("--snapshot-every", type=int, default=1,
-                   help="steps between in-memory snapshots (= most steps lost per failure)")
-    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default=None)
-    p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
-    p.add_argument("--quiet", action="store_true")
+    cli_options.add_options(p)  # one per config field: names, defaults and help come from the configs
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="the training function's config, repeatable; values parse as JSON where they can")
+    p.add_argument("--address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS if set, "
+                                                   "else a local one)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
-def _trainer_from_args(args: argparse.Namespace, fn: Callable, entry: str) -> Any:
+def _configs(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's configs: `base` (a stored spec) overridden by what the command line gives. Each is
+    validated as it is built, before anything starts."""
+    base = base or {}
+    return {
+        "scaling": ScalingConfig(**{**base.get("scaling", {}), **cli_options.given(args, ScalingConfig)}),
+        "checkpoint": CheckpointConfig(**{**base.get("checkpoint", {}), **cli_options.given(args, CheckpointConfig)}),
+        "failure": FailureConfig(**{**base.get("failure", {}), **cli_options.given(args, FailureConfig)}),
+        "run": cli_options.given(args, RunConfig),
+    }
+
+
+def _trainer(fn: Callable, entry: str, args: argparse.Namespace, cfg: dict[str, Any],
+             train_loop_config: dict[str, Any], name: str | None = None, seed: int | None = None) -> Any:
     from elastic.trainer import ElasticTrainer
 
+    run = cfg["run"]
     return ElasticTrainer(
-        fn,
-        train_loop_config=parse_config_pairs(args.config),
-        scaling=ScalingConfig(min_workers=args.min_workers, max_workers=args.max_workers, spares=args.spares,
-                              replacement=args.replacement, cpus_per_worker=args.cpus_per_worker,
-                              gpus_per_worker=args.gpus_per_worker,
-                              placement_timeout_s=args.placement_timeout),
-        checkpoint=CheckpointConfig(uri=args.checkpoint_uri, every_n_steps=args.every_n_steps,
-                                    keep_last=args.keep_last, async_save=not args.sync_checkpoints),
-        failure=FailureConfig(max_failures=args.max_failures, collective_timeout_s=args.collective_timeout,
-                              hang_timeout_s=args.hang_timeout, snapshot_every_n_steps=args.snapshot_every),
-        name=args.name or Path(entry.rsplit(":", 1)[0]).stem,
-        seed=args.seed,
-        address=args.address,
-        entrypoint=entry,
-    )
+        fn, train_loop_config=train_loop_config, scaling=cfg["scaling"], checkpoint=cfg["checkpoint"],
+        failure=cfg["failure"], name=run.get("name") or name or Path(entry.rsplit(":", 1)[0]).stem,
+        seed=run.get("seed", seed if seed is not None else 0),
+        progress_interval_s=run.get("progress_interval_s", 5.0), address=args.address, entrypoint=entry)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     # Validate everything cheap before Ray starts.
-    parse_config_pairs(args.config)
-    ScalingConfig(min_workers=args.min_workers, max_workers=args.max_workers, spares=args.spares)
-    if args.checkpoint_uri:
+    loop_config = parse_config_pairs(args.config)
+    cfg = _configs(args)
+    if cfg["checkpoint"].uri:
         from elastic.storage import resolve
 
-        resolve(args.checkpoint_uri)
+        resolve(cfg["checkpoint"].uri)
     fn = load_entrypoint(args.entrypoint)
-    trainer = _trainer_from_args(args, fn, args.entrypoint)
-    result = trainer.fit(raise_on_failure=False, quiet=args.quiet)
-    if not result.ok:
-        print(f"error: {(result.error or 'training failed').strip().splitlines()[-1]}", file=sys.stderr)
-    return result.exit_code
+    trainer = _trainer(fn, args.entrypoint, args, cfg, loop_config)
+    return _finish(trainer.fit(raise_on_failure=False, quiet=args.quiet))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from elastic.trainer import ElasticTrainer, load_spec
+    from elastic.trainer import load_spec
 
     spec = load_spec(args.uri)
     if spec is None:
         raise ConfigError(f"no run at {args.uri!r} (no run.json): start one with `elastic run FILE.py:FN "
                           "--checkpoint-uri URI`")
+    cfg = _configs(args, spec)
+    loop_config = {**spec["train_loop_config"], **parse_config_pairs(args.config)}
     fn = load_entrypoint(spec["entrypoint"])
-    trainer = ElasticTrainer(
-        fn, train_loop_config=spec["train_loop_config"], scaling=ScalingConfig(**spec["scaling"]),
-        checkpoint=CheckpointConfig(**spec["checkpoint"]), failure=FailureConfig(**spec["failure"]),
-        name=spec.get("name", "elastic"), seed=spec.get("seed", 0), address=args.address,
-        entrypoint=spec["entrypoint"])
-    result = trainer.fit(raise_on_failure=False, quiet=args.quiet)
+    trainer = _trainer(fn, spec["entrypoint"], args, cfg, loop_config, name=spec.get("name", "elastic"),
+                       seed=spec.get("seed", 0))
+    return _finish(trainer.fit(raise_on_failure=False, quiet=args.quiet))
+
+
+def _finish(result: Any) -> int:
     if not result.ok:
         print(f"error: {(result.error or 'training failed').strip().splitlines()[-1]}", file=sys.stderr)
     return result.exit_code
@@ -150,10 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("entrypoint", help="FILE.py:FUNCTION")
     _add_run_options(p)
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("resume", help="continue a run from its checkpoint location with its stored spec")
+    p = sub.add_parser("resume", help="continue a run from its checkpoint location with its stored spec "
+                                      "(options given here override the stored ones)")
     p.add_argument("uri")
-    p.add_argument("--address", default=None)
-    p.add_argument("--quiet", action="store_true")
+    _add_run_options(p)
     p.set_defaults(func=cmd_resume)
     p = sub.add_parser("ls", help="list checkpoints at a location")
     p.add_argument("uri")

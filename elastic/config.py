@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from elastic.errors import ConfigError
 
@@ -15,6 +15,19 @@ from elastic.errors import ConfigError
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+MAX_DURATION_S = 1e8
+"""Longest duration any option accepts (about 3 years): beyond it timers overflow."""
+
+
+def require_duration(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """A duration must be a finite number of seconds, > 0 (>= 0 with allow_zero) and at most
+    MAX_DURATION_S: inf or nan would make a bounded wait unbounded."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        value >= 0 if allow_zero else value > 0) and value <= MAX_DURATION_S
+    _require(ok, f"{name} must be a finite number of seconds {'>= 0' if allow_zero else '> 0'} and at most "
+                 f"{MAX_DURATION_S:g}, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -49,11 +62,13 @@ class ScalingConfig:
             f"min_workers ({self.min_workers}) > max_workers ({self.max_workers}): "
             "set --min-workers at or below --max-workers",
         )
-        _require(self.cpus_per_worker >= 0, "cpus_per_worker must be >= 0")
-        _require(self.gpus_per_worker >= 0, "gpus_per_worker must be >= 0")
+        _require(math.isfinite(self.cpus_per_worker) and self.cpus_per_worker >= 0,
+                 f"cpus_per_worker must be a finite number >= 0, got {self.cpus_per_worker}")
+        _require(math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0,
+                 f"gpus_per_worker must be a finite number >= 0, got {self.gpus_per_worker}")
         _require(self.spares >= 0, f"spares must be >= 0, got {self.spares}")
-        _require(self.placement_timeout_s > 0, "placement_timeout_s must be > 0")
-        _require(self.grow_interval_s > 0, "grow_interval_s must be > 0")
+        require_duration("placement_timeout_s", self.placement_timeout_s)
+        require_duration("grow_interval_s", self.grow_interval_s)
         _require(self.replacement in ("wait", "continue"), "replacement must be 'wait' or 'continue'")
 
     @property
@@ -72,16 +87,22 @@ class CheckpointConfig:
     every_n_steps: int = 100
     """Commit a durable checkpoint every this many steps (0: only at the end and on preemption)."""
     keep_last: int = 3
-    """Committed checkpoints to keep; older ones are deleted after each commit."""
+    """Committed checkpoints to keep; older ones are deleted after each commit (0 keeps all). The
+    newest checkpoint that verifies is never deleted."""
     async_save: bool = True
     """Write shards in the background; the loop only stalls for the copy into host memory."""
     when_busy: Literal["wait", "skip"] = "wait"
     """If a save is due while the previous one is still writing: wait for it, or skip this one."""
+    commit_timeout_s: float = 300.0
+    """How long a save may take from the first shard write to the commit (the coordinator waits
+    this long for every rank's shard, the other ranks as long for its verdict) before it is
+    abandoned, uncommitted."""
 
     def __post_init__(self) -> None:
         _require(self.every_n_steps >= 0, f"every_n_steps must be >= 0, got {self.every_n_steps}")
-        _require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        _require(self.keep_last >= 0, f"keep_last must be >= 0 (0 keeps all), got {self.keep_last}")
         _require(self.when_busy in ("wait", "skip"), "when_busy must be 'wait' or 'skip'")
+        require_duration("commit_timeout_s", self.commit_timeout_s)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -112,11 +133,10 @@ class FailureConfig:
     def __post_init__(self) -> None:
         _require(self.max_failures >= -1, "max_failures must be >= -1 (-1: unlimited)")
         for name in ("collective_timeout_s", "hang_timeout_s", "poll_interval_s", "poll_timeout_s"):
-            value = getattr(self, name)
-            _require(value > 0 and math.isfinite(value), f"{name} must be a positive number")
-        _require(self.backoff_base_s >= 0, "backoff_base_s must be >= 0")
+            require_duration(name, getattr(self, name))
+        for name in ("backoff_base_s", "backoff_max_s", "below_min_wait_s"):
+            require_duration(name, getattr(self, name), allow_zero=True)
         _require(self.backoff_max_s >= self.backoff_base_s, "backoff_max_s must be >= backoff_base_s")
-        _require(self.below_min_wait_s >= 0, "below_min_wait_s must be >= 0")
         _require(self.snapshot_every_n_steps >= 1, "snapshot_every_n_steps must be >= 1")
 
     def failures_left(self, used: int) -> bool:
@@ -143,3 +163,9 @@ class RunConfig:
     """Seconds between progress lines."""
     seed: int = 0
     """Seeds torch on every rank before the training function is entered."""
+    policy: Any = None
+    """What the supervisor decides on failures, preemptions and room to grow: an object with the
+    methods of elastic.supervisor.policy.DefaultPolicy (None: DefaultPolicy())."""
+
+    def __post_init__(self) -> None:
+        require_duration("progress_interval_s", self.progress_interval_s)

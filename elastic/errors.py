@@ -8,6 +8,17 @@ pickles without a custom __reduce__).
 from __future__ import annotations
 
 
+def exception_chain(exc: BaseException, limit: int = 8) -> list[BaseException]:
+    """The exception and what it was raised from or during (libraries wrap: s3fs puts the botocore
+    error in __cause__), newest first, without cycles."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen and len(seen) < limit:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
 class ElasticError(Exception):
     """Base of every error elastic raises on purpose."""
 

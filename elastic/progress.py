@@ -1,5 +1,5 @@
 """Human-readable progress for a run: one line every few seconds, and each membership event as it
-happens."""
+happens (the events marked `shown` in elastic.events.Event)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,9 @@ import sys
 import time
 from typing import Any, TextIO
 
-_SHOWN = {
-    "run_started", "group_built", "group_failed", "worker_failed", "worker_left", "recovered", "resized", "preemption_notice",
-    "checkpoint_committed", "restored", "waiting_for_workers", "run_finished", "run_failed",
-}
+from elastic.events import Event, format_event
 
-
-def format_event(ev: dict[str, Any]) -> str:
-    name = ev.get("event", "?")
-    fields = {k: v for k, v in ev.items() if k not in ("event", "time", "members", "uri", "node_id") and v is not None}
-    if isinstance(fields.get("error"), str):
-        fields["error"] = fields["error"].strip().splitlines()[-1]
-    if name == "group_built":
-        fields["pids"] = [m.get("pid") for m in ev.get("members", [])]
-    text = " ".join(f"{k}={v}" for k, v in fields.items())
-    stamp = time.strftime("%H:%M:%S", time.localtime(ev.get("time", time.time())))
-    return f"[elastic {stamp}] {name:<20} {text}"
+_SHOWN = {e.value for e in Event if e.shown}
 
 
 class ProgressPrinter:
@@ -33,8 +20,9 @@ class ProgressPrinter:
 
     def events(self, events: list[dict[str, Any]]) -> None:
         for ev in events:
-            if ev.get("event") in _SHOWN and not (ev.get("event") == "restored" and ev.get("rank") not in (0, None)):
-                print(format_event(ev), file=self.out, flush=True)
+            # One `restored` line per group (rank 0's), not one per rank.
+            if ev.get("event") in _SHOWN and not (ev.get("event") == Event.RESTORED and ev.get("rank") not in (0, None)):
+                print(format_event(ev, brief=True), file=self.out, flush=True)
 
     def progress(self, p: dict[str, Any], *, force: bool = False) -> None:
         now = time.monotonic()

@@ -26,7 +26,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from elastic.errors import StorageUnavailableError, TransientStorageError
+from elastic.errors import StorageUnavailableError, TransientStorageError, exception_chain
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,21 +72,11 @@ def _aws_code(exc: BaseException) -> tuple[str | None, int | None]:
     return (str(code) if code is not None else None), status
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """The exception and its causes (s3fs wraps the botocore error as __cause__)."""
-    seen: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and cur not in seen and len(seen) < 8:
-        seen.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return seen
-
-
 def is_permanent(exc: BaseException) -> bool:
     """Storage refuses us for good: retrying cannot help, the user must fix something."""
     if isinstance(exc, StorageUnavailableError):
         return True
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, PermissionError) or type(e).__name__ in _PERMANENT_CLASS_NAMES:
             return True
         code, status = _aws_code(e)
@@ -106,7 +96,7 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if is_permanent(exc):
         return False
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, (ConnectionError, TimeoutError)):
             return True
         if type(e).__name__ in _TRANSIENT_CLASS_NAMES:

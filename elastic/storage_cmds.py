@@ -17,12 +17,11 @@ import fsspec
 import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
-from elastic import retry, storage
+from elastic import retry, storage, tree
 from elastic.checkpoint import CheckpointStore
 from elastic.checkpoint.layout import COMMITTED
 from elastic.errors import ElasticError, NoCheckpointError
-
-EVENTS_FILE = "events.jsonl"
+from elastic.events import EVENTS_FILE, format_event, parse_lines
 
 
 def _guard(fn: Callable[[], int], err: TextIO | None = None) -> int:
@@ -182,36 +181,11 @@ def cmd_export(uri: str, out_path: str, step: int | None = None, *,
         full = cs.load_full(s)
         with fsspec.open(storage.normalize_uri(out_path), "wb") as f:
             torch.save(full, f)
-        n = _count_tensors(full)
+        n = tree.count_tensors(full)
         print(f"exported step {s} ({n} tensors) from {cs.step_uri(s)} to {out_path}", file=out)
         return 0
 
     return _guard(run)
-
-
-def _count_tensors(d: Any) -> int:
-    if isinstance(d, torch.Tensor):
-        return 1
-    if isinstance(d, dict):
-        return sum(_count_tensors(v) for v in d.values())
-    return 0
-
-
-def _fmt_value(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    if isinstance(v, str):
-        return v if v and not any(c.isspace() for c in v) else json.dumps(v)
-    return json.dumps(v, separators=(",", ":"))
-
-
-def format_event(doc: dict[str, Any]) -> str:
-    """`12:00:01.123  worker_failed  rank=1 pid=123 ...` (local time)."""
-    t = doc.get("time")
-    ts = _dt.datetime.fromtimestamp(t).strftime("%H:%M:%S.%f")[:-3] if isinstance(
-        t, (int, float)) else "??:??:??.???"  # fmt: skip
-    fields = " ".join(f"{k}={_fmt_value(v)}" for k, v in doc.items() if k not in ("event", "time"))
-    return f"{ts}  {doc.get('event', '?')}  {fields}".rstrip()
 
 
 def cmd_events(uri: str, as_json: bool = False, *, out: TextIO | None = None) -> int:
@@ -238,12 +212,9 @@ def cmd_events(uri: str, as_json: bool = False, *, out: TextIO | None = None) ->
             if as_json:
                 print(line, file=out)
                 continue
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                print(f"?  {line}", file=out)  # a torn last line while the run writes
-                continue
-            print(format_event(doc) if isinstance(doc, dict) else f"?  {line}", file=out)
+            docs = parse_lines(line + "\n")
+            # A line that does not parse (torn while the run writes) is shown, marked, not guessed.
+            print(format_event(docs[0]) if docs else f"?  {line}", file=out)
         return 0
 
     return _guard(run)

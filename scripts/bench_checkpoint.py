@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
+from elastic import tree
 from elastic.checkpoint import Checkpointer
 
 
@@ -41,11 +42,7 @@ def make_state(mb: int) -> dict[str, Any]:
 
 
 def nbytes(d: Any) -> int:
-    if isinstance(d, torch.Tensor):
-        return d.numel() * d.element_size()
-    if isinstance(d, dict):
-        return sum(nbytes(v) for v in d.values())
-    return 0
+    return sum(t.numel() * t.element_size() for _, t in tree.tensor_leaves(d))
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -139,7 +136,7 @@ def main() -> None:
 
 
 def memcpy_floor(state: dict[str, Any], repeats: int = 5) -> float:
-    tensors = [t for t in _leaves(state)]
+    tensors = [t for _, t in tree.tensor_leaves(state)]
     bufs = [torch.empty_like(t) for t in tensors]
     times = []
     for _ in range(repeats):
@@ -148,14 +145,6 @@ def memcpy_floor(state: dict[str, Any], repeats: int = 5) -> float:
             b.copy_(t)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def _leaves(d: Any) -> list[torch.Tensor]:
-    if isinstance(d, torch.Tensor):
-        return [d]
-    if isinstance(d, dict):
-        return [t for v in d.values() for t in _leaves(v)]
-    return []
 
 
 def step_inflation(state: dict[str, Any], root_parent: str | None) -> float:

@@ -32,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
+from elastic.waiting import wait_until  # noqa: E402
 
 TARGETS = {"recovery_no_spare_s": 2.0, "recovery_spare_s": 1.0, "lost_steps": 1, "join_pause_s": 1.0}
 
@@ -116,9 +117,7 @@ def join_runs(joins: int, every: int, root: str) -> list[dict]:
             th = threading.Thread(target=lambda: box.update(r=fit(cfg, workers=2, max_workers=4, spares=0,
                                                                   every=every)), daemon=True)
             th.start()
-            deadline = time.time() + 120
-            while time.time() < deadline and len(bc.read_steps(run_dir)) < 40:
-                time.sleep(0.1)
+            wait_until(lambda: len(bc.read_steps(run_dir)) >= 40, timeout_s=120, interval_s=0.1)
             node = cluster.add_node(num_cpus=2)
             t_add = time.time()
             th.join(timeout=180)

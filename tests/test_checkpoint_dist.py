@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from elastic import tree
 from elastic.checkpoint import Checkpointer, CheckpointStore
 from elastic.checkpoint.faulty_fs import Fault, FaultyFileSystem
 
@@ -95,14 +96,6 @@ def run_world(
     return results
 
 
-def _all_tensors(d: Any) -> list[torch.Tensor]:
-    if isinstance(d, torch.Tensor):
-        return [d]
-    if isinstance(d, dict):
-        return [t for v in d.values() for t in _all_tensors(v)]
-    return []
-
-
 # -- rank functions (module level: spawn pickles them by name) -------------------------------
 def _save_two_steps(rank: int, ws: int, pg: Any, store: Any, raw: Any, uri: str) -> dict:
     ck = Checkpointer(uri, async_save=True, keep_last=3)
@@ -110,7 +103,7 @@ def _save_two_steps(rank: int, ws: int, pg: Any, store: Any, raw: Any, uri: str)
     committed: list[Any] = []
     ck.save(state, step=10, rank=rank, world_size=ws, pg=pg, store=store,
             on_commit=committed.append)  # fmt: skip
-    for t in _all_tensors(state):  # "training" changes the tensors while the write runs
+    for _, t in tree.tensor_leaves(state):  # "training" changes the tensors while the write runs
         t.add_(1.0)
     info = ck.wait(timeout_s=30)
     allocs = ck.buffers.allocations

@@ -29,10 +29,18 @@ def test_configs_are_frozen():
         s.min_workers = 5  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("kwargs", [{"every_n_steps": -1}, {"keep_last": 0}, {"when_busy": "later"}])
+@pytest.mark.parametrize("kwargs", [{"every_n_steps": -1}, {"keep_last": -1}, {"when_busy": "later"},
+                                    {"commit_timeout_s": float("inf")}])
 def test_checkpoint_config_validation(kwargs):
     with pytest.raises(ConfigError):
         elastic.CheckpointConfig(**kwargs)
+
+
+def test_keep_last_zero_keeps_all_in_the_config_and_the_checkpointer():
+    from elastic.checkpoint import Checkpointer
+
+    assert elastic.CheckpointConfig(keep_last=0).keep_last == 0
+    assert Checkpointer("memory://keep-all", keep_last=0).keep_last == 0
 
 
 def test_failure_config_budget_and_backoff():

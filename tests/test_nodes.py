@@ -12,19 +12,17 @@ import pytest
 import elastic
 from conftest import final_model
 from elastic.events import read_events
+from elastic.waiting import wait_until
 import jobs
 
 pytestmark = pytest.mark.timeout(240)
 
 
 def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+    value = wait_until(predicate, timeout_s=timeout_s, interval_s=0.1)
+    if not value:
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+    return value
 
 
 def built(uri: str) -> list[dict]:

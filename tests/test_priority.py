@@ -7,10 +7,10 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
+from elastic.waiting import wait_until
 from elastic.worker.priority import background_priority, can_restore
 
 pytestmark = pytest.mark.timeout(60)
@@ -63,9 +63,7 @@ def test_idle_priority_ends_after_the_cap_even_while_the_block_runs():
         assert lowered and os.sched_getscheduler(0) == os.SCHED_IDLE
         t.start()
         assert helper_ready.wait(10)
-        deadline = time.monotonic() + 10
-        while os.sched_getscheduler(0) != os.SCHED_OTHER and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: os.sched_getscheduler(0) == os.SCHED_OTHER, timeout_s=10, interval_s=0.02)
         # Back to normal inside the block, for the thread it started too.
         assert os.sched_getscheduler(0) == os.SCHED_OTHER
         assert os.sched_getscheduler(t.native_id) == os.SCHED_OTHER

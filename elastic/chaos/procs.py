@@ -8,8 +8,9 @@ worker or supervisor process outlives a run.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
+
+from elastic.waiting import wait_until
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,13 @@ def actor_processes(class_name: str, *, root: int | None = None, everywhere: boo
 def wait_gone(class_names: tuple[str, ...] = ("WorkerActor", "SupervisorActor"), *, timeout_s: float = 15.0,
               root: int | None = None, pids: set[int] | None = None) -> list[Proc]:
     """Wait until no such process is left (below root, or among `pids`); the ones still there."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def still_there() -> list[Proc]:
         left = [p for name in class_names for p in actor_processes(name, root=root, everywhere=pids is not None)]
-        if pids is not None:
-            left = [p for p in left if p.pid in pids]
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(0.1)
+        return [p for p in left if pids is None or p.pid in pids]
+
+    if wait_until(lambda: not still_there(), timeout_s=timeout_s, interval_s=0.1):
+        return []
+    return still_there()
 
 
 def alive(pid: int) -> bool:

@@ -22,7 +22,7 @@ from typing import Callable
 
 from elastic.chaos import procs
 from elastic.chaos.external import SIGNALS, ExternalKind, Target, inflict
-from elastic.events import read_events
+from elastic.events import ENDED, live_members, read_events
 
 TOOL_KINDS = (*SIGNALS, ExternalKind.NODE_WORKERS)
 WORKER_KINDS = tuple(k.value for k in TOOL_KINDS)  # kill, segv, sigterm, stop, node
@@ -55,16 +55,6 @@ def parse_seconds(text: str | float) -> float:
     return float(t)
 
 
-def live_workers(events: list[dict]) -> tuple[int, list[dict]]:
-    """(generation, members still alive) of the newest group in an event log."""
-    built = [i for i, e in enumerate(events) if e["event"] == "group_built"]
-    if not built:
-        return -1, []
-    i = built[-1]
-    gone = {e.get("worker") for e in events[i:] if e["event"] in ("worker_failed", "worker_left")}
-    return events[i]["generation"], [m for m in events[i]["members"] if m["worker"] not in gone]
-
-
 def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("kill",), max_faults: int = 3,
               duration_s: float = 120.0, seed: int | None = None, *,
               out: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
@@ -89,7 +79,7 @@ def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("k
     while True:
         now = clock()
         events = _read(uri)
-        ended = [e["event"] for e in events if e["event"] in ("run_finished", "run_failed")]
+        ended = [e["event"] for e in events if e["event"] in ENDED]
         if ended:
             report.ended_by = ended[-1]
             break
@@ -102,7 +92,7 @@ def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("k
         if now < next_at:
             sleep(min(poll_s, next_at - now))
             continue
-        generation, members = live_workers(events)
+        generation, members = live_members(events)
         members = [m for m in members if m.get("pid") and procs.alive(int(m["pid"]))]
         if not members:  # between groups: try again shortly, keeping the schedule's randomness
             sleep(poll_s)
@@ -130,7 +120,7 @@ def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("k
 def _read(uri: str) -> list[dict]:
     try:
         return read_events(uri)
-    except Exception:  # noqa: BLE001 - a line being written right now, or the log not there yet
+    except OSError:  # the log is not there yet, or storage hiccuped: read again at the next poll
         return []
 
 

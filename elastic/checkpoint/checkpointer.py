@@ -23,14 +23,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-from elastic import retry
+from elastic import retry, tree
 from elastic.checkpoint import commit, dcp_io
 from elastic.checkpoint.catalog import CheckpointStore
 from elastic.checkpoint.layout import (
     COMMITTED, DCP_METADATA, MANIFEST, CheckpointInfo, FileEntry, Manifest, crc32,
 )  # fmt: skip
-from elastic.checkpoint.state import HostBuffers, split_state
+from elastic.checkpoint.state import split_state
+from elastic.collectives import CollectiveClock, Collectives
 from elastic.errors import CheckpointError, ConfigError, StorageError, WorkerGroupError
+from elastic.hostbuf import HostBuffers
 
 log = logging.getLogger(__name__)
 COORDINATOR = 0
@@ -108,7 +110,8 @@ class Checkpointer:
         store: dist.Store | None,
         on_commit: Callable[[CheckpointInfo], None] | None = None,
     ) -> None:
-        """Checkpoint `state` at `step`; collective over `pg` (all ranks, same step and keys).
+        """Checkpoint `state` at `step`; collective over `pg` (all ranks, same step and keys): the
+        runtime's control plane (a Collectives) or any process group object.
 
         Async: returns once the tensors are copied (or at once when skipped as busy). Sync:
         returns after the commit; raises CheckpointError if the save did not commit.
@@ -120,22 +123,25 @@ class Checkpointer:
             raise ConfigError("save() with world_size > 1 needs the process group and the store")
         if store is None:
             store = dist.HashStore()
+        pg = as_collectives(pg)
         if not self._wait_or_skip(pg, world_size):
             log.info("checkpoint at step %d skipped: the previous save is still in flight", step)
             return
         tensors, values = split_state(state)
         # Sync saves write straight from the live tensors: save() blocks until the commit, so
         # nothing can modify them meanwhile, and a host copy would only cost time and memory.
-        staged = self.buffers.stage(tensors) if self.async_save else tensors
+        staged = tree.build(self.buffers.copy_in(tree.tensor_leaves(tensors))) if self.async_save else tensors
         planner = DefaultSavePlanner(flatten_state_dict=True, dedup_save_to_lowest_rank=False)
         planner.set_up_planner(staged, storage_meta=None, is_coordinator=rank == COORDINATOR)
         local = planner.create_local_plan()
-        gathered = self._gather((local, uuid.uuid4().hex, step), pg, world_size, step)
-        steps = {g[2] for g in gathered}
+        gathered = self._gather({"plan": dcp_io.encode_plan(local), "nonce": uuid.uuid4().hex, "step": step},
+                                pg, world_size, step)
+        steps = {g["step"] for g in gathered}
         if steps != {step}:
             raise CheckpointError(f"ranks disagree on the checkpoint step: {sorted(steps)}")
-        save_id = f"{step}-{gathered[0][1]}"
-        global_plans, metadata = planner.create_global_plan([g[0] for g in gathered])
+        save_id = f"{step}-{gathered[0]['nonce']}"
+        plans = [local if r == rank else dcp_io.decode_plan(g["plan"]) for r, g in enumerate(gathered)]
+        global_plans, metadata = planner.create_global_plan(plans)
         plan = planner.finish_plan(dcp_io.storage_prefix(global_plans[rank], rank, save_id))
         job = _Save(step, save_id, rank, world_size, started=time.time() - (time.monotonic() - t0))
         args = (job, plan, planner, metadata, values, store, on_commit)
@@ -157,9 +163,9 @@ class Checkpointer:
 
     def settle(self, pg: Any, world_size: int) -> None:
         """Collective: wait, together with every rank, until no rank has a save in flight."""
-        self._wait_or_skip(pg, world_size, skip=False)
+        self._wait_or_skip(as_collectives(pg), world_size, skip=False)
 
-    def _wait_or_skip(self, pg: Any, world_size: int, *, skip: bool | None = None) -> bool:
+    def _wait_or_skip(self, pg: Collectives, world_size: int, *, skip: bool | None = None) -> bool:
         """Wait for the save in flight, or agree with all ranks to skip (False).
 
         Ranks wait together, in short agreed rounds: a rank waiting for its own slow write while
@@ -172,12 +178,10 @@ class Checkpointer:
             mine = job is not None and not job.done.is_set()
             busy = mine
             if world_size > 1:
-                flag = torch.tensor([1 if mine else 0], dtype=torch.int32)
                 try:
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
+                    busy = bool(pg.allreduce_max([1 if mine else 0])[0])
                 except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses
                     raise WorkerGroupError(f"checkpoint busy check failed: {exc}") from exc
-                busy = bool(flag.item())
             if not busy:
                 return True
             if (self.when_busy == "skip") if skip is None else skip:
@@ -192,17 +196,15 @@ class Checkpointer:
             else:
                 time.sleep(_BUSY_ROUND_S)
 
-    def _gather(self, payload: Any, pg: Any, world_size: int, step: int) -> list[Any]:
+    def _gather(self, payload: Any, pg: Collectives, world_size: int, step: int) -> list[Any]:
         if world_size == 1:
             return [payload]
-        out: list[Any] = [None] * world_size
         try:
-            dist.all_gather_object(out, payload, group=pg)
+            return pg.all_gather_json(payload)
         except Exception as exc:  # noqa: BLE001 - a peer died: the group is broken
             raise WorkerGroupError(
                 f"checkpoint at step {step}: planning collective failed: {exc}"
             ) from exc
-        return out
 
     def _run(
         self, job: _Save, plan: Any, planner: Any, metadata: Any, values: Any, store: dist.Store,
@@ -354,3 +356,11 @@ class Checkpointer:
         committed checkpoint. CheckpointMismatchError when the state does not fit the checkpoint.
         """
         return self.store.load_into(state, step=step, fallback=fallback)
+
+
+def as_collectives(pg: Any) -> Any:
+    """The control-plane view of `pg`: a Collectives as is, a process group wrapped (None stays
+    None: a single process)."""
+    if pg is None or isinstance(pg, Collectives):
+        return pg
+    return Collectives(pg, CollectiveClock())

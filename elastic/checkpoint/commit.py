@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from typing import Any
 
 from torch.distributed import Store
+
+from elastic.waiting import wait_until
 
 KEY_ROOT = "elastic_ckpt"
 
@@ -45,19 +46,15 @@ def wait_keys(
     one poll interval; the interval grows from 10 ms to 200 ms to keep the store quiet.
     """
     keys = [key(save_id, n) for n in names]
-    deadline = time.monotonic() + timeout_s
-    interval = 0.01
-    while True:
+    if wait_until(lambda: cancel.is_set() or store.check(keys), timeout_s=timeout_s, interval_s=0.01,
+                  backoff=1.5, max_interval_s=0.2, sleep=cancel.wait):
         if cancel.is_set():
             raise Cancelled()
-        if store.check(keys):
-            return
-        left = deadline - time.monotonic()
-        if left <= 0:
-            missing = [n for n, k in zip(names, keys) if not store.check([k])]
-            raise TimeoutError(f"no {what} after {timeout_s:.0f}s from {', '.join(missing)}")
-        cancel.wait(min(interval, left))
-        interval = min(interval * 1.5, 0.2)
+        return
+    if cancel.is_set():
+        raise Cancelled()
+    missing = [n for n, k in zip(names, keys) if not store.check([k])]
+    raise TimeoutError(f"no {what} after {timeout_s:.0f}s from {', '.join(missing)}")
 
 
 def cleanup(store: Store, save_id: str, names: list[str]) -> None:

@@ -28,15 +28,17 @@ from torch.distributed.checkpoint.filesystem import (
     _StorageInfo,
     _StoragePrefix,
 )
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, SavePlan
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
+                                                   TensorProperties)
+from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, SavePlan, TensorWriteData,
+                                                  WriteItem, WriteItemType)
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.checkpoint.utils import _create_file_view
 from torch.futures import Future
 
 from elastic import retry, storage
 from elastic.checkpoint.layout import FileEntry, crc32
-from elastic.errors import CheckpointCorruptError
+from elastic.errors import CheckpointCorruptError, CheckpointError
 
 
 class _HashingStream(io.RawIOBase):
@@ -131,6 +133,42 @@ def write_shards(
         storage.fsync_dir(step_path)
     files = {name: FileEntry(size, crc, rank) for name, (size, crc) in writer.fs.written.items()}
     return fut.value(), files
+
+
+def encode_plan(plan: SavePlan) -> dict[str, Any]:
+    """A local save plan as JSON (plans cross the control plane; we never unpickle what others
+    sent). Only tensor items exist: non-tensor values go to the manifest."""
+    items = []
+    for it in plan.items:
+        td = it.tensor_data
+        if it.bytes_io_data is not None or td is None:
+            raise CheckpointError(f"{it.index.fqn}: only tensors are saved as DCP items")
+        props = td.properties
+        items.append([it.index.fqn, _opt_list(it.index.offset), it.index.index, int(it.type.value),
+                      list(td.chunk.offsets), list(td.chunk.sizes), list(td.size), str(props.dtype).removeprefix("torch."),
+                      bool(props.requires_grad), bool(props.pin_memory)])
+    mappings = {k: list(v) for k, v in (plan.planner_data or {}).items()}
+    return {"items": items, "mappings": mappings}
+
+
+def decode_plan(doc: dict[str, Any]) -> SavePlan:
+    items = []
+    for fqn, offset, index, typ, offsets, sizes, size, dtype, requires_grad, pin in doc["items"]:
+        dt = getattr(torch, str(dtype), None)
+        if not isinstance(dt, torch.dtype):
+            raise CheckpointError(f"{fqn}: unknown dtype {dtype!r} in a peer's save plan")
+        items.append(WriteItem(
+            index=MetadataIndex(str(fqn), torch.Size(offset) if offset is not None else None, index),
+            type=WriteItemType(int(typ)),
+            tensor_data=TensorWriteData(
+                chunk=ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)),
+                properties=TensorProperties(dtype=dt, requires_grad=bool(requires_grad), pin_memory=bool(pin)),
+                size=torch.Size(size))))
+    return SavePlan(items=items, planner_data={k: tuple(v) for k, v in doc.get("mappings", {}).items()})
+
+
+def _opt_list(size: Any) -> list[int] | None:
+    return None if size is None else [int(v) for v in size]
 
 
 def encode_results(results: list[WriteResult]) -> list[list[Any]]:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from elastic.checkpoint import CheckpointStore
 from elastic.config import RunConfig
-from elastic.events import EventLog
+from elastic.events import Event, EventLog
 from elastic.result import Result
 from elastic.supervisor.controller import Controller
 from elastic.supervisor.states import Failed
@@ -47,7 +47,7 @@ class SupervisorActor:
         removed = store.clean_partial()
         latest = store.latest()
         sc = self.run_config.scaling
-        self.events.emit("run_started", name=self.run_config.name, uri=self.uri, supervisor_pid=os.getpid(),
+        self.events.emit(Event.RUN_STARTED, name=self.run_config.name, uri=self.uri, supervisor_pid=os.getpid(),
                          supervisor_node_id=ray.get_runtime_context().get_node_id(), min_workers=sc.min_workers,
                          max_workers=sc.max_workers, resume_from_step=latest.step if latest else None,
                          cleaned_partial=removed)
@@ -62,7 +62,7 @@ class SupervisorActor:
         error = state.error if isinstance(state, Failed) else None
         exit_code = state.exit_code if isinstance(state, Failed) else 0
         c = self.controller
-        self.events.emit("run_finished" if ok else "run_failed", steps=c.progress.step, error=error,
+        self.events.emit(Event.RUN_FINISHED if ok else Event.RUN_FAILED, steps=c.progress.step, error=error,
                          seconds=round(time.time() - t0, 3), failures=c.failures, recoveries=len(c.recoveries))
         self.events.close()
         return Result(ok=ok, exit_code=exit_code, error=error, metrics=dict(c.progress.metrics),

@@ -1,17 +1,25 @@
-"""Pure decisions: given what the workers answered and the clock, what should happen next.
+"""Pure decisions: given what the workers answered, the failure budget and the clock, what next.
 
-Nothing here touches an actor or sleeps, so every branch is unit-testable with made-up polls.
+`classify` sorts a generation's polls into a Health; `DefaultPolicy` turns a Health (and small
+views of the controller's bookkeeping) into the typed decisions of decisions.py. Nothing here
+touches an actor or sleeps, so every branch is unit-testable with made-up polls and clock values.
+A run can swap the policy through `RunConfig.policy` (any object with these methods).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
-from elastic.config import FailureConfig
-from elastic.worker.protocol import WorkerPoll
+from elastic.config import FailureConfig, RunConfig
+from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Remove, Resize, Restart, Retry,
+                                          WaitForWorkers)
+from elastic.worker.protocol import ParkReason, PollFailure, WorkerPoll, WorkerState
 
-DEAD = "dead"
-UNRESPONSIVE = "unresponsive"
+DEAD = PollFailure.DEAD
+UNRESPONSIVE = PollFailure.UNRESPONSIVE
+
+Poll = WorkerPoll | PollFailure
 
 
 @dataclass(frozen=True)
@@ -36,46 +44,230 @@ class Health:
         return tuple(sorted(set(self.dead) | set(self.unresponsive) | set(self.hung) | set(self.failed)))
 
     @property
+    def broken(self) -> tuple[int, ...]:
+        """Parked because the group broke under them (not at an agreed boundary)."""
+        return tuple(sorted(set(self.parked) - set(self.paused)))
+
+    @property
     def alive(self) -> tuple[int, ...]:
         return tuple(sorted(set(self.running) | set(self.parked) | set(self.finished)))
 
 
-def classify(polls: dict[int, WorkerPoll | str], failure: FailureConfig) -> Health:
-    buckets: dict[str, list[int]] = {k: [] for k in
-                                     ("running", "parked", "finished", "failed", "fatal", "dead", "unresponsive", "hung", "preempted",
-                                      "paused")}
+def classify(polls: Mapping[int, Poll], failure: FailureConfig) -> Health:
+    buckets: dict[str, list[int]] = {k: [] for k in ("running", "parked", "finished", "failed", "fatal", "dead",
+                                                     "unresponsive", "hung", "preempted", "paused")}
     errors: dict[int, str] = {}
     for wid, poll in sorted(polls.items()):
-        if poll == DEAD or poll == UNRESPONSIVE:
-            buckets[str(poll)].append(wid)
+        if isinstance(poll, PollFailure) or poll in (DEAD, UNRESPONSIVE):
+            buckets[PollFailure(poll).value].append(wid)
             continue
         assert isinstance(poll, WorkerPoll)
         if poll.error:
             errors[wid] = poll.error
         if poll.preempted:
             buckets["preempted"].append(wid)
-        if poll.state == "failed":
+        if poll.state == WorkerState.FAILED:
             buckets["fatal" if poll.fatal else "failed"].append(wid)
-        elif poll.state == "parked":
+        elif poll.state == WorkerState.PARKED:
             buckets["parked"].append(wid)
-            if poll.park_reason == "pause":
+            if poll.park_reason == ParkReason.PAUSE:
                 buckets["paused"].append(wid)
-        elif poll.state == "finished":
+        elif poll.state == WorkerState.FINISHED:
             buckets["finished"].append(wid)
-        elif poll.state == "running" and poll.progress_age_s > failure.hang_timeout_s:
+        elif poll.state == WorkerState.RUNNING and poll.progress_age_s > failure.hang_timeout_s:
             buckets["hung"].append(wid)
         else:
             buckets["running"].append(wid)
     return Health(**{k: tuple(v) for k, v in buckets.items()}, errors=errors)
 
 
-def stragglers(polls: dict[int, WorkerPoll | str], blocked_for_s: float) -> tuple[int, ...]:
+def stragglers(polls: Mapping[int, Poll], blocked_for_s: float) -> tuple[int, ...]:
     """Ranks to blame when peers already left a broken group: still 'running' but not waiting in a
     collective while others parked, or stuck in a collective past `blocked_for_s`."""
     out = []
     for wid, poll in polls.items():
-        if isinstance(poll, WorkerPoll) and poll.state == "running":
+        if isinstance(poll, WorkerPoll) and poll.state == WorkerState.RUNNING:
             waiting = poll.waiting_in_collective_s
             if waiting is None or waiting > blocked_for_s:
                 out.append(wid)
     return tuple(sorted(out))
+
+
+# -- what the controller shows the policy ------------------------------------------------------
+@dataclass(frozen=True)
+class RunningView:
+    members: tuple[int, ...]
+    """Worker ids in rank order."""
+    newcomers: int
+    """Ready workers that are not members (spares, replacements placed late)."""
+    grow_due: bool
+    """grow_interval_s passed since the last look for room."""
+
+
+@dataclass(frozen=True)
+class StartView:
+    ready: int
+    placeable: int
+    """Workers the cluster could place when the run started (beyond those asked for)."""
+    waited_s: float
+
+
+@dataclass(frozen=True)
+class MembershipView:
+    have: int
+    """Members of the next generation found so far (survivors + ready newcomers)."""
+    waited_s: float
+    """Since the rebuild began looking for workers."""
+    no_room_for_s: float | None
+    """How long the cluster has shown no room for another worker (None: it has room)."""
+
+
+@dataclass(frozen=True)
+class QuiesceView:
+    polls: Mapping[int, Poll]
+    """The last answers of the members still in the old group."""
+    since_first_park_s: float | None
+    """Since the first member left (None: none has yet)."""
+    waited_s: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DefaultPolicy:
+    """elastic's policy: keep the world size when a replacement can be placed, go on smaller when
+    the cluster has no room (and min_workers allows), grow back when room appears, count failures
+    against max_failures with back-off, and treat preemption notices as graceful resizes."""
+
+    settle_s: float = 1.0
+    """A rebuild that cannot place a replacement goes on with fewer workers (>= min_workers) once the
+    cluster has shown no room for this long; a briefly busy cluster does not shrink the run."""
+    quiesce_slack_s: float = 1.0
+    """Ranks get collective_timeout_s + poll_timeout_s + this to leave the old group (a rank blocked
+    on a frozen peer is released by the collective timeout); the ones still in it are then killed."""
+    assignment_slack_s: float = 10.0
+    """A worker must accept its assignment within poll_timeout_s + this, or it is lost."""
+    drain_check_interval_s: float = 1.0
+    """How often the supervisor asks Ray which nodes are draining."""
+    final_save_timeout_s: float | None = None
+    """Bound on the survivors' final save when a run ends unfinished; None: 2 x collective_timeout_s
+    + poll_timeout_s (a settle round and the save's own collectives)."""
+
+    def __post_init__(self) -> None:
+        from elastic.config import require_duration
+
+        for name in ("settle_s", "quiesce_slack_s", "assignment_slack_s", "drain_check_interval_s"):
+            require_duration(name, getattr(self, name), allow_zero=True)
+        if self.final_save_timeout_s is not None:
+            require_duration("final_save_timeout_s", self.final_save_timeout_s)
+
+    # -- starting ----------------------------------------------------------------------------
+    def start(self, run: RunConfig, v: StartView) -> Build | WaitForWorkers | Fail:
+        sc = run.scaling
+        assert sc.max_workers is not None
+        goal = max(sc.min_workers, min(sc.max_workers, v.placeable))
+        if v.ready >= goal:
+            return Build()
+        if v.waited_s < sc.placement_timeout_s:
+            return WaitForWorkers()
+        if v.ready >= sc.min_workers:
+            return Build()
+        return Fail(error=f"cannot place min_workers={sc.min_workers} workers of {sc.resources_per_worker} each "
+                          f"within {sc.placement_timeout_s:g}s ({v.ready} placed; cluster: {{resources}}): "
+                          "lower --min-workers or add nodes", exit_code=2)
+
+    # -- running -----------------------------------------------------------------------------
+    def running(self, run: RunConfig, h: Health, v: RunningView) -> Continue | Finish | Fail | Restart | Resize:
+        if h.fatal:
+            return Fail(error=h.errors.get(h.fatal[0], "fatal error"), exit_code=2)
+        if len(h.finished) == len(v.members):
+            return Finish()
+        # Ranks leave at an agreed boundary only for a preemption (Running asks for no other pause);
+        # any other park means the group broke under them.
+        if h.lost or h.broken or (h.paused and not h.preempted):
+            return Restart(reason=describe_loss(h, v.members), lost=h.lost)
+        if h.paused and h.preempted:
+            return Resize(reason="preemption", leaving=h.preempted)
+        if v.grow_due and len(v.members) < (run.scaling.max_workers or 0) and v.newcomers > 0:
+            return Resize(reason="grow")
+        return Continue()
+
+    def to_request(self, run: RunConfig, have: int) -> int:
+        """Workers to ask for so that max_workers + spares are ready or on their way."""
+        sc = run.scaling
+        assert sc.max_workers is not None
+        return max(0, sc.max_workers + sc.spares - have)
+
+    # -- after a failure ---------------------------------------------------------------------
+    def after_failure(self, run: RunConfig, failures: int, consecutive: int, reason: str) -> Retry | Fail:
+        f = run.failure
+        if not f.failures_left(failures):
+            return Fail(error=f"failure budget spent: {failures} failures > max_failures={f.max_failures} "
+                              f"(last: {reason}); the newest committed checkpoint is kept: continue with "
+                              "`elastic resume URI`", exit_code=1, final_save=True)
+        return Retry(backoff_s=f.backoff_s(consecutive))
+
+    # -- leaving the old group ---------------------------------------------------------------
+    def quiesce_timeout_s(self, run: RunConfig) -> float:
+        f = run.failure
+        return f.collective_timeout_s + f.poll_timeout_s + self.quiesce_slack_s
+
+    def quiesce(self, run: RunConfig, v: QuiesceView) -> Remove | Continue:
+        """Who must go while the members leave the old group: first those whose poll says they are
+        dead, frozen or hung; then, a poll timeout after the first rank left, a rank neither
+        finishing nor blocked in a collective (stuck in user code); at the deadline, everyone left."""
+        f = run.failure
+        h = classify(v.polls, f)
+        for label, wids in (("died", h.dead), ("stopped answering", h.unresponsive), ("hung", h.hung)):
+            if wids:
+                return Remove(workers=wids, label=label)
+        still = {w: p for w, p in v.polls.items() if isinstance(p, WorkerPoll) and p.state == WorkerState.RUNNING}
+        if not still:
+            return Continue()
+        if v.waited_s >= self.quiesce_timeout_s(run):
+            return Remove(workers=tuple(sorted(still)), label="stuck while its peers left the group")
+        if v.since_first_park_s is not None and v.since_first_park_s > f.poll_timeout_s:
+            blame = stragglers(still, f.collective_timeout_s)
+            if blame:
+                return Remove(workers=blame, label="stuck while its peers left the group")
+        return Continue()
+
+    # -- forming the next group --------------------------------------------------------------
+    def membership(self, run: RunConfig, v: MembershipView) -> Build | WaitForWorkers | Fail:
+        sc, f = run.scaling, run.failure
+        assert sc.max_workers is not None
+        if v.have >= sc.max_workers:
+            return Build()
+        if v.have >= sc.min_workers:
+            if sc.replacement == "continue":
+                return Build(replacement_later=True)  # the replacement joins later, through a grow
+            if v.waited_s >= sc.placement_timeout_s:
+                return Build()  # keep the world size when possible, but not forever
+            if v.no_room_for_s is not None and v.no_room_for_s >= self.settle_s:
+                return Build()  # no room for now: go on smaller, grow back when room appears
+            return WaitForWorkers()
+        if v.waited_s < sc.placement_timeout_s:
+            return WaitForWorkers()
+        if v.waited_s < sc.placement_timeout_s + f.below_min_wait_s:
+            return WaitForWorkers(below_min=True)
+        return Fail(error=f"only {v.have} workers available, below min_workers={sc.min_workers}, after waiting "
+                          f"{f.below_min_wait_s:g}s (cluster: {{resources}}); resume later with "
+                          "`elastic resume URI`", exit_code=1, final_save=True)
+
+    def final_save_timeout(self, run: RunConfig) -> float:
+        f = run.failure
+        if self.final_save_timeout_s is not None:
+            return self.final_save_timeout_s
+        return 2 * f.collective_timeout_s + f.poll_timeout_s
+
+
+def describe_loss(h: Health, members: tuple[int, ...] | list[int]) -> str:
+    def ranks(wids: tuple[int, ...]) -> str:
+        return ",".join(str(members.index(w)) if w in members else f"w{w}" for w in wids)
+
+    parts = []
+    for label, wids in (("died", h.dead), ("stopped answering", h.unresponsive), ("hung", h.hung),
+                        ("raised", h.failed)):
+        if wids:
+            parts.append(f"rank(s) {ranks(wids)} {label}")
+    if not parts:
+        parts.append(f"rank(s) {ranks(h.parked)} left a broken process group")
+    return "; ".join(parts)

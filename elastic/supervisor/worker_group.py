@@ -14,8 +14,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from elastic.config import RunConfig
-from elastic.supervisor.policy import DEAD, UNRESPONSIVE
-from elastic.worker.protocol import Assignment, WorkerInfo, WorkerPoll
+from elastic.worker.protocol import Assignment, PollFailure, WorkerInfo, WorkerPoll
 
 
 class WorkerGroup(Protocol):
@@ -26,7 +25,7 @@ class WorkerGroup(Protocol):
     def pending(self) -> list[int]: ...
     def ready(self) -> list[int]: ...
     def start(self, assignments: dict[int, Assignment], timeout_s: float) -> list[int]: ...
-    def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | str]: ...
+    def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | PollFailure]: ...
     def request_pause(self, wids: list[int]) -> None: ...
     def request_preempt(self, wids: list[int]) -> None: ...
     def draining_nodes(self) -> set[str]: ...
@@ -110,18 +109,18 @@ class RayWorkerGroup:
                 failed.append(wid)
         return failed
 
-    def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | str]:
+    def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | PollFailure]:
         refs = {wid: self._actors[wid].poll.remote() for wid in wids if wid in self._actors}
-        out: dict[int, WorkerPoll | str] = {wid: DEAD for wid in wids if wid not in self._actors}
+        out: dict[int, WorkerPoll | PollFailure] = {wid: PollFailure.DEAD for wid in wids if wid not in self._actors}
         if refs:
             ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
         for wid, ref in refs.items():
             try:
                 out[wid] = ray.get(ref, timeout=0)
             except GetTimeoutError:
-                out[wid] = UNRESPONSIVE
+                out[wid] = PollFailure.UNRESPONSIVE
             except RayActorError:
-                out[wid] = DEAD
+                out[wid] = PollFailure.DEAD
         return out
 
     def request_pause(self, wids: list[int]) -> None:

@@ -7,28 +7,12 @@ parameter's gradient as its own tensor makes every element's summation order a f
 parameter's size and the world size only.
 """
 
-import time
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-
-class CollectiveClock:
-    """Marks when this rank entered a collective that has not completed yet (for hang blame)."""
-
-    def __init__(self) -> None:
-        self.waiting_since: "float | None" = None
-        # Set when a collective of this generation failed: whatever the training function raises
-        # afterwards is a consequence of the broken group, not a bug in user code.
-        self.broken = False
-
-    def enter(self) -> None:
-        if self.waiting_since is None:
-            self.waiting_since = time.monotonic()
-
-    def leave(self) -> None:
-        self.waiting_since = None
+from elastic.collectives import CollectiveClock
 
 
 def make_hook(pg: dist.ProcessGroup, clock: CollectiveClock) -> Callable:

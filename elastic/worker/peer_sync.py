@@ -1,8 +1,9 @@
-"""Send the newest committed state from one rank to every other rank over the process group.
+"""Agree on where the newest state is, and send it from the rank that holds it to every other rank.
 
 Used after a rebuild when a survivor's in-memory snapshot is newer than (or as new as) the newest
-durable checkpoint: newcomers get it from a peer, with no storage round trip. All tensors travel as
-one byte buffer (one collective, any dtype), the structure as one pickled object.
+durable checkpoint: newcomers get it from a peer, with no storage round trip. Everything travels
+on the control plane: the agreement as integers, the structure as JSON (paths, shapes, dtypes and
+the non-tensor values), all tensors as one byte buffer. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from elastic.worker.flat_state import slots, unflatten
+from elastic.collectives import Collectives
+from elastic.tree import Path
 from elastic.worker.snapshot import Snapshot
 
 
@@ -41,43 +42,50 @@ class Agreement:
         return self.best >= 0 and self.best >= self.durable
 
 
-def agree(snapshot_step: int, durable_step: int, pg: dist.ProcessGroup, device: torch.device,
-          last_committed: int = -1) -> Agreement:
-    world = dist.get_world_size(pg)
-    mine = torch.tensor([snapshot_step, durable_step, last_committed], dtype=torch.int64, device=device)
-    gathered = [torch.zeros(3, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=pg)
-    return Agreement(steps=[int(t[0]) for t in gathered], durable=max(int(t[1]) for t in gathered),
-                     last_committed=max(int(t[2]) for t in gathered))
+def agree(snapshot_step: int, durable_step: int, ctrl: Collectives, last_committed: int = -1) -> Agreement:
+    rows = ctrl.all_gather_ints([snapshot_step, durable_step, last_committed])
+    return Agreement(steps=[r[0] for r in rows], durable=max(r[1] for r in rows),
+                     last_committed=max(r[2] for r in rows))
 
 
-def newest_state(snapshot: Snapshot, agreement: Agreement, pg: dist.ProcessGroup,
-                 device: torch.device) -> tuple[dict[str, Any], str]:
-    """(the newest committed state, where it came from) when a peer holds it; collective."""
+def newest_state(snapshot: Snapshot, agreement: Agreement, ctrl: Collectives,
+                 like: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """(the newest committed state, where it came from) when a peer holds it; collective. A rank
+    that received it keeps it as its snapshot."""
     if all(s == agreement.best for s in agreement.steps):
-        return snapshot.state_dict(), "memory"
-    sd = broadcast_state(snapshot, agreement.source, pg, device)
-    return sd, f"peer:{agreement.source}"
+        return snapshot.state_dict(like), "memory"
+    broadcast_state(snapshot, agreement.source, ctrl, agreement.best)
+    return snapshot.state_dict(like), f"peer:{agreement.source}"
 
 
-def broadcast_state(snapshot: Snapshot, src: int, pg: dist.ProcessGroup, device: torch.device) -> dict[str, Any]:
-    rank = dist.get_rank(pg)
-    holder: list[Any] = [snapshot.flat()[0] if rank == src else None]
-    dist.broadcast_object_list(holder, src=src, group=pg, device=device if device.type == "cuda" else None)
-    skeleton = holder[0]
-    metas = slots(skeleton)
-    sizes = [int(torch.Size(m.shape).numel()) * torch.empty((), dtype=m.dtype).element_size() for m in metas]
-    if rank == src:
-        _, tensors = snapshot.flat()
-        payload = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]) if tensors else torch.empty(0, dtype=torch.uint8)
+def broadcast_state(snapshot: Snapshot, src: int, ctrl: Collectives, step: int) -> None:
+    """Send `src`'s snapshot to every rank; the others' snapshots become copies of it."""
+    header = None
+    if ctrl.rank == src:
+        header = {"step": snapshot.step,
+                  "tensors": [[list(p), list(t.shape), str(t.dtype).removeprefix("torch.")] for p, t in snapshot.tensors],
+                  "values": [[list(p), v] for p, v in snapshot.values]}
+    header = ctrl.broadcast_json(header, src)
+    metas = [(tuple(p), tuple(shape), _dtype(d)) for p, shape, d in header["tensors"]]
+    sizes = [torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size() for _, shape, dt in metas]
+    if ctrl.rank == src:
+        parts = [t.contiguous().reshape(-1).view(torch.uint8) for _, t in snapshot.tensors]
+        payload = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
     else:
         payload = torch.empty(sum(sizes), dtype=torch.uint8)
-    payload = payload.to(device)
-    dist.broadcast(payload, src=src, group=pg)
-    payload = payload.cpu()
-    out: list[torch.Tensor] = []
+    ctrl.broadcast_(payload, src)
+    if ctrl.rank == src:
+        return
+    tensors: list[tuple[Path, torch.Tensor]] = []
     offset = 0
-    for meta, size in zip(metas, sizes):
-        out.append(payload[offset : offset + size].view(meta.dtype).reshape(meta.shape))
+    for (path, shape, dt), size in zip(metas, sizes):
+        tensors.append((path, payload[offset: offset + size].view(dt).reshape(shape)))
         offset += size
-    return unflatten(skeleton, out)
+    snapshot.load(tensors, [(tuple(p), v) for p, v in header["values"]], int(header["step"]))
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"a peer sent an unknown dtype {name!r}")
+    return dt

@@ -1,9 +1,68 @@
-"""What crosses the actor boundary between supervisor and workers: frozen, picklable records."""
+"""What crosses the actor boundary between supervisor and workers: typed states and frozen records.
+
+The enums are `str` enums so that they compare equal to (and serialize as) their names, which
+keeps events on disk and logs readable; code compares against the members, never free strings.
+"""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any
+
+
+class WorkerState(str, enum.Enum):
+    """Where a worker's current generation stands."""
+
+    IDLE = "idle"  # no assignment yet (a spare, or a worker between generations)
+    RUNNING = "running"  # the training function runs (or the final save does)
+    PARKED = "parked"  # left the group without finishing: see ParkReason
+    FINISHED = "finished"  # the function returned and the final state is durable
+    FAILED = "failed"  # an error that is not a broken group: see WorkerError.kind
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ParkReason(str, enum.Enum):
+    """Why a worker left its group without finishing."""
+
+    PAUSE = "pause"  # at a step boundary every rank agreed on (resize, preemption, stop)
+    BROKEN = "broken"  # a collective failed under it: a peer died, froze or cut its connections
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FailureKind(str, enum.Enum):
+    """What a worker's error means for the run."""
+
+    USER = "user"  # user code raised: counts against max_failures, the rank is replaced
+    FATAL = "fatal"  # bad input (a checkpoint of another model, no checkpoint that verifies):
+    # retrying cannot help, the run ends with exit 2
+    GROUP = "group"  # a consequence of a broken process group, not a fault of this rank
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PollFailure(str, enum.Enum):
+    """A poll that got no answer."""
+
+    DEAD = "dead"  # the actor died (Ray says so)
+    UNRESPONSIVE = "unresponsive"  # alive but did not answer within poll_timeout_s (frozen)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class WorkerError:
+    """An error a worker reports: its kind decides what the supervisor does about it."""
+
+    kind: FailureKind
+    message: str
+    """One line for a broken group; the traceback for user code."""
 
 
 @dataclass(frozen=True)
@@ -19,23 +78,40 @@ class Assignment:
     collective_timeout_s: float
     local_rank: int = 0
     mode: str = "train"  # train | save (make the newest in-memory state durable, then stop)
+    local_world_size: int = 1
+    """Ranks of this generation on this rank's node."""
+    store_prefix: str = ""
+    """The run's secret key prefix on the rendezvous store (handed over through Ray, never logged)."""
 
 
 @dataclass(frozen=True)
 class WorkerPoll:
     """A worker's answer to a health poll."""
 
-    state: str  # idle | running | parked | finished | failed
+    state: WorkerState
     generation: int
     step: int
     progress_age_s: float  # seconds since the last commit (or since the generation started)
     waiting_in_collective_s: float | None
     metrics: dict[str, float] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
-    fatal: bool = False  # a bad-input error (exit 2): retrying cannot help
+    failure: WorkerError | None = None
     preempted: bool = False
-    park_reason: str | None = None  # "pause": left at an agreed step boundary; "broken": the group broke
+    park_reason: ParkReason | None = None
+
+    def __post_init__(self) -> None:
+        # Accept the names too (a test's fake group, an older worker): always hold the members.
+        object.__setattr__(self, "state", WorkerState(self.state))
+        if self.park_reason is not None:
+            object.__setattr__(self, "park_reason", ParkReason(self.park_reason))
+
+    @property
+    def error(self) -> str | None:
+        return self.failure.message if self.failure is not None else None
+
+    @property
+    def fatal(self) -> bool:
+        return self.failure is not None and self.failure.kind is FailureKind.FATAL
 
 
 @dataclass(frozen=True)

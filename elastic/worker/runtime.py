@@ -1,5 +1,5 @@
-"""Per-process worker state that outlives process-group generations, and the thread that runs
-the training function once per generation.
+"""The worker process's runtime: takes assignments, runs the training function once per generation
+in a thread, and answers the supervisor's polls.
 
 The training function runs in a thread (as in Ray Train) so that the actor keeps answering polls
 and pause requests while it trains. A generation ends when the function returns (finished), when
@@ -15,228 +15,107 @@ import os
 import threading
 import time
 import traceback
-from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
-from elastic.checkpoint import Checkpointer, CheckpointStore
 from elastic.config import RunConfig
-from elastic.errors import CheckpointCorruptError, CheckpointMismatchError, ElasticError, WorkerGroupError
-from elastic.train_state import TrainState
+from elastic.events import Event
 from elastic.worker import context as ctx_mod
-from elastic.worker import peer_sync
-from elastic.worker.grad_sync import CollectiveClock
-from elastic.worker.protocol import Assignment, WorkerPoll
+from elastic.worker import failures
+from elastic.worker.generation import Generation, PauseRequested, Services
+from elastic.worker.groups import ProcessGroups, connect
+from elastic.worker.protocol import Assignment, FailureKind, ParkReason, WorkerError, WorkerPoll, WorkerState
 from elastic.worker.seeding import reseed
-from elastic.worker.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
-
-def _looks_like_group_failure(exc: BaseException) -> bool:
-    if isinstance(exc, (WorkerGroupError, dist.DistError)):
-        return True
-    text = str(exc)
-    return any(s in text for s in ("Connection closed by peer", "Connection reset", "Timed out", "timed out",
-                                   "Broken pipe", "Socket", "gloo", "NCCL", "connectFullMesh", "Connection refused"))
-
-
-def _is_fatal(exc: BaseException) -> bool:
-    """Errors a restart cannot fix: bad input, a checkpoint from another model, no checkpoint
-    that verifies. Restarting on them would only burn the failure budget."""
-    if isinstance(exc, (CheckpointMismatchError, CheckpointCorruptError)):
-        return True
-    return isinstance(exc, ElasticError) and exc.exit_code == 2
+GENERATION_HANDOFF_S = 10.0
+"""A new assignment waits this long for the previous generation's thread, which reports its outcome
+just before it ends; past that the assignment is refused (the supervisor then drops this worker)."""
 
 
 class WorkerRuntime:
     def __init__(self, fn: Callable[[dict], Any], run: RunConfig, uri: str):
         self.fn = fn
         self.run = run
-        self.uri = uri
-        self.seed = run.seed
-        self.snapshot = Snapshot()
-        self.clock = CollectiveClock()
-        ck = run.checkpoint
-        self.checkpointer = Checkpointer(uri, keep_last=ck.keep_last, async_save=ck.async_save, when_busy=ck.when_busy)
-        self.catalog = CheckpointStore(uri)
-        self.pause_requested = False
-        self.preempt_requested = False
-        self.state = "idle"
-        self.generation = -1
-        self.step = -1
-        self.metrics: dict[str, float] = {}
-        self.error: str | None = None
-        self.fatal = False
-        self.park_reason: str | None = None
-        self._last_progress = time.monotonic()
-        self._events: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
+        self.s = Services(run, uri)
         self._thread: threading.Thread | None = None
-        self._assignment: Assignment | None = None
-        self._ckpt_store: dist.Store | None = None
 
     # -- called from the actor's thread ---------------------------------------------------------
     def start(self, assignment: Assignment) -> None:
         if self._thread is not None and self._thread.is_alive():
-            # The previous generation reports its outcome just before its thread ends: give that
-            # thread a moment to finish instead of refusing the new assignment.
-            self._thread.join(timeout=10.0)
+            self._thread.join(timeout=GENERATION_HANDOFF_S)
             if self._thread.is_alive():
-                raise RuntimeError(f"generation {self.generation} is still running on this worker")
-        self.pause_requested = False
-        self.clock.broken = False
-        self.park_reason = None
-        self.generation = assignment.generation
-        self.state = "running"
-        self.error = None
-        self._last_progress = time.monotonic()
+                raise RuntimeError(f"generation {self.s.board.get().generation} is still running on this worker")
+        self.s.pause.clear()
+        self.s.clock.broken = False
+        self.s.board.update(state=WorkerState.RUNNING, generation=assignment.generation, failure=None,
+                            park_reason=None, last_progress=time.monotonic())
         self._thread = threading.Thread(target=self._run_generation, args=(assignment,),
                                         name=f"elastic-gen{assignment.generation}", daemon=True)
         self._thread.start()
 
     def poll(self) -> WorkerPoll:
-        with self._lock:
-            events, self._events = self._events, []
-        waiting = self.clock.waiting_since
+        st = self.s.board.get()
+        events = self.s.board.take_events()
+        waiting = self.s.clock.waiting_since
+        now = time.monotonic()
         return WorkerPoll(
-            state=self.state, generation=self.generation, step=self.step,
-            progress_age_s=time.monotonic() - self._last_progress,
-            waiting_in_collective_s=None if waiting is None else time.monotonic() - waiting,
-            metrics=dict(self.metrics), events=events, error=self.error, fatal=self.fatal,
-            preempted=self.preempt_requested, park_reason=self.park_reason,
+            state=st.state, generation=st.generation, step=st.step, progress_age_s=now - st.last_progress,
+            waiting_in_collective_s=None if waiting is None else now - waiting, metrics=dict(st.metrics),
+            events=events, failure=st.failure, preempted=self.s.preempt.is_set(), park_reason=st.park_reason,
         )
 
     def request_pause(self) -> None:
-        self.pause_requested = True
+        self.s.pause.set()
 
     def request_preempt(self) -> None:
-        if not self.preempt_requested:
-            self.preempt_requested = True
-            self.emit("preemption_notice", pid=os.getpid())
-
-    # -- called from the training thread ---------------------------------------------------------
-    def emit(self, event: str, **fields: Any) -> None:
-        with self._lock:
-            self._events.append({"event": event, "time": time.time(), **fields})
-
-    @contextlib.contextmanager
-    def collective(self) -> Iterator[None]:
-        self.clock.enter()
-        try:
-            yield
-        except Exception:
-            self.clock.broken = True
-            raise
-        finally:
-            self.clock.leave()
-
-    def latest_durable_step(self) -> int:
-        info = self.catalog.latest()
-        return -1 if info is None else info.step
-
-    def checkpoint_due(self, step: int) -> bool:
-        n = self.run.checkpoint.every_n_steps
-        return n > 0 and step % n == 0
-
-    def save_checkpoint(self, sd: dict, step: int, ctx: "ctx_mod.WorkerContext", *, wait: bool) -> None:
-        assert self._assignment is not None and self._ckpt_store is not None
-        with self.collective():
-            self.checkpointer.save(sd, step=step, rank=ctx.rank, world_size=ctx.world_size,
-                                   pg=ctx.process_group, store=self._ckpt_store,
-                                   on_commit=self._on_commit)
-        if wait:
-            self.checkpointer.wait(timeout_s=self.run.failure.collective_timeout_s * 4)
-
-    def _on_commit(self, info: Any) -> None:
-        self.emit("checkpoint_committed", step=info.step, seconds=round(getattr(info, "seconds", 0.0) or 0.0, 4),
-                  bytes=info.bytes, world_size=info.world_size, uri=info.uri)
-
-    def on_step(self, step: int, metrics: dict[str, float] | None, *, merge: bool = False) -> None:
-        self.step = step
-        if metrics:
-            new = {k: float(v) for k, v in metrics.items()}
-            self.metrics = {**self.metrics, **new} if merge else new
-        self._last_progress = time.monotonic()
-
-    def on_restored(self, state: TrainState, source: str, lost_steps: int = 0) -> None:
-        self.step = state.step
-        self._last_progress = time.monotonic()
-        self.emit("restored", step=state.step, source=source, generation=self.generation, lost_steps=lost_steps)
+        if not self.s.preempt.is_set():
+            self.s.preempt.set()
+            self.s.board.emit(Event.PREEMPTION_NOTICE, pid=os.getpid())
 
     # -- the generation thread ------------------------------------------------------------------
     def _run_generation(self, a: Assignment) -> None:
-        self._assignment = a
-        ctx: ctx_mod.WorkerContext | None = None
-        outcome = "failed"
+        s = self.s
+        groups: ProcessGroups | None = None
+        gen: Generation | None = None
+        state, park, failure = WorkerState.FAILED, None, None
         try:
-            timeout = timedelta(seconds=a.collective_timeout_s)
-            base = dist.TCPStore(a.store_host, a.store_port, is_master=False, timeout=timeout)
-            # A fresh key space per generation: a restarted rank never reads a stale peer address.
-            pg_store = dist.PrefixStore(f"gen{a.generation}/pg", base)
-            ckpt_base = dist.TCPStore(a.store_host, a.store_port, is_master=False, timeout=timeout)
-            self._ckpt_store = dist.PrefixStore(f"gen{a.generation}/ckpt", ckpt_base)
             device = self._device()
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            dist.init_process_group(a.backend, store=pg_store, rank=a.rank, world_size=a.world_size, timeout=timeout)
-            pg = dist.group.WORLD
-            ctx = ctx_mod.WorkerContext(self, rank=a.rank, world_size=a.world_size, local_rank=a.local_rank,
-                                        generation=a.generation, device=device, pg=pg)
-            ctx_mod._set_current(ctx)
+            groups = connect(a, s.clock)
+            gen = Generation(groups, device, s, local_rank=a.local_rank, local_world_size=a.local_world_size)
+            ctx_mod.set_context(ctx_mod.WorkerContext(gen))
             if a.mode == "save":
-                self._save_newest(ctx)
+                gen.save_newest()
             else:
-                reseed(self.seed, 0, 0)  # same model init on every rank and in every run
+                reseed(s.seed, 0, 0)  # same model init on every rank and in every run
                 self.fn(dict(self.run.train_loop_config))
-                self._finish(ctx)
-            outcome = "finished"
-        except ctx_mod.PauseRequested:
-            outcome = "parked"
-            self.park_reason = "pause"
+                gen.finish()
+            state = WorkerState.FINISHED
+        except PauseRequested:
+            state, park = WorkerState.PARKED, ParkReason.PAUSE
         except BaseException as exc:  # noqa: BLE001 - everything must be reported, nothing may escape
-            if _is_fatal(exc):
-                self.error, self.fatal = f"{type(exc).__name__}: {exc}", True
-            elif self.clock.broken or _looks_like_group_failure(exc):
-                outcome = "parked"
-                self.park_reason = "broken"
-                self.error = f"group broke: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            kind = failures.classify(exc, group_broken=s.clock.broken)
+            if kind is FailureKind.GROUP:
+                state, park = WorkerState.PARKED, ParkReason.BROKEN
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                failure = WorkerError(kind, f"group broke: {type(exc).__name__}: {first}")
+            elif kind is FailureKind.FATAL:
+                failure = WorkerError(kind, f"{type(exc).__name__}: {exc}")
             else:
-                self.error = "".join(traceback.format_exception(exc)).strip()
+                failure = WorkerError(kind, "".join(traceback.format_exception(exc)).strip())
         finally:
-            if outcome != "finished":
-                self.checkpointer.cancel_pending()
-            if ctx is not None:
-                ctx._release()
-            ctx_mod._set_current(None)
-            with contextlib.suppress(Exception):
-                if dist.is_initialized():
-                    dist.destroy_process_group()
-            self.clock.leave()
-            self.state = outcome
-
-    def _finish(self, ctx: "ctx_mod.WorkerContext") -> None:
-        """The function returned: the newest committed state must be durable before we report."""
-        ctx._drain_vote()
-        self._save_newest(ctx)
-
-    def _save_newest(self, ctx: "ctx_mod.WorkerContext") -> None:
-        """Make the newest state any rank holds durable (the run is ending, finished or not).
-
-        Every decision here comes from values all ranks agreed on, so all take the same branch.
-        """
-        with self.collective():
-            self.checkpointer.settle(ctx.process_group, ctx.world_size)
-        with self.collective():
-            agreed = peer_sync.agree(self.snapshot.step, self.latest_durable_step(), ctx.process_group,
-                                     ctx._comm_device)
-        if agreed.best <= agreed.durable:
-            return
-        with self.collective():
-            sd, _ = peer_sync.newest_state(self.snapshot, agreed, ctx.process_group, ctx._comm_device)
-        self.save_checkpoint(sd, agreed.best, ctx, wait=True)
+            if state is not WorkerState.FINISHED:
+                s.checkpointer.cancel_pending()
+            if gen is not None:
+                gen.release()
+            ctx_mod.set_context(None)
+            if groups is not None:
+                with contextlib.suppress(Exception):
+                    groups.destroy()
+            s.clock.leave()
+            s.board.update(state=state, park_reason=park, failure=failure)
 
     def _device(self) -> torch.device:
         if self.run.scaling.gpus_per_worker > 0 and torch.cuda.is_available():

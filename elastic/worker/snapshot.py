@@ -1,8 +1,8 @@
 """The last committed state of this rank, kept in host memory.
 
-Taken at every commit so that a survivor can hand the newest state to newcomers without a storage
-round trip. Buffers are allocated once and reused while shapes stay the same (a fresh allocation
-costs ~4x a copy into a warm buffer).
+Taken at commits so that a survivor can hand the newest state to newcomers without a storage round
+trip. Tensors are copied into HostBuffers (allocated once, reused); the other leaves (step counts,
+learning rates, scheduler state) are kept as JSON values, as the checkpoint's manifest keeps them.
 """
 
 from __future__ import annotations
@@ -11,40 +11,46 @@ from typing import Any
 
 import torch
 
-from elastic.worker.flat_state import flatten, unflatten
+from elastic import tree
+from elastic.checkpoint.state import like_template, split_state
+from elastic.hostbuf import HostBuffers
+from elastic.tree import Path
 
 
 class Snapshot:
     def __init__(self) -> None:
         self.step: int = -1
-        self._skeleton: Any = None
-        self._buffers: list[torch.Tensor] = []
+        self.values: list[tuple[Path, Any]] = []
+        self.tensors: list[tuple[Path, torch.Tensor]] = []
+        self._buffers = HostBuffers()
 
     @property
     def empty(self) -> bool:
         return self.step < 0
 
+    @property
+    def nbytes(self) -> int:
+        return self._buffers.nbytes
+
     def capture(self, sd: dict[str, Any], step: int) -> None:
-        skeleton, tensors = flatten(sd)
-        if len(tensors) != len(self._buffers) or any(
-            b.shape != t.shape or b.dtype != t.dtype for b, t in zip(self._buffers, tensors)
-        ):
-            self._buffers = [torch.empty_like(t, device="cpu") for t in tensors]
-        with torch.no_grad():
-            for buf, t in zip(self._buffers, tensors):
-                buf.copy_(t.detach(), non_blocking=False)
-        self._skeleton = skeleton
+        tensors, values = split_state(sd)
+        self.tensors = self._buffers.copy_in(tree.tensor_leaves(tensors))
+        self.values = values
         self.step = step
 
-    def state_dict(self) -> dict[str, Any]:
-        """A dict that reads from the snapshot's buffers (loaders copy out of it)."""
+    def load(self, tensors: list[tuple[Path, torch.Tensor]], values: list[tuple[Path, Any]], step: int) -> None:
+        """Hold a state received from a peer (its tensors are kept as given)."""
+        self.tensors, self.values, self.step = list(tensors), list(values), step
+
+    def state_dict(self, like: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A dict that reads from the snapshot's buffers (loaders copy out of it). `like`: a state
+        of the same program, whose tuples (Adam's betas) the JSON values get back."""
         if self.empty:
             raise RuntimeError("no snapshot taken yet")
-        return unflatten(self._skeleton, list(self._buffers))
-
-    def flat(self) -> tuple[Any, list[torch.Tensor]]:
-        return self._skeleton, self._buffers
+        sd = tree.build([*self.tensors, *self.values])
+        return like_template(like, sd) if like is not None else sd
 
     def clear(self) -> None:
         self.step = -1
-        self._skeleton = None
+        self.values, self.tensors = [], []
+        self._buffers.release()

@@ -1,0 +1,206 @@
+"""The runtime side of one generation on one rank: restore, commit, checkpoint, and the final save.
+
+`Services` holds what outlives generations in a worker process (the snapshot, the checkpointer,
+the status the supervisor polls, the pause and preemption flags); `Generation` holds one
+generation's process groups and does, on them, what the training function's calls mean. The user
+sees neither: WorkerContext (context.py) is a thin facade over a Generation. Both take their
+dependencies explicitly, so several ranks can run in one test process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import torch
+
+from elastic import tree
+from elastic.checkpoint import Checkpointer, CheckpointStore
+from elastic.collectives import CollectiveClock, Pending
+from elastic.config import RunConfig
+from elastic.errors import WorkerGroupError
+from elastic.events import Event
+from elastic.train_state import TrainState
+from elastic.worker import grad_sync, peer_sync
+from elastic.worker.groups import ProcessGroups
+from elastic.worker.seeding import reseed
+from elastic.worker.snapshot import Snapshot
+from elastic.worker.status import StatusBoard
+
+log = logging.getLogger(__name__)
+
+
+class PauseRequested(WorkerGroupError):
+    """Unwinds the training function at a step boundary that every rank agreed on."""
+
+
+class Services:
+    """Per-process pieces that outlive process-group generations."""
+
+    def __init__(self, run: RunConfig, uri: str, *, board: StatusBoard | None = None):
+        self.run = run
+        self.uri = uri
+        self.seed = run.seed
+        self.snapshot = Snapshot()
+        self.clock = CollectiveClock()
+        ck = run.checkpoint
+        self.checkpointer = Checkpointer(uri, keep_last=ck.keep_last, async_save=ck.async_save,
+                                         when_busy=ck.when_busy, commit_timeout_s=ck.commit_timeout_s)
+        self.catalog = CheckpointStore(uri)
+        self.board = board or StatusBoard()
+        self.pause = threading.Event()
+        self.preempt = threading.Event()
+
+    def latest_durable_step(self) -> int:
+        info = self.catalog.latest()
+        return -1 if info is None else info.step
+
+    def checkpoint_due(self, step: int) -> bool:
+        n = self.run.checkpoint.every_n_steps
+        return n > 0 and step % n == 0
+
+
+class Generation:
+    def __init__(self, groups: ProcessGroups, device: torch.device, services: Services, *,
+                 local_rank: int = 0, local_world_size: int = 1):
+        self.groups = groups
+        self.device = device
+        self.s = services
+        self.local_rank = local_rank
+        self.local_world_size = local_world_size
+        self._model: torch.nn.Module | None = None
+        self._vote: Pending | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.groups.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.groups.world_size
+
+    # -- restore ---------------------------------------------------------------------------
+    def restore(self, state: TrainState) -> bool:
+        """Load the newest committed state into `state`; False on a fresh run (nothing to load).
+
+        Sources, freshest first: this rank's own snapshot, a surviving peer's snapshot (sent over
+        the control plane), the newest durable checkpoint that verifies.
+        """
+        s, ctrl = self.s, self.groups.ctrl
+        agreed = peer_sync.agree(s.snapshot.step, s.latest_durable_step(), ctrl, last_committed=s.board.get().step)
+        source = "fresh"
+        if agreed.peers_are_freshest:
+            sd, source = peer_sync.newest_state(s.snapshot, agreed, ctrl, like=state.state_dict())
+            # Clones: an optimizer keeps the tensors it is given, and training must never write
+            # into the snapshot it may have to restore from again.
+            state.load_state_dict(tree.map_tensors(sd, lambda _, t: t.clone()))
+        elif agreed.durable >= 0:
+            template = state.state_dict()
+            info = s.checkpointer.load(template, step=agreed.durable, fallback=True)
+            if info is None:
+                raise WorkerGroupError(f"checkpoint at step {agreed.durable} vanished while loading")
+            state.load_state_dict(template)
+            source = f"checkpoint:{info.step}"
+            s.snapshot.capture(state.state_dict(), state.step)
+        s.board.progress(state.step)
+        s.board.emit(Event.RESTORED, step=state.step, source=source, generation=self.groups.generation,
+                     lost_steps=max(0, agreed.last_committed - state.step))
+        reseed(s.seed, state.step, self.rank)
+        return source != "fresh"
+
+    # -- model -----------------------------------------------------------------------------
+    def prepare_model(self, model: torch.nn.Module, **ddp_kwargs: Any) -> torch.nn.Module:
+        """Move `model` to this rank's device and wrap it in DDP over the training group.
+
+        Gradients are reduced per parameter (see grad_sync) so that results do not depend on when
+        the wrapper was built.
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        model.to(self.device)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=self.groups.train, **ddp_kwargs)
+        ddp.register_comm_hook(None, grad_sync.make_hook(self.groups.train, self.s.clock))
+        self._model = ddp
+        return ddp
+
+    # -- commit ----------------------------------------------------------------------------
+    def commit(self, state: TrainState, metrics: dict[str, float] | None = None) -> None:
+        """End a step: step += 1; remember the state; checkpoint when due; apply agreed pauses."""
+        s = self.s
+        state.step += 1
+        pause, preempt = self._next_vote(s.pause.is_set(), s.preempt.is_set())
+        # Leaving the group (pause, preemption) always snapshots: the next group restores from it.
+        snapshot = preempt or pause or state.step % s.run.failure.snapshot_every_n_steps == 0
+        save = s.checkpoint_due(state.step) or preempt
+        if snapshot or save:
+            sd = state.state_dict()
+            if snapshot:
+                s.snapshot.capture(sd, state.step)
+            if save:
+                self.save_checkpoint(sd, state.step, wait=preempt)
+        s.board.progress(state.step, metrics)
+        reseed(s.seed, state.step, self.rank)
+        if preempt or pause:
+            self.drain_vote()  # every rank launched it at this same boundary
+        if preempt:
+            raise PauseRequested("preemption notice: checkpoint committed, leaving the group")
+        if pause:
+            raise PauseRequested("membership change at a step boundary")
+
+    def report(self, metrics: dict[str, float]) -> None:
+        """Publish metrics without ending a step (e.g. a final evaluation)."""
+        self.s.board.progress(self.s.board.get().step, metrics, merge=True)
+
+    def _next_vote(self, pause: bool, preempt: bool) -> tuple[bool, bool]:
+        """Agree on pausing: returns the vote launched at the previous commit and launches this
+        one asynchronously, so the tiny allreduce overlaps the next step instead of stalling this
+        one. Every rank acts on the same reduced values at the same step boundary."""
+        agreed = (False, False)
+        if self._vote is not None:
+            got = self._vote.wait()
+            agreed = (bool(got[0]), bool(got[1]))
+        self._vote = self.groups.ctrl.iallreduce_max([int(pause), int(preempt)])
+        return agreed
+
+    def drain_vote(self) -> None:
+        """Complete the vote in flight before anything else uses (or destroys) the group."""
+        if self._vote is not None:
+            vote, self._vote = self._vote, None
+            vote.wait()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self, sd: dict[str, Any], step: int, *, wait: bool) -> None:
+        self.s.checkpointer.save(sd, step=step, rank=self.rank, world_size=self.world_size, pg=self.groups.ctrl,
+                                 store=self.groups.ckpt_store, on_commit=self._on_commit)
+        if wait:
+            self.s.checkpointer.wait(timeout_s=self.s.run.failure.collective_timeout_s * 4)
+
+    def _on_commit(self, info: Any) -> None:
+        self.s.board.emit(Event.CHECKPOINT_COMMITTED, step=info.step,
+                          seconds=round(getattr(info, "seconds", 0.0) or 0.0, 4), bytes=info.bytes,
+                          world_size=info.world_size, uri=info.uri)
+
+    def finish(self) -> None:
+        """The function returned: the newest committed state must be durable before we report."""
+        self.drain_vote()
+        self.save_newest()
+
+    def save_newest(self) -> None:
+        """Make the newest state any rank holds durable (the run is ending, finished or not).
+
+        Every decision here comes from values all ranks agreed on, so all take the same branch.
+        """
+        s, ctrl = self.s, self.groups.ctrl
+        s.checkpointer.settle(ctrl, self.world_size)
+        agreed = peer_sync.agree(s.snapshot.step, s.latest_durable_step(), ctrl)
+        if agreed.best <= agreed.durable:
+            return
+        sd, _ = peer_sync.newest_state(s.snapshot, agreed, ctrl)
+        self.save_checkpoint(sd, agreed.best, wait=True)
+
+    def release(self) -> None:
+        # The DDP wrapper holds the process group: drop it before the group is destroyed.
+        self._model = None
+        self._vote = None

@@ -1,0 +1,78 @@
+"""One generation's process groups, held as objects and passed explicitly: the training plane and
+the control plane.
+
+- train: the user's backend (gloo on CPU, NCCL on GPUs). DDP, FSDP and user code use it, nothing
+  else. In a worker process it is also the process's default group, so code written for
+  torchrun (`dist.get_rank()`, `dist.all_reduce(t)`) works unchanged.
+- ctrl: always gloo on CPU tensors, never the default group. Everything the runtime itself
+  exchanges goes here (votes, restore agreement, checkpoint planning, state transfer from host
+  buffers), so that it works the same under NCCL (which has no CPU collectives) and cannot be
+  confused with the user's traffic.
+
+Each generation gets a fresh key space on the rendezvous store (`{prefix}gen{g}/...`): a restarted
+rank never reads a stale peer address.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from elastic.collectives import CollectiveClock, Collectives
+from elastic.worker.protocol import Assignment
+
+
+@dataclass
+class ProcessGroups:
+    generation: int
+    rank: int
+    world_size: int
+    train: Any
+    """The training group (a ProcessGroup; the process's default group in a worker)."""
+    ctrl: Collectives
+    """The control plane."""
+    ckpt_store: Any
+    """This generation's key space for checkpoint commits (a store connection of its own: the
+    checkpoint's background thread talks through it while the training thread uses the groups)."""
+    is_default: bool = True
+
+    def destroy(self) -> None:
+        """Drop both groups (collectives still blocked in them are released by their timeout)."""
+        if self.is_default and dist.is_initialized():
+            dist.destroy_process_group()
+        self.train = None
+
+
+def namespace(a: Assignment) -> str:
+    return f"{a.store_prefix}gen{a.generation}"
+
+
+def connect(a: Assignment, clock: CollectiveClock, *, store: Any = None, as_default: bool = True,
+            backend: str | None = None) -> ProcessGroups:
+    """Join generation `a.generation`: both planes, in the same order on every rank (each is a
+    rendezvous). `store`: the base store to use (tests share one in-process store; workers connect
+    to the supervisor's). `as_default=False` keeps the process's default group untouched (several
+    ranks in one process)."""
+    timeout = timedelta(seconds=a.collective_timeout_s)
+    if store is None:
+        store = dist.TCPStore(a.store_host, a.store_port, is_master=False, timeout=timeout)
+        ckpt_base = dist.TCPStore(a.store_host, a.store_port, is_master=False, timeout=timeout)
+    else:
+        ckpt_base = store
+    ns = namespace(a)
+    with clock.timing():  # a peer dying during the rendezvous breaks this generation, typed
+        ctrl_pg = dist.ProcessGroupGloo(dist.PrefixStore(f"{ns}/ctrl", store), a.rank, a.world_size, timeout)
+        if as_default:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            dist.init_process_group(backend or a.backend, store=dist.PrefixStore(f"{ns}/pg", store), rank=a.rank,
+                                    world_size=a.world_size, timeout=timeout)
+            train = dist.group.WORLD
+        else:
+            train = dist.ProcessGroupGloo(dist.PrefixStore(f"{ns}/pg", store), a.rank, a.world_size, timeout)
+    return ProcessGroups(generation=a.generation, rank=a.rank, world_size=a.world_size, train=train,
+                         ctrl=Collectives(ctrl_pg, clock), ckpt_store=dist.PrefixStore(f"{ns}/ckpt", ckpt_base),
+                         is_default=as_default)

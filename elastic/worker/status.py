@@ -1,0 +1,62 @@
+"""What a worker reports to the supervisor's polls, shared between the training thread (which
+writes it) and the actor thread (which reads it for poll()).
+
+The status is an immutable record replaced as a whole under a lock, so a poll never sees half of
+an update; events wait in a queue until the next poll collects them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from elastic.events import Event, make
+from elastic.worker.protocol import ParkReason, WorkerError, WorkerState
+
+
+@dataclass(frozen=True)
+class Status:
+    state: WorkerState = WorkerState.IDLE
+    generation: int = -1
+    step: int = -1
+    metrics: dict[str, float] = field(default_factory=dict)
+    failure: WorkerError | None = None
+    park_reason: ParkReason | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+    """Monotonic time of the last commit (or of the generation's start)."""
+
+
+class StatusBoard:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._status = Status()
+        self._events: list[dict[str, Any]] = []
+
+    def get(self) -> Status:
+        return self._status
+
+    def update(self, **changes: Any) -> None:
+        with self._lock:
+            self._status = dataclasses.replace(self._status, **changes)
+
+    def progress(self, step: int, metrics: dict[str, float] | None = None, *, merge: bool = False) -> None:
+        """A step was committed (or restored): progress is measured from now."""
+        with self._lock:
+            s = self._status
+            new = s.metrics
+            if metrics:
+                fresh = {k: float(v) for k, v in metrics.items()}
+                new = {**s.metrics, **fresh} if merge else fresh
+            self._status = dataclasses.replace(s, step=step, metrics=new, last_progress=time.monotonic())
+
+    def emit(self, event: Event, **fields: Any) -> None:
+        with self._lock:
+            self._events.append(make(event, **fields))
+
+    def take_events(self) -> list[dict[str, Any]]:
+        with self._lock:
+            events, self._events = self._events, []
+        return events

@@ -1,0 +1,164 @@
+"""Unit: the default policy's decision table, branch by branch, with made-up polls and clock values."""
+
+from __future__ import annotations
+
+import pytest
+
+from elastic.config import FailureConfig, RunConfig, ScalingConfig
+from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Remove, Resize, Restart, Retry,
+                                          WaitForWorkers)
+from elastic.supervisor.policy import (DefaultPolicy, MembershipView, QuiesceView, RunningView, StartView,
+                                       classify)
+from elastic.worker.protocol import FailureKind, PollFailure, WorkerError, WorkerPoll
+
+pytestmark = pytest.mark.timeout(30)
+
+P = DefaultPolicy()
+
+
+def run(min_w=2, max_w=3, replacement="wait", max_failures=3, **failure) -> RunConfig:
+    return RunConfig(scaling=ScalingConfig(min_workers=min_w, max_workers=max_w, replacement=replacement,
+                                           placement_timeout_s=10),
+                     failure=FailureConfig(max_failures=max_failures, poll_timeout_s=2, collective_timeout_s=5,
+                                           below_min_wait_s=20, hang_timeout_s=60, **failure))
+
+
+def poll(state="running", *, step=5, age=0.0, waiting=None, error=None, kind=FailureKind.USER, preempted=False,
+         park=None) -> WorkerPoll:
+    return WorkerPoll(state=state, generation=0, step=step, progress_age_s=age, waiting_in_collective_s=waiting,
+                      failure=WorkerError(kind, error) if error else None, preempted=preempted, park_reason=park)
+
+
+def running(polls, members=(0, 1, 2), newcomers=0, grow_due=False, r=None):
+    h = classify(polls, (r or run()).failure)
+    return P.running(r or run(), h, RunningView(members=tuple(members), newcomers=newcomers, grow_due=grow_due))
+
+
+# -- running ---------------------------------------------------------------------------------
+def test_all_running_continues():
+    assert running({0: poll(), 1: poll(), 2: poll()}) == Continue()
+
+
+def test_a_fatal_error_fails_with_exit_2_naming_it():
+    d = running({0: poll(), 1: poll("failed", error="CheckpointMismatchError: shapes", kind=FailureKind.FATAL),
+                 2: poll()})
+    assert d == Fail(error="CheckpointMismatchError: shapes", exit_code=2)
+
+
+def test_every_rank_finished_finishes():
+    assert running({0: poll("finished"), 1: poll("finished"), 2: poll("finished")}) == Finish()
+
+
+@pytest.mark.parametrize("polls,lost,words", [
+    ({0: poll(), 1: PollFailure.DEAD, 2: poll()}, (1,), "rank(s) 1 died"),
+    ({0: poll(), 1: PollFailure.UNRESPONSIVE, 2: poll()}, (1,), "rank(s) 1 stopped answering"),
+    ({0: poll(age=61), 1: poll(), 2: poll()}, (0,), "rank(s) 0 hung"),
+    ({0: poll(), 1: poll(), 2: poll("failed", error="Traceback ... ValueError")}, (2,), "rank(s) 2 raised"),
+    ({0: poll("parked", park="broken"), 1: poll(), 2: poll()}, (), "left a broken process group"),
+    ({0: poll("parked", park="pause"), 1: poll(), 2: poll()}, (), "left a broken process group"),
+])
+def test_losses_and_broken_groups_restart(polls, lost, words):
+    d = running(polls)
+    assert isinstance(d, Restart) and d.lost == lost and words in d.reason
+
+
+def test_an_agreed_pause_for_a_preemption_is_a_resize_that_lets_the_notified_rank_go():
+    polls = {0: poll("parked", park="pause"), 1: poll("parked", park="pause", preempted=True),
+             2: poll("parked", park="pause")}
+    assert running(polls) == Resize(reason="preemption", leaving=(1,))
+
+
+def test_grow_only_when_due_below_max_and_someone_is_ready():
+    polls = {0: poll(), 1: poll()}
+    assert running(polls, members=(0, 1), newcomers=1, grow_due=True) == Resize(reason="grow")
+    assert running(polls, members=(0, 1), newcomers=0, grow_due=True) == Continue()
+    assert running(polls, members=(0, 1), newcomers=1, grow_due=False) == Continue()
+    full = {0: poll(), 1: poll(), 2: poll()}
+    assert running(full, newcomers=1, grow_due=True) == Continue()
+
+
+def test_top_up_keeps_max_plus_spares_asked_for():
+    r = RunConfig(scaling=ScalingConfig(min_workers=2, max_workers=3, spares=1))
+    assert [P.to_request(r, have) for have in (0, 3, 4, 6)] == [4, 1, 0, 0]
+
+
+# -- after a failure -------------------------------------------------------------------------
+def test_failures_within_budget_retry_with_backoff_and_one_more_fails_with_a_final_save():
+    r = run(max_failures=2, backoff_base_s=0.5, backoff_max_s=1.0)
+    assert P.after_failure(r, 1, 1, "x") == Retry(backoff_s=0.5)
+    assert P.after_failure(r, 2, 3, "x") == Retry(backoff_s=1.0)
+    d = P.after_failure(r, 3, 4, "rank(s) 1 died")
+    assert isinstance(d, Fail) and d.exit_code == 1 and d.final_save and "max_failures=2" in d.error
+    assert P.after_failure(run(max_failures=-1), 10**6, 1, "x") == Retry(backoff_s=0.0)
+
+
+# -- quiescing the old group -----------------------------------------------------------------
+def quiesce(polls, first_park=None, waited=0.0):
+    return P.quiesce(run(), QuiesceView(polls=polls, since_first_park_s=first_park, waited_s=waited))
+
+
+def test_quiesce_removes_the_dead_the_frozen_and_the_hung_first():
+    assert quiesce({0: PollFailure.DEAD, 1: poll()}) == Remove(workers=(0,), label="died")
+    assert quiesce({0: poll(), 1: PollFailure.UNRESPONSIVE}) == Remove(workers=(1,), label="stopped answering")
+    assert quiesce({0: poll(age=61), 1: poll("parked")}) == Remove(workers=(0,), label="hung")
+
+
+def test_quiesce_blames_a_rank_stuck_outside_a_collective_a_poll_timeout_after_peers_left():
+    polls = {0: poll("parked", park="broken"), 1: poll(waiting=None), 2: poll(waiting=1.0)}
+    assert quiesce(polls, first_park=1.0) == Continue()  # not yet a poll timeout (2 s)
+    assert quiesce(polls, first_park=2.5) == Remove(workers=(1,), label="stuck while its peers left the group")
+    blocked = {0: poll("parked"), 1: poll(waiting=6.0)}  # blocked past the collective timeout (5 s)
+    assert quiesce(blocked, first_park=2.5) == Remove(workers=(1,), label="stuck while its peers left the group")
+
+
+def test_quiesce_removes_whoever_is_still_in_at_the_deadline_and_continues_when_all_left():
+    deadline = P.quiesce_timeout_s(run())
+    assert deadline == 5 + 2 + P.quiesce_slack_s
+    assert quiesce({0: poll(waiting=0.1), 1: poll(waiting=0.1)}, waited=deadline) == \
+        Remove(workers=(0, 1), label="stuck while its peers left the group")
+    assert quiesce({0: poll("parked"), 1: poll("finished")}) == Continue()
+
+
+# -- forming the next group ------------------------------------------------------------------
+def membership(have, waited=0.0, no_room=None, **kw):
+    return P.membership(run(**kw), MembershipView(have=have, waited_s=waited, no_room_for_s=no_room))
+
+
+def test_membership_keeps_the_world_size_when_it_can():
+    assert membership(3) == Build()
+    assert membership(2) == WaitForWorkers()  # a replacement may be placed: wait for it
+    assert membership(2, waited=10) == Build()  # ...but not past the placement timeout
+
+
+def test_membership_goes_on_smaller_once_the_cluster_shows_no_room_for_the_settle_time():
+    assert membership(2, no_room=P.settle_s / 2) == WaitForWorkers()
+    assert membership(2, no_room=P.settle_s) == Build()
+
+
+def test_membership_with_replacement_continue_builds_at_once_and_asks_for_the_rest_later():
+    assert membership(2, replacement="continue") == Build(replacement_later=True)
+
+
+def test_membership_below_min_waits_bounded_then_fails_with_a_final_save():
+    assert membership(1, waited=5) == WaitForWorkers()
+    assert membership(1, waited=10) == WaitForWorkers(below_min=True)
+    d = membership(1, waited=30)
+    assert isinstance(d, Fail) and d.final_save and d.exit_code == 1 and "below min_workers=2" in d.error
+
+
+# -- starting --------------------------------------------------------------------------------
+def test_start_waits_for_what_the_cluster_can_place_then_builds_or_fails_with_exit_2():
+    r = run()
+    assert P.start(r, StartView(ready=3, placeable=3, waited_s=0)) == Build()
+    assert P.start(r, StartView(ready=2, placeable=3, waited_s=1)) == WaitForWorkers()
+    assert P.start(r, StartView(ready=2, placeable=2, waited_s=0)) == Build()  # the cluster fits only 2
+    assert P.start(r, StartView(ready=2, placeable=3, waited_s=10)) == Build()
+    d = P.start(r, StartView(ready=1, placeable=3, waited_s=10))
+    assert isinstance(d, Fail) and d.exit_code == 2 and "{resources}" in d.error
+
+
+def test_policy_timings_are_validated():
+    with pytest.raises(Exception, match="settle_s"):
+        DefaultPolicy(settle_s=float("inf"))
+    assert P.final_save_timeout(run()) == 2 * 5 + 2
+    assert DefaultPolicy(final_save_timeout_s=7).final_save_timeout(run()) == 7

@@ -1,0 +1,172 @@
+"""Unit: the worker side (commit, vote, restore agreement, state transfer, snapshots) with 2-3 ranks
+in one process, one thread each, on real gloo groups. No Ray; each test runs in about a second."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from elastic import TrainState
+from elastic.checkpoint import Checkpointer, CheckpointStore
+from elastic.worker.generation import PauseRequested
+from worker_threads import make_services, ok, run_generation
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def make_state(seed: int = 0) -> TrainState:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    return TrainState(model=model, optimizer=opt,
+                      extra={"ema": torch.ones(3, dtype=torch.bfloat16), "window": (1, 2)})
+
+
+def train_step(state: TrainState, rank: int) -> None:
+    g = torch.Generator().manual_seed(1000 * state.step + rank)
+    x = torch.randn(5, 4, generator=g)
+    state.optimizer.zero_grad()
+    state.model(x).square().sum().backward()
+    state.optimizer.step()
+
+
+def params(state: TrainState) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+
+
+def restored_event(services, r: int) -> dict:
+    evs = [e for e in services[r].board.take_events() if e["event"] == "restored"]
+    assert len(evs) == 1, evs
+    return evs[0]
+
+
+def train_to(services, steps_by_rank: dict[int, int], *, seed_by_rank: dict[int, int] | None = None):
+    """Give each listed rank a snapshot at the given step (as a survivor would hold), by training
+    alone: no group needed."""
+    out = {}
+    for r, steps in steps_by_rank.items():
+        state = make_state()
+        for _ in range(steps):
+            train_step(state, (seed_by_rank or {}).get(r, r))
+            state.step += 1
+        services[r].snapshot.capture(state.state_dict(), state.step)
+        services[r].board.progress(state.step)
+        out[r] = params(state)
+    return out
+
+
+def test_a_pause_asked_by_one_rank_unwinds_every_rank_at_the_same_step(tmp_path):
+    services = make_services(f"file://{tmp_path}", 3)
+
+    def fn(gen):
+        state = make_state()
+        gen.restore(state)
+        try:
+            while state.step < 50:
+                train_step(state, gen.rank)
+                if gen.rank == 1 and state.step == 3:
+                    services[1].pause.set()
+                gen.commit(state)
+        except PauseRequested:
+            return state.step, services[gen.rank].snapshot.step
+        return None
+
+    got = ok(run_generation(services, fn))
+    # The vote launched at the commit of step 4 is read at the commit of step 5: all ranks stop there,
+    # each with a snapshot of that step.
+    assert got == [(5, 5)] * 3
+
+
+def test_every_rank_restores_its_own_memory_when_all_hold_the_newest_step(tmp_path):
+    services = make_services(f"file://{tmp_path}", 2)
+    held = train_to(services, {0: 5, 1: 5}, seed_by_rank={0: 0, 1: 0})
+
+    def fn(gen):
+        state = make_state(seed=99)  # a different init: the restore must overwrite it
+        assert gen.restore(state)
+        return state.step, params(state)
+
+    got = ok(run_generation(services, fn, generation=1))
+    for r in (0, 1):
+        assert restored_event(services, r)["source"] == "memory"
+        assert got[r][0] == 5
+        assert all(torch.equal(got[r][1][k], held[r][k]) for k in held[r])
+
+
+def test_a_rank_one_step_behind_and_a_newcomer_get_the_newest_state_from_the_peer_that_holds_it(tmp_path):
+    services = make_services(f"file://{tmp_path}", 3)
+    held = train_to(services, {0: 5, 1: 6})  # rank 1 finished one more step; rank 2 is new
+
+    def fn(gen):
+        state = make_state(seed=99)
+        gen.restore(state)
+        return state.step, params(state), state.extra["window"], state.extra["ema"].dtype
+
+    got = ok(run_generation(services, fn, generation=1))
+    assert [restored_event(services, r)["source"] for r in range(3)] == ["peer:1"] * 3
+    for r in range(3):
+        step, p, window, ema_dtype = got[r]
+        assert step == 6 and window == (1, 2) and ema_dtype == torch.bfloat16
+        assert all(torch.equal(p[k], held[1][k]) for k in held[1]), f"rank {r} differs from the holder"
+    assert services[0].snapshot.step == services[2].snapshot.step == 6  # receivers hold it too
+
+
+def test_a_durable_checkpoint_newer_than_every_snapshot_wins(tmp_path):
+    uri = f"file://{tmp_path}"
+    services = make_services(uri, 2)
+    train_to(services, {0: 5, 1: 5})
+    durable = make_state()
+    for _ in range(8):
+        train_step(durable, 7)
+        durable.step += 1
+    Checkpointer(uri, async_save=False).save(durable.state_dict(), step=8, rank=0, world_size=1, pg=None, store=None)
+
+    def fn(gen):
+        state = make_state(seed=99)
+        gen.restore(state)
+        return state.step, params(state)
+
+    got = ok(run_generation(services, fn, generation=1))
+    assert [restored_event(services, r)["source"] for r in range(2)] == ["checkpoint:8"] * 2
+    assert all(g[0] == 8 and all(torch.equal(g[1][k], v) for k, v in params(durable).items()) for g in got)
+    assert all(s.snapshot.step == 8 for s in services)  # what was loaded is the new snapshot
+
+
+def test_training_after_a_restore_never_writes_into_the_snapshot(tmp_path):
+    """The optimizer keeps the tensors it is given: a restore must hand it copies, or the next
+    optimizer step rewrites the snapshot that a later failure would restore from."""
+    services = make_services(f"file://{tmp_path}", 2)
+    train_to(services, {0: 3, 1: 3}, seed_by_rank={0: 0, 1: 0})
+    before = [{tuple(p): t.clone() for p, t in s.snapshot.tensors} for s in services]
+
+    def fn(gen):
+        state = make_state()
+        gen.restore(state)
+        train_step(state, gen.rank)  # a step that will never be committed (the group breaks)
+
+    ok(run_generation(services, fn, generation=1))
+    for s, b in zip(services, before):
+        assert s.snapshot.step == 3
+        assert all(torch.equal(t, b[tuple(p)]) for p, t in s.snapshot.tensors)
+
+
+def test_checkpoints_commit_at_the_interval_and_the_end_of_the_run(tmp_path):
+    uri = f"file://{tmp_path}"
+    services = make_services(uri, 2, every_n_steps=4)
+
+    def fn(gen):
+        state = make_state()
+        gen.restore(state)
+        while state.step < 10:
+            train_step(state, gen.rank)
+            gen.commit(state, {"loss": 1.0})
+        gen.finish()
+        return state.step
+
+    assert ok(run_generation(services, fn)) == [10, 10]
+    store = CheckpointStore(uri)
+    assert [i.step for i in store.list()] == [4, 8, 10]
+    assert store.verify() == []
+    committed = [e["step"] for s in services for e in s.board.take_events() if e["event"] == "checkpoint_committed"]
+    assert sorted(committed) == [4, 8, 10]  # reported once, by the coordinator
