@@ -54,3 +54,27 @@ def test_driver_killed_then_elastic_resume(chaos_ray, rules_dir, tmp_path, chaos
     out = harness.run_driver(job, plan.actions, address)
     assert out.exit_codes[0] == -9 and out.exit_codes[1] == 0, (out.exit_codes, out.raised)
     harness.check(out, ref, exact=True, expect_markers=plan.n_faults)
+
+
+def test_a_final_checkpoint_that_storage_refuses_fails_the_run_with_the_event(chaos_ray, rules_dir, tmp_path):
+    """Honest exits: the state that should be durable at the end is not, so the run says so in one
+    line, records checkpoint_failed, exits non-zero, and `elastic ls` shows the failed save."""
+    from elastic import storage_cmds
+    from elastic.chaos.storage import StorageRule, arm
+
+    job = harness.Job(root=tmp_path, workers=2, steps=21, every_n=10)  # step 21 is only saved at the end
+    job.marker_dir.mkdir(parents=True, exist_ok=True)
+    arm([StorageRule(name="final", op="write", path_contains=f"{job.run_dir}/checkpoints/step_00000021/",
+                     marker_dir=str(job.marker_dir), kind="permanent")], rules_dir, tmp_path.name)
+    out = harness.run(job)
+    r = out.result
+    assert r is not None and not r.ok and r.exit_code == 1, r
+    assert "step 21 was not committed" in r.error and "\n" not in r.error.strip()
+    failed = [e for e in out.events if e["event"] == "checkpoint_failed"]
+    assert failed and failed[0]["step"] == 21 and out.events[-1]["event"] == "run_failed"
+    assert harness.CheckpointStore(job.uri).latest_verified().step == 20
+    import io
+
+    text = io.StringIO()
+    assert storage_cmds.cmd_ls(job.uri, out=text) == 0
+    assert any(line.startswith("21 ") and "failed:" in line for line in text.getvalue().splitlines()), text.getvalue()

@@ -13,11 +13,12 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from elastic import cli_options
 from elastic.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from elastic.errors import ConfigError, ElasticError
+from elastic.retry import redact
 
 
 def parse_config_pairs(pairs: list[str]) -> dict[str, Any]:
@@ -75,12 +76,17 @@ def _configs(args: argparse.Namespace, base: dict[str, Any] | None = None) -> di
     """The run's configs: `base` (a stored spec) overridden by what the command line gives. Each is
     validated as it is built, before anything starts."""
     base = base or {}
-    return {
-        "scaling": ScalingConfig(**{**base.get("scaling", {}), **cli_options.given(args, ScalingConfig)}),
-        "checkpoint": CheckpointConfig(**{**base.get("checkpoint", {}), **cli_options.given(args, CheckpointConfig)}),
-        "failure": FailureConfig(**{**base.get("failure", {}), **cli_options.given(args, FailureConfig)}),
-        "run": cli_options.given(args, RunConfig),
-    }
+    run = {k: base[k] for k in ("name", "seed", "stop_timeout_s") if k in base}
+    try:
+        return {
+            "scaling": ScalingConfig(**{**base.get("scaling", {}), **cli_options.given(args, ScalingConfig)}),
+            "checkpoint": CheckpointConfig(**{**base.get("checkpoint", {}), **cli_options.given(args, CheckpointConfig)}),
+            "failure": FailureConfig(**{**base.get("failure", {}), **cli_options.given(args, FailureConfig)}),
+            "run": {**run, **cli_options.given(args, RunConfig)},
+        }
+    except TypeError as exc:  # a stored spec with fields this version does not know
+        raise ConfigError(f"the stored run spec does not fit this version of elastic ({exc}): start the run "
+                          "again with `elastic run`") from None
 
 
 def _trainer(fn: Callable, entry: str, args: argparse.Namespace, cfg: dict[str, Any],
@@ -88,11 +94,13 @@ def _trainer(fn: Callable, entry: str, args: argparse.Namespace, cfg: dict[str, 
     from elastic.trainer import ElasticTrainer
 
     run = cfg["run"]
+    defaults = RunConfig()
     return ElasticTrainer(
         fn, train_loop_config=train_loop_config, scaling=cfg["scaling"], checkpoint=cfg["checkpoint"],
         failure=cfg["failure"], name=run.get("name") or name or Path(entry.rsplit(":", 1)[0]).stem,
-        seed=run.get("seed", seed if seed is not None else 0),
-        progress_interval_s=run.get("progress_interval_s", 5.0), address=args.address, entrypoint=entry)
+        seed=run.get("seed", seed if seed is not None else defaults.seed),
+        progress_interval_s=run.get("progress_interval_s", defaults.progress_interval_s),
+        stop_timeout_s=run.get("stop_timeout_s", defaults.stop_timeout_s), address=args.address, entrypoint=entry)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -109,29 +117,60 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from elastic.trainer import load_spec
+    from elastic.storage import normalize_uri
+    from elastic.trainer import load_spec, resolve_entrypoint
 
     spec = load_spec(args.uri)
     if spec is None:
         raise ConfigError(f"no run at {args.uri!r} (no run.json): start one with `elastic run FILE.py:FN "
                           "--checkpoint-uri URI`")
+    # The run continues where it is pointed at: URI, not the location it was first started in.
+    if cli_options.given(args, CheckpointConfig).get("uri") is not None:
+        raise ConfigError("elastic resume URI takes its location from URI: drop --checkpoint-uri")
+    spec = {**spec, "checkpoint": {**spec["checkpoint"], "uri": normalize_uri(args.uri)}}
     cfg = _configs(args, spec)
     loop_config = {**spec["train_loop_config"], **parse_config_pairs(args.config)}
-    fn = load_entrypoint(spec["entrypoint"])
-    trainer = _trainer(fn, spec["entrypoint"], args, cfg, loop_config, name=spec.get("name", "elastic"),
-                       seed=spec.get("seed", 0))
+    entry = args.entrypoint or spec["entrypoint"]
+    if args.entrypoint is None:
+        path = entry.rsplit(":", 1)[0]
+        if not Path(path).is_file():
+            raise ConfigError(f"the run's entry file {path} is gone: pass --entrypoint FILE.py:FUNCTION")
+        if spec.get("entrypoint_sha256") and resolve_entrypoint(entry)[1] != spec["entrypoint_sha256"]:
+            raise ConfigError(f"the run's entry file {path} changed since the run started: resume with "
+                              f"--entrypoint {entry} to run it as it is now")
+    fn = load_entrypoint(entry)
+    trainer = _trainer(fn, entry, args, cfg, loop_config, name=spec.get("name", "elastic"), seed=spec.get("seed", 0))
     return _finish(trainer.fit(raise_on_failure=False, quiet=args.quiet))
 
 
 def _finish(result: Any) -> int:
     if not result.ok:
-        print(f"error: {(result.error or 'training failed').strip().splitlines()[-1]}", file=sys.stderr)
+        text = redact((result.error or "training failed").strip().splitlines()[-1])
+        print(f"{'stopped' if result.stopped else 'error'}: {text}", file=sys.stderr)
     return result.exit_code
 
 
+def _step(text: str) -> int:
+    try:
+        step = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step number") from None
+    if step < 0:
+        raise argparse.ArgumentTypeError(f"steps are >= 0, got {step}")
+    return step
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one `error:` line naming the fix, like every other error (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elastic", description="Fault-tolerant elastic training on Ray")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="elastic", description="Fault-tolerant elastic training on Ray")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("run", help="start (or continue) a run")
     p.add_argument("entrypoint", help="FILE.py:FUNCTION")
     _add_run_options(p)
@@ -140,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(options given here override the stored ones)")
     p.add_argument("uri")
     _add_run_options(p)
+    p.add_argument("--entrypoint", default=None, metavar="FILE.py:FUNCTION",
+                   help="run this entry point instead of the stored one (needed when it moved or changed)")
     p.set_defaults(func=cmd_resume)
     p = sub.add_parser("ls", help="list checkpoints at a location")
     p.add_argument("uri")
@@ -147,16 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: _storage_cmd("cmd_ls", a.uri, verify=a.verify))
     p = sub.add_parser("inspect", help="tensor names, shapes, dtypes and shards of a checkpoint")
     p.add_argument("uri")
-    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--step", type=_step, default=None)
     p.set_defaults(func=lambda a: _storage_cmd("cmd_inspect", a.uri, step=a.step))
     p = sub.add_parser("verify", help="check every shard of a checkpoint against its manifest")
     p.add_argument("uri")
-    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--step", type=_step, default=None)
     p.set_defaults(func=lambda a: _storage_cmd("cmd_verify", a.uri, step=a.step))
     p = sub.add_parser("export", help="write a checkpoint as one torch.save file")
     p.add_argument("uri")
     p.add_argument("out")
-    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--step", type=_step, default=None)
     p.set_defaults(func=lambda a: _storage_cmd("cmd_export", a.uri, a.out, step=a.step))
     sub.add_parser("chaos", help="inject faults into a live run at random (elastic chaos URI --help)",
                    add_help=False)
@@ -185,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     except ElasticError as exc:
         if os.environ.get("ELASTIC_DEBUG"):
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)}",
+              file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

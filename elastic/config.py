@@ -161,6 +161,10 @@ class RunConfig:
     """Passed to the training function as its only argument."""
     progress_interval_s: float = 5.0
     """Seconds between progress lines."""
+    stop_timeout_s: float = 20.0
+    """On SIGINT/SIGTERM to the driver the workers commit the newest state they hold within this
+    long, then the run ends (exit 130/143); a second signal ends it at once. Fits common grace
+    periods (Kubernetes gives 30 s); set it below yours."""
     seed: int = 0
     """Seeds torch on every rank before the training function is entered."""
     policy: Any = None
@@ -169,3 +173,4 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         require_duration("progress_interval_s", self.progress_interval_s)
+        require_duration("stop_timeout_s", self.stop_timeout_s)

@@ -71,6 +71,20 @@ class CheckpointMismatchError(CheckpointError):
     exit_code = 2
 
 
+class RunLockedError(ElasticError):
+    """Another live run owns the location (its lease is held): stop it, or wait for its lease."""
+
+    exit_code = 2
+
+
+class LeaseLostError(ElasticError):
+    """This run no longer owns its location: another run took it over. Nothing more is committed."""
+
+
+class CheckpointFailedError(CheckpointError):
+    """A checkpoint that had to be committed (the final one, a preemption's, a stop's) was not."""
+
+
 class WorkerGroupError(ElasticError):
     """The process group around a worker broke (peer died, hung, or membership is changing).
 

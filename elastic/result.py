@@ -19,10 +19,13 @@ class Result:
     checkpoint: Any  # elastic.checkpoint.CheckpointInfo | None
     uri: str
     events: list[dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False
+    """Stopped on request (SIGINT/SIGTERM to the driver); `error` says whether the newest state was
+    committed."""
 
     def summary(self) -> str:
         lines = [
-            f"{'finished' if self.ok else 'FAILED'}: {self.steps} steps in {self.seconds:.1f}s, "
+            f"{'finished' if self.ok else 'STOPPED' if self.stopped else 'FAILED'}: {self.steps} steps in {self.seconds:.1f}s, "
             f"{self.failures} failure(s), {len(self.recoveries)} recovery/resize event(s)",
         ]
         for r in self.recoveries:

@@ -84,9 +84,8 @@ def is_permanent(exc: BaseException) -> bool:
             return True
         if isinstance(e, OSError) and e.errno in _PERMANENT_ERRNOS:
             return True
-        # s3fs turns NoSuchBucket into FileNotFoundError; a missing *file* is not permanent
-        if isinstance(e, FileNotFoundError) and "bucket" in str(e).lower():
-            return True
+    # s3fs turns NoSuchBucket into a FileNotFoundError whose __cause__ carries the code (above); a
+    # FileNotFoundError of its own is a missing path, whatever words the path or message contain.
     return False
 
 

@@ -21,7 +21,7 @@ from elastic import retry, storage, tree
 from elastic.checkpoint import CheckpointStore
 from elastic.checkpoint.layout import COMMITTED
 from elastic.errors import ElasticError, NoCheckpointError
-from elastic.events import EVENTS_FILE, format_event, parse_lines
+from elastic.events import EVENTS_FILE, Event, format_event, parse_lines, read_events, read_lines
 
 
 def _guard(fn: Callable[[], int], err: TextIO | None = None) -> int:
@@ -48,8 +48,7 @@ def _store_with_run(uri: str) -> CheckpointStore:
 
 
 def _events_exist(cs: CheckpointStore) -> bool:
-    path = storage.join(cs.root, EVENTS_FILE)
-    return bool(retry.call(retry.STORAGE_LIST, lambda: cs.fs.exists(path), op="stat", uri=cs.uri))
+    return bool(retry.call(retry.STORAGE_LIST, lambda: read_lines(cs.uri), op="read events", uri=cs.uri))
 
 
 def _when(t: float, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
@@ -80,15 +79,25 @@ def cmd_ls(uri: str, *, verify: bool = False, out: TextIO | None = None) -> int:
     def run() -> int:
         cs = _store_with_run(uri)
         infos = cs.list(verify=verify)
-        if not infos:
+        # Saves that did not commit, as the run reported them (checkpoint_failed events).
+        failed = {int(e["step"]): (e.get("time") or 0.0, str(e.get("reason") or "?"))
+                  for e in read_events(cs.uri) if e.get("event") == Event.CHECKPOINT_FAILED and "step" in e}
+        if not infos and not failed:
             print(f"no checkpoints under {cs.uri}", file=out)
             return 0
         rows = [["STEP", "TIME", "WORLD", "BYTES", "SECONDS", "STATUS"]]
-        for i in infos:
-            rows.append([
-                str(i.step), _when(i.time), str(i.world_size or "-"), _size(i.bytes),
-                f"{i.seconds:.2f}" if i.seconds is not None else "-", i.status,
-            ])  # fmt: skip
+        by_step = {i.step: i for i in infos}
+        for step in sorted(set(by_step) | set(failed)):
+            i = by_step.get(step)
+            if i is not None and (i.status == COMMITTED or step not in failed):
+                rows.append([
+                    str(i.step), _when(i.time), str(i.world_size or "-"), _size(i.bytes),
+                    f"{i.seconds:.2f}" if i.seconds is not None else "-", i.status,
+                ])  # fmt: skip
+                continue
+            when, reason = failed[step]
+            rows.append([str(step), _when(when), "-", _size(i.bytes) if i else "-", "-",
+                         f"failed: {reason.splitlines()[0][:120]}"])
         _table(rows, out)
         return 0
 
@@ -189,26 +198,17 @@ def cmd_export(uri: str, out_path: str, step: int | None = None, *,
 
 
 def cmd_events(uri: str, as_json: bool = False, *, out: TextIO | None = None) -> int:
-    """Print URI/events.jsonl: one line per event, or the raw JSON lines with as_json."""
+    """Print the run's event log: one line per event, or the raw JSON lines with as_json."""
     out = out or sys.stdout
 
     def run() -> int:
         cs = CheckpointStore(uri)
-        path = storage.join(cs.root, EVENTS_FILE)
-        try:
-            data = retry.call(retry.STORAGE_READ, lambda: cs.fs.cat_file(path), op="read",
-                              uri=f"{cs.uri}/{EVENTS_FILE}")  # fmt: skip
-        except FileNotFoundError:
+        lines = retry.call(retry.STORAGE_READ, lambda: read_lines(cs.uri, partial=True), op="read", uri=f"{cs.uri}/{EVENTS_FILE}")
+        if not lines:
             if cs.list():
-                raise NoCheckpointError(
-                    f"no {EVENTS_FILE} at {cs.uri}: the run recorded no events"
-                ) from None
-            raise NoCheckpointError(
-                f"no run at {cs.uri} (no checkpoints/ or {EVENTS_FILE}): check the URI"
-            ) from None
-        for line in data.decode(errors="replace").splitlines():
-            if not line.strip():
-                continue
+                raise NoCheckpointError(f"no {EVENTS_FILE} at {cs.uri}: the run recorded no events")
+            raise NoCheckpointError(f"no run at {cs.uri} (no checkpoints/ or {EVENTS_FILE}): check the URI")
+        for line in lines:
             if as_json:
                 print(line, file=out)
                 continue

@@ -1,22 +1,34 @@
-"""The driver side: ElasticTrainer starts a supervisor actor and follows it until the run ends.
+"""The driver side: ElasticTrainer takes the run's location, starts a supervisor actor and follows
+it until the run ends.
 
-The driver holds no training state. If it dies, the supervisor and the workers it owns stop with
-it (Ray fate sharing), and `elastic resume URI` continues from the newest committed checkpoint.
+Order matters: the lease on the location comes first (a second run on a live run's location is
+refused before it writes anything), then the storage probe and the run spec, then Ray.
+
+The driver holds no training state. The first SIGINT/SIGTERM asks the supervisor to commit the
+newest state the workers hold and end (exit 130/143); a second one ends the run at once. If the
+driver dies, its supervisor notices and stops the workers, and `elastic resume URI` continues from
+the newest committed checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from elastic import lease as lease_mod
+from elastic import retry, storage
 from elastic.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from elastic.errors import ConfigError, StorageUnavailableError, TrainingFailedError
 from elastic.progress import ProgressPrinter
@@ -24,6 +36,7 @@ from elastic.result import Result
 from elastic.storage import normalize_uri, resolve
 
 RUN_SPEC_FILE = "run.json"
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def _default_uri(name: str) -> str:
@@ -35,8 +48,8 @@ def check_storage(uri: str) -> None:
     fs, root = resolve(uri)
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     if "memory" in protocols:
-        raise ConfigError(f"{uri!r}: memory:// lives inside one process and workers are separate processes: "
-                          "use file:// or an object store (s3://, gs://)")
+        raise ConfigError(f"{retry.redact(uri)!r}: memory:// lives inside one process and workers are separate "
+                          "processes: use file:// or an object store (s3://, gs://)")
     try:
         fs.makedirs(root, exist_ok=True)
         probe = f"{root}/.elastic-probe"
@@ -44,8 +57,8 @@ def check_storage(uri: str) -> None:
             f.write(b"ok")
         fs.rm(probe)
     except Exception as exc:  # noqa: BLE001 - any failure here means the location is unusable
-        raise StorageUnavailableError(f"cannot write to {uri!r} ({type(exc).__name__}: {exc}): "
-                                      "check the path, bucket and credentials") from None
+        raise StorageUnavailableError(retry.redact(f"cannot write to {uri!r} ({type(exc).__name__}: {exc}): "
+                                                   "check the path, bucket and credentials")) from None
 
 
 def ensure_ray(address: str | None, run: RunConfig) -> None:
@@ -64,6 +77,14 @@ def ensure_ray(address: str | None, run: RunConfig) -> None:
              runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
 
 
+def resolve_entrypoint(spec: str) -> tuple[str, str]:
+    """'file.py:fn' -> ('/abs/file.py:fn', sha256 of the file): what run.json records, so that a
+    resume from anywhere runs the same file, and notices when it changed."""
+    path_s, func = spec.rsplit(":", 1)
+    path = Path(path_s).expanduser().resolve()
+    return f"{path}:{func}", hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 class ElasticTrainer:
     def __init__(
         self,
@@ -76,6 +97,7 @@ class ElasticTrainer:
         name: str = "elastic",
         seed: int = 0,
         progress_interval_s: float = 5.0,
+        stop_timeout_s: float = 20.0,
         address: str | None = None,
         entrypoint: str | None = None,
     ):
@@ -85,40 +107,24 @@ class ElasticTrainer:
         uri = normalize_uri(checkpoint.uri) if checkpoint.uri else _default_uri(name)
         self.run = RunConfig(name=name, scaling=scaling or ScalingConfig(), checkpoint=replace(checkpoint, uri=uri),
                              failure=failure or FailureConfig(), train_loop_config=dict(train_loop_config or {}),
-                             progress_interval_s=progress_interval_s, seed=seed)
+                             progress_interval_s=progress_interval_s, stop_timeout_s=stop_timeout_s, seed=seed)
         self.train_fn = _shippable(train_fn)
         self.uri = uri
         self.address = address
         self.entrypoint = entrypoint
 
     def fit(self, *, raise_on_failure: bool = True, quiet: bool = False) -> Result:
-        from elastic.supervisor.actor import RemoteSupervisor
-
-        check_storage(self.uri)
-        self._write_spec()
-        ensure_ray(self.address, self.run)
-        printer = ProgressPrinter(self.run.progress_interval_s)
-        # The supervisor lives on the driver's node (normally the head, not a spot node): losing a
-        # worker node must never take the supervisor with it.
-        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        sup = RemoteSupervisor.options(num_cpus=0, max_concurrency=4, max_restarts=0,
-                                       scheduling_strategy=here).remote(self.train_fn, self.run, self.uri)
-        done_ref = sup.run.remote()
+        lease = lease_mod.Lease(self.uri)
+        owner = lease.acquire(lease_mod.this_process(self.run.name))  # before anything else is written
+        sup_box: list[Any] = []
+        renewer = lease_mod.Renewer(lease, owner, on_lost=lambda why: [s.abort.remote(why) for s in sup_box]).start()
         try:
-            while True:
-                ready, _ = ray.wait([done_ref], timeout=0.5)
-                try:
-                    prog, events = ray.get(sup.progress.remote(), timeout=10)
-                except Exception:  # noqa: BLE001 - progress is best effort; the run ref is the truth
-                    prog, events = {}, []
-                if not quiet:
-                    printer.events(events)
-                    printer.progress(prog)
-                if ready:
-                    break
-            result: Result = ray.get(done_ref)
+            check_storage(self.uri)
+            self._write_spec()
+            ensure_ray(self.address, self.run)
+            result = self._drive(owner, sup_box, quiet)
         finally:
-            _stop_supervisor(sup)
+            renewer.stop(release=True)
         if not quiet:
             print(result.summary(), flush=True)
         if not result.ok and raise_on_failure:
@@ -127,17 +133,97 @@ class ElasticTrainer:
             raise err
         return result
 
+    def _drive(self, owner: lease_mod.LeaseRecord, sup_box: list[Any], quiet: bool) -> Result:
+        from elastic.supervisor.actor import RemoteSupervisor
+
+        printer = ProgressPrinter(self.run.progress_interval_s)
+        # The supervisor lives on the driver's node (normally the head, not a spot node): losing a
+        # worker node must never take the supervisor with it.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        sup = RemoteSupervisor.options(num_cpus=0, max_concurrency=4, max_restarts=0,
+                                       scheduling_strategy=here).remote(self.train_fn, self.run, self.uri, owner)
+        sup_box.append(sup)
+        signals = _Signals(sup, quiet, self.run.stop_timeout_s)
+        done_ref = sup.run.remote()
+        try:
+            with signals:
+                while not signals.aborted:
+                    ready, _ = ray.wait([done_ref], timeout=0.5)
+                    try:
+                        prog, events = ray.get(sup.progress.remote(), timeout=10)
+                    except Exception:  # noqa: BLE001 - progress is best effort; the run ref is the truth
+                        prog, events = {}, []
+                    if not quiet:
+                        printer.events(events)
+                        printer.progress(prog)
+                    if ready:
+                        break
+                if signals.aborted:
+                    return _aborted(self.uri, signals.signum)
+            try:
+                return ray.get(done_ref)
+            except Exception as exc:  # noqa: BLE001 - the supervisor died: one line, not a traceback
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                return Result(ok=False, exit_code=1, error=retry.redact(
+                    f"the supervisor died ({type(exc).__name__}: {first}); continue with `elastic resume URI`"),
+                    metrics={}, steps=0, seconds=0.0, failures=0, recoveries=[], checkpoint=None, uri=self.uri)
+        finally:
+            _stop_supervisor(sup)
+
     def _write_spec(self) -> None:
-        """URI/run.json: what `elastic resume URI` needs to start the same run again."""
+        """URI/run.json: what `elastic resume URI` needs to start the same run again (credentials in
+        URIs are never stored; the run's location is wherever it is resumed from)."""
         if self.entrypoint is None:
             return
         fs, root = resolve(self.uri)
-        spec = {"entrypoint": self.entrypoint, "name": self.run.name, "seed": self.run.seed,
+        entry, digest = resolve_entrypoint(self.entrypoint)
+        checkpoint = {k: v for k, v in asdict(self.run.checkpoint).items() if k != "uri"}
+        spec = {"entrypoint": entry, "entrypoint_sha256": digest, "name": self.run.name, "seed": self.run.seed,
                 "train_loop_config": self.run.train_loop_config,
-                "scaling": asdict(self.run.scaling), "checkpoint": asdict(self.run.checkpoint),
-                "failure": asdict(self.run.failure)}
-        with fs.open(f"{root}/{RUN_SPEC_FILE}", "w") as f:
-            json.dump(spec, f, indent=2, default=str)
+                "scaling": asdict(self.run.scaling), "checkpoint": checkpoint,
+                "failure": asdict(self.run.failure), "stop_timeout_s": self.run.stop_timeout_s}
+        data = json.dumps(spec, indent=2, default=str).encode()
+        retry.call(retry.STORAGE_WRITE, lambda: storage.write_bytes(fs, f"{root}/{RUN_SPEC_FILE}", data),
+                   op="write run spec", uri=self.uri)
+
+
+class _Signals:
+    """SIGINT/SIGTERM while the driver follows a run (main thread only: elsewhere Python cannot
+    install handlers, and the host program keeps its own)."""
+
+    def __init__(self, sup: Any, quiet: bool, stop_timeout_s: float):
+        self.sup, self.quiet, self.stop_timeout_s = sup, quiet, stop_timeout_s
+        self.signum: int | None = None
+        self.aborted = False
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Signals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNAL_EXIT:
+                self._saved[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum = signum
+            self.sup.request_stop.remote(signum)
+            print(f"[elastic] {name}: committing the newest state (up to {self.stop_timeout_s:g}s), then "
+                  f"stopping; send it again to stop at once", file=sys.stderr, flush=True)
+        else:
+            self.aborted = True
+            print(f"[elastic] {name} again: stopping at once", file=sys.stderr, flush=True)
+
+
+def _aborted(uri: str, signum: int | None) -> Result:
+    code = SIGNAL_EXIT.get(signum or signal.SIGINT, 130)
+    return Result(ok=False, exit_code=code, error="stopped at once on a second signal: the newest committed "
+                  "checkpoint is what `elastic resume URI` continues from", metrics={}, steps=0, seconds=0.0,
+                  failures=0, recoveries=[], checkpoint=None, uri=uri, stopped=True)
 
 
 def _shippable(fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
@@ -164,9 +250,21 @@ def _stop_supervisor(sup: Any) -> None:
 
 
 def load_spec(uri: str) -> dict[str, Any] | None:
+    """The run spec at `uri` (None when there is none); ConfigError naming the file when it is not
+    one of ours."""
     fs, root = resolve(uri)
     path = f"{root}/{RUN_SPEC_FILE}"
-    if not fs.exists(path):
+    try:
+        raw = retry.call(retry.STORAGE_READ, lambda: fs.cat_file(path), op="read run spec", uri=uri)
+    except FileNotFoundError:
         return None
-    with fs.open(path, "r") as f:
-        return json.load(f)
+    try:
+        spec = json.loads(raw)
+        for key in ("entrypoint", "train_loop_config", "scaling", "checkpoint", "failure"):
+            spec[key]  # noqa: B018 - presence check
+        if not isinstance(spec["entrypoint"], str) or not isinstance(spec["train_loop_config"], dict):
+            raise TypeError("entrypoint must be a string and train_loop_config an object")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{retry.redact(uri)}/{RUN_SPEC_FILE} is not a run spec ({type(exc).__name__}: {exc}): "
+                          "start the run again with `elastic run`") from None
+    return spec

@@ -80,3 +80,26 @@ def test_run_resume_and_a_checkpoint_from_another_model(tmp_path):
                     "--config", "steps=20", "--quiet")
     assert_one_line_error(p, 2, "different model", "model.0.weight")
     assert elastic_cli("ls", uri).stdout == before
+
+
+def test_more_bad_input_is_one_line_each_and_credentials_are_never_printed(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000005").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000005" / "manifest.json").write_text('{"format": "elastic-checkpoint/1", "step": [}')
+    (run / "run.json").write_text('{"entrypoint": 3}')
+    cases = [  # args, exit code, words the one line must hold
+        (["run", f"{JOBS}:train", "--collective-timeout", "1e14"], 2, ["collective_timeout_s", "at most"]),
+        (["run", f"{JOBS}:train", "--cpus-per-worker", "inf"], 2, ["cpus_per_worker must be a finite number"]),
+        (["run", f"{JOBS}:train", "--hang-timeout", "nan"], 2, ["hang_timeout_s"]),
+        (["chaos", str(run), "--mtbf", "inf"], 2, ["mtbf must be a finite number"]),
+        (["chaos", str(run), "--mtbf", "soon"], 2, ["not a duration"]),
+        (["inspect", str(run), "--step", "-1"], 2, ["steps are >= 0"]),
+        (["inspect", str(run)], 2, ["no committed checkpoint"]),  # a torn manifest commits nothing
+        (["verify", str(run), "--step", "5"], 1, ["unreadable manifest"]),
+        (["resume", str(run)], 2, ["run.json is not a run spec"]),
+        (["run", f"{JOBS}:train", "--checkpoint-uri", "bogus://AKIDUSER:topsecret@host/run"], 2, ["bogus"]),
+    ]
+    for args, code, needles in cases:
+        p = elastic_cli(*args)
+        assert_one_line_error(p, code, *needles)
+        assert "topsecret" not in p.stderr + p.stdout

@@ -387,3 +387,51 @@ def test_peers_parking_before_the_preempted_rank_is_not_a_failure():
     while not state.is_terminal():
         state = ctl.transition(state)
     assert ctl.failures == 0 and "worker_failed" not in events.names()
+
+
+class StoppableGroup(FakeGroup):
+    """Workers that, asked to stop, commit at the next step and park (as a preemption does)."""
+
+    def request_stop(self, wids: list[int]) -> None:
+        for w in wids:
+            if self.state.get(w) == "running":
+                self.step[w] += 1
+                self.state[w], self.reason[w] = "parked", "pause"
+        top = max(self.step[w] for w in wids)
+        self.events[wids[0]] = [{"event": "checkpoint_committed", "step": top, "time": 0.0}]
+
+    def heartbeat(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("signum,code", [(2, 130), (15, 143)])
+def test_a_stop_commits_the_newest_step_and_ends_with_128_plus_the_signal(signum, code):
+    g = StoppableGroup(capacity=2, steps=50)
+    ctl, events, _ = make(g)
+    from elastic.supervisor.states import Starting
+
+    state = ctl.transition(Starting())
+    for _ in range(5):
+        state = ctl.transition(state)
+    ctl.stop_signal = signum
+    while not state.is_terminal():
+        state = ctl.transition(state)
+    assert state.type is StateType.STOPPED and state.exit_code == code and state.committed
+    stopped = [e for e in events.events if e["event"] == "run_stopped"]
+    assert len(stopped) == 1 and stopped[0]["committed"] and stopped[0]["step"] == stopped[0]["committed_step"]
+    assert ctl.failures == 0
+
+
+def test_a_stop_that_cannot_commit_in_time_says_so():
+    g = StoppableGroup(capacity=2, steps=50)
+    g.request_stop = lambda wids: None  # workers that never reach a step boundary
+    ctl, events, _ = make(g)
+    from elastic.supervisor.states import Starting
+
+    state = ctl.transition(Starting())
+    state = ctl.transition(state)
+    ctl.stop_signal = 15
+    while not state.is_terminal():
+        state = ctl.transition(state)
+    assert state.type is StateType.STOPPED and not state.committed and "could not be committed" in state.message
+    assert "checkpoint_failed" in events.names()

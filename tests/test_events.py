@@ -51,3 +51,47 @@ def test_brief_and_full_formats():
     assert brief.startswith("[elastic ") and "pids=[7]" in brief and "uri" not in brief and "ValueError: bad" in brief
     full = format_event(ev)
     assert "  group_built  generation=1" in full and "uri=s3://b/r" in full
+
+
+def test_storage_refusing_the_log_never_stops_the_run_and_nothing_is_lost():
+    import fsspec
+
+    from elastic.checkpoint.faulty_fs import Fault, FaultyFileSystem
+
+    uri = "memory://events-outage"
+    inner = fsspec.filesystem("memory")
+    # An object store (no append) that refuses the first four writes: one 5xx outage.
+    log = EventLog(uri, fs=FaultyFileSystem(fs=inner, faults=[Fault("pipe", kind="permanent", times=4)]),
+                   flush_interval_s=0.0, append=False)
+    for i in range(6):
+        log.emit(Event.RESTORED, step=i, source="memory")  # never raises
+    log.close()
+    assert log.write_errors >= 1
+    assert [e["step"] for e in read_events(uri)] == list(range(6))
+
+
+def test_object_store_flushes_rewrite_only_the_open_segment(monkeypatch):
+    """The cost of a flush must not grow with the run: past SEGMENT_LINES a new segment starts."""
+    import fsspec
+
+    from elastic import events as ev
+
+    monkeypatch.setattr(ev, "SEGMENT_LINES", 10)
+    uri = "memory://events-segments"
+    log = EventLog(uri, fs=fsspec.filesystem("memory"), flush_interval_s=0.0, append=False)  # like S3
+    for i in range(35):
+        log.emit(Event.RESTORED, step=i, source="memory")
+    log.close()
+    segments = sorted(fsspec.filesystem("memory").ls("/events-segments/events", detail=False))
+    assert len(segments) == 4 and [e["step"] for e in read_events(uri)] == list(range(35))
+    assert log.since(30) == log.events[30:] and len(log.since(0)) == 35
+
+
+def test_credentials_never_reach_the_log():
+    uri = "memory://events-secrets"
+    log = EventLog(uri)
+    log.emit(Event.RUN_STARTED, uri="s3://AKIDUSER:topsecret@bucket/run", name="x")
+    log.emit(Event.CHECKPOINT_FAILED, step=3, reason="put https://b.s3/x?X-Amz-Signature=abc123&y=1 failed")
+    text = "\n".join(ev_line for ev_line in __import__("elastic.events", fromlist=["read_lines"]).read_lines(uri))
+    assert "topsecret" not in text and "abc123" not in text and "***" in text
+    assert "topsecret" not in json.dumps(log.events)

@@ -39,14 +39,27 @@ def test_transient(exc: BaseException) -> None:
     assert retry.is_transient(exc) and not retry.is_permanent(exc)
 
 
+def _wrapped(exc: BaseException, cause: BaseException) -> BaseException:
+    """As s3fs raises it: its own exception, the botocore error as __cause__."""
+    exc.__cause__ = cause
+    return exc
+
+
 @pytest.mark.parametrize("exc", [
     PermissionError("denied"), OSError(errno.EROFS, "ro"), OSError(errno.ENOSPC, "full"),
     _ClientError("AccessDenied", 403), _ClientError("InvalidAccessKeyId", 403),
-    FileNotFoundError("The specified bucket does not exist"),
+    _wrapped(FileNotFoundError("The specified bucket does not exist"), _ClientError("NoSuchBucket", 404)),
     type("NoCredentialsError", (Exception,), {})("Unable to locate credentials"),
 ])  # fmt: skip
 def test_permanent(exc: BaseException) -> None:
     assert retry.is_permanent(exc) and not retry.is_transient(exc)
+
+
+@pytest.mark.parametrize("path", ["s3://my-bucket/run/checkpoints", "s3://bucket-of-checkpoints/x",
+                                  "The specified bucket does not exist"])
+def test_a_missing_path_is_not_a_missing_bucket_whatever_its_words(path: str) -> None:
+    """Classified from the error code, never the message: bucket names often contain "bucket"."""
+    assert not retry.is_permanent(FileNotFoundError(path)) and not retry.is_transient(FileNotFoundError(path))
 
 
 def test_neither_for_missing_file_or_bug() -> None:

@@ -170,3 +170,42 @@ def test_checkpoints_commit_at_the_interval_and_the_end_of_the_run(tmp_path):
     assert store.verify() == []
     committed = [e["step"] for s in services for e in s.board.take_events() if e["event"] == "checkpoint_committed"]
     assert sorted(committed) == [4, 8, 10]  # reported once, by the coordinator
+
+
+def test_a_corrupt_newest_checkpoint_does_not_beat_newer_memory(tmp_path):
+    """Snapshots at step 6, checkpoints at 4 and 8 with 8's metadata corrupted: the survivors keep
+    their step-6 memory instead of falling back to step 4 on storage."""
+    uri = f"file://{tmp_path}"
+    services = make_services(uri, 2)
+    train_to(services, {0: 6, 1: 6}, seed_by_rank={0: 0, 1: 0})
+    for step in (4, 8):
+        state = make_state()
+        state.step = step
+        Checkpointer(uri, async_save=False).save(state.state_dict(), step=step, rank=0, world_size=1, pg=None,
+                                                 store=None)
+    meta = tmp_path / "checkpoints" / "step_00000008" / ".metadata"
+    meta.write_bytes(bytes(b ^ 0xFF for b in meta.read_bytes()))
+    assert CheckpointStore(uri).latest().step == 8 and CheckpointStore(uri).latest_verified().step == 4
+
+    def fn(gen):
+        state = make_state(seed=99)
+        gen.restore(state)
+        return state.step
+
+    assert ok(run_generation(services, fn, generation=1)) == [6, 6]
+    assert [restored_event(services, r)["source"] for r in range(2)] == ["memory", "memory"]
+
+
+def test_forged_keys_under_the_old_predictable_names_change_nothing(tmp_path):
+    """Generations live under the run's secret prefix: garbage written where the keys used to be
+    (gen0/pg/..., gen0/ctrl/...) does not reach the rendezvous."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    # gloo publishes each rank's address under {group prefix}/0/{rank}.
+    for key in ("gen0/pg/0/0", "gen0/pg/0/1", "gen0/ctrl/0/0", "gen0/ctrl/0/1"):
+        store.set(key, "forged")
+    services = make_services(f"file://{tmp_path}", 2)
+    results = run_generation(services, lambda gen: gen.groups.ctrl.all_gather_ints([gen.rank]), store=store,
+                             prefix="2f1c0b7e9a0d4c5b8e6f3a1d2c4b5a69/")
+    assert ok(results) == [[[0], [1]]] * 2

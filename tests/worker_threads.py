@@ -25,7 +25,7 @@ def make_services(uri: str, n: int, **checkpoint: Any) -> list[Services]:
 
 
 def run_generation(services: list[Services], fn: Callable[[Generation], Any], *, generation: int = 0,
-                   store: Any = None, timeout_s: float = 60.0) -> list[Any]:
+                   store: Any = None, prefix: str = "", timeout_s: float = 60.0) -> list[Any]:
     """fn(generation) on every rank, each in its own thread, one generation of len(services)
     ranks; the results in rank order (a rank that raised returns its exception)."""
     store = store if store is not None else dist.HashStore()
@@ -34,7 +34,7 @@ def run_generation(services: list[Services], fn: Callable[[Generation], Any], *,
 
     def rank(r: int) -> None:
         a = Assignment(generation=generation, rank=r, world_size=n, store_host="", store_port=0, backend="gloo",
-                       collective_timeout_s=services[r].run.failure.collective_timeout_s)
+                       collective_timeout_s=services[r].run.failure.collective_timeout_s, store_prefix=prefix)
         gen = None
         try:
             groups = connect(a, services[r].clock, store=store, as_default=False)

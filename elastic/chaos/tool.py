@@ -22,6 +22,7 @@ from typing import Callable
 
 from elastic.chaos import procs
 from elastic.chaos.external import SIGNALS, ExternalKind, Target, inflict
+from elastic.config import require_duration
 from elastic.events import ENDED, live_members, read_events
 
 TOOL_KINDS = (*SIGNALS, ExternalKind.NODE_WORKERS)
@@ -49,10 +50,13 @@ def parse_seconds(text: str | float) -> float:
         return float(text)
     t = text.strip().lower()
     mult = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    for suffix in ("ms", "s", "m", "h"):
-        if t.endswith(suffix):
-            return float(t[: -len(suffix)]) * mult[suffix]
-    return float(t)
+    try:
+        for suffix in ("ms", "s", "m", "h"):
+            if t.endswith(suffix):
+                return float(t[: -len(suffix)]) * mult[suffix]
+        return float(t)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration: write e.g. 20s, 2m or 1h") from None
 
 
 def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("kill",), max_faults: int = 3,
@@ -67,8 +71,10 @@ def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("k
     for k in kinds:
         if k not in TOOL_KINDS:
             raise ValueError(f"fault {k.value!r} is not injectable by this tool: use {', '.join(WORKER_KINDS)}")
-    if mtbf_s <= 0 or duration_s <= 0 or max_faults < 0:
-        raise ValueError("mtbf and duration must be > 0, max_faults >= 0")
+    require_duration("mtbf", mtbf_s)
+    require_duration("duration", duration_s)
+    if max_faults < 0:
+        raise ValueError("max_faults must be >= 0")
     seed = seed if seed is not None else random.randrange(2**31)
     rng = random.Random(seed)
     report = ChaosReport()

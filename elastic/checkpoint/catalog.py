@@ -112,6 +112,37 @@ class CheckpointStore:
         committed = [i for i in self.list() if i.status == COMMITTED]
         return committed[-1] if committed else None
 
+    def latest_verified(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint whose manifest and DCP metadata verify and whose files all
+        have their recorded sizes (a quick check: shards' checksums are read only when loading).
+        Decisions that rely on "the newest durable state" use this one."""
+        for step, path in reversed(self._step_dirs()):
+            files = self._ls(path)
+            info = self._info(step, files)
+            if info.status == COMMITTED and not self.quick_problems(step, files):
+                return info
+        return None
+
+    def quick_problems(self, step: int, files: list[dict[str, Any]] | None = None) -> list[str]:
+        """What a quick check of a committed step finds: the manifest parses, .metadata matches its
+        checksum, every file exists with its recorded size. [] when all is well."""
+        try:
+            manifest = self.read_manifest(step)
+        except CheckpointCorruptError as exc:
+            return [str(exc)]
+        if manifest is None:
+            return [f"{self.step_uri(step)}: not committed"]
+        listed = {f["name"].rstrip("/").rsplit("/", 1)[-1]: int(f.get("size") or 0)
+                  for f in (files if files is not None else self._ls(self.step_path(step)))}
+        problems = [f"{self.step_uri(step)}/{name}: {'missing' if name not in listed else 'wrong size'}"
+                    for name, entry in sorted(manifest.files.items()) if listed.get(name) != entry.size]
+        if not problems:
+            try:
+                dcp_io.read_verified(self.fs, self.step_path(step), DCP_METADATA, manifest.files, self.step_uri(step))
+            except CheckpointCorruptError as exc:
+                problems.append(str(exc))
+        return problems
+
     def _crc_file(self, path: str) -> tuple[int, int]:
         def run() -> tuple[int, int]:
             value, size = 0, 0
@@ -192,6 +223,10 @@ class CheckpointStore:
         infos = self.list()
         committed = [i for i in infos if i.status == COMMITTED]
         doomed = committed[:-keep_last] if keep_last > 0 else []
+        if doomed:
+            # The newest step that verifies is never deleted, even when newer ones are corrupt.
+            good = self.latest_verified()
+            doomed = [i for i in doomed if good is None or i.step != good.step]
         doomed += [i for i in infos if i.status != COMMITTED and i.step < newest]
         for info in doomed:
             self._rm_dir(self.step_path(info.step))

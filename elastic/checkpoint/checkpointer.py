@@ -31,7 +31,7 @@ from elastic.checkpoint.layout import (
 )  # fmt: skip
 from elastic.checkpoint.state import split_state
 from elastic.collectives import CollectiveClock, Collectives
-from elastic.errors import CheckpointError, ConfigError, StorageError, WorkerGroupError
+from elastic.errors import CheckpointError, ConfigError, LeaseLostError, StorageError, WorkerGroupError
 from elastic.hostbuf import HostBuffers
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class Checkpointer:
         when_busy: Literal["wait", "skip"] = "wait",
         commit_timeout_s: float = 300.0,
         fs: Any = None,
+        lease: Any = None,
     ) -> None:
         """
         keep_last: committed checkpoints to keep (older ones are deleted after each commit);
@@ -80,6 +81,8 @@ class Checkpointer:
         commit_timeout_s: how long the coordinator waits for every rank's shard (and other ranks
             for the verdict) before abandoning the save.
         fs: a filesystem object replacing the one resolved from `uri` (fault injection in tests).
+        lease: (elastic.lease.Lease, token) of the run that owns `uri`: the coordinator commits only
+            while the token is still the newest, and records it in the manifest.
         """
         if when_busy not in ("wait", "skip"):
             raise ConfigError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
@@ -93,6 +96,7 @@ class Checkpointer:
         self.when_busy = when_busy
         self.commit_timeout_s = commit_timeout_s
         self.buffers = HostBuffers()
+        self.lease = lease
         self.last_stall_s: float | None = None
         """Foreground seconds of the last save() (staging + planning), for benchmarks/events."""
         self._pending: _Save | None = None
@@ -109,13 +113,16 @@ class Checkpointer:
         pg: Any,
         store: dist.Store | None,
         on_commit: Callable[[CheckpointInfo], None] | None = None,
+        on_failure: Callable[[int, str], None] | None = None,
     ) -> None:
         """Checkpoint `state` at `step`; collective over `pg` (all ranks, same step and keys): the
         runtime's control plane (a Collectives) or any process group object.
 
         Async: returns once the tensors are copied (or at once when skipped as busy). Sync:
         returns after the commit; raises CheckpointError if the save did not commit.
-        `on_commit(info)` is called on the coordinator (rank 0) after the commit and retention.
+        `on_commit(info)` is called on the coordinator (rank 0) after the commit and retention;
+        `on_failure(step, reason)` when the save did not commit: on the coordinator, and on any rank
+        whose own write failed (not for a cancel: the group broke, which is reported elsewhere).
         pg may be None (and store None) for a single process (world_size 1).
         """
         t0 = time.monotonic()
@@ -144,7 +151,7 @@ class Checkpointer:
         global_plans, metadata = planner.create_global_plan(plans)
         plan = planner.finish_plan(dcp_io.storage_prefix(global_plans[rank], rank, save_id))
         job = _Save(step, save_id, rank, world_size, started=time.time() - (time.monotonic() - t0))
-        args = (job, plan, planner, metadata, values, store, on_commit)
+        args = (job, plan, planner, metadata, values, store, on_commit, on_failure)
         self.last_stall_s = time.monotonic() - t0
         self._pending = job
         if self.async_save:
@@ -208,7 +215,7 @@ class Checkpointer:
 
     def _run(
         self, job: _Save, plan: Any, planner: Any, metadata: Any, values: Any, store: dist.Store,
-        on_commit: Callable[[CheckpointInfo], None] | None,
+        on_commit: Callable[[CheckpointInfo], None] | None, on_failure: Callable[[int, str], None] | None,
     ) -> None:  # fmt: skip
         """Background part: write this rank's shards, publish, and (coordinator) commit."""
         cs = self.store
@@ -252,6 +259,11 @@ class Checkpointer:
             job.exc = exc
             job.error = retry.redact(f"{type(exc).__name__}: {exc}")
             log.warning("checkpoint at step %d failed: %s", job.step, job.error)
+            if on_failure is not None:
+                try:
+                    on_failure(job.step, job.error)
+                except Exception:  # noqa: BLE001 - a callback bug must not hide the failure
+                    log.exception("on_failure callback failed for step %d", job.step)
         finally:
             job.done.set()
 
@@ -304,12 +316,16 @@ class Checkpointer:
         with self._commit_lock:
             if job.cancel.is_set():
                 raise commit.Cancelled()
+            if self.lease is not None and not self.lease[0].holds(self.lease[1]):
+                raise LeaseLostError(f"{cs.uri} is no longer owned by this run (lease {self.lease[1]}): "
+                                     f"the checkpoint of step {job.step} is not committed")
             cs.uncommit(job.step)
             cs.write_file(job.step, DCP_METADATA, md)
             now = time.time()
             manifest = Manifest(
                 step=job.step, world_size=job.world_size, time=now, seconds=now - job.started,
                 save_id=job.save_id, files=files, values=list(values),
+                lease=self.lease[1] if self.lease is not None else 0,
             )  # fmt: skip
             cs.write_file(job.step, MANIFEST, manifest.to_json())
         return CheckpointInfo(

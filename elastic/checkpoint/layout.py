@@ -86,6 +86,8 @@ class Manifest:
     files: dict[str, FileEntry]
     values: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)
     """Non-tensor leaves of the state: (path of keys, JSON value)."""
+    lease: int = 0
+    """The fencing token of the run that committed it (elastic.lease); 0: written without a lease."""
 
     @property
     def bytes(self) -> int:
@@ -105,6 +107,7 @@ class Manifest:
                 for name, f in sorted(self.files.items())
             },
             "values": [[list(path), value] for path, value in self.values],
+            "lease": self.lease,
         }
         return json.dumps(doc, indent=1).encode()
 
@@ -126,6 +129,7 @@ class Manifest:
                     for name, f in doc["files"].items()
                 },
                 values=[(tuple(path), value) for path, value in doc.get("values", [])],
+                lease=int(doc.get("lease") or 0),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointCorruptError(f"{where}: unreadable manifest ({exc})") from None

@@ -18,7 +18,7 @@ from elastic.supervisor import policy as pol
 from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Remove, Resize, Restart, Retry,
                                           WaitForWorkers)
 from elastic.supervisor.states import (Failed, Finished, Resizing, Restarting, Running, Starting, State,
-                                       StateType)
+                                       StateType, Stopped, Stopping)
 from elastic.supervisor.tracking import Incidents, Progress, StepRate
 from elastic.supervisor.worker_group import WorkerGroup
 from elastic.worker.protocol import Assignment, WorkerPoll, WorkerState
@@ -57,6 +57,14 @@ class Controller:
         self._last_polls: dict[int, pol.Poll] = {}
         self._next_drain_check = 0.0
         self._notified: set[int] = set()
+        self.stop_signal: int | None = None
+        """Set (from another thread) when the driver got SIGINT/SIGTERM: commit and end."""
+        self.abort_reason: str | None = None
+        """Set (from another thread) when the run must end at once (its location was taken over)."""
+        self.committed_step = -1
+        """The newest step a checkpoint of this run committed (from the workers' events)."""
+        self.newest_step = 0
+        """The newest step any worker reported (parked ones included: they hold it)."""
 
     # -- loop --------------------------------------------------------------------------------
     def run_to_end(self) -> State:
@@ -66,11 +74,17 @@ class Controller:
         return state
 
     def transition(self, state: State) -> State:
+        if self.abort_reason is not None and not state.is_terminal():
+            self.group.shutdown()
+            return Failed(error=self.abort_reason, exit_code=1)
+        if self.stop_signal is not None and state.type is StateType.RUNNING:
+            state = Stopping(signal=self.stop_signal)
         handler = {
             StateType.STARTING: self._starting,
             StateType.RUNNING: self._running,
             StateType.RESTARTING: self._restarting,
             StateType.RESIZING: self._resizing,
+            StateType.STOPPING: self._stopping,
         }[state.type]
         nxt = handler(state)
         if nxt.type is not state.type:
@@ -90,6 +104,8 @@ class Controller:
         self.group.request(sc.max_workers + sc.spares)
         t0 = self.clock()
         while True:
+            if self.stop_signal is not None:
+                return self._stopped(self.stop_signal, started=t0)
             self.group.refresh()
             ready = self.group.ready()
             d = self.policy.start(self.run, pol.StartView(ready=len(ready), placeable=placeable,
@@ -161,6 +177,43 @@ class Controller:
                 self.group.kill(wid)
         return self._rebuild(survivors, reason=state.reason)
 
+    # -- STOPPING ----------------------------------------------------------------------------
+    def _stopping(self, state: Stopping) -> State:
+        """Commit the newest state the group holds, within stop_timeout_s, and end. A running group
+        commits at its next agreed step boundary (as for a preemption notice) and leaves; without
+        one (a stop during a rebuild) the survivors commit what they hold."""
+        t0 = self.clock()
+        deadline = t0 + self.run.stop_timeout_s
+        if state.survivors:
+            self._final_save(list(state.survivors), timeout_s=self.run.stop_timeout_s)
+        else:
+            self.group.request_stop(self.members)
+            f = self._failure
+            while self.clock() < deadline:
+                polls = self.group.poll(self.members, f.poll_timeout_s)
+                self._absorb(polls)
+                if not any(isinstance(p, WorkerPoll) and p.state == WorkerState.RUNNING for p in polls.values()):
+                    break
+                self.sleep(f.poll_interval_s)
+        return self._stopped(state.signal, started=t0)
+
+    def _stopped(self, signal: int, *, started: float) -> Stopped:
+        newest = max(self.newest_step, self.progress.step)
+        committed = self.committed_step >= newest or newest <= 0
+        name = {2: "SIGINT", 15: "SIGTERM"}.get(signal, f"signal {signal}")
+        if committed:
+            message = (f"stopped by {name} at step {newest}; its state is committed: continue with "
+                       "`elastic resume URI`")
+        else:
+            message = (f"stopped by {name} at step {newest}, but that state could not be committed within "
+                       f"{self.run.stop_timeout_s:g}s (newest committed: step {self.committed_step}); "
+                       "`elastic resume URI` continues from there")
+            self.events.emit(Event.CHECKPOINT_FAILED, step=newest, reason=f"not committed within the stop timeout "
+                                                                          f"({self.run.stop_timeout_s:g}s)")
+        self.events.emit(Event.RUN_STOPPED, signal=name, step=newest, committed_step=self.committed_step,
+                         committed=committed, seconds=round(self.clock() - started, 3))
+        return Stopped(message=message, exit_code=128 + signal, committed=committed)
+
     # -- shared mechanics --------------------------------------------------------------------
     def _quiesce(self, known_lost: set[int], reason: str) -> tuple[list[int], list[int]]:
         """Get every member out of the old group: parked, finished or gone (the policy says who
@@ -202,6 +255,8 @@ class Controller:
         no_room_since: float | None = None
         announced = False
         while True:
+            if self.stop_signal is not None:
+                return Stopping(signal=self.stop_signal, survivors=tuple(survivors))
             now = self.clock()
             d = self.policy.membership(self.run, pol.MembershipView(
                 have=len(members), waited_s=now - t0,
@@ -296,18 +351,21 @@ class Controller:
             self.group.request(n, background=background)
 
     def _fail(self, d: Fail, *, survivors: list[int] | None = None) -> Failed:
-        if d.final_save and survivors:
-            self._final_save(survivors)
         error = d.error.replace("{resources}", self.group.describe_resources()) if "{resources}" in d.error \
             else d.error
+        if d.final_save and survivors:
+            self._final_save(survivors)
+            if self.committed_step < self.progress.step:
+                error += (f"; the final checkpoint (step {self.progress.step}) was not committed: the newest "
+                          f"committed one is step {self.committed_step}")
         return Failed(error=error, exit_code=d.exit_code)
 
-    def _final_save(self, survivors: list[int]) -> None:
+    def _final_save(self, survivors: list[int], *, timeout_s: float | None = None) -> None:
         """The run ends unfinished: have the survivors commit the newest state they hold, so that
         `elastic resume` starts from it rather than from an older periodic checkpoint. Bounded."""
         f = self._failure
         self._build(survivors, reason="final checkpoint", mode="save")
-        deadline = self.clock() + self.policy.final_save_timeout(self.run)
+        deadline = self.clock() + (timeout_s if timeout_s is not None else self.policy.final_save_timeout(self.run))
         while self.clock() < deadline:
             polls = self.group.poll(self.members, f.poll_timeout_s)
             self._absorb(polls)
@@ -321,6 +379,7 @@ class Controller:
         self._last_polls.update(polls)
         answers = {w: p for w, p in polls.items() if isinstance(p, WorkerPoll)}
         self._forward_events(answers)
+        self.newest_step = max([self.newest_step, *(p.step for p in answers.values())])
         steps = [p.step for p in answers.values()
                  if p.generation == self.generation and p.state in (WorkerState.RUNNING, WorkerState.FINISHED)]
         if self.members and (p := answers.get(self.members[0])) is not None and p.metrics:
@@ -348,6 +407,8 @@ class Controller:
             for ev in poll.events:
                 ev = {**ev, "worker": wid, "rank": rank_of.get(wid), "pid": info.pid if info else None}
                 self.events.record(ev)
+                if ev["event"] == Event.CHECKPOINT_COMMITTED:
+                    self.committed_step = max(self.committed_step, int(ev.get("step") or -1))
                 if ev["event"] == Event.RESTORED and ev.get("generation") == self.generation:
                     self._incidents.restored(int(ev.get("step") or 0), int(ev.get("lost_steps") or 0))
 

@@ -37,6 +37,8 @@ class Health:
     preempted: tuple[int, ...] = ()  # got a preemption notice (running or parked): leaving on purpose
     paused: tuple[int, ...] = ()  # parked at an agreed step boundary (not because the group broke)
     errors: dict[int, str] = field(default_factory=dict)
+    exit_codes: dict[int, int] = field(default_factory=dict)
+    """The exit code each fatal error asks for."""
 
     @property
     def lost(self) -> tuple[int, ...]:
@@ -57,13 +59,15 @@ def classify(polls: Mapping[int, Poll], failure: FailureConfig) -> Health:
     buckets: dict[str, list[int]] = {k: [] for k in ("running", "parked", "finished", "failed", "fatal", "dead",
                                                      "unresponsive", "hung", "preempted", "paused")}
     errors: dict[int, str] = {}
+    exit_codes: dict[int, int] = {}
     for wid, poll in sorted(polls.items()):
         if isinstance(poll, PollFailure) or poll in (DEAD, UNRESPONSIVE):
             buckets[PollFailure(poll).value].append(wid)
             continue
         assert isinstance(poll, WorkerPoll)
-        if poll.error:
-            errors[wid] = poll.error
+        if poll.failure is not None:
+            errors[wid] = poll.failure.message
+            exit_codes[wid] = poll.failure.exit_code
         if poll.preempted:
             buckets["preempted"].append(wid)
         if poll.state == WorkerState.FAILED:
@@ -78,7 +82,7 @@ def classify(polls: Mapping[int, Poll], failure: FailureConfig) -> Health:
             buckets["hung"].append(wid)
         else:
             buckets["running"].append(wid)
-    return Health(**{k: tuple(v) for k, v in buckets.items()}, errors=errors)
+    return Health(**{k: tuple(v) for k, v in buckets.items()}, errors=errors, exit_codes=exit_codes)
 
 
 def stragglers(polls: Mapping[int, Poll], blocked_for_s: float) -> tuple[int, ...]:
@@ -177,7 +181,7 @@ class DefaultPolicy:
     # -- running -----------------------------------------------------------------------------
     def running(self, run: RunConfig, h: Health, v: RunningView) -> Continue | Finish | Fail | Restart | Resize:
         if h.fatal:
-            return Fail(error=h.errors.get(h.fatal[0], "fatal error"), exit_code=2)
+            return Fail(error=h.errors.get(h.fatal[0], "fatal error"), exit_code=h.exit_codes.get(h.fatal[0], 2))
         if len(h.finished) == len(v.members):
             return Finish()
         # Ranks leave at an agreed boundary only for a preemption (Running asks for no other pause);

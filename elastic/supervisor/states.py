@@ -7,7 +7,9 @@ per state holding that state's payload.
         │      RESTARTING (a worker died, froze, hung or raised: counts against max_failures)
         │      RESIZING   (nodes joined, or a preemption notice: does not count)
         ▼          │
-      FAILED ◀─────┘ (budget spent, user error, below min_workers too long)
+      FAILED ◀─────┘ (budget spent, user error, below min_workers too long, location taken over)
+
+    any state ──▶ STOPPING ──▶ STOPPED   (SIGINT/SIGTERM to the driver: commit the newest state, end)
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ class StateType(enum.Enum):
     RUNNING = ("running", False)
     RESTARTING = ("restarting", False)
     RESIZING = ("resizing", False)
+    STOPPING = ("stopping", False)
     FINISHED = ("finished", True)
     FAILED = ("failed", True)
+    STOPPED = ("stopped", True)
 
     def __init__(self, label: str, terminal: bool):
         self.label = label
@@ -74,3 +78,22 @@ class Failed(State):
     error: str = ""
     exit_code: int = 1
     type: StateType = StateType.FAILED
+
+
+@dataclass(frozen=True)
+class Stopping(State):
+    signal: int = 15
+    survivors: tuple[int, ...] = ()
+    """Members that hold the newest state when no group is running (a stop during a rebuild)."""
+    type: StateType = StateType.STOPPING
+
+
+@dataclass(frozen=True)
+class Stopped(State):
+    """Stopped on request (SIGINT/SIGTERM to the driver): exit 128 + signal."""
+
+    message: str = ""
+    exit_code: int = 143
+    committed: bool = True
+    """The newest state the workers held was committed before they stopped."""
+    type: StateType = StateType.STOPPED

@@ -28,6 +28,7 @@ class WorkerGroup(Protocol):
     def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | PollFailure]: ...
     def request_pause(self, wids: list[int]) -> None: ...
     def request_preempt(self, wids: list[int]) -> None: ...
+    def request_stop(self, wids: list[int]) -> None: ...
     def draining_nodes(self) -> set[str]: ...
     def kill(self, wid: int) -> None: ...
     def placeable(self) -> int: ...
@@ -39,7 +40,7 @@ _DRAINING = 3  # ray.rpc.NodeSnapshot.State.DRAINING
 
 
 class RayWorkerGroup:
-    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, uri: str):
+    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, uri: str, *, lease_token: int = 0):
         from elastic.worker.actor import RemoteWorker
 
         self._need = run.scaling.resources_per_worker
@@ -53,6 +54,7 @@ class RayWorkerGroup:
         self._fn_ref = ray.put(fn)
         self._run = run
         self._uri = uri
+        self._lease_token = lease_token
         self._actors: dict[int, Any] = {}
         self._info_refs: dict[int, ray.ObjectRef] = {}
         self.infos: dict[int, WorkerInfo] = {}
@@ -65,7 +67,7 @@ class RayWorkerGroup:
         for _ in range(n):
             wid = self._next_id
             self._next_id += 1
-            actor = self._cls.remote([self._fn_ref], self._run, self._uri, background)
+            actor = self._cls.remote([self._fn_ref], self._run, self._uri, background, self._lease_token)
             self._actors[wid] = actor
             self._info_refs[wid] = actor.info.remote()
             ids.append(wid)
@@ -132,6 +134,16 @@ class RayWorkerGroup:
         for wid in wids:
             if wid in self._actors:
                 self._actors[wid].request_preempt.remote()
+
+    def request_stop(self, wids: list[int]) -> None:
+        for wid in wids:
+            if wid in self._actors:
+                self._actors[wid].request_stop.remote()
+
+    def heartbeat(self) -> None:
+        """Tell every worker (members, spares, those still starting) that its supervisor lives."""
+        for actor in list(self._actors.values()):
+            actor.heartbeat.remote()
 
     def draining_nodes(self) -> set[str]:
         """Ids of nodes Ray is draining (a preemption notice, an autoscaler scale-down)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import ray
@@ -18,10 +20,14 @@ if TYPE_CHECKING:
 
 
 FN_FETCH_TIMEOUT_S = 60.0
+ORPHAN_TIMEOUT_S = 15.0
+"""A worker that hears nothing from its supervisor (polls, heartbeats) for this long exits: its
+supervisor and driver are gone, perhaps with the Ray node that would have told it."""
 
 
 class WorkerActor:
-    def __init__(self, fn_box: list[ray.ObjectRef], run: RunConfig, uri: str, background: bool = False):
+    def __init__(self, fn_box: list[ray.ObjectRef], run: RunConfig, uri: str, background: bool = False,
+                 lease_token: int = 0):
         # A worker started while others train (a spare, a replacement that joins later) pays its
         # start-up (torch import, warm-up: seconds of CPU) at idle priority, so that it does not
         # slow the training ranks it shares cores with. This module imports no torch for that
@@ -32,7 +38,7 @@ class WorkerActor:
 
             # Bounded: a supervisor that died meanwhile must fail this start, not park it.
             fn: Callable[[dict], Any] = ray.get(fn_box[0], timeout=FN_FETCH_TIMEOUT_S)
-            self._rt: WorkerRuntime = WorkerRuntime(fn, run, uri)
+            self._rt: WorkerRuntime = WorkerRuntime(fn, run, uri, lease_token)
             # A spot VM gets SIGTERM before it is reclaimed: turn it into a graceful leave at the next
             # step boundary instead of dying mid-step. Sync actors run __init__ on the main thread.
             try:
@@ -41,6 +47,8 @@ class WorkerActor:
                 pass
             _warm_up()
         self._background = lowered
+        self._heard = time.monotonic()
+        threading.Thread(target=self._watch_supervisor, name="elastic-orphan-watch", daemon=True).start()
 
     def info(self) -> WorkerInfo:
         ctx = ray.get_runtime_context()
@@ -51,13 +59,28 @@ class WorkerActor:
         self._rt.start(assignment)
 
     def poll(self) -> WorkerPoll:
+        self._heard = time.monotonic()
         return self._rt.poll()
+
+    def heartbeat(self) -> None:
+        self._heard = time.monotonic()
 
     def request_pause(self) -> None:
         self._rt.request_pause()
 
     def request_preempt(self) -> None:
         self._rt.request_preempt()
+
+    def request_stop(self) -> None:
+        self._rt.request_stop()
+
+    def _watch_supervisor(self) -> None:
+        while True:
+            time.sleep(1.0)
+            if time.monotonic() - self._heard > ORPHAN_TIMEOUT_S:
+                # Nothing may outlive the run: not this process, nor a checkpoint it would commit
+                # (the lease fences that too). No Ray call: Ray may be gone with the driver.
+                os._exit(1)
 
 
 def _warm_up() -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from elastic.errors import (CheckpointCorruptError, CheckpointMismatchError, ElasticError, WorkerGroupError,
-                            exception_chain)
+from elastic.errors import (CheckpointCorruptError, CheckpointFailedError, CheckpointMismatchError, ElasticError,
+                            LeaseLostError, WorkerGroupError, exception_chain)
 from elastic.worker.protocol import FailureKind
 
 # (substring, where it comes from, torch version it was seen with). Matched against the message of
@@ -32,10 +32,17 @@ GROUP_FAILURE_TEXT: tuple[tuple[str, str, str], ...] = (
 
 def is_fatal(exc: BaseException) -> bool:
     """Errors a restart cannot fix: bad input, a checkpoint from another model, no checkpoint that
-    verifies. Restarting on them would only burn the failure budget."""
-    if isinstance(exc, (CheckpointMismatchError, CheckpointCorruptError)):
+    verifies, a final checkpoint that storage would not take. Restarting on them would only burn
+    the failure budget."""
+    if isinstance(exc, (CheckpointMismatchError, CheckpointCorruptError, CheckpointFailedError, LeaseLostError)):
         return True
     return isinstance(exc, ElasticError) and exc.exit_code == 2
+
+
+def exit_code(exc: BaseException) -> int:
+    """The run's exit code when `exc` ends it: 1 when the data or storage let it down (a final
+    checkpoint not committed, the location taken over), 2 for bad input."""
+    return 1 if isinstance(exc, (CheckpointFailedError, LeaseLostError)) else 2
 
 
 def is_group_failure(exc: BaseException) -> bool:

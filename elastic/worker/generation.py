@@ -19,8 +19,9 @@ from elastic import tree
 from elastic.checkpoint import Checkpointer, CheckpointStore
 from elastic.collectives import CollectiveClock, Pending
 from elastic.config import RunConfig
-from elastic.errors import WorkerGroupError
+from elastic.errors import CheckpointFailedError, WorkerGroupError
 from elastic.events import Event
+from elastic.lease import Lease
 from elastic.train_state import TrainState
 from elastic.worker import grad_sync, peer_sync
 from elastic.worker.groups import ProcessGroups
@@ -31,6 +32,10 @@ from elastic.worker.status import StatusBoard
 log = logging.getLogger(__name__)
 
 
+LEAVE_SAVE_COLLECTIVES = 4
+"""A save before leaving (preemption, stop) waits at most this many collective timeouts to commit."""
+
+
 class PauseRequested(WorkerGroupError):
     """Unwinds the training function at a step boundary that every rank agreed on."""
 
@@ -38,22 +43,31 @@ class PauseRequested(WorkerGroupError):
 class Services:
     """Per-process pieces that outlive process-group generations."""
 
-    def __init__(self, run: RunConfig, uri: str, *, board: StatusBoard | None = None):
+    def __init__(self, run: RunConfig, uri: str, *, board: StatusBoard | None = None, lease_token: int = 0):
         self.run = run
         self.uri = uri
         self.seed = run.seed
         self.snapshot = Snapshot()
         self.clock = CollectiveClock()
         ck = run.checkpoint
+        # Commits are fenced by the run's lease: a run that lost its location commits nothing.
+        fence = (Lease(uri), lease_token) if lease_token > 0 else None
         self.checkpointer = Checkpointer(uri, keep_last=ck.keep_last, async_save=ck.async_save,
-                                         when_busy=ck.when_busy, commit_timeout_s=ck.commit_timeout_s)
+                                         when_busy=ck.when_busy, commit_timeout_s=ck.commit_timeout_s, lease=fence)
         self.catalog = CheckpointStore(uri)
         self.board = board or StatusBoard()
         self.pause = threading.Event()
-        self.preempt = threading.Event()
+        """Leave the group at the next agreed step boundary (a resize)."""
+        self.leave = threading.Event()
+        """Commit a durable checkpoint at the next agreed boundary, then leave (a preemption notice,
+        or the driver stopping the run)."""
+        self.notice = threading.Event()
+        """A preemption notice reached this worker (reported in polls: it is the one leaving)."""
 
     def latest_durable_step(self) -> int:
-        info = self.catalog.latest()
+        """The newest step whose checkpoint verifies (quickly: manifest and metadata): a corrupt
+        newer one must not make survivors reload an older state than the one they hold."""
+        info = self.catalog.latest_verified()
         return -1 if info is None else info.step
 
     def checkpoint_due(self, step: int) -> bool:
@@ -130,7 +144,7 @@ class Generation:
         """End a step: step += 1; remember the state; checkpoint when due; apply agreed pauses."""
         s = self.s
         state.step += 1
-        pause, preempt = self._next_vote(s.pause.is_set(), s.preempt.is_set())
+        pause, preempt = self._next_vote(s.pause.is_set(), s.leave.is_set())
         # Leaving the group (pause, preemption) always snapshots: the next group restores from it.
         snapshot = preempt or pause or state.step % s.run.failure.snapshot_every_n_steps == 0
         save = s.checkpoint_due(state.step) or preempt
@@ -139,7 +153,7 @@ class Generation:
             if snapshot:
                 s.snapshot.capture(sd, state.step)
             if save:
-                self.save_checkpoint(sd, state.step, wait=preempt)
+                self.save_checkpoint(sd, state.step, wait=preempt)  # a failure is reported, and we leave
         s.board.progress(state.step, metrics)
         reseed(s.seed, state.step, self.rank)
         if preempt or pause:
@@ -171,16 +185,35 @@ class Generation:
             vote.wait()
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save_checkpoint(self, sd: dict[str, Any], step: int, *, wait: bool) -> None:
-        self.s.checkpointer.save(sd, step=step, rank=self.rank, world_size=self.world_size, pg=self.groups.ctrl,
-                                 store=self.groups.ckpt_store, on_commit=self._on_commit)
-        if wait:
-            self.s.checkpointer.wait(timeout_s=self.s.run.failure.collective_timeout_s * 4)
+    def save_checkpoint(self, sd: dict[str, Any], step: int, *, wait: bool, must_commit: bool = False) -> bool:
+        """Start a save (collective); with `wait`, block until it commits and say whether it did.
+        `must_commit`: the run's newest state depends on it (the final save): CheckpointFailedError
+        if it did not commit."""
+        ck = self.s.checkpointer
+        ck.save(sd, step=step, rank=self.rank, world_size=self.world_size, pg=self.groups.ctrl,
+                store=self.groups.ckpt_store, on_commit=self._on_commit, on_failure=self._on_failure)
+        if not wait:
+            return True
+        # A final save may take the whole commit timeout; a preemption or a stop has a grace period
+        # to fit in, so it gives up sooner (the newest state stays in the survivors' memory).
+        timeout = ck.commit_timeout_s if must_commit else LEAVE_SAVE_COLLECTIVES * self.s.run.failure.collective_timeout_s
+        if ck.wait(timeout_s=timeout) is not None:
+            return True
+        reason = ck.last_error or f"not committed within {timeout:g}s"
+        if ck.last_error is None:
+            self._on_failure(step, reason)  # still in flight: say so now (a failure says so itself)
+        if must_commit:
+            raise CheckpointFailedError(f"the checkpoint of step {step} was not committed ({reason}); the "
+                                        "newest committed checkpoint is older: see `elastic ls URI`")
+        return False
 
     def _on_commit(self, info: Any) -> None:
         self.s.board.emit(Event.CHECKPOINT_COMMITTED, step=info.step,
                           seconds=round(getattr(info, "seconds", 0.0) or 0.0, 4), bytes=info.bytes,
                           world_size=info.world_size, uri=info.uri)
+
+    def _on_failure(self, step: int, reason: str) -> None:
+        self.s.board.emit(Event.CHECKPOINT_FAILED, step=step, reason=reason)
 
     def finish(self) -> None:
         """The function returned: the newest committed state must be durable before we report."""
@@ -198,7 +231,7 @@ class Generation:
         if agreed.best <= agreed.durable:
             return
         sd, _ = peer_sync.newest_state(s.snapshot, agreed, ctrl)
-        self.save_checkpoint(sd, agreed.best, wait=True)
+        self.save_checkpoint(sd, agreed.best, wait=True, must_commit=True)
 
     def release(self) -> None:
         # The DDP wrapper holds the process group: drop it before the group is destroyed.

@@ -63,6 +63,9 @@ class WorkerError:
     kind: FailureKind
     message: str
     """One line for a broken group; the traceback for user code."""
+    exit_code: int = 2
+    """The run's exit code when a FATAL error ends it: 2 for bad input, 1 for a final checkpoint
+    that could not be committed or a location taken over."""
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,10 @@ just before it ends; past that the assignment is refused (the supervisor then dr
 
 
 class WorkerRuntime:
-    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, uri: str):
+    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, uri: str, lease_token: int = 0):
         self.fn = fn
         self.run = run
-        self.s = Services(run, uri)
+        self.s = Services(run, uri, lease_token=lease_token)
         self._thread: threading.Thread | None = None
 
     # -- called from the actor's thread ---------------------------------------------------------
@@ -64,16 +64,22 @@ class WorkerRuntime:
         return WorkerPoll(
             state=st.state, generation=st.generation, step=st.step, progress_age_s=now - st.last_progress,
             waiting_in_collective_s=None if waiting is None else now - waiting, metrics=dict(st.metrics),
-            events=events, failure=st.failure, preempted=self.s.preempt.is_set(), park_reason=st.park_reason,
+            events=events, failure=st.failure, preempted=self.s.notice.is_set(), park_reason=st.park_reason,
         )
 
     def request_pause(self) -> None:
         self.s.pause.set()
 
     def request_preempt(self) -> None:
-        if not self.s.preempt.is_set():
-            self.s.preempt.set()
+        """A preemption notice: commit at the next agreed boundary and leave; this worker goes."""
+        if not self.s.notice.is_set():
+            self.s.notice.set()
+            self.s.leave.set()
             self.s.board.emit(Event.PREEMPTION_NOTICE, pid=os.getpid())
+
+    def request_stop(self) -> None:
+        """The driver is stopping the run: commit at the next agreed boundary and leave."""
+        self.s.leave.set()
 
     # -- the generation thread ------------------------------------------------------------------
     def _run_generation(self, a: Assignment) -> None:
@@ -102,7 +108,7 @@ class WorkerRuntime:
                 first = str(exc).splitlines()[0] if str(exc) else ""
                 failure = WorkerError(kind, f"group broke: {type(exc).__name__}: {first}")
             elif kind is FailureKind.FATAL:
-                failure = WorkerError(kind, f"{type(exc).__name__}: {exc}")
+                failure = WorkerError(kind, f"{type(exc).__name__}: {exc}", exit_code=failures.exit_code(exc))
             else:
                 failure = WorkerError(kind, "".join(traceback.format_exception(exc)).strip())
         finally:
