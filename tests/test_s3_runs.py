@@ -27,7 +27,8 @@ def s3_ray(moto_s3):  # noqa: F811
 
     fs = fsspec.filesystem("s3")
     for bucket in ("my-bucket", "bucket-of-checkpoints"):
-        fs.mkdir(bucket)
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
