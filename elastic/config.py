@@ -39,7 +39,11 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     """Ray CPUs reserved by each worker actor."""
     gpus_per_worker: float = 0.0
-    """Ray GPUs reserved by each worker actor; > 0 selects nccl and cuda devices."""
+    """Ray GPUs reserved by each worker actor: 0 (CPU), 1 (a GPU per rank, NCCL by default), or a
+    fraction (ranks sharing a GPU, over gloo: NCCL refuses two ranks on one device)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """The training group's backend: auto = nccl with one GPU per rank, gloo otherwise. The runtime's
+    own control plane is always gloo."""
     spares: int = 0
     """Warm spare workers (torch imported, not training) kept ready to replace a failed rank."""
     placement_timeout_s: float = 60.0
@@ -64,8 +68,11 @@ class ScalingConfig:
         )
         _require(math.isfinite(self.cpus_per_worker) and self.cpus_per_worker >= 0,
                  f"cpus_per_worker must be a finite number >= 0, got {self.cpus_per_worker}")
-        _require(math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0,
-                 f"gpus_per_worker must be a finite number >= 0, got {self.gpus_per_worker}")
+        _require(math.isfinite(self.gpus_per_worker) and 0 <= self.gpus_per_worker <= 1,
+                 f"gpus_per_worker must be 0, 1 or a fraction (one device per rank), got {self.gpus_per_worker}")
+        _require(self.backend in ("auto", "gloo", "nccl"), "backend must be 'auto', 'gloo' or 'nccl'")
+        _require(self.backend != "nccl" or self.gpus_per_worker == 1,
+                 "backend='nccl' needs gpus_per_worker=1: NCCL allows one rank per GPU (use gloo to share one)")
         _require(self.spares >= 0, f"spares must be >= 0, got {self.spares}")
         require_duration("placement_timeout_s", self.placement_timeout_s)
         require_duration("grow_interval_s", self.grow_interval_s)

@@ -209,3 +209,36 @@ def test_forged_keys_under_the_old_predictable_names_change_nothing(tmp_path):
     results = run_generation(services, lambda gen: gen.groups.ctrl.all_gather_ints([gen.rank]), store=store,
                              prefix="2f1c0b7e9a0d4c5b8e6f3a1d2c4b5a69/")
     assert ok(results) == [[[0], [1]]] * 2
+
+
+class _TrainingGroupOnly:
+    """A training group that fails the test if the runtime uses it: only user code and DDP may."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        if name in ("rank", "size"):
+            return getattr(self._inner, name)
+        raise AssertionError(f"the runtime called {name}() on the training group: it belongs to the user")
+
+
+def test_the_runtime_exchanges_everything_on_the_control_plane_never_the_training_group(tmp_path):
+    """Restore (agreement and peer transfer), commits with votes and checkpoints, and the final save
+    run with a training group that refuses every call."""
+    uri = f"file://{tmp_path}"
+    services = make_services(uri, 3, every_n_steps=3)
+    train_to(services, {0: 4})  # rank 0 holds a newer state: the restore sends it to the others
+
+    def fn(gen):
+        gen.groups.train = _TrainingGroupOnly(gen.groups.train)
+        state = make_state()
+        gen.restore(state)
+        while state.step < 9:
+            train_step(state, gen.rank)
+            gen.commit(state)
+        gen.finish()
+        return state.step
+
+    assert ok(run_generation(services, fn, generation=1)) == [9, 9, 9]
+    assert [i.step for i in CheckpointStore(uri).list()] == [6, 9]

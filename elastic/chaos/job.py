@@ -61,6 +61,13 @@ def train(config: dict) -> None:
     if ctx.generation > 0:
         maybe_inject(faults, step=REBUILD, rank=ctx.rank, marker_dir=marker_dir)
     ctx.restore(state)
+    # torch's environment agrees with the context in every generation (a torchrun-style library
+    # reading RANK/WORLD_SIZE finds the same place): a mismatch is a bug, raised as one.
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    want = {"RANK": str(ctx.rank), "WORLD_SIZE": str(ctx.world_size), "LOCAL_RANK": str(ctx.local_rank),
+            "LOCAL_WORLD_SIZE": str(ctx.local_world_size)}
+    if env != want:
+        raise AssertionError(f"torch's environment {env} disagrees with the context {want}")
     ddp = ctx.prepare_model(model)
     sampler = elastic.ElasticSampler(num_samples=N_SAMPLES, global_batch_size=config.get("global_batch", 48), seed=3)
     trips = set(config.get("trips", []))

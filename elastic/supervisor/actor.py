@@ -33,6 +33,7 @@ from elastic.retry import redact
 from elastic.supervisor.controller import Controller
 from elastic.supervisor.states import Failed, Stopped
 from elastic.supervisor.worker_group import RayWorkerGroup
+from elastic.worker.devices import backend_for
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class SupervisorActor:
         # The store outlives every rank and every generation; each generation uses its own prefix
         # under the run's secret one.
         self.store, self._listener = bind_store(host, run.failure.collective_timeout_s)
-        backend = "nccl" if run.scaling.gpus_per_worker > 0 else "gloo"
+        backend = backend_for(run.scaling.gpus_per_worker, run.scaling.backend)
         self.group = RayWorkerGroup(fn, run, uri, lease_token=owner.token if owner else 0)
         self.controller = Controller(run, self.group, self.events, (host, self.store.port), backend=backend,
                                      store_prefix=new_store_prefix())

@@ -14,6 +14,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from elastic.config import RunConfig
+from elastic.worker.devices import NCCL_ENV
 from elastic.worker.protocol import Assignment, PollFailure, WorkerInfo, WorkerPoll
 
 
@@ -49,6 +50,7 @@ class RayWorkerGroup:
             num_gpus=run.scaling.gpus_per_worker,
             max_restarts=0,
             max_task_retries=0,
+            runtime_env={"env_vars": dict(NCCL_ENV)},
         )
         # Serialized once; each actor gets the reference boxed and fetches it itself (WorkerActor).
         self._fn_ref = ray.put(fn)

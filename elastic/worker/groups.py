@@ -39,6 +39,13 @@ class ProcessGroups:
     checkpoint's background thread talks through it while the training thread uses the groups)."""
     is_default: bool = True
 
+    def abort(self) -> None:
+        """Abort the training group's communicator (NCCL: a collective blocked on a dead or frozen
+        peer is released; the next generation builds a fresh one). Gloo needs nothing."""
+        abort = getattr(self.train, "abort", None)
+        if abort is not None:
+            abort()
+
     def destroy(self) -> None:
         """Drop both groups (collectives still blocked in them are released by their timeout)."""
         if self.is_default and dist.is_initialized():

@@ -23,6 +23,7 @@ from elastic.config import RunConfig
 from elastic.events import Event
 from elastic.worker import context as ctx_mod
 from elastic.worker import failures
+from elastic.worker.devices import device_for, torch_env
 from elastic.worker.generation import Generation, PauseRequested, Services
 from elastic.worker.groups import ProcessGroups, connect
 from elastic.worker.protocol import Assignment, FailureKind, ParkReason, WorkerError, WorkerPoll, WorkerState
@@ -89,6 +90,8 @@ class WorkerRuntime:
         state, park, failure = WorkerState.FAILED, None, None
         try:
             device = self._device()
+            # torch's view of this rank, as torchrun would give it, refreshed every generation.
+            os.environ.update(torch_env(a.rank, a.world_size, a.local_rank, a.local_world_size))
             groups = connect(a, s.clock)
             gen = Generation(groups, device, s, local_rank=a.local_rank, local_world_size=a.local_world_size)
             ctx_mod.set_context(ctx_mod.WorkerContext(gen))
@@ -119,12 +122,18 @@ class WorkerRuntime:
             ctx_mod.set_context(None)
             if groups is not None:
                 with contextlib.suppress(Exception):
+                    if park is ParkReason.BROKEN:
+                        groups.abort()  # release whatever still waits on a peer that is gone
                     groups.destroy()
             s.clock.leave()
             s.board.update(state=state, park_reason=park, failure=failure)
 
     def _device(self) -> torch.device:
-        if self.run.scaling.gpus_per_worker > 0 and torch.cuda.is_available():
-            torch.cuda.set_device(0)
-            return torch.device("cuda", 0)
-        return torch.device("cpu")
+        gpus = self.run.scaling.gpus_per_worker
+        if gpus <= 0:
+            return torch.device("cpu")
+        import ray  # only here: the worker side runs without Ray too (scripts/gpu_check.py)
+
+        device = device_for(gpus, ray.get_gpu_ids())
+        torch.cuda.set_device(device)
+        return device
