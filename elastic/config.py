@@ -45,7 +45,13 @@ class ScalingConfig:
     """The training group's backend: auto = nccl with one GPU per rank, gloo otherwise. The runtime's
     own control plane is always gloo."""
     spares: int = 0
-    """Warm spare workers (torch imported, not training) kept ready to replace a failed rank."""
+    """Warm spare workers (torch imported, not training) kept ready to replace a failed rank; each
+    reserves cpus_per_worker (and gpus_per_worker) like a training rank."""
+    standby_per_node: int = 1
+    """Warm standby processes kept on each node that hosts ranks: torch imported and the training
+    function loaded, but no CPU or GPU reserved (memory is their only cost). A rank that dies is
+    replaced by its node's standby in a fraction of a second instead of a cold start; the standby
+    then takes the dead rank's CPU (and GPU) reservation. 0 turns them off."""
     placement_timeout_s: float = 60.0
     """How long to wait for the cluster to place min_workers before giving up."""
     grow_interval_s: float = 2.0
@@ -74,6 +80,7 @@ class ScalingConfig:
         _require(self.backend != "nccl" or self.gpus_per_worker == 1,
                  "backend='nccl' needs gpus_per_worker=1: NCCL allows one rank per GPU (use gloo to share one)")
         _require(self.spares >= 0, f"spares must be >= 0, got {self.spares}")
+        _require(self.standby_per_node >= 0, f"standby_per_node must be >= 0, got {self.standby_per_node}")
         require_duration("placement_timeout_s", self.placement_timeout_s)
         require_duration("grow_interval_s", self.grow_interval_s)
         _require(self.replacement in ("wait", "continue"), "replacement must be 'wait' or 'continue'")

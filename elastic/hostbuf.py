@@ -25,29 +25,37 @@ class HostBuffers:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
-    def copy_in(self, items: Iterable[tuple[Path, torch.Tensor]]) -> list[tuple[Path, torch.Tensor]]:
-        """Host copies of `items` taken now, in the same order; buffers of paths no longer given are
-        freed. Copies from CUDA are synchronized before returning."""
+    def _buf(self, path: Path, src: torch.Tensor) -> torch.Tensor:
+        buf = self._bufs.get(path)
+        if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+            pin = src.is_cuda and torch.cuda.is_available()
+            buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
+            self._bufs[path] = buf
+            self.allocations += 1
+        return buf
+
+    def reserve(self, items: Iterable[tuple[Path, torch.Tensor]]) -> dict[Path, torch.Tensor]:
+        """Buffers shaped like `items` (reused when they fit), nothing copied yet."""
+        return {path: self._buf(path, t) for path, t in items}
+
+    def copy_in(self, items: Iterable[tuple[Path, torch.Tensor]], *,
+                keep: Iterable[Path] | None = None) -> list[tuple[Path, torch.Tensor]]:
+        """Host copies of `items` taken now, in the same order; buffers of paths neither given nor in
+        `keep` are freed. Copies from CUDA are synchronized before returning."""
         out: list[tuple[Path, torch.Tensor]] = []
         any_cuda = False
         with torch.no_grad():
             for path, t in items:
                 src = t.detach()
-                buf = self._bufs.get(path)
-                if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                    pin = src.is_cuda and torch.cuda.is_available()
-                    buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
-                    self._bufs[path] = buf
-                    self.allocations += 1
+                buf = self._buf(path, src)
                 any_cuda = any_cuda or src.is_cuda
                 buf.copy_(src, non_blocking=src.is_cuda)
                 out.append((path, buf))
         if any_cuda:
             torch.cuda.synchronize()
-        if len(out) != len(self._bufs):
-            keep = {p for p, _ in out}
-            for stale in [p for p in self._bufs if p not in keep]:
-                del self._bufs[stale]  # keys that left the state: free their memory
+        wanted = {p for p, _ in out} | set(keep or ())
+        for stale in [p for p in self._bufs if p not in wanted]:
+            del self._bufs[stale]  # keys that left the state: free their memory
         return out
 
     def release(self) -> None:

@@ -168,6 +168,18 @@ class FakeGroup:
     def shutdown(self) -> None:
         pass
 
+    def ensure_standbys(self, node_ids: set[str]) -> None:
+        pass  # this fake keeps none: a lost worker is replaced by a newcomer
+
+    def standbys(self) -> dict[str, int]:
+        return {}
+
+    def promote(self, wid: int) -> None:
+        raise AssertionError("no standby to promote")
+
+    def gpu_ids(self, wid: int, timeout_s: float) -> tuple[str, ...]:
+        return ()
+
 
 def make(group: FakeGroup, *, min_w: int = 2, max_w: int = 2, spares: int = 0, max_failures: int = 3):
     clock = FakeClock()
@@ -435,3 +447,41 @@ def test_a_stop_that_cannot_commit_in_time_says_so():
         state = ctl.transition(state)
     assert state.type is StateType.STOPPED and not state.committed and "could not be committed" in state.message
     assert "checkpoint_failed" in events.names()
+
+
+class StandbyGroup(FakeGroup):
+    """A standby (reserving nothing) waits on every node that hosts workers."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.standby_of: dict[str, int] = {}
+        self.promoted: list[int] = []
+
+    def ensure_standbys(self, node_ids: set[str]) -> None:
+        for node in sorted(node_ids - set(self.standby_of)):
+            wid = self._next
+            self._next += 1
+            self.infos[wid] = WorkerInfo(pid=20_000 + wid, node_id=node, ip="127.0.0.1")
+            self.standby_of[node] = wid
+
+    def standbys(self) -> dict[str, int]:
+        return dict(self.standby_of)
+
+    def promote(self, wid: int) -> None:
+        self.standby_of = {n: w for n, w in self.standby_of.items() if w != wid}
+        self.promoted.append(wid)
+
+    def ready(self) -> list[int]:
+        return sorted(w for w in self.infos if w not in self.standby_of.values())
+
+
+def test_a_dead_worker_is_replaced_by_the_standby_on_its_node_without_waiting_for_a_new_one():
+    g = StandbyGroup(capacity=2, steps=30)  # no room for a cold replacement: only the standby can help
+    g.die_at = {1: 8}
+    ctl, events, _ = make(g)
+    assert run_states(ctl) == [StateType.STARTING, StateType.RUNNING, StateType.RESTARTING, StateType.RUNNING,
+                               StateType.FINISHED]
+    assert len(g.promoted) == 1 and g.infos[g.promoted[0]].node_id == "node1"  # the dead worker's node
+    gen1 = [w for w, gen, _ in g.starts if gen == 1]
+    assert g.promoted[0] in gen1 and len(gen1) == 2
+    assert ctl.failures == 1 and ctl.recoveries[0]["world_size"] == 2

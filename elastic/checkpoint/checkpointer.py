@@ -114,6 +114,9 @@ class Checkpointer:
         store: dist.Store | None,
         on_commit: Callable[[CheckpointInfo], None] | None = None,
         on_failure: Callable[[int, str], None] | None = None,
+        staged: bool = False,
+        ready: Callable[[], None] | None = None,
+        on_done: Callable[[], None] | None = None,
     ) -> None:
         """Checkpoint `state` at `step`; collective over `pg` (all ranks, same step and keys): the
         runtime's control plane (a Collectives) or any process group object.
@@ -123,6 +126,10 @@ class Checkpointer:
         `on_commit(info)` is called on the coordinator (rank 0) after the commit and retention;
         `on_failure(step, reason)` when the save did not commit: on the coordinator, and on any rank
         whose own write failed (not for a cancel: the group broke, which is reported elsewhere).
+        staged: `state`'s tensors are host copies nobody modifies until `on_done()` (the snapshot's
+        buffers): written as they are, no second copy. `ready()` is called before any byte is
+        written (the copy into them may still be running); `on_done()` when the save ends, whatever
+        its outcome.
         pg may be None (and store None) for a single process (world_size 1).
         """
         t0 = time.monotonic()
@@ -133,13 +140,16 @@ class Checkpointer:
         pg = as_collectives(pg)
         if not self._wait_or_skip(pg, world_size):
             log.info("checkpoint at step %d skipped: the previous save is still in flight", step)
+            if on_done is not None:
+                on_done()
             return
         tensors, values = split_state(state)
         # Sync saves write straight from the live tensors: save() blocks until the commit, so
         # nothing can modify them meanwhile, and a host copy would only cost time and memory.
-        staged = tree.build(self.buffers.copy_in(tree.tensor_leaves(tensors))) if self.async_save else tensors
+        if not staged and self.async_save:
+            tensors = tree.build(self.buffers.copy_in(tree.tensor_leaves(tensors)))
         planner = DefaultSavePlanner(flatten_state_dict=True, dedup_save_to_lowest_rank=False)
-        planner.set_up_planner(staged, storage_meta=None, is_coordinator=rank == COORDINATOR)
+        planner.set_up_planner(tensors, storage_meta=None, is_coordinator=rank == COORDINATOR)
         local = planner.create_local_plan()
         gathered = self._gather({"plan": dcp_io.encode_plan(local), "nonce": uuid.uuid4().hex, "step": step},
                                 pg, world_size, step)
@@ -151,7 +161,7 @@ class Checkpointer:
         global_plans, metadata = planner.create_global_plan(plans)
         plan = planner.finish_plan(dcp_io.storage_prefix(global_plans[rank], rank, save_id))
         job = _Save(step, save_id, rank, world_size, started=time.time() - (time.monotonic() - t0))
-        args = (job, plan, planner, metadata, values, store, on_commit, on_failure)
+        args = (job, plan, planner, metadata, values, store, on_commit, on_failure, ready, on_done)
         self.last_stall_s = time.monotonic() - t0
         self._pending = job
         if self.async_save:
@@ -216,10 +226,13 @@ class Checkpointer:
     def _run(
         self, job: _Save, plan: Any, planner: Any, metadata: Any, values: Any, store: dist.Store,
         on_commit: Callable[[CheckpointInfo], None] | None, on_failure: Callable[[int, str], None] | None,
+        ready: Callable[[], None] | None = None, on_done: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
         """Background part: write this rank's shards, publish, and (coordinator) commit."""
         cs = self.store
         try:
+            if ready is not None:
+                ready()
             try:
                 results, files = retry.call(
                     retry.STORAGE_WRITE,
@@ -266,6 +279,8 @@ class Checkpointer:
                     log.exception("on_failure callback failed for step %d", job.step)
         finally:
             job.done.set()
+            if on_done is not None:
+                on_done()
 
     def _coordinate(
         self, job: _Save, metadata: Any, values: Any, store: dist.Store,

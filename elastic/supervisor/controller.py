@@ -65,6 +65,8 @@ class Controller:
         """The newest step a checkpoint of this run committed (from the workers' events)."""
         self.newest_step = 0
         """The newest step any worker reported (parked ones included: they hold it)."""
+        self._lost_nodes: list[str] = []
+        """Nodes of the workers lost since the last group was built (their standbys replace them)."""
 
     # -- loop --------------------------------------------------------------------------------
     def run_to_end(self) -> State:
@@ -146,6 +148,7 @@ class Controller:
         assert isinstance(d, Continue)
         self._watch_drains()
         self._top_up(background=True)
+        self.group.ensure_standbys({i.node_id for w in self.members if (i := self.group.infos.get(w)) is not None})
         self.sleep(self._failure.poll_interval_s)
         return state
 
@@ -251,6 +254,10 @@ class Controller:
         sc = self.run.scaling
         assert sc.max_workers is not None
         members = list(survivors) + self._newcomers(limit=sc.max_workers - len(survivors))
+        for wid in self.policy.standbys_to_promote(self.run, missing=sc.max_workers - len(members),
+                                                   standbys=self.group.standbys(), lost_nodes=self._lost_nodes):
+            self.group.promote(wid)
+            members.append(wid)
         t0 = self.clock()
         no_room_since: float | None = None
         announced = False
@@ -283,6 +290,7 @@ class Controller:
 
     def _build(self, members: list[int], *, reason: str, mode: str = "train") -> Running:
         t0 = self.clock()
+        self._lost_nodes = []
         self.generation += 1
         g = self.generation
         self.members = list(members)
@@ -302,7 +310,8 @@ class Controller:
             assignments[wid] = Assignment(
                 generation=g, rank=rank, world_size=len(self.members), store_host=host, store_port=port,
                 backend=self.backend, collective_timeout_s=self._failure.collective_timeout_s,
-                local_rank=local_rank, mode=mode, local_world_size=per_node[node], store_prefix=self.store_prefix)
+                local_rank=local_rank, mode=mode, local_world_size=per_node[node], store_prefix=self.store_prefix,
+                gpu_ids=self._gpu_ids(wid))
             if wid not in self._joined:
                 self._joined.add(wid)
                 self._emit_worker(Event.WORKER_STARTED, wid, generation=g,
@@ -319,6 +328,15 @@ class Controller:
         self.progress.generation = g
         self._rate.reset()
         return Running(generation=g)
+
+    def _gpu_ids(self, wid: int) -> tuple[str, ...]:
+        """A promoted standby's GPUs come from its reservation (it waits for it to be placed)."""
+        if self.run.scaling.gpus_per_worker <= 0:
+            return ()
+        try:
+            return self.group.gpu_ids(wid, self._failure.poll_timeout_s + self.policy.assignment_slack_s)
+        except Exception:  # noqa: BLE001 - not placed in time: the worker cannot train, it is lost
+            return ("unplaced",)
 
     def _watch_drains(self) -> None:
         """A node being drained (spot preemption via Ray, autoscaler scale-down) gets the same
@@ -413,6 +431,9 @@ class Controller:
                     self._incidents.restored(int(ev.get("step") or 0), int(ev.get("lost_steps") or 0))
 
     def _drop(self, wid: int, reason: str) -> None:
+        info = self.group.infos.get(wid)
+        if info is not None:
+            self._lost_nodes.append(info.node_id)
         last = self._last_polls.get(wid)
         error = last.error if isinstance(last, WorkerPoll) and last.error else None
         self._emit_worker(Event.WORKER_FAILED, wid, reason=reason, error=error)

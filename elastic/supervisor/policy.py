@@ -256,6 +256,17 @@ class DefaultPolicy:
                           f"{f.below_min_wait_s:g}s (cluster: {{resources}}); resume later with "
                           "`elastic resume URI`", exit_code=1, final_save=True)
 
+    def standbys_to_promote(self, run: RunConfig, *, missing: int, standbys: Mapping[str, int],
+                            lost_nodes: list[str]) -> tuple[int, ...]:
+        """Standbys to turn into workers for the next group: those on the nodes of the workers just
+        lost (each such node has a worker's resources free again), up to the number missing."""
+        picks: list[int] = []
+        for node in lost_nodes:
+            wid = standbys.get(node)
+            if len(picks) < missing and wid is not None and wid not in picks:
+                picks.append(wid)
+        return tuple(picks)
+
     def final_save_timeout(self, run: RunConfig) -> float:
         f = run.failure
         if self.final_save_timeout_s is not None:

@@ -23,7 +23,9 @@ from elastic.errors import CheckpointFailedError, WorkerGroupError
 from elastic.events import Event
 from elastic.lease import Lease
 from elastic.train_state import TrainState
-from elastic.worker import grad_sync, peer_sync
+from elastic.worker import peer_sync
+from elastic.worker.capture import CapturePlan
+from elastic.worker.ddp import ExactDDP
 from elastic.worker.groups import ProcessGroups
 from elastic.worker.seeding import reseed
 from elastic.worker.snapshot import Snapshot
@@ -83,8 +85,10 @@ class Generation:
         self.s = services
         self.local_rank = local_rank
         self.local_world_size = local_world_size
-        self._model: torch.nn.Module | None = None
+        self._model: ExactDDP | None = None
         self._vote: Pending | None = None
+        self._plan: CapturePlan | None = None
+        self._hooks: list[Any] = []
 
     @property
     def rank(self) -> int:
@@ -102,6 +106,7 @@ class Generation:
         the control plane), the newest durable checkpoint that verifies.
         """
         s, ctrl = self.s, self.groups.ctrl
+        s.snapshot.wait()
         agreed = peer_sync.agree(s.snapshot.step, s.latest_durable_step(), ctrl, last_committed=s.board.get().step)
         source = "fresh"
         if agreed.peers_are_freshest:
@@ -125,19 +130,11 @@ class Generation:
 
     # -- model -----------------------------------------------------------------------------
     def prepare_model(self, model: torch.nn.Module, **ddp_kwargs: Any) -> torch.nn.Module:
-        """Move `model` to this rank's device and wrap it in DDP over the training group.
-
-        Gradients are reduced per parameter (see grad_sync) so that results do not depend on when
-        the wrapper was built.
-        """
-        from torch.nn.parallel import DistributedDataParallel
-
+        """Move `model` to this rank's device and wrap it for data-parallel training over the
+        training group: ExactDDP (ddp.py), whose bucket layout is a pure function of the model."""
         model.to(self.device)
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=self.groups.train, **ddp_kwargs)
-        ddp.register_comm_hook(None, grad_sync.make_hook(self.groups.train, self.s.clock))
-        self._model = ddp
-        return ddp
+        self._model = ExactDDP(model, process_group=self.groups.train, clock=self.s.clock, **ddp_kwargs)
+        return self._model
 
     # -- commit ----------------------------------------------------------------------------
     def commit(self, state: TrainState, metrics: dict[str, float] | None = None) -> None:
@@ -149,11 +146,10 @@ class Generation:
         snapshot = preempt or pause or state.step % s.run.failure.snapshot_every_n_steps == 0
         save = s.checkpoint_due(state.step) or preempt
         if snapshot or save:
-            sd = state.state_dict()
-            if snapshot:
-                s.snapshot.capture(sd, state.step)
+            items = self._plan_for(state).items()
+            s.snapshot.capture_items(items.stable, items.volatile, items.values, state.step)
             if save:
-                self.save_checkpoint(sd, state.step, wait=preempt)  # a failure is reported, and we leave
+                self.save_from_snapshot(state.step, wait=preempt)  # a failure is reported, and we leave
         s.board.progress(state.step, metrics)
         reseed(s.seed, state.step, self.rank)
         if preempt or pause:
@@ -162,6 +158,24 @@ class Generation:
             raise PauseRequested("preemption notice: checkpoint committed, leaving the group")
         if pause:
             raise PauseRequested("membership change at a step boundary")
+
+    def _plan_for(self, state: TrainState) -> CapturePlan:
+        """The capture plan of `state` (built at its first commit in this generation), and the hook
+        that makes its optimizer's step wait for a snapshot still being copied."""
+        if self._plan is None or self._plan.state is not state:
+            self._drop_plan()
+            self._plan = CapturePlan(state)
+            if state.optimizer is not None:
+                snap = self.s.snapshot
+                self._hooks.append(state.optimizer.register_step_pre_hook(
+                    lambda *_: snap.before_optimizer_step()))
+        return self._plan
+
+    def _drop_plan(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._plan = None
 
     def report(self, metrics: dict[str, float]) -> None:
         """Publish metrics without ending a step (e.g. a final evaluation)."""
@@ -185,13 +199,17 @@ class Generation:
             vote.wait()
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save_checkpoint(self, sd: dict[str, Any], step: int, *, wait: bool, must_commit: bool = False) -> bool:
-        """Start a save (collective); with `wait`, block until it commits and say whether it did.
-        `must_commit`: the run's newest state depends on it (the final save): CheckpointFailedError
-        if it did not commit."""
+    def save_from_snapshot(self, step: int, *, wait: bool, must_commit: bool = False) -> bool:
+        """Checkpoint the snapshot of `step` (collective), writing straight from its buffers: they
+        stay pinned until the save ends, and the writer waits for a copy still in flight. With
+        `wait`, block until it commits and say whether it did. `must_commit`: the run's newest state
+        depends on it (the final save): CheckpointFailedError if it did not commit."""
+        snap = self.s.snapshot
+        which = snap.pin()
         ck = self.s.checkpointer
-        ck.save(sd, step=step, rank=self.rank, world_size=self.world_size, pg=self.groups.ctrl,
-                store=self.groups.ckpt_store, on_commit=self._on_commit, on_failure=self._on_failure)
+        ck.save(tree.build([*snap.tensors, *snap.values]), step=step, rank=self.rank, world_size=self.world_size,
+                 pg=self.groups.ctrl, store=self.groups.ckpt_store, on_commit=self._on_commit,
+                 on_failure=self._on_failure, staged=True, ready=snap.waiter(), on_done=lambda: snap.unpin(which))
         if not wait:
             return True
         # A final save may take the whole commit timeout; a preemption or a stop has a grace period
@@ -230,10 +248,15 @@ class Generation:
         agreed = peer_sync.agree(s.snapshot.step, s.latest_durable_step(), ctrl)
         if agreed.best <= agreed.durable:
             return
-        sd, _ = peer_sync.newest_state(s.snapshot, agreed, ctrl)
-        self.save_checkpoint(sd, agreed.best, wait=True, must_commit=True)
+        peer_sync.newest_state(s.snapshot, agreed, ctrl)  # every rank now holds the newest snapshot
+        self.save_from_snapshot(agreed.best, wait=True, must_commit=True)
 
     def release(self) -> None:
-        # The DDP wrapper holds the process group: drop it before the group is destroyed.
+        # The wrapper holds the process group: drop it before the group is destroyed. A copy still
+        # in flight completes (its sources no longer change) before anyone reads the snapshot.
+        if self._model is not None:
+            self._model.remove_hooks()
         self._model = None
         self._vote = None
+        self._drop_plan()
+        self.s.snapshot.wait()

@@ -60,6 +60,7 @@ def newest_state(snapshot: Snapshot, agreement: Agreement, ctrl: Collectives,
 
 def broadcast_state(snapshot: Snapshot, src: int, ctrl: Collectives, step: int) -> None:
     """Send `src`'s snapshot to every rank; the others' snapshots become copies of it."""
+    snapshot.wait()
     header = None
     if ctrl.rank == src:
         header = {"step": snapshot.step,

@@ -85,6 +85,8 @@ class Assignment:
     """Ranks of this generation on this rank's node."""
     store_prefix: str = ""
     """The run's secret key prefix on the rendezvous store (handed over through Ray, never logged)."""
+    gpu_ids: tuple[str, ...] = ()
+    """GPUs reserved for this worker by another actor (a promoted standby reserves none itself)."""
 
 
 @dataclass(frozen=True)

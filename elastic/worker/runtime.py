@@ -89,7 +89,7 @@ class WorkerRuntime:
         gen: Generation | None = None
         state, park, failure = WorkerState.FAILED, None, None
         try:
-            device = self._device()
+            device = self._device(a)
             # torch's view of this rank, as torchrun would give it, refreshed every generation.
             os.environ.update(torch_env(a.rank, a.world_size, a.local_rank, a.local_world_size))
             groups = connect(a, s.clock)
@@ -128,12 +128,18 @@ class WorkerRuntime:
             s.clock.leave()
             s.board.update(state=state, park_reason=park, failure=failure)
 
-    def _device(self) -> torch.device:
+    def _device(self, a: Assignment) -> torch.device:
         gpus = self.run.scaling.gpus_per_worker
         if gpus <= 0:
             return torch.device("cpu")
-        import ray  # only here: the worker side runs without Ray too (scripts/gpu_check.py)
+        if a.gpu_ids:
+            # A promoted standby: its GPUs were reserved by another actor, and CUDA is not initialized
+            # in this process yet (the warm-up is CPU only), so it can still choose what it sees.
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(a.gpu_ids)
+            device = device_for(gpus, a.gpu_ids)
+        else:
+            import ray  # only here: the worker side runs without Ray too (scripts/gpu_check.py)
 
-        device = device_for(gpus, ray.get_gpu_ids())
+            device = device_for(gpus, ray.get_gpu_ids())
         torch.cuda.set_device(device)
         return device

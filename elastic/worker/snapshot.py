@@ -1,12 +1,21 @@
-"""The last committed state of this rank, kept in host memory.
+"""The newest committed state of this rank in host memory: what a survivor hands to newcomers, and
+the staging area its checkpoints are written from (one host copy per step, not two).
 
-Taken at commits so that a survivor can hand the newest state to newcomers without a storage round
-trip. Tensors are copied into HostBuffers (allocated once, reused); the other leaves (step counts,
-learning rates, scheduler state) are kept as JSON values, as the checkpoint's manifest keeps them.
+A capture copies the volatile tensors (BatchNorm statistics, `extra`) at once and the stable ones
+(parameters, optimizer state) in the background while the next step's forward and backward run:
+they change only in optimizer.step(), which waits for whatever is still being copied (a pre-step
+hook). On CUDA the copy runs on a side stream into pinned buffers and optimizer.step() waits on the
+GPU, not the host. Readers (a peer transfer, a checkpoint writer, a restore) wait for the copy.
+
+Two buffer sets: the newest snapshot lives in one; a checkpoint still writing from it pins it, and
+the next capture goes to the other. Host memory is 1x the state while no save is in flight and 2x
+while one is; a set that no longer holds the newest snapshot is freed when its save ends.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Any
 
 import torch
@@ -17,12 +26,45 @@ from elastic.hostbuf import HostBuffers
 from elastic.tree import Path
 
 
-class Snapshot:
+class _Copier:
+    """A background thread doing host copies in order (torch releases the GIL while copying)."""
+
     def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="elastic-snapshot", daemon=True)
+        self._thread.start()
+
+    def submit(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], done: threading.Event) -> None:
+        self._jobs.put((pairs, done))
+
+    def _run(self) -> None:
+        while True:
+            pairs, done = self._jobs.get()
+            try:
+                with torch.no_grad():
+                    for dst, src in pairs:
+                        dst.copy_(src)
+            finally:
+                done.set()
+
+
+class Snapshot:
+    def __init__(self, *, overlap: bool = True) -> None:
         self.step: int = -1
         self.values: list[tuple[Path, Any]] = []
         self.tensors: list[tuple[Path, torch.Tensor]] = []
-        self._buffers = HostBuffers()
+        self.overlap = overlap
+        self._sets = [HostBuffers(), HostBuffers()]
+        self._newest = 0
+        self._pinned = [0, 0]
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._done.set()
+        self._cuda_event: Any = None
+        self._side_stream: Any = None
+        self._copier: _Copier | None = None
+        self.blocked_s = 0.0
+        """Seconds the training thread spent copying or waiting for copies (benchmarks read it)."""
 
     @property
     def empty(self) -> bool:
@@ -30,27 +72,135 @@ class Snapshot:
 
     @property
     def nbytes(self) -> int:
-        return self._buffers.nbytes
+        """Host memory held by the snapshot's buffers (both sets)."""
+        return sum(s.nbytes for s in self._sets)
 
+    @property
+    def in_flight(self) -> bool:
+        return not self._done.is_set()
+
+    # -- capturing --------------------------------------------------------------------------
     def capture(self, sd: dict[str, Any], step: int) -> None:
+        """Copy a whole state dict now (restore from a checkpoint; tests)."""
         tensors, values = split_state(sd)
-        self.tensors = self._buffers.copy_in(tree.tensor_leaves(tensors))
-        self.values = values
-        self.step = step
+        self.capture_items([], tree.tensor_leaves(tensors), values, step)
+        self.wait()
 
+    def capture_items(self, stable: list[tuple[Path, torch.Tensor]], volatile: list[tuple[Path, torch.Tensor]],
+                      values: list[tuple[Path, Any]], step: int) -> None:
+        """Take a snapshot of `step`: volatile tensors now, stable ones in the background (or now,
+        without overlap). Returns at once; wait() completes it."""
+        import time
+
+        t0 = time.perf_counter()
+        self.wait()  # the previous capture is complete before a new one starts
+        with self._lock:
+            target = self._newest if self._pinned[self._newest] == 0 else 1 - self._newest
+            assert self._pinned[target] == 0, "two checkpoints in flight at once"
+            bufs = self._sets[target]
+            order = [p for p, _ in volatile] + [p for p, _ in stable]
+            host = dict(bufs.copy_in(volatile, keep=order))
+            stable_dst = bufs.reserve(stable)
+            host.update(stable_dst)
+            self.tensors = [(p, host[p]) for p in order]
+            self.values = values
+            self.step = step
+            self._newest = target
+            if self._pinned[1 - target] == 0:
+                self._sets[1 - target].release()  # 1x the state while no save is in flight
+        pairs = [(stable_dst[p], t.detach()) for p, t in stable]
+        if pairs:
+            self._copy(pairs)
+        self.blocked_s += time.perf_counter() - t0
+
+    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        cuda = pairs[0][1].is_cuda
+        if cuda:
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream()
+            current = torch.cuda.current_stream()
+            self._side_stream.wait_stream(current)  # copy what optimizer.step() produced
+            with torch.cuda.stream(self._side_stream), torch.no_grad():
+                for dst, src in pairs:
+                    dst.copy_(src, non_blocking=True)
+            self._cuda_event = torch.cuda.Event()
+            self._cuda_event.record(self._side_stream)
+            return
+        if not self.overlap:
+            with torch.no_grad():
+                for dst, src in pairs:
+                    dst.copy_(src)
+            return
+        if self._copier is None:
+            self._copier = _Copier()
+        self._done = threading.Event()
+        self._copier.submit(pairs, self._done)
+
+    # -- waiting ----------------------------------------------------------------------------
+    def before_optimizer_step(self) -> None:
+        """The optimizer is about to change the tensors being copied: let the copy finish first
+        (on CUDA the GPU waits, the host does not)."""
+        import time
+
+        if self._cuda_event is not None:
+            torch.cuda.current_stream().wait_event(self._cuda_event)
+            return
+        if not self._done.is_set():
+            t0 = time.perf_counter()
+            self._done.wait()
+            self.blocked_s += time.perf_counter() - t0
+
+    def waiter(self) -> Any:
+        """A callable that blocks until the capture in flight now is complete (for another thread:
+        a checkpoint writer)."""
+        done, event = self._done, self._cuda_event
+
+        def wait() -> None:
+            done.wait()
+            if event is not None:
+                event.synchronize()
+
+        return wait
+
+    def wait(self) -> None:
+        """Block until the newest capture is complete in host memory."""
+        self._done.wait()
+        if self._cuda_event is not None:
+            self._cuda_event.synchronize()
+            self._cuda_event = None
+
+    # -- checkpoints write from the snapshot --------------------------------------------------
+    def pin(self) -> int:
+        """Keep the newest set as it is until unpin() (a checkpoint writes from it)."""
+        with self._lock:
+            self._pinned[self._newest] += 1
+            return self._newest
+
+    def unpin(self, which: int) -> None:
+        with self._lock:
+            self._pinned[which] -= 1
+            if self._pinned[which] == 0 and which != self._newest:
+                self._sets[which].release()
+
+    # -- reading ----------------------------------------------------------------------------
     def load(self, tensors: list[tuple[Path, torch.Tensor]], values: list[tuple[Path, Any]], step: int) -> None:
         """Hold a state received from a peer (its tensors are kept as given)."""
-        self.tensors, self.values, self.step = list(tensors), list(values), step
+        self.wait()
+        with self._lock:
+            self.tensors, self.values, self.step = list(tensors), list(values), step
 
     def state_dict(self, like: dict[str, Any] | None = None) -> dict[str, Any]:
         """A dict that reads from the snapshot's buffers (loaders copy out of it). `like`: a state
         of the same program, whose tuples (Adam's betas) the JSON values get back."""
         if self.empty:
             raise RuntimeError("no snapshot taken yet")
+        self.wait()
         sd = tree.build([*self.tensors, *self.values])
         return like_template(like, sd) if like is not None else sd
 
     def clear(self) -> None:
+        self.wait()
         self.step = -1
         self.values, self.tensors = [], []
-        self._buffers.release()
+        for s in self._sets:
+            s.release()

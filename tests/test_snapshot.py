@@ -1,0 +1,99 @@
+"""Unit: the overlapped snapshot equals a synchronous copy; one host copy for checkpoints; the capture
+plan never walks the state dict again once bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from elastic import TrainState, tree
+from elastic.checkpoint.state import split_state
+from elastic.worker.capture import CapturePlan
+from elastic.worker.snapshot import Snapshot
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def make_state(batchnorm: bool) -> TrainState:
+    torch.manual_seed(0)
+    layers = [nn.Linear(16, 64)] + ([nn.BatchNorm1d(64)] if batchnorm else [nn.LayerNorm(64)]) + \
+        [nn.ReLU(), nn.Linear(64, 8)]
+    model = nn.Sequential(*layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    return TrainState(model=model, optimizer=opt, extra={"sched": sched, "seen": torch.zeros(2)})
+
+
+def forward_backward(state: TrainState, step: int, micro: int) -> None:
+    for m in range(micro):  # gradient accumulation: several backward passes per optimizer step
+        x = torch.randn(12, 16, generator=torch.Generator().manual_seed(10 * step + m))
+        state.model(x).square().mean().backward()
+    state.extra["seen"] += 1
+
+
+def synchronous(state: TrainState) -> tuple[dict, list]:
+    tensors, values = split_state(state.state_dict())
+    return {p: t.clone() for p, t in tree.tensor_leaves(tensors)}, values
+
+
+@pytest.mark.parametrize("batchnorm,micro", [(True, 1), (False, 3)], ids=["batchnorm", "accumulation"])
+def test_an_overlapped_snapshot_equals_a_synchronous_copy(batchnorm, micro):
+    state = make_state(batchnorm)
+    plan = CapturePlan(state)
+    snap = Snapshot(overlap=True)
+    state.optimizer.register_step_pre_hook(lambda *_: snap.before_optimizer_step())
+    for step in range(6):
+        state.optimizer.zero_grad()
+        forward_backward(state, step, micro)
+        state.optimizer.step()
+        state.extra["sched"].step()
+        state.step += 1
+        expected = synchronous(state)  # what a copy taken right now holds
+        items = plan.items()
+        snap.capture_items(items.stable, items.volatile, items.values, state.step)
+        # The next step's forward and backward run while the copy is in flight: they change the
+        # BatchNorm statistics (copied at once) and the gradients, not parameters or optimizer state.
+        state.optimizer.zero_grad()
+        forward_backward(state, step + 100, micro)
+        got_tensors, got_values = split_state(snap.state_dict())
+        got = dict(tree.tensor_leaves(got_tensors))
+        assert got.keys() == expected[0].keys()
+        for p, t in expected[0].items():
+            assert torch.equal(got[p], t), p
+        assert dict(got_values) == dict(expected[1])
+    assert plan.binds == 1 and plan.fast  # the state dict was walked once, not at every commit
+
+
+def test_a_replaced_optimizer_tensor_is_noticed_and_the_plan_binds_again():
+    state = make_state(False)
+    plan = CapturePlan(state)
+    first = state.optimizer.state[next(iter(state.optimizer.state))]
+    first["exp_avg"] = first["exp_avg"].clone()  # an optimizer that reallocates its state
+    items = plan.items()
+    assert plan.binds == 2
+    assert any(t is first["exp_avg"] for _, t in items.stable)
+
+
+def test_one_host_copy_while_no_save_is_in_flight_and_two_while_one_is():
+    state = make_state(False)
+    plan = CapturePlan(state)
+    snap = Snapshot(overlap=True)
+    size = sum(t.numel() * t.element_size() for _, t in plan.items().stable + plan.items().volatile)
+
+    def capture(step: int) -> None:
+        items = plan.items()
+        snap.capture_items(items.stable, items.volatile, items.values, step)
+        snap.wait()
+
+    capture(1)
+    assert snap.nbytes == size
+    which = snap.pin()  # a checkpoint writes from the step-1 buffers...
+    pinned = [t for _, t in snap.tensors]
+    capture(2)  # ...so step 2 goes to the other set: never blocked, never skipped
+    assert snap.nbytes == 2 * size and snap.step == 2
+    assert all(a.data_ptr() != b.data_ptr() for a, (_, b) in zip(pinned, snap.tensors))
+    snap.unpin(which)  # the save ended: the set that no longer holds the newest snapshot is freed
+    assert snap.nbytes == size
+    capture(3)
+    assert snap.nbytes == size
