@@ -74,13 +74,14 @@ class Collectives:
     def allreduce_max(self, values: list[int]) -> list[int]:
         t = torch.tensor(values, dtype=torch.int64)
         with self.clock.timing():
-            self.pg.allreduce([t], _max()).wait()
+            self.pg.allreduce([t], _MAX).wait()
         return [int(v) for v in t.tolist()]
 
-    def iallreduce_max(self, values: list[int]) -> Pending:
-        t = torch.tensor(values, dtype=torch.int64)
+    def iallreduce_max(self, values: list[int], out: torch.Tensor | None = None) -> Pending:
+        """Launch a MAX allreduce of `values` (into `out`, reused by callers that vote every step)."""
+        t = torch.tensor(values, dtype=torch.int64) if out is None else out.copy_(torch.as_tensor(values))
         with self.clock.timing():
-            work = self.pg.allreduce([t], _max())
+            work = self.pg.allreduce([t], _MAX)
         return Pending(work, t, self.clock)
 
     def all_gather_ints(self, values: list[int]) -> list[list[int]]:
@@ -138,3 +139,6 @@ def _max() -> Any:
     opts = dist.AllreduceOptions()
     opts.reduceOp = dist.ReduceOp.MAX
     return opts
+
+
+_MAX = _max()

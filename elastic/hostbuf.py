@@ -20,6 +20,8 @@ class HostBuffers:
         self._bufs: dict[Path, torch.Tensor] = {}
         self.allocations = 0
         """Buffers allocated so far (tests check that it stops growing)."""
+        self.version = 0
+        """Changes whenever a buffer is allocated or freed (callers may cache lookups until then)."""
 
     @property
     def nbytes(self) -> int:
@@ -32,6 +34,7 @@ class HostBuffers:
             buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
             self._bufs[path] = buf
             self.allocations += 1
+            self.version += 1
         return buf
 
     def reserve(self, items: Iterable[tuple[Path, torch.Tensor]]) -> dict[Path, torch.Tensor]:
@@ -44,6 +47,9 @@ class HostBuffers:
         `keep` are freed. Copies from CUDA are synchronized before returning."""
         out: list[tuple[Path, torch.Tensor]] = []
         any_cuda = False
+        items = list(items)
+        if not items and keep is not None and len(self._bufs) <= len(keep := list(keep)):
+            return out  # nothing to copy and nothing to free: the common case at every step
         with torch.no_grad():
             for path, t in items:
                 src = t.detach()
@@ -56,7 +62,10 @@ class HostBuffers:
         wanted = {p for p, _ in out} | set(keep or ())
         for stale in [p for p in self._bufs if p not in wanted]:
             del self._bufs[stale]  # keys that left the state: free their memory
+            self.version += 1
         return out
 
     def release(self) -> None:
-        self._bufs.clear()
+        if self._bufs:
+            self._bufs.clear()
+            self.version += 1

@@ -97,3 +97,15 @@ def test_one_host_copy_while_no_save_is_in_flight_and_two_while_one_is():
     assert snap.nbytes == size
     capture(3)
     assert snap.nbytes == size
+
+
+@pytest.mark.parametrize("optim", ["adamw", "sgd"])
+def test_values_are_read_directly_for_plain_states_too(optim):
+    """The fast path (no state-dict walk per commit) holds for a state with no `extra`, with SGD's
+    momentum as with AdamW, and gives exactly what the full walk gives."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    opt = torch.optim.AdamW(model.parameters()) if optim == "adamw" else \
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    state = TrainState(model=model, optimizer=opt)
+    plan = CapturePlan(state)
+    assert plan.fast and plan.items().values == split_state(state.state_dict())[1]

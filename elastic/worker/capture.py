@@ -54,6 +54,7 @@ class CapturePlan:
         params = {id(p) for p in st.model.parameters()}
         by_storage = {p.data_ptr(): p for p in st.model.parameters()}
         opt_slots: dict[int, tuple[dict, str]] = {}
+        self._optim_entries = sum(map(len, st.optimizer.state.values())) if st.optimizer is not None else 0
         if st.optimizer is not None:
             for pstate in st.optimizer.state.values():
                 for k, v in pstate.items():
@@ -83,6 +84,8 @@ class CapturePlan:
         self._group_params = [g["params"] for g in groups] if groups else []
         self._fqn_of_index = [fqn for names in self._group_params for fqn in names]
         self._optim_value_paths = {p for p, _ in values if p[0] == "optim" and p != ("optim", "param_groups")}
+        self._last_groups: list[dict] | None = None
+        self._group_values: list[tuple[Path, Any]] = []
         self._fast_values = self._check_fast_values(values)
 
     @property
@@ -116,10 +119,8 @@ class CapturePlan:
 
     def _valid(self) -> bool:
         st = self.state
-        if st.optimizer is not None:
-            n = sum(1 for owner, _, _ in self._checks if owner is not None)
-            if n != sum(1 for s in st.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)):
-                return False
+        if st.optimizer is not None and sum(map(len, st.optimizer.state.values())) != self._optim_entries:
+            return False  # state appeared or went away
         for owner, key, t in self._checks:
             if owner is None:
                 if key.data_ptr() != t.data_ptr() or key.shape != t.shape:
@@ -129,6 +130,8 @@ class CapturePlan:
         return True
 
     def _extra(self) -> tuple[list[tuple[Path, torch.Tensor]], list[tuple[Path, Any]]]:
+        if not self.state.extra:
+            return [], [(("extra",), {})]  # an empty dict is a value of its own (it must round-trip)
         extra = {k: (v.state_dict() if _is_stateful(v) else v) for k, v in self.state.extra.items()}
         tensors, values = split_state({"extra": extra})
         from elastic import tree
@@ -140,17 +143,20 @@ class CapturePlan:
         st = self.state
         out: list[tuple[Path, Any]] = list(self._model_values)
         if st.optimizer is not None:
-            osd = st.optimizer.state_dict()  # torch's own: cheap, params numbered in group order
-            for index, pstate in osd["state"].items():
-                for k, v in pstate.items():
-                    if not isinstance(v, torch.Tensor):
-                        path = ("optim", "state", self._fqn_of_index[index], k)
-                        if path in self._optim_value_paths:
-                            out.append((path, v))
-            groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(names)}
-                      for g, names in zip(osd["param_groups"], self._group_params)]
-            _, gvalues = split_state({"optim": {"param_groups": groups}})
-            out += gvalues
+            if self._optim_value_paths:  # non-tensor optimizer state (most optimizers keep none)
+                osd = st.optimizer.state_dict()  # torch's own: params numbered in group order
+                for index, pstate in osd["state"].items():
+                    for k, v in pstate.items():
+                        if not isinstance(v, torch.Tensor):
+                            path = ("optim", "state", self._fqn_of_index[index], k)
+                            if path in self._optim_value_paths:
+                                out.append((path, v))
+            raw = [{k: v for k, v in g.items() if k != "params"} for g in st.optimizer.param_groups]
+            if raw != self._last_groups:  # learning rates change, the rest rarely: convert on change
+                groups = [{**g, "params": list(names)} for g, names in zip(raw, self._group_params)]
+                self._group_values = split_state({"optim": {"param_groups": groups}})[1]
+                self._last_groups = raw
+            out += self._group_values
         out.append((("step",), int(st.step)))
         if extra_values is None:
             extra_values = self._extra()[1]

@@ -88,3 +88,11 @@ class WorkerContext:
     def report(self, metrics: dict[str, float]) -> None:
         """Publish metrics without ending a step (e.g. a final evaluation)."""
         self._gen.report(metrics)
+
+    def stats(self) -> dict[str, float]:
+        """What elastic costs this rank so far: host memory of its snapshot, seconds the training
+        thread spent on snapshots (copying what cannot wait, waiting for what had not finished),
+        the background copies' own seconds, and the last checkpoint's foreground stall."""
+        s = self._gen.s
+        return {"snapshot_bytes": float(s.snapshot.nbytes), "snapshot_blocked_s": s.snapshot.blocked_s,
+                "snapshot_copy_s": s.snapshot.copy_s, "checkpoint_stall_s": s.checkpointer.last_stall_s or 0.0}

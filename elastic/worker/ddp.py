@@ -90,6 +90,7 @@ class _Bucket:
         self.flags = self.buffer[spec.numel:]
         self.ready: set[int] = set()
         self.work: Any = None
+        self.all_here = False
 
 
 class ExactDDP(nn.Module):
@@ -153,11 +154,15 @@ class ExactDDP(nn.Module):
             self._launch(bucket)
 
     def _launch(self, bucket: _Bucket) -> None:
-        for j in range(len(bucket.params)):
-            if j not in bucket.ready:  # no gradient here this step: contributes zeros
-                bucket.views[j].zero_()
-        bucket.flags.copy_(torch.tensor([1.0 if j in bucket.ready else 0.0 for j in range(len(bucket.params))],
-                                        dtype=bucket.flags.dtype))
+        if len(bucket.ready) == len(bucket.params):
+            bucket.flags.fill_(1)
+        else:
+            for j in range(len(bucket.params)):
+                if j not in bucket.ready:  # no gradient here this step: contributes zeros
+                    bucket.views[j].zero_()
+            bucket.flags.copy_(torch.tensor([1.0 if j in bucket.ready else 0.0 for j in range(len(bucket.params))],
+                                            dtype=bucket.flags.dtype))
+        bucket.all_here = len(bucket.ready) == len(bucket.params)
         bucket.buffer.div_(self.world)
         self.clock.enter()
         try:
@@ -185,9 +190,14 @@ class ExactDDP(nn.Module):
         for b in self._buckets:
             b.work = None
             b.ready.clear()
-            used = (b.flags > 0).tolist()  # some rank had a gradient for it
+            # Every parameter had a gradient here, so it is used; otherwise ask whether any rank had.
+            used = None if b.all_here else (b.flags > 0).tolist()
             for j, p in enumerate(b.params):
-                p.grad = b.views[j] if used[j] else None
+                if used is None or used[j]:
+                    if p.grad is not b.views[j]:
+                        p.grad = b.views[j]
+                else:
+                    p.grad = None
 
     def _broadcast(self, tensors: list[torch.Tensor]) -> None:
         """Rank 0's values into `tensors`, one collective per dtype and device."""

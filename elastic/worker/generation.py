@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import torch
@@ -33,6 +34,14 @@ from elastic.worker.status import StatusBoard
 
 log = logging.getLogger(__name__)
 
+
+VOTE_INTERVAL_S = 0.05
+"""Ranks agree on pausing (a resize, a preemption, a stop) about this often: every step when steps
+are longer, every few steps when they are shorter (the agreement is a collective of its own, a
+cost that short steps would notice). The cadence is agreed once per generation, after
+VOTE_CALIBRATION_STEPS steps, from the slowest rank's step time."""
+VOTE_CALIBRATION_STEPS = 8
+VOTE_MAX_EVERY = 50
 
 LEAVE_SAVE_COLLECTIVES = 4
 """A save before leaving (preemption, stop) waits at most this many collective timeouts to commit."""
@@ -89,6 +98,10 @@ class Generation:
         self._vote: Pending | None = None
         self._plan: CapturePlan | None = None
         self._hooks: list[Any] = []
+        self._vote_bufs = [torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)]
+        self._commits = 0
+        self._vote_every = 1
+        self._calibration_t0 = 0.0
 
     @property
     def rank(self) -> int:
@@ -182,14 +195,25 @@ class Generation:
         self.s.board.progress(self.s.board.get().step, metrics, merge=True)
 
     def _next_vote(self, pause: bool, preempt: bool) -> tuple[bool, bool]:
-        """Agree on pausing: returns the vote launched at the previous commit and launches this
-        one asynchronously, so the tiny allreduce overlaps the next step instead of stalling this
-        one. Every rank acts on the same reduced values at the same step boundary."""
+        """Agree on pausing: returns the vote launched at the previous voting commit and launches the
+        next one asynchronously, so the tiny allreduce overlaps the following steps instead of
+        stalling this one. Every rank acts on the same reduced values at the same step boundary."""
+        self._commits += 1
+        if self._commits == 1:
+            self._calibration_t0 = time.perf_counter()
+        elif self._commits == VOTE_CALIBRATION_STEPS + 1:
+            mine = (time.perf_counter() - self._calibration_t0) / VOTE_CALIBRATION_STEPS
+            slowest = self.groups.ctrl.allreduce_max([int(mine * 1e6)])[0] / 1e6
+            self._vote_every = max(1, min(VOTE_MAX_EVERY, int(VOTE_INTERVAL_S / max(slowest, 1e-6))))
+        if self._commits % self._vote_every != 0:
+            return False, False
         agreed = (False, False)
         if self._vote is not None:
             got = self._vote.wait()
             agreed = (bool(got[0]), bool(got[1]))
-        self._vote = self.groups.ctrl.iallreduce_max([int(pause), int(preempt)])
+        # Two buffers, alternating: one may still be in flight while the next vote is launched.
+        self._vote_bufs.reverse()
+        self._vote = self.groups.ctrl.iallreduce_max([int(pause), int(preempt)], out=self._vote_bufs[0])
         return agreed
 
     def drain_vote(self) -> None:

@@ -23,6 +23,11 @@ def mix(seed: int, step: int, rank: int) -> int:
 
 def reseed(seed: int, step: int, rank: int) -> None:
     s = mix(seed, step, rank)
-    torch.manual_seed(s)
+    # The generators themselves, not torch.manual_seed: that one also queues a lazy CUDA seeding
+    # that records the caller's stack (about 2 ms per call inside a worker, at every step).
+    torch.default_generator.manual_seed(s)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for gen in torch.cuda.default_generators:
+            gen.manual_seed(s)
     random.seed(s)
     np.random.seed(s & (2**32 - 1))

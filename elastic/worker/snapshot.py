@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any
 
 import torch
@@ -26,11 +27,17 @@ from elastic.hostbuf import HostBuffers
 from elastic.tree import Path
 
 
+OVERLAP_MIN_BYTES = int(__import__("os").environ.get("ELASTIC_OVERLAP_MIN_BYTES", 8 << 20))
+"""Below this the copy runs inline: handing a few MB to a thread costs more than copying them."""
+
+
 class _Copier:
     """A background thread doing host copies in order (torch releases the GIL while copying)."""
 
     def __init__(self) -> None:
         self._jobs: queue.Queue = queue.Queue()
+        self.busy_s = 0.0
+        """Seconds spent copying so far (the copy's own time, off the training thread)."""
         self._thread = threading.Thread(target=self._run, name="elastic-snapshot", daemon=True)
         self._thread.start()
 
@@ -40,11 +47,13 @@ class _Copier:
     def _run(self) -> None:
         while True:
             pairs, done = self._jobs.get()
+            t0 = time.perf_counter()
             try:
                 with torch.no_grad():
                     for dst, src in pairs:
                         dst.copy_(src)
             finally:
+                self.busy_s += time.perf_counter() - t0
                 done.set()
 
 
@@ -63,6 +72,9 @@ class Snapshot:
         self._cuda_event: Any = None
         self._side_stream: Any = None
         self._copier: _Copier | None = None
+        self._bytes_of: Any = None
+        self._bytes = 0
+        self._reserved: tuple[list, tuple[int, int], dict[Path, torch.Tensor], list] | None = None
         self.blocked_s = 0.0
         """Seconds the training thread spent copying or waiting for copies (benchmarks read it)."""
 
@@ -74,6 +86,11 @@ class Snapshot:
     def nbytes(self) -> int:
         """Host memory held by the snapshot's buffers (both sets)."""
         return sum(s.nbytes for s in self._sets)
+
+    @property
+    def copy_s(self) -> float:
+        """Seconds the background copies took so far (their own time, not the training thread's)."""
+        return self._copier.busy_s if self._copier is not None else 0.0
 
     @property
     def in_flight(self) -> bool:
@@ -90,8 +107,6 @@ class Snapshot:
                       values: list[tuple[Path, Any]], step: int) -> None:
         """Take a snapshot of `step`: volatile tensors now, stable ones in the background (or now,
         without overlap). Returns at once; wait() completes it."""
-        import time
-
         t0 = time.perf_counter()
         self.wait()  # the previous capture is complete before a new one starts
         with self._lock:
@@ -100,7 +115,14 @@ class Snapshot:
             bufs = self._sets[target]
             order = [p for p, _ in volatile] + [p for p, _ in stable]
             host = dict(bufs.copy_in(volatile, keep=order))
-            stable_dst = bufs.reserve(stable)
+            # The same plan into the same set as last time: the same buffers (no per-tensor lookups).
+            cached = self._reserved
+            if cached is not None and cached[0] is stable and cached[1] == (target, bufs.version):
+                stable_dst, pairs = cached[2], cached[3]
+            else:
+                stable_dst = bufs.reserve(stable)
+                pairs = [(stable_dst[p], t.detach()) for p, t in stable]
+                self._reserved = (stable, (target, bufs.version), stable_dst, pairs)
             host.update(stable_dst)
             self.tensors = [(p, host[p]) for p in order]
             self.values = values
@@ -108,7 +130,6 @@ class Snapshot:
             self._newest = target
             if self._pinned[1 - target] == 0:
                 self._sets[1 - target].release()  # 1x the state while no save is in flight
-        pairs = [(stable_dst[p], t.detach()) for p, t in stable]
         if pairs:
             self._copy(pairs)
         self.blocked_s += time.perf_counter() - t0
@@ -126,7 +147,7 @@ class Snapshot:
             self._cuda_event = torch.cuda.Event()
             self._cuda_event.record(self._side_stream)
             return
-        if not self.overlap:
+        if not self.overlap or self._pairs_bytes(pairs) < OVERLAP_MIN_BYTES:
             with torch.no_grad():
                 for dst, src in pairs:
                     dst.copy_(src)
@@ -136,12 +157,15 @@ class Snapshot:
         self._done = threading.Event()
         self._copier.submit(pairs, self._done)
 
+    def _pairs_bytes(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        if self._bytes_of is not pairs:
+            self._bytes_of, self._bytes = pairs, sum(d.numel() * d.element_size() for d, _ in pairs)
+        return self._bytes
+
     # -- waiting ----------------------------------------------------------------------------
     def before_optimizer_step(self) -> None:
         """The optimizer is about to change the tensors being copied: let the copy finish first
         (on CUDA the GPU waits, the host does not)."""
-        import time
-
         if self._cuda_event is not None:
             torch.cuda.current_stream().wait_event(self._cuda_event)
             return
