@@ -93,6 +93,18 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     fsync_dir(parent)
 
 
+def write_durable(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a whole file and fsync it, without making its directory entry durable (the caller
+    fsyncs the directory later, or a later atomic write does)."""
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    with fs.open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        fsync_file(f)
+
+
 def fsync_file(f: object) -> None:
     """fsync an open file when it has a real descriptor (local disk); no-op elsewhere."""
     try:

@@ -126,9 +126,9 @@ def cmd_inspect(uri: str, step: int | None = None, *, out: TextIO | None = None)
               f"{_when(manifest.time)}, {_size(manifest.bytes)}, saved in "
               f"{manifest.seconds:.2f}s", file=out)  # fmt: skip
         print("files:", file=out)
-        rows = [["  NAME", "RANK", "BYTES", "CRC32"]]
+        rows = [["  NAME", "RANK", "BYTES", manifest.checksum.upper()]]
         for name, f in sorted(manifest.files.items()):
-            rows.append([f"  {name}", str(f.rank), str(f.size), f"{f.crc32:08x}"])
+            rows.append([f"  {name}", str(f.rank), str(f.size), f"{f.checksum:08x}"])
         _table(rows, out)
         print("tensors:", file=out)
         rows = [["  NAME", "SHAPE", "DTYPE", "CHUNKS (offsets -> file)"]]

@@ -128,3 +128,24 @@ def test_committed_step_is_plain_dcp(tmp_path: Any) -> None:
     full = torch.load(out, weights_only=True)
     assert_state_equal(state["model"], full["model"])
     assert_state_equal(state["optim"]["state"], full["optim"]["state"])
+
+
+def test_a_manifest_of_an_older_version_with_crc32_still_verifies_and_loads(tmp_path: Any) -> None:
+    """Manifests name their checksum (xxh3-64 now); one that names none is CRC-32, as before."""
+    uri = str(tmp_path / "run")
+    state = make_state(seed=6)
+    ck = Checkpointer(uri, async_save=False)
+    save1(ck, state, 3)
+    cs = CheckpointStore(uri)
+    new = cs.read_manifest(3)
+    assert new.checksum == "xxh3-64"
+    step_dir = tmp_path / "run" / "checkpoints" / "step_00000003"
+    legacy = {name: FileEntry(e.size, crc32((step_dir / name).read_bytes()), e.rank) for name, e in new.files.items()}
+    old = Manifest(new.step, new.world_size, new.time, new.seconds, new.save_id, legacy, new.values)
+    doc = old.to_json()
+    assert b'"crc32"' in doc
+    (step_dir / MANIFEST).write_bytes(doc.replace(b'"checksum": "crc32",\n', b""))  # as old versions wrote it
+    assert cs.read_manifest(3).checksum == "crc32" and cs.verify(3) == []
+    target = make_state(seed=99)
+    assert ck.load(target, step=3).step == 3
+    assert_state_equal(state["model"], target["model"])

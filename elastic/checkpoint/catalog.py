@@ -18,7 +18,7 @@ from elastic import retry, storage
 from elastic.checkpoint import dcp_io
 from elastic.checkpoint.layout import (
     CHECKPOINTS_DIR, COMMITTED, CORRUPT, DCP_METADATA, MANIFEST, PARTIAL, CheckpointInfo,
-    Manifest, crc32, parse_step_dirname, step_dirname,
+    Manifest, hasher, parse_step_dirname, step_dirname,
 )  # fmt: skip
 from elastic.checkpoint.state import apply_values, check_tensors_match, split_state
 from elastic.errors import CheckpointCorruptError, NoCheckpointError
@@ -138,19 +138,20 @@ class CheckpointStore:
                     for name, entry in sorted(manifest.files.items()) if listed.get(name) != entry.size]
         if not problems:
             try:
-                dcp_io.read_verified(self.fs, self.step_path(step), DCP_METADATA, manifest.files, self.step_uri(step))
+                dcp_io.read_verified(self.fs, self.step_path(step), DCP_METADATA, manifest.files, self.step_uri(step),
+                                     manifest.checksum)
             except CheckpointCorruptError as exc:
                 problems.append(str(exc))
         return problems
 
-    def _crc_file(self, path: str) -> tuple[int, int]:
+    def _checksum_file(self, path: str, algo: str) -> tuple[int, int]:
         def run() -> tuple[int, int]:
-            value, size = 0, 0
+            h, size = hasher(algo), 0
             with self.fs.open(path, "rb") as f:
                 while chunk := f.read(_CHUNK):
-                    value = crc32(chunk, value)
+                    h.update(chunk)
                     size += len(chunk)
-            return size, value
+            return size, int(h.intdigest())
 
         return self._call(retry.STORAGE_READ, run, "read", path)
 
@@ -177,13 +178,13 @@ class CheckpointStore:
                 problems.append(f"{where}: {listed[name]} bytes, manifest says {entry.size}")
             else:
                 try:
-                    _, got = self._crc_file(storage.join(self.step_path(step), name))
+                    _, got = self._checksum_file(storage.join(self.step_path(step), name), manifest.checksum)
                 except FileNotFoundError:
                     problems.append(f"{where}: missing")
                     continue
-                if got != entry.crc32:
+                if got != entry.checksum:
                     problems.append(
-                        f"{where}: checksum mismatch (crc32 {got:08x}, manifest {entry.crc32:08x})"
+                        f"{where}: checksum mismatch ({manifest.checksum} {got:08x}, manifest {entry.checksum:08x})"
                     )
         return problems
 
@@ -243,10 +244,13 @@ class CheckpointStore:
 
         self._call(retry.STORAGE_WRITE, rm, "uncommit", self.step_uri(step))
 
-    def write_file(self, step: int, name: str, data: bytes) -> None:
+    def write_file(self, step: int, name: str, data: bytes, *, atomic: bool = True) -> None:
+        """Write a whole file of `step`: atomic (readers see all or nothing; its directory entry
+        durable) for the manifest, the commit; plain (fsynced) for what the manifest vouches for."""
         path = storage.join(self.step_path(step), name)
+        write = storage.write_bytes if atomic else storage.write_durable
         self._call(
-            retry.STORAGE_WRITE, lambda: storage.write_bytes(self.fs, path, data), "write",
+            retry.STORAGE_WRITE, lambda: write(self.fs, path, data), "write",
             f"{self.step_uri(step)}/{name}",
         )  # fmt: skip
 
@@ -257,12 +261,12 @@ class CheckpointStore:
         if manifest is None:
             raise NoCheckpointError(f"no committed checkpoint at {where}")
         path = self.step_path(step)
-        raw = dcp_io.read_verified(self.fs, path, DCP_METADATA, manifest.files, where)
+        raw = dcp_io.read_verified(self.fs, path, DCP_METADATA, manifest.files, where, manifest.checksum)
         return manifest, dcp_io.load_metadata(raw, where)
 
     def _reader(self, step: int, manifest: Manifest, md: Any) -> dcp_io.VerifyingReader:
         return dcp_io.VerifyingReader(
-            self.fs, self.step_path(step), manifest.files, md, self.step_uri(step)
+            self.fs, self.step_path(step), manifest.files, md, self.step_uri(step), manifest.checksum
         )
 
     def load_into(

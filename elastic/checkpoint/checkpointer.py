@@ -27,7 +27,7 @@ from elastic import retry, tree
 from elastic.checkpoint import commit, dcp_io
 from elastic.checkpoint.catalog import CheckpointStore
 from elastic.checkpoint.layout import (
-    COMMITTED, DCP_METADATA, MANIFEST, CheckpointInfo, FileEntry, Manifest, crc32,
+    CHECKSUM, COMMITTED, DCP_METADATA, MANIFEST, CheckpointInfo, FileEntry, Manifest, checksum,
 )  # fmt: skip
 from elastic.checkpoint.state import split_state
 from elastic.collectives import CollectiveClock, Collectives
@@ -53,6 +53,7 @@ class _Save:
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     info: CheckpointInfo | None = None
+    retain: bool = False
     error: str | None = None
     exc: BaseException | None = None
     thread: threading.Thread | None = None
@@ -250,7 +251,7 @@ class Checkpointer:
                 raise
             commit.publish(store, job.save_id, f"rank{job.rank}", {
                 "ok": True,
-                "files": {n: [f.size, f.crc32] for n, f in files.items()},
+                "files": {n: [f.size, f.checksum] for n, f in files.items()},
                 "results": dcp_io.encode_results(results),
             })  # fmt: skip
             if job.rank == COORDINATOR:
@@ -281,6 +282,16 @@ class Checkpointer:
             job.done.set()
             if on_done is not None:
                 on_done()
+        if job.retain:
+            self._retain(job.step)
+
+    def _retain(self, newest: int) -> None:
+        try:
+            removed = self.store.retain(self.keep_last, newest)
+            if removed:
+                log.info("retention removed %s", ", ".join(removed))
+        except Exception as exc:  # noqa: BLE001 - retention failing must not undo a commit
+            log.warning("checkpoint retention failed: %s", retry.redact(str(exc)))
 
     def _coordinate(
         self, job: _Save, metadata: Any, values: Any, store: dist.Store,
@@ -303,17 +314,12 @@ class Checkpointer:
         commit.publish(store, job.save_id, "verdict", {"committed": True, "info": info.__dict__})
         commit.cleanup(store, job.save_id, ranks)
         job.info = info
-        try:
-            removed = self.store.retain(self.keep_last, job.step)
-            if removed:
-                log.info("retention removed %s", ", ".join(removed))
-        except Exception as exc:  # noqa: BLE001 - retention failing must not undo a commit
-            log.warning("checkpoint retention failed: %s", retry.redact(str(exc)))
         if on_commit is not None:
             try:
                 on_commit(info)
             except Exception:  # noqa: BLE001 - a callback bug must not fail the save
                 log.exception("on_commit callback failed for step %d", job.step)
+        job.retain = True  # after the save is done: deleting old steps is not part of it
 
     def _commit(
         self, job: _Save, metadata: Any, values: Any, docs: list[dict[str, Any]]
@@ -325,7 +331,7 @@ class Checkpointer:
             files.update({n: FileEntry(int(s), int(c), r) for n, (s, c) in doc["files"].items()})
             results += dcp_io.decode_results(doc["results"])
         md = dcp_io.metadata_bytes(metadata, results, cs.step_uri(job.step), job.save_id)
-        files[DCP_METADATA] = FileEntry(len(md), crc32(md), COORDINATOR)
+        files[DCP_METADATA] = FileEntry(len(md), checksum(md, CHECKSUM), COORDINATOR)
         # The lock makes cancel_pending() and the commit mutually exclusive: once cancel returns,
         # no commit can start; a commit already writing finishes first.
         with self._commit_lock:
@@ -335,11 +341,11 @@ class Checkpointer:
                 raise LeaseLostError(f"{cs.uri} is no longer owned by this run (lease {self.lease[1]}): "
                                      f"the checkpoint of step {job.step} is not committed")
             cs.uncommit(job.step)
-            cs.write_file(job.step, DCP_METADATA, md)
+            cs.write_file(job.step, DCP_METADATA, md, atomic=False)  # vouched for by the manifest
             now = time.time()
             manifest = Manifest(
                 step=job.step, world_size=job.world_size, time=now, seconds=now - job.started,
-                save_id=job.save_id, files=files, values=list(values),
+                save_id=job.save_id, files=files, values=list(values), checksum=CHECKSUM,
                 lease=self.lease[1] if self.lease is not None else 0,
             )  # fmt: skip
             cs.write_file(job.step, MANIFEST, manifest.to_json())

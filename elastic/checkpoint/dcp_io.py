@@ -2,7 +2,7 @@
 
 Files stay standard DCP (torch.save-serialized tensors in *.distcp, a pickled .metadata), so that a
 committed step directory loads with plain `dcp.load` and `format_utils.dcp_to_torch_save`.
-What we add: every byte written is CRC-32'd on the way out; every file is checked against the
+What we add: every byte written is checksummed on the way out; every file is checked against the
 manifest before any of it is trusted; .metadata is unpickled with an allowlist of DCP classes only.
 """
 
@@ -12,6 +12,7 @@ import dataclasses
 import io
 import pickle
 import posixpath
+import threading
 from collections.abc import Generator
 from contextlib import contextmanager
 from typing import Any
@@ -37,18 +38,22 @@ from torch.distributed.checkpoint.utils import _create_file_view
 from torch.futures import Future
 
 from elastic import retry, storage
-from elastic.checkpoint.layout import FileEntry, crc32
+from elastic.checkpoint.layout import CHECKSUM, FileEntry, checksum, hasher
 from elastic.errors import CheckpointCorruptError, CheckpointError
 
 
 class _HashingStream(io.RawIOBase):
-    """A write stream that counts and CRC-32s every byte on its way to the real file."""
+    """A write stream that counts and checksums every byte on its way to the real file."""
 
     def __init__(self, raw: Any) -> None:
         super().__init__()
         self._raw = raw
         self.size = 0
-        self.crc = 0
+        self._hash = hasher(CHECKSUM)
+
+    @property
+    def crc(self) -> int:
+        return int(self._hash.intdigest())
 
     def writable(self) -> bool:
         return True
@@ -56,7 +61,7 @@ class _HashingStream(io.RawIOBase):
     def write(self, b: Any) -> int:
         mv = memoryview(b).cast("B")
         self._raw.write(mv)
-        self.crc = crc32(mv, self.crc)
+        self._hash.update(mv)
         self.size += len(mv)
         return len(mv)
 
@@ -127,12 +132,41 @@ def write_shards(
     if storage.is_local(fs):  # object stores have no directories (s3fs would create a bucket)
         fs.makedirs(step_path, exist_ok=True)
     writer = _ShardWriter(fs, step_path)
-    fut = writer.write_data(plan, planner)
-    fut.wait()
-    if storage.is_local(fs):
-        storage.fsync_dir(step_path)
+    # Every byte is checksummed by us on its way out (the manifest records it): torch.save's own
+    # per-record CRC-32 would be a second, slower pass over the same bytes. torch.load does not need it.
+    with _no_torch_crc():
+        fut = writer.write_data(plan, planner)
+        fut.wait()
+    # No directory fsync here: the commit fsyncs the step directory after writing the manifest,
+    # which makes these entries durable too (and without a manifest nothing here counts).
     files = {name: FileEntry(size, crc, rank) for name, (size, crc) in writer.fs.written.items()}
     return fut.value(), files
+
+
+_crc_lock = threading.Lock()
+_crc_off = 0
+
+
+@contextmanager
+def _no_torch_crc() -> Generator[None, None, None]:
+    """torch.save without its per-record CRC-32 while any shard write runs (a process-wide switch,
+    counted so that concurrent writers agree; a user's torch.save meanwhile skips it too, which
+    torch.load does not mind)."""
+    global _crc_off
+    from torch.serialization import get_crc32_options, set_crc32_options
+
+    with _crc_lock:
+        if _crc_off == 0:
+            _no_torch_crc.saved = get_crc32_options()  # type: ignore[attr-defined]
+            set_crc32_options(False)
+        _crc_off += 1
+    try:
+        yield
+    finally:
+        with _crc_lock:
+            _crc_off -= 1
+            if _crc_off == 0:
+                set_crc32_options(_no_torch_crc.saved)  # type: ignore[attr-defined]
 
 
 def encode_plan(plan: SavePlan) -> dict[str, Any]:
@@ -245,7 +279,7 @@ def load_metadata(data: bytes, where: str) -> Metadata:
 
 def read_verified(
     fs: fsspec.AbstractFileSystem, step_path: str, name: str, files: dict[str, FileEntry],
-    where: str,
+    where: str, algo: str = CHECKSUM,
 ) -> bytes:  # fmt: skip
     """A whole file, checked against its manifest entry; CheckpointCorruptError otherwise."""
     entry = files.get(name)
@@ -260,10 +294,10 @@ def read_verified(
         raise CheckpointCorruptError(
             f"{where}/{name}: {len(data)} bytes, manifest says {entry.size} (short or overwritten)"
         )
-    got = crc32(data)
-    if got != entry.crc32:
+    got = checksum(data, algo)
+    if got != entry.checksum:
         raise CheckpointCorruptError(
-            f"{where}/{name}: checksum mismatch (crc32 {got:08x}, manifest {entry.crc32:08x})"
+            f"{where}/{name}: checksum mismatch ({algo} {got:08x}, manifest {entry.checksum:08x})"
         )
     return data
 
@@ -273,7 +307,7 @@ class VerifyingReader(FileSystemReader):
 
     def __init__(
         self, fs: fsspec.AbstractFileSystem, step_path: str, files: dict[str, FileEntry],
-        metadata: Metadata, where: str,
+        metadata: Metadata, where: str, algo: str = CHECKSUM,
     ) -> None:  # fmt: skip
         super().__init__(step_path)
         self.fs = _ShardFS(fs)  # type: ignore[assignment]
@@ -282,6 +316,7 @@ class VerifyingReader(FileSystemReader):
         self._files = files
         self._metadata = metadata
         self._where = where
+        self._algo = algo
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         return self._metadata
@@ -293,7 +328,7 @@ class VerifyingReader(FileSystemReader):
                 item
             )
         for rel, items in sorted(per_file.items()):
-            data = read_verified(self._raw_fs, self.path, rel, self._files, self._where)
+            data = read_verified(self._raw_fs, self.path, rel, self._files, self._where, self._algo)
             base = io.BytesIO(data)  # shares the bytes: no copy
             for req in items:
                 info: _StorageInfo = self.storage_data[req.storage_index]
