@@ -38,7 +38,10 @@ failed allreduce yields a zeroed bucket; the manager already recorded the error,
 Rank 0 of group 0 writes bench_common's steps.log (generation = torchft quorum id) and every group
 writes attempts-G.log (step, time, quorum id, participants, committed). analyze_run gives recovery
 (kill → first step committed in the next quorum), lost steps and steady-state step time; "healed"
-is kill → first committed step with every replica group taking part again.
+is kill → first committed step with every replica group taking part again. Recovery cannot be
+shorter than the lighthouse's --heartbeat_timeout_ms: no new quorum forms while the dead replica
+still counts as healthy (its last heartbeat is younger than the timeout), whether or not the
+restarted group has already joined.
 
 Run (2 ranks, 120 steps, kill at 50; prints one line per run and a summary):
     .venv/bin/python scripts/peers_torchft.py                       # failure-free + kill at top of step

@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from elastic import retry, tree
 from elastic.checkpoint import commit, dcp_io
@@ -29,6 +28,7 @@ from elastic.checkpoint.catalog import CheckpointStore
 from elastic.checkpoint.layout import (
     CHECKSUM, COMMITTED, DCP_METADATA, MANIFEST, CheckpointInfo, FileEntry, Manifest, checksum,
 )  # fmt: skip
+from elastic.checkpoint.shards import EntriesSavePlanner, Shards
 from elastic.checkpoint.state import split_state
 from elastic.collectives import CollectiveClock, Collectives
 from elastic.errors import CheckpointError, ConfigError, LeaseLostError, StorageError, WorkerGroupError
@@ -148,8 +148,10 @@ class Checkpointer:
         # Sync saves write straight from the live tensors: save() blocks until the commit, so
         # nothing can modify them meanwhile, and a host copy would only cost time and memory.
         if not staged and self.async_save:
+            if any(isinstance(v, Shards) for _, v in tree.leaves(tensors)):
+                raise ConfigError("a state with Shards must be saved from staged host copies (staged=True)")
             tensors = tree.build(self.buffers.copy_in(tree.tensor_leaves(tensors)))
-        planner = DefaultSavePlanner(flatten_state_dict=True, dedup_save_to_lowest_rank=False)
+        planner = EntriesSavePlanner()
         planner.set_up_planner(tensors, storage_meta=None, is_coordinator=rank == COORDINATOR)
         local = planner.create_local_plan()
         gathered = self._gather({"plan": dcp_io.encode_plan(local), "nonce": uuid.uuid4().hex, "step": step},

@@ -17,6 +17,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from elastic import tree
+from elastic.checkpoint.shards import is_tensor_like
 from elastic.errors import CheckpointError, CheckpointMismatchError
 from elastic.tree import Path
 from elastic.tree import dotted as _dotted
@@ -53,7 +54,7 @@ def split_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[Pa
     tensors: list[tuple[Path, Any]] = []
     values: list[tuple[Path, Any]] = []
     for p, v in tree.leaves(state):
-        if isinstance(v, torch.Tensor):
+        if is_tensor_like(v):
             tensors.append((p, v))
         else:
             _check_json(v, p)
