@@ -4,7 +4,7 @@ suites, and a safe target for practising failures with `elastic chaos`:
     elastic run "$(python -c 'import elastic.chaos.job as j; print(j.__file__)')":train \\
         --min-workers 2 --checkpoint-uri /tmp/runs/practice --config steps=5000 --config step_sleep=0.05
 
-config: steps, lr, width, dropout, global_batch, step_sleep, faults [{kind, step, rank}] (faults a
+config: steps, lr, width, dropout, global_batch, step_sleep, strategy (ddp | fsdp), faults [{kind, step, rank}] (faults a
 rank inflicts on itself, see faults.py; at step REBUILD one fires as a rebuilt group restores),
 trips [step] (the first rank to reach each step creates `trip-step{s}` in marker_dir, for
 external faults to wait on), marker_dir.
@@ -54,6 +54,9 @@ def train(config: dict) -> None:
     ctx = elastic.get_context()
     x, y = make_data()
     model = make_model(config.get("width", 32), config.get("dropout", 0.1))
+    fsdp = config.get("strategy", "ddp") == "fsdp"
+    if fsdp:  # FSDP2 shards the model in place: the optimizer is built over the sharded parameters
+        model = ctx.prepare_model(model, strategy="fsdp")
     opt = torch.optim.SGD(model.parameters(), lr=config.get("lr", 0.05), momentum=0.9)
     state = elastic.TrainState(model=model, optimizer=opt)
     faults = parse_faults(config.get("faults", []))
@@ -68,7 +71,10 @@ def train(config: dict) -> None:
             "LOCAL_WORLD_SIZE": str(ctx.local_world_size)}
     if env != want:
         raise AssertionError(f"torch's environment {env} disagrees with the context {want}")
-    ddp = ctx.prepare_model(model)
+    if fsdp and ctx.generation > 0:  # what a sharded restore held in host memory, for the tests
+        st = ctx.stats()
+        ctx.report({"restore_host_bytes": st["restore_host_bytes"], "shard_bytes": st["shard_bytes"]})
+    ddp = model if fsdp else ctx.prepare_model(model)
     sampler = elastic.ElasticSampler(num_samples=N_SAMPLES, global_batch_size=config.get("global_batch", 48), seed=3)
     trips = set(config.get("trips", []))
     step_sleep = config.get("step_sleep", 0.0)

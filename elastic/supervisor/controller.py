@@ -300,6 +300,7 @@ class Controller:
             info = self.group.infos.get(wid)
             node = info.node_id if info else "?"
             per_node[node] = per_node.get(node, 0) + 1
+        nodes_by_rank = tuple((i.node_id if (i := self.group.infos.get(w)) else "?") for w in self.members)
         nodes: dict[str, int] = {}
         assignments = {}
         for rank, wid in enumerate(self.members):
@@ -311,7 +312,7 @@ class Controller:
                 generation=g, rank=rank, world_size=len(self.members), store_host=host, store_port=port,
                 backend=self.backend, collective_timeout_s=self._failure.collective_timeout_s,
                 local_rank=local_rank, mode=mode, local_world_size=per_node[node], store_prefix=self.store_prefix,
-                gpu_ids=self._gpu_ids(wid))
+                gpu_ids=self._gpu_ids(wid), nodes=nodes_by_rank)
             if wid not in self._joined:
                 self._joined.add(wid)
                 self._emit_worker(Event.WORKER_STARTED, wid, generation=g,

@@ -24,6 +24,7 @@ import torch
 from elastic.checkpoint.state import split_state
 from elastic.train_state import TrainState, _is_stateful
 from elastic.tree import Path
+from elastic.worker.fsdp import is_sharded, local_chunk
 
 
 @dataclass
@@ -33,6 +34,8 @@ class Items:
     stable: list[tuple[Path, torch.Tensor]]
     volatile: list[tuple[Path, torch.Tensor]]
     values: list[tuple[Path, Any]]
+    shards: dict[Path, tuple[tuple[int, ...], tuple[int, ...]]]
+    """For a sharded tensor (FSDP2): (its whole shape, the offsets of this rank's rows)."""
 
 
 class CapturePlan:
@@ -52,7 +55,8 @@ class CapturePlan:
 
         leaves = tree.tensor_leaves(tensors)
         params = {id(p) for p in st.model.parameters()}
-        by_storage = {p.data_ptr(): p for p in st.model.parameters()}
+        by_storage = {_local(p).data_ptr(): p for p in st.model.parameters()}
+        self._shards: dict[Path, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         opt_slots: dict[int, tuple[dict, str]] = {}
         self._optim_entries = sum(map(len, st.optimizer.state.values())) if st.optimizer is not None else 0
         if st.optimizer is not None:
@@ -66,18 +70,22 @@ class CapturePlan:
         self._checks: list[tuple[Any, Any, torch.Tensor]] = []  # (owner, key-or-param, cached tensor)
         for path, t in leaves:
             head = path[0]
+            src = t
+            if is_sharded(t):  # FSDP2: this rank's rows, and where they sit in the whole tensor
+                src, offsets, shape = local_chunk(t)
+                self._shards[path] = (shape, offsets)
             if head == "optim" and id(t) in opt_slots:
                 owner, key = opt_slots[id(t)]
-                self._stable.append((path, t))
+                self._stable.append((path, src))
                 self._checks.append((owner, key, t))
-            elif head == "model" and t.data_ptr() in by_storage and id(by_storage[t.data_ptr()]) in params:
-                p = by_storage[t.data_ptr()]
-                self._stable.append((path, t))
-                self._checks.append((None, p, t))
+            elif head == "model" and src.data_ptr() in by_storage and id(by_storage[src.data_ptr()]) in params:
+                p = by_storage[src.data_ptr()]
+                self._stable.append((path, src))
+                self._checks.append((None, p, src))
             elif head == "extra":
                 self._volatile_paths.append(path)  # re-read from `extra` at every commit
             else:
-                self._volatile.append((path, t))
+                self._volatile.append((path, src))
         # Values: the optimizer's, kept in torch's own numbering, mapped to names once.
         self._model_values = [(p, v) for p, v in values if p[0] == "model"]
         groups = next((v for p, v in values if p == ("optim", "param_groups")), None)
@@ -110,12 +118,13 @@ class CapturePlan:
             tensors, values = split_state(sd)
             from elastic import tree
 
-            leaves = dict(tree.tensor_leaves(tensors))
+            leaves = {p: (local_chunk(t)[0] if is_sharded(t) else t) for p, t in tree.tensor_leaves(tensors)}
             return Items(stable=[(p, leaves[p]) for p, _ in self._stable],
-                         volatile=[(p, leaves[p]) for p in self._volatile_paths] + self._volatile, values=values)
+                         volatile=[(p, leaves[p]) for p in self._volatile_paths] + self._volatile, values=values,
+                         shards=self._shards)
         extra_tensors, values = self._extra()
         return Items(stable=self._stable, volatile=self._volatile + extra_tensors,
-                     values=self._values(extra_values=values))
+                     values=self._values(extra_values=values), shards=self._shards)
 
     def _valid(self) -> bool:
         st = self.state
@@ -123,7 +132,8 @@ class CapturePlan:
             return False  # state appeared or went away
         for owner, key, t in self._checks:
             if owner is None:
-                if key.data_ptr() != t.data_ptr() or key.shape != t.shape:
+                local = _local(key)
+                if local.data_ptr() != t.data_ptr() or local.shape != t.shape:
                     return False
             elif owner.get(key) is not t:
                 return False
@@ -162,6 +172,11 @@ class CapturePlan:
             extra_values = self._extra()[1]
         out += extra_values
         return _in_walk_order(out)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's own storage: its local rows when FSDP2 sharded it (a DTensor)."""
+    return getattr(p, "_local_tensor", p)
 
 
 def _in_walk_order(values: list[tuple[Path, Any]]) -> list[tuple[Path, Any]]:

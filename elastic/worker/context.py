@@ -76,10 +76,16 @@ class WorkerContext:
         """
         return self._gen.restore(state)
 
-    def prepare_model(self, model: torch.nn.Module, **ddp_kwargs: Any) -> torch.nn.Module:
-        """Move `model` to this rank's device and wrap it for data parallel training over the
-        current group."""
-        return self._gen.prepare_model(model, **ddp_kwargs)
+    def prepare_model(self, model: torch.nn.Module, strategy: str = "ddp", shard_modules: Any = None,
+                      **ddp_kwargs: Any) -> torch.nn.Module:
+        """Move `model` to this rank's device and make it data parallel over the current group.
+
+        strategy="ddp" (default): returns a DDP-style wrapper (ExactDDP) to call for forward.
+        strategy="fsdp": shards the model in place with FSDP2 (`fully_shard` on each of
+        `shard_modules`, modules or module types, default the model's blocks, then the root) and
+        returns it. Build the optimizer after this, then call restore(state).
+        """
+        return self._gen.prepare_model(model, strategy=strategy, shard_modules=shard_modules, **ddp_kwargs)
 
     def commit(self, state: TrainState, metrics: dict[str, float] | None = None) -> None:
         """End a step: step += 1; remember the state; checkpoint when due; apply agreed pauses."""
@@ -94,5 +100,8 @@ class WorkerContext:
         thread spent on snapshots (copying what cannot wait, waiting for what had not finished),
         the background copies' own seconds, and the last checkpoint's foreground stall."""
         s = self._gen.s
+        shard = sum(t.numel() * t.element_size() for p, t in s.snapshot.tensors if p in s.snapshot.shards)
         return {"snapshot_bytes": float(s.snapshot.nbytes), "snapshot_blocked_s": s.snapshot.blocked_s,
-                "snapshot_copy_s": s.snapshot.copy_s, "checkpoint_stall_s": s.checkpointer.last_stall_s or 0.0}
+                "snapshot_copy_s": s.snapshot.copy_s, "checkpoint_stall_s": s.checkpointer.last_stall_s or 0.0,
+                "buddy_bytes": float(s.buddy.nbytes), "shard_bytes": float(shard),
+                "restore_host_bytes": float(self._gen.restore_host_bytes)}

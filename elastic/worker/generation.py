@@ -20,11 +20,12 @@ from elastic import tree
 from elastic.checkpoint import Checkpointer, CheckpointStore
 from elastic.collectives import CollectiveClock, Pending
 from elastic.config import RunConfig
-from elastic.errors import CheckpointFailedError, WorkerGroupError
+from elastic.errors import CheckpointFailedError, ConfigError, WorkerGroupError
 from elastic.events import Event
 from elastic.lease import Lease
 from elastic.train_state import TrainState
-from elastic.worker import peer_sync
+from elastic.worker import fsdp, peer_sync, reshard, sharded_state
+from elastic.worker.buddy import BuddyCopies
 from elastic.worker.capture import CapturePlan
 from elastic.worker.ddp import ExactDDP
 from elastic.worker.groups import ProcessGroups
@@ -67,6 +68,7 @@ class Services:
                                          when_busy=ck.when_busy, commit_timeout_s=ck.commit_timeout_s, lease=fence)
         self.catalog = CheckpointStore(uri)
         self.board = board or StatusBoard()
+        self.buddy = BuddyCopies()
         self.pause = threading.Event()
         """Leave the group at the next agreed step boundary (a resize)."""
         self.leave = threading.Event()
@@ -88,8 +90,13 @@ class Services:
 
 class Generation:
     def __init__(self, groups: ProcessGroups, device: torch.device, services: Services, *,
-                 local_rank: int = 0, local_world_size: int = 1):
+                 local_rank: int = 0, local_world_size: int = 1, nodes: tuple[str, ...] = ()):
         self.groups = groups
+        self.nodes = tuple(nodes) or ("?",) * groups.world_size
+        self.sharded = False
+        """The model was sharded with FSDP2 (prepare_model(strategy="fsdp")): buddy copies, resharding."""
+        self.restore_host_bytes = 0
+        """Host memory of the snapshot and buddy buffers when the last restore began (tests read it)."""
         self.device = device
         self.s = services
         self.local_rank = local_rank
@@ -120,6 +127,11 @@ class Generation:
         """
         s, ctrl = self.s, self.groups.ctrl
         s.snapshot.wait()
+        if s.snapshot.shards and not self.sharded:
+            raise ConfigError("this run's state is sharded (FSDP2): call ctx.prepare_model(model, strategy='fsdp') "
+                              "and build the optimizer before ctx.restore(state)")
+        if self.sharded:
+            return self._restore_sharded(state)
         agreed = peer_sync.agree(s.snapshot.step, s.latest_durable_step(), ctrl, last_committed=s.board.get().step)
         source = "fresh"
         if agreed.peers_are_freshest:
@@ -128,23 +140,62 @@ class Generation:
             # into the snapshot it may have to restore from again.
             state.load_state_dict(tree.map_tensors(sd, lambda _, t: t.clone()))
         elif agreed.durable >= 0:
-            template = state.state_dict()
-            info = s.checkpointer.load(template, step=agreed.durable, fallback=True)
-            if info is None:
-                raise WorkerGroupError(f"checkpoint at step {agreed.durable} vanished while loading")
-            state.load_state_dict(template)
-            source = f"checkpoint:{info.step}"
-            s.snapshot.capture(state.state_dict(), state.step)
+            source = self._restore_checkpoint(state, agreed.durable)
+        return self._restored(state, source, agreed.last_committed)
+
+    def _restore_checkpoint(self, state: TrainState, step: int) -> str:
+        """Load the newest checkpoint that verifies (at or below `step`) and snapshot it."""
+        template = state.state_dict()
+        info = self.s.checkpointer.load(template, step=step, fallback=True)
+        if info is None:
+            raise WorkerGroupError(f"checkpoint at step {step} vanished while loading")
+        state.load_state_dict(template)
+        self._capture(state, wait=True)
+        return f"checkpoint:{info.step}"
+
+    def _restored(self, state: TrainState, source: str, last_committed: int) -> bool:
+        s = self.s
         s.board.progress(state.step)
         s.board.emit(Event.RESTORED, step=state.step, source=source, generation=self.groups.generation,
-                     lost_steps=max(0, agreed.last_committed - state.step))
+                     lost_steps=max(0, last_committed - state.step))
         reseed(s.seed, state.step, self.rank)
         return source != "fresh"
 
+    def _restore_sharded(self, state: TrainState) -> bool:
+        """A sharded state: the newest step every rank's rows are held at (own snapshots and buddy
+        copies), moved onto this group's layout; storage only when a rank and its buddy were lost."""
+        s = self.s
+        s.buddy.wait()
+        s.buddy.release_spare()  # an exchange cut short will never complete: its memory goes first
+        found, durable, last_committed = sharded_state.agree(self.groups, s, s.latest_durable_step(),
+                                                             s.board.get().step)
+        self.restore_host_bytes = s.snapshot.nbytes + s.buddy.nbytes
+        source = "fresh"
+        if found is not None and found.step >= durable:
+            source = sharded_state.restore(self.groups, s, state, found)
+        elif durable >= 0:
+            source = self._restore_checkpoint(state, durable)
+        if source in ("memory", "buddy"):
+            self._capture(state, wait=True)
+        if source != "fresh":
+            s.buddy.clear()  # copies of the old layout: this group's are exchanged now, before training
+            self._exchange(wait=True)
+        return self._restored(state, source, last_committed)
+
     # -- model -----------------------------------------------------------------------------
-    def prepare_model(self, model: torch.nn.Module, **ddp_kwargs: Any) -> torch.nn.Module:
-        """Move `model` to this rank's device and wrap it for data-parallel training over the
-        training group: ExactDDP (ddp.py), whose bucket layout is a pure function of the model."""
+    def prepare_model(self, model: torch.nn.Module, strategy: str = "ddp", shard_modules: Any = None,
+                      **ddp_kwargs: Any) -> torch.nn.Module:
+        """Move `model` to this rank's device and make it data parallel over the training group:
+        "ddp": wrapped in ExactDDP (ddp.py), whose bucket layout is a pure function of the model;
+        "fsdp": sharded in place with FSDP2 (fsdp.py), per block then the root."""
+        if strategy == "fsdp":
+            fsdp.shard(model, self.groups.train, self.device, shard_modules)
+            self.sharded = True
+            if self.world_size > 1:
+                self.groups.open_transfer_plane()
+            return model
+        if strategy != "ddp":
+            raise ConfigError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
         model.to(self.device)
         self._model = ExactDDP(model, process_group=self.groups.train, clock=self.s.clock, **ddp_kwargs)
         return self._model
@@ -159,11 +210,12 @@ class Generation:
         snapshot = preempt or pause or state.step % s.run.failure.snapshot_every_n_steps == 0
         save = s.checkpoint_due(state.step) or preempt
         if snapshot or save:
-            items = self._plan_for(state).items()
-            s.snapshot.capture_items(items.stable, items.volatile, items.values, state.step)
+            self._capture(state)
+            if self.sharded:
+                self._exchange()
             if save:
                 self.save_from_snapshot(state.step, wait=preempt)  # a failure is reported, and we leave
-        s.board.progress(state.step, metrics)
+        s.board.progress(state.step, metrics, merge=True)  # keys reported earlier stay, updated ones change
         reseed(s.seed, state.step, self.rank)
         if preempt or pause:
             self.drain_vote()  # every rank launched it at this same boundary
@@ -171,6 +223,38 @@ class Generation:
             raise PauseRequested("preemption notice: checkpoint committed, leaving the group")
         if pause:
             raise PauseRequested("membership change at a step boundary")
+
+    def _capture(self, state: TrainState, *, wait: bool = False) -> None:
+        """Snapshot `state` (stable tensors copied in the background unless `wait`)."""
+        if self.sharded:
+            self.s.buddy.wait()  # pace: the previous snapshot's buddy copy has arrived (or failed)
+        items = self._plan_for(state).items()
+        self.s.snapshot.capture_items(items.stable, items.volatile, items.values, state.step, items.shards,
+                                      origin=(self.rank, self.world_size),
+                                      keep_previous=self.sharded and self.world_size > 1)
+        if wait:
+            self.s.snapshot.wait()
+
+    def _exchange(self, *, wait: bool = False) -> None:
+        """Send the newest snapshot's rows to our buddy and take our ward's, in the background."""
+        if self.world_size < 2 or self.groups.xfer is None:
+            self.s.snapshot.release_previous()
+            return
+        snap, buddy = self.s.snapshot, self.s.buddy
+        to = reshard.buddies(list(self.nodes))
+        ward = to.index(self.rank)  # the rank whose buddy we are
+        which = snap.pin()
+
+        def done() -> None:
+            snap.unpin(which)
+            if buddy.error is None:
+                snap.release_previous()
+
+        buddy.exchange(self.groups.xfer, me=self.rank, world=self.world_size, to=to[self.rank], frm=ward,
+                       step=snap.step, mine=[(p, t) for p, t in snap.tensors if p in snap.shards],
+                       shards=snap.shards, ready=snap.waiter(), done=done)
+        if wait:
+            buddy.wait()
 
     def _plan_for(self, state: TrainState) -> CapturePlan:
         """The capture plan of `state` (built at its first commit in this generation), and the hook
@@ -231,11 +315,15 @@ class Generation:
         snap = self.s.snapshot
         which = snap.pin()
         ck = self.s.checkpointer
-        ck.save(tree.build([*snap.tensors, *snap.values]), step=step, rank=self.rank, world_size=self.world_size,
+        ck.save(snap.checkpoint_state(), step=step, rank=self.rank, world_size=self.world_size,
                  pg=self.groups.ctrl, store=self.groups.ckpt_store, on_commit=self._on_commit,
                  on_failure=self._on_failure, staged=True, ready=snap.waiter(), on_done=lambda: snap.unpin(which))
         if not wait:
             return True
+        return self._wait_committed(step, must_commit=must_commit)
+
+    def _wait_committed(self, step: int, *, must_commit: bool) -> bool:
+        ck = self.s.checkpointer
         # A final save may take the whole commit timeout; a preemption or a stop has a grace period
         # to fit in, so it gives up sooner (the newest state stays in the survivors' memory).
         timeout = ck.commit_timeout_s if must_commit else LEAVE_SAVE_COLLECTIVES * self.s.run.failure.collective_timeout_s
@@ -269,6 +357,17 @@ class Generation:
         """
         s, ctrl = self.s, self.groups.ctrl
         s.checkpointer.settle(ctrl, self.world_size)
+        if self.sharded or s.snapshot.shards:
+            s.snapshot.wait()
+            s.buddy.wait()
+            found, durable, _ = sharded_state.agree(self.groups, s, s.latest_durable_step(), -1)
+            if found is None or found.step <= durable:
+                return
+            s.checkpointer.save(sharded_state.checkpoint_state(self.groups, s, found), step=found.step,
+                                rank=self.rank, world_size=self.world_size, pg=ctrl, store=self.groups.ckpt_store,
+                                on_commit=self._on_commit, on_failure=self._on_failure, staged=True)
+            self._wait_committed(found.step, must_commit=True)
+            return
         agreed = peer_sync.agree(s.snapshot.step, s.latest_durable_step(), ctrl)
         if agreed.best <= agreed.durable:
             return
@@ -284,3 +383,4 @@ class Generation:
         self._vote = None
         self._drop_plan()
         self.s.snapshot.wait()
+        self.s.buddy.wait(self.groups.timeout_s + 5)

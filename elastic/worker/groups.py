@@ -38,6 +38,20 @@ class ProcessGroups:
     """This generation's key space for checkpoint commits (a store connection of its own: the
     checkpoint's background thread talks through it while the training thread uses the groups)."""
     is_default: bool = True
+    xfer: Collectives | None = None
+    """A second gloo group for bulk transfers from a background thread (buddy copies of a sharded
+    model): opened on demand by every rank (open_transfer_plane)."""
+    base_store: Any = None
+    namespace: str = ""
+    timeout_s: float = 30.0
+
+    def open_transfer_plane(self) -> Collectives:
+        """Collective: the transfer group, created the first time every rank asks for it."""
+        if self.xfer is None:
+            pg = dist.ProcessGroupGloo(dist.PrefixStore(f"{self.namespace}/xfer", self.base_store), self.rank,
+                                       self.world_size, timedelta(seconds=self.timeout_s))
+            self.xfer = Collectives(pg, CollectiveClock())
+        return self.xfer
 
     def abort(self) -> None:
         """Abort the training group's communicator (NCCL: a collective blocked on a dead or frozen
@@ -51,6 +65,7 @@ class ProcessGroups:
         if self.is_default and dist.is_initialized():
             dist.destroy_process_group()
         self.train = None
+        self.xfer = None
 
 
 def namespace(a: Assignment) -> str:
@@ -82,4 +97,4 @@ def connect(a: Assignment, clock: CollectiveClock, *, store: Any = None, as_defa
             train = dist.ProcessGroupGloo(dist.PrefixStore(f"{ns}/pg", store), a.rank, a.world_size, timeout)
     return ProcessGroups(generation=a.generation, rank=a.rank, world_size=a.world_size, train=train,
                          ctrl=Collectives(ctrl_pg, clock), ckpt_store=dist.PrefixStore(f"{ns}/ckpt", ckpt_base),
-                         is_default=as_default)
+                         is_default=as_default, base_store=store, namespace=ns, timeout_s=a.collective_timeout_s)

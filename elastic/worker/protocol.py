@@ -87,6 +87,8 @@ class Assignment:
     """The run's secret key prefix on the rendezvous store (handed over through Ray, never logged)."""
     gpu_ids: tuple[str, ...] = ()
     """GPUs reserved for this worker by another actor (a promoted standby reserves none itself)."""
+    nodes: tuple[str, ...] = ()
+    """The node of every rank of this generation, in rank order (buddies go on other nodes)."""
 
 
 @dataclass(frozen=True)

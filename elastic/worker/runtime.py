@@ -93,7 +93,8 @@ class WorkerRuntime:
             # torch's view of this rank, as torchrun would give it, refreshed every generation.
             os.environ.update(torch_env(a.rank, a.world_size, a.local_rank, a.local_world_size))
             groups = connect(a, s.clock)
-            gen = Generation(groups, device, s, local_rank=a.local_rank, local_world_size=a.local_world_size)
+            gen = Generation(groups, device, s, local_rank=a.local_rank, local_world_size=a.local_world_size,
+                             nodes=a.nodes)
             ctx_mod.set_context(ctx_mod.WorkerContext(gen))
             if a.mode == "save":
                 gen.save_newest()

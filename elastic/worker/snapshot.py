@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from elastic import tree
+from elastic.checkpoint.shards import Shards
 from elastic.checkpoint.state import like_template, split_state
 from elastic.hostbuf import HostBuffers
 from elastic.tree import Path
@@ -62,10 +63,19 @@ class Snapshot:
         self.step: int = -1
         self.values: list[tuple[Path, Any]] = []
         self.tensors: list[tuple[Path, torch.Tensor]] = []
+        self.shards: dict[Path, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        """Sharded entries (FSDP2): path -> (the whole tensor's shape, the offsets of our rows)."""
+        self.origin: tuple[int, int] | None = None
+        """(rank, world size) of the generation that took it (a sharded state's rows depend on both)."""
+        self.previous: tuple[int, dict[Path, torch.Tensor], list[tuple[Path, Any]], int] | None = None
+        """A sharded run keeps the snapshot before the newest one (step, tensors, values, its set) until
+        the newest one's buddy copy has arrived: a failure meanwhile rolls back to it."""
         self.overlap = overlap
-        self._sets = [HostBuffers(), HostBuffers()]
+        # Buffer sets, allocated as needed: the newest snapshot's; one a checkpoint still writes from;
+        # the snapshot before the newest one while a sharded run's buddy copy is on its way.
+        self._sets: list[HostBuffers] = [HostBuffers()]
         self._newest = 0
-        self._pinned = [0, 0]
+        self._pinned = [0]
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._done.set()
@@ -104,14 +114,18 @@ class Snapshot:
         self.wait()
 
     def capture_items(self, stable: list[tuple[Path, torch.Tensor]], volatile: list[tuple[Path, torch.Tensor]],
-                      values: list[tuple[Path, Any]], step: int) -> None:
+                      values: list[tuple[Path, Any]], step: int,
+                      shards: dict[Path, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+                      origin: tuple[int, int] | None = None, keep_previous: bool = False) -> None:
         """Take a snapshot of `step`: volatile tensors now, stable ones in the background (or now,
         without overlap). Returns at once; wait() completes it."""
         t0 = time.perf_counter()
         self.wait()  # the previous capture is complete before a new one starts
         with self._lock:
-            target = self._newest if self._pinned[self._newest] == 0 else 1 - self._newest
-            assert self._pinned[target] == 0, "two checkpoints in flight at once"
+            if keep_previous and self.step >= 0 and self.previous is None:
+                self._pinned[self._newest] += 1
+                self.previous = (self.step, dict(self.tensors), list(self.values), self._newest)
+            target = self._free_set()
             bufs = self._sets[target]
             order = [p for p, _ in volatile] + [p for p, _ in stable]
             host = dict(bufs.copy_in(volatile, keep=order))
@@ -126,10 +140,13 @@ class Snapshot:
             host.update(stable_dst)
             self.tensors = [(p, host[p]) for p in order]
             self.values = values
+            self.shards = shards or {}
+            self.origin = origin
             self.step = step
             self._newest = target
-            if self._pinned[1 - target] == 0:
-                self._sets[1 - target].release()  # 1x the state while no save is in flight
+            for i, s in enumerate(self._sets):
+                if i != target and self._pinned[i] == 0:
+                    s.release()  # 1x the state while nothing else needs an older copy
         if pairs:
             self._copy(pairs)
         self.blocked_s += time.perf_counter() - t0
@@ -156,6 +173,18 @@ class Snapshot:
             self._copier = _Copier()
         self._done = threading.Event()
         self._copier.submit(pairs, self._done)
+
+    def _free_set(self) -> int:
+        """The set the next capture writes to: the newest one if nothing holds it, else an idle one
+        (one more is added when every set is held)."""
+        if self._pinned[self._newest] == 0:
+            return self._newest
+        for i, n in enumerate(self._pinned):
+            if n == 0:
+                return i
+        self._sets.append(HostBuffers())
+        self._pinned.append(0)
+        return len(self._sets) - 1
 
     def _pairs_bytes(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
         if self._bytes_of is not pairs:
@@ -200,6 +229,13 @@ class Snapshot:
             self._pinned[self._newest] += 1
             return self._newest
 
+    def release_previous(self) -> None:
+        """The newest snapshot is safe elsewhere too (its buddy copy arrived): the one before it goes."""
+        with self._lock:
+            prev, self.previous = self.previous, None
+        if prev is not None:
+            self.unpin(prev[3])
+
     def unpin(self, which: int) -> None:
         with self._lock:
             self._pinned[which] -= 1
@@ -212,6 +248,12 @@ class Snapshot:
         self.wait()
         with self._lock:
             self.tensors, self.values, self.step = list(tensors), list(values), step
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The state to checkpoint, reading from the buffers (a copy may still be filling them: the
+        writer waits with waiter()); sharded entries as Shards of this rank's rows."""
+        return tree.build([*((p, Shards(self.shards[p][0], [(self.shards[p][1], t)]) if p in self.shards else t)
+                             for p, t in self.tensors), *self.values])
 
     def state_dict(self, like: dict[str, Any] | None = None) -> dict[str, Any]:
         """A dict that reads from the snapshot's buffers (loaders copy out of it). `like`: a state
@@ -226,5 +268,7 @@ class Snapshot:
         self.wait()
         self.step = -1
         self.values, self.tensors = [], []
+        self.previous = None
+        self._pinned = [0] * len(self._sets)
         for s in self._sets:
             s.release()

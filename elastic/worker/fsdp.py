@@ -1,0 +1,67 @@
+"""FSDP2 over a generation's training group: which modules to shard, and the mesh to shard them on.
+
+`fully_shard` is applied to each block (the modules the user names, or a default) and then to the
+root, on a one-dimensional DeviceMesh built from the generation's training group (gloo on CPU, NCCL
+on GPUs). Every rank then holds rows of each parameter (dimension 0, split as torch.chunk splits
+it) and the same rows of its optimizer state, as DTensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+def default_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of a model, for sharding one at a time: the items of its largest ModuleList or
+    Sequential (a transformer's layers), else its direct children that hold parameters."""
+    best: list[nn.Module] = []
+    for m in model.modules():
+        if m is not model and isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > len(best):
+            best = [c for c in m if any(True for _ in c.parameters())]
+    if len(best) >= 2:
+        return best
+    if isinstance(model, nn.Sequential):
+        return [c for c in model if any(True for _ in c.parameters())]
+    return [c for c in model.children() if any(True for _ in c.parameters())]
+
+
+def shard(model: nn.Module, train_group: Any, device: torch.device,
+          shard_modules: Iterable[nn.Module] | Iterable[type] | None = None) -> nn.Module:
+    """Apply FSDP2 to `model` in place (blocks, then the root) over `train_group`; returns it."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh.from_group(train_group, device.type)
+    model.to(device)
+    if shard_modules is None:
+        blocks = default_blocks(model)
+    else:
+        given = list(shard_modules)
+        if given and all(isinstance(g, type) for g in given):
+            blocks = [m for m in model.modules() if m is not model and isinstance(m, tuple(given))]
+        else:
+            blocks = [m for m in given if isinstance(m, nn.Module)]
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(t: Any) -> bool:
+    """A DTensor (a rank's rows of a sharded tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_chunk(t: Any) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """(this rank's rows, as a plain tensor sharing their memory; their offsets in the whole tensor;
+    the whole tensor's shape)."""
+    local = t.to_local().detach()
+    chunks = t.__create_chunk_list__()  # DCP's own protocol: where this rank's rows sit
+    offsets = tuple(chunks[0].offsets) if chunks else (0,) * t.dim()
+    return local, offsets, tuple(t.shape)

@@ -1,0 +1,91 @@
+"""Unit: buddy assignment and rebuilding a sharded state for a new world size, without Ray or a model:
+the plan moves exactly the rows each new rank needs, from whoever holds them, and nothing else."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from elastic.checkpoint.shards import row_chunks
+from elastic.collectives import CollectiveClock, Collectives
+from elastic.worker.reshard import Holding, choose, execute, pieces, buddies
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("nodes", [
+    ["a", "a", "b", "b"], ["a", "b", "a", "b"], ["a", "a", "a", "b", "b", "b"], ["a"] * 3, ["a", "b", "c"],
+    ["a", "a", "b", "c", "c", "d"],
+])
+def test_buddies_are_a_permutation_on_other_nodes_whenever_possible(nodes):
+    b = buddies(nodes)
+    assert sorted(b) == list(range(len(nodes))) and all(b[r] != r for r in range(len(nodes)))
+    largest = max(nodes.count(n) for n in set(nodes))
+    if largest <= len(nodes) / 2:
+        assert all(nodes[b[r]] != nodes[r] for r in range(len(nodes))), b
+
+
+def test_choose_takes_the_newest_step_every_old_rank_is_held_at():
+    # Old world 3; old rank 1 died. Rank 0 holds its own rows (steps 7 and 6) and rank 2's copy (6);
+    # old rank 2 holds its own (7) and old rank 1's copy, complete at 6 only (7 was on its way).
+    holdings = [Holding(0, 3, ((0, 7), (0, 6), (2, 6))), Holding(1, 3, ((2, 7), (1, 6))), Holding(2, 0, ())]
+    src = choose(holdings)
+    assert src is not None and src.step == 6 and src.holder == {0: 0, 1: 1, 2: 0} and src.values_from == 0
+    # Both copies of old rank 1 lost: nothing complete in memory.
+    assert choose([Holding(0, 3, ((0, 7), (2, 7))), Holding(1, 3, ((2, 7), (0, 7)))]) is None
+
+
+@pytest.mark.parametrize("old,new", [(2, 3), (3, 2), (4, 3), (3, 4), (2, 2), (4, 1)])
+def test_pieces_cover_every_new_row_exactly_once_from_a_holder(old, new):
+    rows = [7, 1, 16, 5]
+    src = choose([Holding(r, old, ((r, 3),)) for r in range(old)])
+    plan = pieces(rows, src, new)
+    for i, n in enumerate(rows):
+        for dst, (a, b) in enumerate(row_chunks(n, new)):
+            got = sorted((p.start, p.stop) for p in plan if p.tensor == i and p.dst == dst)
+            covered = [r for s, e in got for r in range(s, e)]
+            assert covered == list(range(a, b)), (i, dst, got)
+    for p in plan:  # each piece lies inside its old rank's rows, and comes from its holder
+        a0, b0 = row_chunks(rows[p.tensor], old)[p.old_rank]
+        assert a0 <= p.start < p.stop <= b0 and p.src == src.holder[p.old_rank]
+
+
+def test_executing_a_plan_over_gloo_rebuilds_each_new_ranks_rows_without_a_full_gather():
+    """Old world 3 -> new world 2, old rank 1 lost: new rank 0 holds old ranks 0 and 1 (its buddy
+    copy), new rank 1 holds old rank 2. After the transfer every new rank holds exactly its rows."""
+    full = [torch.arange(7 * 3, dtype=torch.float32).reshape(7, 3), torch.arange(5, dtype=torch.float64)]
+    rows = [t.shape[0] for t in full]
+
+    def old_rows(o: int) -> list[torch.Tensor]:
+        return [t[slice(*row_chunks(t.shape[0], 3)[o])].clone() for t in full]
+
+    held = {0: {0: old_rows(0), 1: old_rows(1)}, 1: {2: old_rows(2)}}
+    src = choose([Holding(0, 3, ((0, 5), (1, 5))), Holding(1, 3, ((2, 5),))])
+    plan = pieces(rows, src, 2)
+    store = dist.HashStore()
+    out: dict = {}
+
+    def rank(r: int) -> None:
+        pg = dist.ProcessGroupGloo(dist.PrefixStore("x", store), r, 2, timedelta(seconds=20))
+        targets = [torch.full((b - a, *t.shape[1:]), -1.0, dtype=t.dtype)
+                   for t, (a, b) in ((t, row_chunks(t.shape[0], 2)[r]) for t in full)]
+        out[r] = (targets, execute(plan, r, held[r], targets, 3, 2, rows, Collectives(pg, CollectiveClock())))
+
+    ts = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    for r in range(2):
+        for t, got in zip(full, out[r][0]):
+            a, b = row_chunks(t.shape[0], 2)[r]
+            assert torch.equal(got, t[a:b])
+    # Each rank received at most its own new rows (no rank gathered a whole tensor).
+    for r in range(2):
+        own = sum((b - a) * t[0].numel() * t.element_size() for t, (a, b) in
+                  ((t, row_chunks(t.shape[0], 2)[r]) for t in full))
+        assert out[r][1] <= own
