@@ -66,6 +66,7 @@ class Controller:
         self.newest_step = 0
         """The newest step any worker reported (parked ones included: they hold it)."""
         self._lost_nodes: list[str] = []
+        self._built_at = 0.0
         """Nodes of the workers lost since the last group was built (their standbys replace them)."""
 
     # -- loop --------------------------------------------------------------------------------
@@ -148,7 +149,8 @@ class Controller:
         assert isinstance(d, Continue)
         self._watch_drains()
         self._top_up(background=True)
-        self.group.ensure_standbys({i.node_id for w in self.members if (i := self.group.infos.get(w)) is not None})
+        if self.clock() - self._built_at >= self.policy.standby_after_s:
+            self.group.ensure_standbys({i.node_id for w in self.members if (i := self.group.infos.get(w)) is not None})
         self.sleep(self._failure.poll_interval_s)
         return state
 
@@ -327,6 +329,7 @@ class Controller:
                          members=[self._describe(w) for w in self.members])
         self.progress.world_size = len(self.members)
         self.progress.generation = g
+        self._built_at = self.clock()
         self._rate.reset()
         return Running(generation=g)
 

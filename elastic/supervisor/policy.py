@@ -151,6 +151,9 @@ class DefaultPolicy:
     """A worker must accept its assignment within poll_timeout_s + this, or it is lost."""
     drain_check_interval_s: float = 1.0
     """How often the supervisor asks Ray which nodes are draining."""
+    standby_after_s: float = 10.0
+    """Standbys (ScalingConfig.standby_per_node) are started once a group has trained this long: their
+    start-up (importing torch) would compete with the first steps, and an early failure is rare."""
     final_save_timeout_s: float | None = None
     """Bound on the survivors' final save when a run ends unfinished; None: 2 x collective_timeout_s
     + poll_timeout_s (a settle round and the save's own collectives)."""
@@ -158,7 +161,7 @@ class DefaultPolicy:
     def __post_init__(self) -> None:
         from elastic.config import require_duration
 
-        for name in ("settle_s", "quiesce_slack_s", "assignment_slack_s", "drain_check_interval_s"):
+        for name in ("settle_s", "quiesce_slack_s", "assignment_slack_s", "drain_check_interval_s", "standby_after_s"):
             require_duration(name, getattr(self, name), allow_zero=True)
         if self.final_save_timeout_s is not None:
             require_duration("final_save_timeout_s", self.final_save_timeout_s)
