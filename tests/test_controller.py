@@ -476,9 +476,15 @@ class StandbyGroup(FakeGroup):
 
 
 def test_a_dead_worker_is_replaced_by_the_standby_on_its_node_without_waiting_for_a_new_one():
+    from dataclasses import replace
+
+    from elastic.supervisor.policy import DefaultPolicy
+
     g = StandbyGroup(capacity=2, steps=30)  # no room for a cold replacement: only the standby can help
     g.die_at = {1: 8}
     ctl, events, _ = make(g)
+    ctl.run = replace(ctl.run, policy=DefaultPolicy(standby_after_s=0.0))
+    ctl.policy = ctl.run.policy
     assert run_states(ctl) == [StateType.STARTING, StateType.RUNNING, StateType.RESTARTING, StateType.RUNNING,
                                StateType.FINISHED]
     assert len(g.promoted) == 1 and g.infos[g.promoted[0]].node_id == "node1"  # the dead worker's node
