@@ -64,6 +64,8 @@ class Job:
     """Run on chaosfs::file:// (storage rules can fire) instead of file://."""
     dropout: float = 0.1
     """0 for runs that resize: dropout masks are drawn per rank, so they change with the world size."""
+    loader_workers: int | None = None
+    """Read batches through ctx.data_loader with this many loader processes per rank (same batches)."""
 
     @property
     def run_dir(self) -> Path:
@@ -79,7 +81,8 @@ class Job:
 
     def config(self) -> dict:
         return {"steps": self.steps, "step_sleep": self.step_sleep, "dropout": self.dropout, "faults": list(self.faults),
-                "trips": list(self.trips), "marker_dir": str(self.marker_dir)}
+                "trips": list(self.trips), "marker_dir": str(self.marker_dir),
+                **({"loader_workers": self.loader_workers} if self.loader_workers is not None else {})}
 
     def trainer(self) -> elastic.ElasticTrainer:
         return elastic.ElasticTrainer(

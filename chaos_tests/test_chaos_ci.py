@@ -42,3 +42,15 @@ def test_failure_budget_spent_ends_with_error_and_checkpoint(chaos_ray, tmp_path
     # The second failure spends the budget: the third fault never fires.
     harness.check(out, None, exact=True, expect_markers=2, expect_failed=True)
     assert "max_failures=1" in out.result.error
+
+
+def test_dataloader_with_worker_processes_through_kills(chaos_ray, tmp_path, chaos_seed):
+    """Batches read through ctx.data_loader (2 loader processes per rank, prefetching) are the
+    sampler's: a run with two kills ends torch.equal to the reference that indexes tensors, and no
+    loader process outlives its rank (check() waits for every worker-titled process to be gone)."""
+    plan = draw("sigkill", Schedule.SEVERAL, chaos_seed(10), 2)
+    print("plan:", plan.describe())
+    job = plan.job(tmp_path, loader_workers=2)
+    ref = harness.reference(tmp_path.parent, job)
+    out = harness.run(job, plan.actions)
+    harness.check(out, ref, exact=True, expect_markers=plan.n_faults)

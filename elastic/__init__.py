@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "elastic.callbacks": ("Callback",),
     "elastic.config": ("CheckpointConfig", "FailureConfig", "RunConfig", "ScalingConfig"),
     "elastic.errors": ("CheckpointCorruptError", "CheckpointError", "CheckpointMismatchError", "ConfigError",
                        "ElasticError", "NoCheckpointError", "PlacementError", "StorageError",
@@ -43,6 +44,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from elastic.callbacks import Callback
     from elastic.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from elastic.errors import (CheckpointCorruptError, CheckpointError, CheckpointMismatchError, ConfigError,
                                 ElasticError, NoCheckpointError, PlacementError, StorageError,

@@ -70,6 +70,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS if set, "
                                                    "else a local one)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write metrics and membership events for TensorBoard to DIR")
 
 
 def _configs(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -100,7 +102,16 @@ def _trainer(fn: Callable, entry: str, args: argparse.Namespace, cfg: dict[str, 
         failure=cfg["failure"], name=run.get("name") or name or Path(entry.rsplit(":", 1)[0]).stem,
         seed=run.get("seed", seed if seed is not None else defaults.seed),
         progress_interval_s=run.get("progress_interval_s", defaults.progress_interval_s),
-        stop_timeout_s=run.get("stop_timeout_s", defaults.stop_timeout_s), address=args.address, entrypoint=entry)
+        stop_timeout_s=run.get("stop_timeout_s", defaults.stop_timeout_s), address=args.address, entrypoint=entry,
+        callbacks=_callbacks(args))
+
+
+def _callbacks(args: argparse.Namespace) -> list[Any]:
+    if not args.tensorboard:
+        return []
+    from elastic.callbacks import TensorBoard
+
+    return [TensorBoard(args.tensorboard)]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -205,7 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=lambda a: _storage_cmd("cmd_events", a.uri, as_json=a.json))
+    p = sub.add_parser("plot", help="a PNG of a metric by step, failures and resizes marked")
+    p.add_argument("uri")
+    p.add_argument("--out", default="elastic-plot.png", help="the PNG to write (default: %(default)s)")
+    p.add_argument("--metric", default="loss", help="which metric (default: %(default)s)")
+    p.set_defaults(func=cmd_plot)
     return parser
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from elastic.plot import plot
+
+    print(plot(args.uri, args.out, args.metric))
+    return 0
 
 
 def _storage_cmd(name: str, *args: Any, **kwargs: Any) -> int:

@@ -4,8 +4,8 @@ and its one-line format.
 Every event is a JSON object on its own line with `event` (a name below) and `time` (Unix seconds),
 plus the fields its declaration lists. Operators, the CLI (`elastic events`), the progress printer,
 the chaos tool and the chaos suite all read events through this module. Backends that can append
-(local files, memory) get one line appended per event; object stores (no append) get the whole log
-rewritten, at most once per `flush_interval_s`, and always on close.
+(local files, memory) get one line appended per event; object stores (no append) get rolling
+segments (elastic.jsonlog), flushed at most once per `flush_interval_s`, and always on close.
 """
 
 from __future__ import annotations
@@ -13,17 +13,14 @@ from __future__ import annotations
 import datetime as _dt
 import enum
 import json
-import logging
-import threading
 import time
-from collections import deque
 from typing import Any
 
-from elastic import retry
-from elastic.retry import RetryPolicy
-from elastic.storage import resolve
+from elastic import jsonlog
+from elastic.jsonlog import JsonLinesLog
 
-EVENTS_FILE = "events.jsonl"
+EVENTS_NAME = "events"
+EVENTS_FILE = f"{EVENTS_NAME}.jsonl"
 
 
 class Event(str, enum.Enum):
@@ -99,157 +96,29 @@ def make(event: Event | str, **fields: Any) -> dict[str, Any]:
 EVENT_SEGMENTS_DIR = "events"
 MEMORY_EVENTS = 10_000
 """Events the supervisor keeps in memory (for progress and the Result); the log keeps them all."""
-SEGMENT_LINES = 1_000
-"""On object stores (no append) events go to segment files of at most this many lines; a flush
-rewrites only the open segment, so its cost does not grow with the length of the run."""
-MAX_PENDING = 100_000
-"""Events kept while storage refuses them; beyond this the oldest are dropped (and counted)."""
-EVENTS_WRITE = RetryPolicy(name="events_write", attempts=3, total_s=5.0, max_backoff_s=1.0)
-"""Writing the event log: brief, so that a storage outage never stalls the supervisor."""
-
-log = logging.getLogger(__name__)
 
 
-class EventLog:
-    """The writer: local files and memory get each line appended at once; object stores get rolling
-    segments, flushed at most once per `flush_interval_s` and on close. A write that fails is kept
-    and retried with the next one: the run goes on, and `write_errors` says how often storage
-    refused (the supervisor reports it)."""
+class EventLog(JsonLinesLog):
+    """URI/events.jsonl (or its segments on object stores): see elastic.jsonlog."""
 
     def __init__(self, uri: str, *, flush_interval_s: float = 1.0, fs: Any = None, append: bool | None = None):
-        """`append`: whether the store can append (None: local disk and memory can, through any
-        fault-injecting wrapper; object stores cannot)."""
-        resolved, root = resolve(uri)
-        self.fs = fs if fs is not None else resolved
-        self.uri = uri
-        self.path = f"{root}/{EVENTS_FILE}"
-        self.segments = f"{root}/{EVENT_SEGMENTS_DIR}"
-        inner = getattr(self.fs, "inner_fs", self.fs)
-        self._can_append = append if append is not None else \
-            any(p in ("file", "local", "memory") for p in _protocols(inner))
-        self._flush_interval_s = flush_interval_s
-        self._lock = threading.Lock()
-        self._pending: list[str] = []
-        self._segment: list[str] = []
-        self._segment_no = 0
-        self._last_flush = 0.0
-        self.recent: deque[dict[str, Any]] = deque(maxlen=MEMORY_EVENTS)
-        self.count = 0
-        """Events recorded so far (the index the next one gets)."""
-        self.write_errors = 0
-        self.dropped = 0
-        self._warned = False
-        try:
-            self.fs.makedirs(root if self._can_append else self.segments, exist_ok=True)
-            if not self._can_append:
-                self._segment_no = _next_segment(self.fs, self.segments)
-        except Exception as exc:  # noqa: BLE001 - a log we cannot open yet is retried at each write
-            self._failed(exc)
+        super().__init__(uri, EVENTS_NAME, flush_interval_s=flush_interval_s, fs=fs, append=append,
+                         keep=MEMORY_EVENTS)
 
     @property
     def events(self) -> list[dict[str, Any]]:
         """The most recent events (up to MEMORY_EVENTS), oldest first."""
         return list(self.recent)
 
-    def since(self, index: int) -> list[dict[str, Any]]:
-        """Events recorded at or after `index` that are still in memory."""
-        first = self.count - len(self.recent)
-        return list(self.recent)[max(0, index - first):]
-
     def emit(self, event: Event | str, **fields: Any) -> dict[str, Any]:
         record = make(event, **fields)
         self.record(record)
         return record
 
-    def record(self, record: dict[str, Any]) -> None:
-        raw = json.dumps(record, default=str)
-        line = retry.redact(raw) + "\n"  # credentials in URIs or messages never reach the log
-        if len(line) != len(raw) + 1:
-            record = json.loads(line)
-        with self._lock:
-            self.recent.append(record)
-            self.count += 1
-            self._pending.append(line)
-            if len(self._pending) > MAX_PENDING:
-                self.dropped += len(self._pending) - MAX_PENDING
-                del self._pending[: len(self._pending) - MAX_PENDING]
-            if self._can_append or time.monotonic() - self._last_flush >= self._flush_interval_s:
-                self._flush()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._pending:
-                self._flush()
-
-    def _flush(self) -> None:
-        try:
-            if self._can_append:
-                data = "".join(self._pending).encode()
-                retry.call(EVENTS_WRITE, lambda: self._append(data), op="append event", uri=self.uri)
-            else:
-                lines = self._segment + self._pending
-                path = f"{self.segments}/{self._segment_no:08d}.jsonl"
-                data = "".join(lines).encode()
-                retry.call(EVENTS_WRITE, lambda: self.fs.pipe_file(path, data), op="write events", uri=self.uri)
-                self._segment = lines
-                if len(self._segment) >= SEGMENT_LINES:
-                    self._segment, self._segment_no = [], self._segment_no + 1
-            self._pending = []
-            self._last_flush = time.monotonic()
-            if self._warned:
-                log.warning("event log %s is writable again", retry.redact(self.uri))
-                self._warned = False
-        except Exception as exc:  # noqa: BLE001 - the log must never stop the run
-            self._failed(exc)
-
-    def _append(self, data: bytes) -> None:
-        with self.fs.open(self.path, "ab") as f:
-            f.write(data)
-
-    def _failed(self, exc: BaseException) -> None:
-        self.write_errors += 1
-        self._last_flush = time.monotonic()  # do not hammer a storage that just refused
-        if not self._warned:
-            self._warned = True
-            log.warning("cannot write the event log %s (%s): the run goes on; events are kept and written "
-                        "when storage takes them", retry.redact(self.uri), retry.redact(f"{type(exc).__name__}: {exc}"))
-
-
-def _next_segment(fs: Any, segments: str) -> int:
-    try:
-        names = fs.ls(segments, detail=False)
-    except FileNotFoundError:
-        return 0
-    nums = [int(n.rsplit("/", 1)[-1][:-6]) for n in names if n.endswith(".jsonl") and n.rsplit("/", 1)[-1][:-6].isdigit()]
-    return max(nums) + 1 if nums else 0
-
 
 def read_lines(uri: str, *, partial: bool = False) -> list[str]:
-    """Every line of a run's event log, oldest first: events.jsonl, then the segments an object
-    store holds, as one stream. [] when the run logged nothing. A last line without its newline
-    is still being written: left out unless `partial`."""
-    fs, root = resolve(uri)
-    texts = []
-    try:
-        texts.append(fs.cat_file(f"{root}/{EVENTS_FILE}").decode(errors="replace"))
-    except FileNotFoundError:
-        pass
-    try:
-        fs.invalidate_cache(f"{root}/{EVENT_SEGMENTS_DIR}")  # s3fs caches listings
-        segs = sorted(n for n in fs.ls(f"{root}/{EVENT_SEGMENTS_DIR}", detail=False) if n.endswith(".jsonl"))
-    except FileNotFoundError:
-        segs = []
-    for s in segs:
-        try:
-            texts.append(fs.cat_file(s).decode(errors="replace"))
-        except FileNotFoundError:
-            continue
-    lines: list[str] = []
-    for t in texts:
-        parts = t.split("\n")
-        # A live run may be appending right now: a last line without its newline is not written yet.
-        lines += [x for x in (parts if t.endswith("\n") or partial else parts[:-1]) if x.strip()]
-    return lines
+    """Every line of a run's event log, oldest first (see elastic.jsonlog.read_lines)."""
+    return jsonlog.read_lines(uri, EVENTS_NAME, partial=partial)
 
 
 def read_events(uri: str) -> list[dict[str, Any]]:
@@ -321,11 +190,6 @@ def format_event(ev: dict[str, Any], *, brief: bool = False) -> str:
     if brief:
         return f"[elastic {stamp}] {name:<20} {text}".rstrip()
     return f"{stamp}  {name}  {text}".rstrip()
-
-
-def _protocols(fs: Any) -> tuple[str, ...]:
-    proto = fs.protocol
-    return (proto,) if isinstance(proto, str) else tuple(proto)
 
 
 if __name__ == "__main__":  # `python -m elastic.events`: the README's list of events

@@ -66,3 +66,39 @@ class ElasticSampler:
         """Multiply a per-rank *summed* loss by this so that DDP's gradient average equals the
         mean-loss gradient of the whole global batch, whatever the world size."""
         return world_size / self.global_batch_size
+
+
+class ElasticBatchSampler:
+    """This rank's share of each step's global batch, as a `torch.utils.data.DataLoader`
+    `batch_sampler`: yields one list of indices per step, from `start_step` (the restored
+    `state.step`) up to `steps` (forever when None). A loader rebuilt after a resize, at the step
+    the group restored, continues at the exact sample: what a step trains on is a function of
+    (seed, step) only.
+    """
+
+    def __init__(self, sampler: ElasticSampler, *, start_step: int, rank: int, world_size: int,
+                 steps: int | None = None):
+        if start_step < 0:
+            raise ConfigError(f"start_step must be >= 0, got {start_step}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside world_size {world_size}")
+        self.sampler = sampler
+        self.start_step = start_step
+        self.rank = rank
+        self.world_size = world_size
+        self.steps = steps
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        step = self.start_step
+        while self.steps is None or step < self.steps:
+            yield self.sampler.indices(step=step, rank=self.rank, world_size=self.world_size).tolist()
+            step += 1
+
+    def __len__(self) -> int:
+        if self.steps is None:
+            raise TypeError("an ElasticBatchSampler without `steps` is endless")
+        return max(0, self.steps - self.start_step)
+
+    def loss_scale(self, world_size: int | None = None) -> float:
+        """ElasticSampler.loss_scale at this sampler's world size (or the one given)."""
+        return self.sampler.loss_scale(world_size or self.world_size)

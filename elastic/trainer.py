@@ -22,13 +22,15 @@ import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from elastic import lease as lease_mod
+from elastic.cluster import ensure_ray
 from elastic import retry, storage
+from elastic.callbacks import Callback, Callbacks
 from elastic.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from elastic.errors import ConfigError, StorageUnavailableError, TrainingFailedError
 from elastic.progress import ProgressPrinter
@@ -61,22 +63,6 @@ def check_storage(uri: str) -> None:
                                                    "check the path, bucket and credentials")) from None
 
 
-def ensure_ray(address: str | None, run: RunConfig) -> None:
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    sc = run.scaling
-    assert sc.max_workers is not None
-    # A local cluster gets enough logical CPUs for the largest group (and spares): the point of a
-    # laptop run is to exercise the real thing, not to refuse it.
-    cpus = max(os.cpu_count() or 1, int((sc.max_workers + sc.spares) * sc.cpus_per_worker + 0.999))
-    # address="local": always a fresh embedded cluster, never silently another one found on this host.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
-
-
 def resolve_entrypoint(spec: str) -> tuple[str, str]:
     """'file.py:fn' -> ('/abs/file.py:fn', sha256 of the file): what run.json records, so that a
     resume from anywhere runs the same file, and notices when it changed."""
@@ -100,6 +86,7 @@ class ElasticTrainer:
         stop_timeout_s: float = 20.0,
         address: str | None = None,
         entrypoint: str | None = None,
+        callbacks: Sequence[Callback] | None = None,
     ):
         if not callable(train_fn):
             raise ConfigError(f"train_fn must be callable, got {type(train_fn).__name__}")
@@ -112,8 +99,10 @@ class ElasticTrainer:
         self.uri = uri
         self.address = address
         self.entrypoint = entrypoint
+        self.callbacks = list(callbacks or [])
 
     def fit(self, *, raise_on_failure: bool = True, quiet: bool = False) -> Result:
+        self._callbacks = Callbacks(self.callbacks)
         lease = lease_mod.Lease(self.uri)
         owner = lease.acquire(lease_mod.this_process(self.run.name))  # before anything else is written
         sup_box: list[Any] = []
@@ -125,6 +114,7 @@ class ElasticTrainer:
             result = self._drive(owner, sup_box, quiet)
         finally:
             renewer.stop(release=True)
+        self._callbacks.end(result)
         if not quiet:
             print(result.summary(), flush=True)
         if not result.ok and raise_on_failure:
@@ -150,9 +140,11 @@ class ElasticTrainer:
                 while not signals.aborted:
                     ready, _ = ray.wait([done_ref], timeout=0.5)
                     try:
-                        prog, events = ray.get(sup.progress.remote(), timeout=10)
+                        prog, events, records = ray.get(sup.progress.remote(), timeout=10)
                     except Exception:  # noqa: BLE001 - progress is best effort; the run ref is the truth
-                        prog, events = {}, []
+                        prog, events, records = {}, [], []
+                    self._callbacks.steps(records)
+                    self._callbacks.events(events)
                     if not quiet:
                         printer.events(events)
                         printer.progress(prog)

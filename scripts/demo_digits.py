@@ -15,6 +15,7 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 import elastic
 
@@ -54,17 +55,18 @@ def train(config: dict) -> None:
     state = elastic.TrainState(model=model, optimizer=opt)
     ctx.restore(state)
     ddp = ctx.prepare_model(model)
-    batch = config.get("global_batch_size", 64)
-    sampler = elastic.ElasticSampler(num_samples=len(x_train), global_batch_size=batch, seed=0)
-    while state.step < config.get("steps", 300):
-        idx = sampler.indices(step=state.step, rank=ctx.rank, world_size=ctx.world_size)
-        out = ddp(x_train[idx])
+    # A standard DataLoader (a loader process, prefetching) whose batches are elastic's: the global
+    # batch of each step is the same at any world size, and the loader starts at the restored step.
+    loader = ctx.data_loader(TensorDataset(x_train, y_train), global_batch_size=config.get("global_batch_size", 64),
+                             steps=config.get("steps", 300), num_workers=config.get("loader_workers", 1))
+    for xb, yb in loader:
         # Summed loss scaled so that DDP's average is the full global batch's mean-loss gradient.
-        loss = F.cross_entropy(out, y_train[idx], reduction="sum") * sampler.loss_scale(ctx.world_size)
+        loss = F.cross_entropy(ddp(xb), yb, reduction="sum") * loader.batch_sampler.loss_scale()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        ctx.commit(state, metrics={"loss": loss.item() / ctx.world_size})
+        # reduce=True: the logged loss is the mean over the ranks' shares (one small collective).
+        ctx.commit(state, metrics={"loss": loss.item()}, reduce=True)
     if ctx.is_main:
         model.eval()
         with torch.no_grad():

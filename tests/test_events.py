@@ -74,9 +74,9 @@ def test_object_store_flushes_rewrite_only_the_open_segment(monkeypatch):
     """The cost of a flush must not grow with the run: past SEGMENT_LINES a new segment starts."""
     import fsspec
 
-    from elastic import events as ev
+    from elastic import jsonlog
 
-    monkeypatch.setattr(ev, "SEGMENT_LINES", 10)
+    monkeypatch.setattr(jsonlog, "SEGMENT_LINES", 10)
     uri = "memory://events-segments"
     log = EventLog(uri, fs=fsspec.filesystem("memory"), flush_interval_s=0.0, append=False)  # like S3
     for i in range(35):

@@ -4,7 +4,8 @@ suites, and a safe target for practising failures with `elastic chaos`:
     elastic run "$(python -c 'import elastic.chaos.job as j; print(j.__file__)')":train \\
         --min-workers 2 --checkpoint-uri /tmp/runs/practice --config steps=5000 --config step_sleep=0.05
 
-config: steps, lr, width, dropout, global_batch, step_sleep, strategy (ddp | fsdp), faults [{kind, step, rank}] (faults a
+config: steps, lr, width, dropout, global_batch, step_sleep, strategy (ddp | fsdp), loader_workers (read
+batches through ctx.data_loader with this many worker processes instead of indexing), faults [{kind, step, rank}] (faults a
 rank inflicts on itself, see faults.py; at step REBUILD one fires as a rebuilt group restores),
 trips [step] (the first rank to reach each step creates `trip-step{s}` in marker_dir, for
 external faults to wait on), marker_dir.
@@ -76,14 +77,25 @@ def train(config: dict) -> None:
         ctx.report({"restore_host_bytes": st["restore_host_bytes"], "shard_bytes": st["shard_bytes"]})
     ddp = model if fsdp else ctx.prepare_model(model)
     sampler = elastic.ElasticSampler(num_samples=N_SAMPLES, global_batch_size=config.get("global_batch", 48), seed=3)
+    loader_workers = config.get("loader_workers")
+    batches = None
+    if loader_workers is not None:  # the same batches through a DataLoader with worker processes
+        loader = ctx.data_loader(torch.utils.data.TensorDataset(x, y), global_batch_size=sampler.global_batch_size,
+                                 seed=3, steps=config["steps"], num_workers=loader_workers,
+                                 prefetch_factor=2 if loader_workers else None)
+        batches = iter(loader)
     trips = set(config.get("trips", []))
     step_sleep = config.get("step_sleep", 0.0)
     while state.step < config["steps"]:
         if state.step in trips:
             _trip(marker_dir, state.step)
         maybe_inject(faults, step=state.step, rank=ctx.rank, marker_dir=marker_dir)
-        idx = sampler.indices(step=state.step, rank=ctx.rank, world_size=ctx.world_size)
-        loss = F.cross_entropy(ddp(x[idx]), y[idx], reduction="sum") * sampler.loss_scale(ctx.world_size)
+        if batches is not None:
+            xb, yb = next(batches)
+        else:
+            idx = sampler.indices(step=state.step, rank=ctx.rank, world_size=ctx.world_size)
+            xb, yb = x[idx], y[idx]
+        loss = F.cross_entropy(ddp(xb), yb, reduction="sum") * sampler.loss_scale(ctx.world_size)
         opt.zero_grad()
         loss.backward()
         opt.step()

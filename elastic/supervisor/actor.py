@@ -27,6 +27,7 @@ import torch.distributed as dist
 from elastic.checkpoint import CheckpointStore
 from elastic.config import RunConfig
 from elastic.events import Event, EventLog
+from elastic.metrics import MetricsLog
 from elastic.lease import LeaseRecord, pid_alive
 from elastic.result import Result
 from elastic.retry import redact
@@ -66,6 +67,7 @@ class SupervisorActor:
         self.uri = uri
         self.owner = owner
         self.events = EventLog(uri)
+        self.metrics = MetricsLog(uri)
         host = ray.util.get_node_ip_address()
         # The store outlives every rank and every generation; each generation uses its own prefix
         # under the run's secret one.
@@ -73,8 +75,9 @@ class SupervisorActor:
         backend = backend_for(run.scaling.gpus_per_worker, run.scaling.backend)
         self.group = RayWorkerGroup(fn, run, uri, lease_token=owner.token if owner else 0)
         self.controller = Controller(run, self.group, self.events, (host, self.store.port), backend=backend,
-                                     store_prefix=new_store_prefix())
+                                     store_prefix=new_store_prefix(), metrics=self.metrics)
         self._cursor = 0
+        self._metrics_cursor = 0
         self._done = threading.Event()
         threading.Thread(target=self._keepalive, name="elastic-heartbeat", daemon=True).start()
 
@@ -109,6 +112,7 @@ class SupervisorActor:
             self.events.emit(Event.RUN_FINISHED if ok else Event.RUN_FAILED, steps=c.progress.step, error=error,
                              seconds=round(time.time() - t0, 3), failures=c.failures, recoveries=len(c.recoveries))
         self.events.close()
+        self.metrics.close()
         try:
             checkpoint = CheckpointStore(self.uri).latest_verified()
         except Exception:  # noqa: BLE001 - the result must reach the driver whatever storage does
@@ -133,11 +137,14 @@ class SupervisorActor:
         self.group.shutdown()
         self.store = None
 
-    def progress(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """(the progress snapshot, events recorded since the last call)."""
+    def progress(self) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+        """(the progress snapshot, events recorded since the last call, per-step metrics records
+        since the last call)."""
         evs = self.events.since(self._cursor)
         self._cursor = self.events.count
-        return vars(self.controller.progress).copy(), evs
+        recs = self.metrics.since(self._metrics_cursor)
+        self._metrics_cursor = self.metrics.count
+        return vars(self.controller.progress).copy(), evs, recs
 
     def _keepalive(self) -> None:
         while not self._done.wait(HEARTBEAT_EVERY_S):

@@ -31,11 +31,16 @@ class EventSink(Protocol):
     def record(self, record: dict[str, Any]) -> None: ...
 
 
+class MetricsSink(Protocol):
+    def extend(self, records: list[dict[str, Any]]) -> None: ...
+
+
 class Controller:
     def __init__(self, run: RunConfig, group: WorkerGroup, events: EventSink, store_addr: tuple[str, int], *,
                  backend: str = "gloo", store_prefix: str = "", clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, metrics: MetricsSink | None = None):
         self.run = run
+        self.metrics = metrics
         self.policy = run.policy if run.policy is not None else pol.DefaultPolicy()
         self.group = group
         self.events = events
@@ -401,6 +406,8 @@ class Controller:
         self._last_polls.update(polls)
         answers = {w: p for w, p in polls.items() if isinstance(p, WorkerPoll)}
         self._forward_events(answers)
+        if self.metrics is not None:
+            self.metrics.extend([{"step": step, "time": t, **m} for p in answers.values() for step, t, m in p.records])
         self.newest_step = max([self.newest_step, *(p.step for p in answers.values())])
         steps = [p.step for p in answers.values()
                  if p.generation == self.generation and p.state in (WorkerState.RUNNING, WorkerState.FINISHED)]

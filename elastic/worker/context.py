@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from elastic.errors import ConfigError
 from elastic.train_state import TrainState
 
 if TYPE_CHECKING:
@@ -87,13 +88,33 @@ class WorkerContext:
         """
         return self._gen.prepare_model(model, strategy=strategy, shard_modules=shard_modules, **ddp_kwargs)
 
-    def commit(self, state: TrainState, metrics: dict[str, float] | None = None) -> None:
-        """End a step: step += 1; remember the state; checkpoint when due; apply agreed pauses."""
-        self._gen.commit(state, metrics)
+    def commit(self, state: TrainState, metrics: dict[str, float] | None = None, *, reduce: bool = False) -> None:
+        """End a step: step += 1; remember the state; checkpoint when due; apply agreed pauses.
+
+        `metrics` (numbers): rank 0's reach the driver for every step (callbacks, URI/metrics.jsonl,
+        progress). reduce=True: each key's mean over all ranks instead (one extra collective: use it
+        when ranks see different data, e.g. for a loss averaged over the whole global batch)."""
+        self._gen.commit(state, metrics, reduce=reduce)
 
     def report(self, metrics: dict[str, float]) -> None:
         """Publish metrics without ending a step (e.g. a final evaluation)."""
         self._gen.report(metrics)
+
+    def data_loader(self, dataset: Any, *, global_batch_size: int, state: TrainState | None = None,
+                    seed: int = 0, steps: int | None = None, drop_last: bool = True, **kw: Any) -> Any:
+        """A torch DataLoader over `dataset` (map-style) yielding this rank's share of each step's
+        global batch, from `state.step` (default: the state given to restore()) up to `steps`
+        (forever when None). Other DataLoader arguments (num_workers, pin_memory, prefetch_factor,
+        collate_fn, persistent_workers, ...) pass through. Build it after restore(), in the
+        training function: a new generation builds a new one at the step it restored.
+        `loader.batch_sampler.loss_scale()` is ElasticSampler.loss_scale at this world size."""
+        from elastic.worker.loader import make_loader
+
+        state = state if state is not None else self._gen.restored_state
+        if state is None:
+            raise ConfigError("data_loader needs the step to start at: call ctx.restore(state) first, or pass state=")
+        return make_loader(dataset, global_batch_size=global_batch_size, start_step=state.step, rank=self.rank,
+                           world_size=self.world_size, seed=seed, steps=steps, drop_last=drop_last, **kw)
 
     def stats(self) -> dict[str, float]:
         """What elastic costs this rank so far: host memory of its snapshot, seconds the training

@@ -97,6 +97,8 @@ class Generation:
         """The model was sharded with FSDP2 (prepare_model(strategy="fsdp")): buddy copies, resharding."""
         self.restore_host_bytes = 0
         """Host memory of the snapshot and buddy buffers when the last restore began (tests read it)."""
+        self.restored_state: TrainState | None = None
+        """The state given to restore() in this generation (where data_loader() starts)."""
         self.device = device
         self.s = services
         self.local_rank = local_rank
@@ -126,6 +128,7 @@ class Generation:
         the control plane), the newest durable checkpoint that verifies.
         """
         s, ctrl = self.s, self.groups.ctrl
+        self.restored_state = state
         s.snapshot.wait()
         if s.snapshot.shards and not self.sharded:
             raise ConfigError("this run's state is sharded (FSDP2): call ctx.prepare_model(model, strategy='fsdp') "
@@ -201,9 +204,11 @@ class Generation:
         return self._model
 
     # -- commit ----------------------------------------------------------------------------
-    def commit(self, state: TrainState, metrics: dict[str, float] | None = None) -> None:
+    def commit(self, state: TrainState, metrics: dict[str, float] | None = None, *, reduce: bool = False) -> None:
         """End a step: step += 1; remember the state; checkpoint when due; apply agreed pauses."""
         s = self.s
+        if metrics and reduce:
+            metrics = self._mean(metrics)
         state.step += 1
         pause, preempt = self._next_vote(s.pause.is_set(), s.leave.is_set())
         # Leaving the group (pause, preemption) always snapshots: the next group restores from it.
@@ -215,7 +220,8 @@ class Generation:
                 self._exchange()
             if save:
                 self.save_from_snapshot(state.step, wait=preempt)  # a failure is reported, and we leave
-        s.board.progress(state.step, metrics, merge=True)  # keys reported earlier stay, updated ones change
+        # Keys reported earlier stay, updated ones change; rank 0's go to the run's metrics stream.
+        s.board.progress(state.step, metrics, merge=True, record=self.rank == 0)
         reseed(s.seed, state.step, self.rank)
         if preempt or pause:
             self.drain_vote()  # every rank launched it at this same boundary
@@ -273,6 +279,13 @@ class Generation:
             h.remove()
         self._hooks = []
         self._plan = None
+
+    def _mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each key's mean over the ranks that reported it (gathered as JSON on the control plane,
+        so that ranks reporting different keys cannot break a collective)."""
+        every = self.groups.ctrl.all_gather_json({k: float(v) for k, v in metrics.items()})
+        keys = sorted({k for m in every for k in m})
+        return {k: sum(m[k] for m in every if k in m) / sum(1 for m in every if k in m) for k in keys}
 
     def report(self, metrics: dict[str, float]) -> None:
         """Publish metrics without ending a step (e.g. a final evaluation)."""

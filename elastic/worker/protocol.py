@@ -105,6 +105,8 @@ class WorkerPoll:
     failure: WorkerError | None = None
     preempted: bool = False
     park_reason: ParkReason | None = None
+    records: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)
+    """(step, unix time, metrics) of each step committed since the last poll (rank 0 only)."""
 
     def __post_init__(self) -> None:
         # Accept the names too (a test's fake group, an older worker): always hold the members.

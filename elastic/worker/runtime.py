@@ -66,6 +66,7 @@ class WorkerRuntime:
             state=st.state, generation=st.generation, step=st.step, progress_age_s=now - st.last_progress,
             waiting_in_collective_s=None if waiting is None else now - waiting, metrics=dict(st.metrics),
             events=events, failure=st.failure, preempted=self.s.notice.is_set(), park_reason=st.park_reason,
+            records=self.s.board.take_records(),
         )
 
     def request_pause(self) -> None:

@@ -2,7 +2,7 @@
 writes it) and the actor thread (which reads it for poll()).
 
 The status is an immutable record replaced as a whole under a lock, so a poll never sees half of
-an update; events wait in a queue until the next poll collects them.
+an update; events and rank 0's per-step metrics wait in queues until the next poll collects them.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,11 +30,16 @@ class Status:
     """Monotonic time of the last commit (or of the generation's start)."""
 
 
+MAX_RECORDS = 100_000
+"""Per-step metrics records kept between polls (the oldest go first if nobody collects them)."""
+
+
 class StatusBoard:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._status = Status()
         self._events: list[dict[str, Any]] = []
+        self._records: deque[tuple[int, float, dict[str, float]]] = deque(maxlen=MAX_RECORDS)
 
     def get(self) -> Status:
         return self._status
@@ -42,19 +48,29 @@ class StatusBoard:
         with self._lock:
             self._status = dataclasses.replace(self._status, **changes)
 
-    def progress(self, step: int, metrics: dict[str, float] | None = None, *, merge: bool = False) -> None:
-        """A step was committed (or restored): progress is measured from now."""
+    def progress(self, step: int, metrics: dict[str, float] | None = None, *, merge: bool = False,
+                 record: bool = False) -> None:
+        """A step was committed (or restored): progress is measured from now. `record`: keep this
+        step's metrics for the run's metrics stream (rank 0 does)."""
         with self._lock:
             s = self._status
             new = s.metrics
             if metrics:
                 fresh = {k: float(v) for k, v in metrics.items()}
                 new = {**s.metrics, **fresh} if merge else fresh
+                if record:
+                    self._records.append((step, time.time(), fresh))
             self._status = dataclasses.replace(s, step=step, metrics=new, last_progress=time.monotonic())
 
     def emit(self, event: Event, **fields: Any) -> None:
         with self._lock:
             self._events.append(make(event, **fields))
+
+    def take_records(self) -> list[tuple[int, float, dict[str, float]]]:
+        with self._lock:
+            records = list(self._records)
+            self._records.clear()
+        return records
 
     def take_events(self) -> list[dict[str, Any]]:
         with self._lock:

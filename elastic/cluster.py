@@ -1,0 +1,87 @@
+"""Which Ray cluster a run trains on.
+
+- An explicit address (`ElasticTrainer(address=...)`, `elastic run --address`) or, failing that,
+  `RAY_ADDRESS` (what `ray job submit` sets for a job's driver): that cluster. Ray 2.60 clusters
+  check a token; a client given an address must be told to send it (`RAY_AUTH_MODE=token`), which
+  is set here when a token is on this machine and the user chose nothing.
+- Neither: a fresh local cluster sized for the run (`address="local"`: never silently another
+  cluster found on this host).
+- Ray already initialized in this process (a notebook, a second `fit()`): reused when it can
+  place the run. A local cluster elastic started itself and that is too small for this run is
+  replaced; anyone else's gets one line saying what is missing. (A cluster at an address is not
+  checked: its autoscaler may add the nodes the run asks for.)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import ray
+
+from elastic.config import RunConfig
+from elastic.errors import ConfigError
+
+_OWN_LOCAL: dict[str, float] | None = None
+"""The resources of the local cluster elastic started in this process (None: not ours)."""
+
+
+def local_size(run: RunConfig) -> int:
+    """Logical CPUs of a local cluster for this run: enough for the largest group and its spares
+    (the point of a laptop run is to exercise the real thing, not to refuse it)."""
+    sc = run.scaling
+    assert sc.max_workers is not None
+    return max(os.cpu_count() or 1, math.ceil((sc.max_workers + sc.spares) * sc.cpus_per_worker - 1e-9))
+
+
+def minimum(run: RunConfig) -> dict[str, float]:
+    """What the smallest group the run accepts needs from the cluster."""
+    return {k: v * run.scaling.min_workers for k, v in run.scaling.resources_per_worker.items() if v > 0}
+
+
+def shortfall(total: dict[str, float], need: dict[str, float]) -> str | None:
+    """'CPU: 2 of 4' for each resource the cluster lacks (None when it has them all)."""
+    short = [f"{k}: {total.get(k, 0):g} of {v:g}" for k, v in need.items() if total.get(k, 0) + 1e-9 < v]
+    return ", ".join(short) or None
+
+
+def _token_available() -> bool:
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.exists(path)
+
+
+def _start_local(run: RunConfig) -> None:
+    global _OWN_LOCAL
+    ray.init(address="local", num_cpus=local_size(run), include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
+    _OWN_LOCAL = dict(ray.cluster_resources())
+
+
+def ensure_ray(address: str | None, run: RunConfig) -> str:
+    """Connect this process to the cluster the run trains on; returns which one, in words.
+    ConfigError (one line) when that cluster cannot place the run's smallest group."""
+    global _OWN_LOCAL
+    need = minimum(run)
+    if ray.is_initialized():
+        total = dict(ray.cluster_resources())
+        if _OWN_LOCAL is not None and (shortfall(total, need) or total.get("CPU", 0) < local_size(run)):
+            ray.shutdown()  # ours and too small for this run: a fresh one sized for it
+            _OWN_LOCAL = None
+            _start_local(run)
+            return "a new local Ray cluster"
+        if (short := shortfall(total, need)) is not None:
+            raise ConfigError(f"the Ray cluster this process is connected to cannot place {run.scaling.min_workers} "
+                              f"workers ({short} needed): lower --min-workers or call ray.shutdown() first")
+        return "the Ray cluster this process is connected to"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None or address == "local":
+        _start_local(run)
+        return "a local Ray cluster"
+    if os.environ.get("RAY_AUTH_MODE") is None and _token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
+    # No capacity check here: an autoscaling cluster adds nodes for what the run asks (the
+    # supervisor says what it cannot place, and waits within the run's bounds).
+    ray.init(address=address, log_to_driver=True)
+    _OWN_LOCAL = None
+    return f"the Ray cluster at {address}"

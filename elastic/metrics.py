@@ -1,0 +1,32 @@
+"""The run's metrics stream: URI/metrics.jsonl, one line per committed step,
+{"step": S, "time": unix seconds, **metrics} — rank 0's metrics, or each key's mean over the ranks
+when the step was committed with `reduce=True`.
+
+Kept apart from events.jsonl so that the event log stays small. A step trained twice (a failure
+rolled the group back past it) appears twice: readers keep the last line of each step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from elastic import jsonlog
+from elastic.events import parse_lines
+
+METRICS_NAME = "metrics"
+MEMORY_METRICS = 10_000
+"""Records the supervisor keeps in memory for the driver between two of its progress calls."""
+
+
+class MetricsLog(jsonlog.JsonLinesLog):
+    def __init__(self, uri: str, **kw: Any):
+        super().__init__(uri, METRICS_NAME, keep=MEMORY_METRICS, **kw)
+
+
+def read_metrics(uri: str) -> list[dict[str, Any]]:
+    """Every step's metrics, in step order, the last record of each step."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for rec in parse_lines("".join(line + "\n" for line in jsonlog.read_lines(uri, METRICS_NAME))):
+        if isinstance(rec.get("step"), int):
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
