@@ -23,8 +23,8 @@ import ray
 from elastic.config import RunConfig
 from elastic.errors import ConfigError
 
-_OWN_LOCAL: dict[str, float] | None = None
-"""The resources of the local cluster elastic started in this process (None: not ours)."""
+_OWN_LOCAL: str | None = None
+"""The GCS address of the local cluster elastic started in this process (None: none)."""
 
 
 def local_size(run: RunConfig) -> int:
@@ -55,7 +55,7 @@ def _start_local(run: RunConfig) -> None:
     global _OWN_LOCAL
     ray.init(address="local", num_cpus=local_size(run), include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
-    _OWN_LOCAL = dict(ray.cluster_resources())
+    _OWN_LOCAL = ray.get_runtime_context().gcs_address
 
 
 def ensure_ray(address: str | None, run: RunConfig) -> str:
@@ -65,7 +65,8 @@ def ensure_ray(address: str | None, run: RunConfig) -> str:
     need = minimum(run)
     if ray.is_initialized():
         total = dict(ray.cluster_resources())
-        if _OWN_LOCAL is not None and (shortfall(total, need) or total.get("CPU", 0) < local_size(run)):
+        ours = _OWN_LOCAL is not None and ray.get_runtime_context().gcs_address == _OWN_LOCAL
+        if ours and (shortfall(total, need) or total.get("CPU", 0) < local_size(run)):
             ray.shutdown()  # ours and too small for this run: a fresh one sized for it
             _OWN_LOCAL = None
             _start_local(run)

@@ -52,9 +52,6 @@ PRIVATE_APIS: dict[str, str] = {
     "torch.distributed.checkpoint.filesystem._StoragePrefix": "unique shard file names per save",
     "torch.distributed.checkpoint.filesystem._FileSystemWriter": "DCP's shard writer",
     "torch.distributed.checkpoint._fsspec_filesystem.FileSystem": "DCP's fsspec adapter",
-    "torch.distributed.checkpoint.utils._create_file_view": "a bounded view of one tensor in a shard",
-    "torch.distributed._shard._utils.narrow_tensor_by_index": "a chunk of a tensor (resharding)",
-    "torch.distributed.checkpoint.default_planner._EmptyStateDictLoadPlanner": "load a whole checkpoint",
 }
 """Every private name elastic imports, and why (checked against torch 2.13 and Ray 2.60)."""
 

@@ -12,7 +12,9 @@ import logging
 from typing import Any
 
 import fsspec
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+import torch
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from elastic import retry, storage
 from elastic.checkpoint import dcp_io
@@ -323,8 +325,19 @@ class CheckpointStore:
                 raise NoCheckpointError(f"no committed checkpoint under {self.uri}")
             step = latest.step
         manifest, md = self._open(step)
+        # Every tensor the metadata lists, whole (DCP merges the shards into it), under its flat
+        # name; then nested along the paths DCP recorded at save time.
+        flat = {fqn: torch.empty(m.size, dtype=m.properties.dtype) for fqn, m in md.state_dict_metadata.items()
+                if isinstance(m, TensorStorageMetadata)}
+        dcp_io.run_load(flat, self._reader(step, manifest, md), DefaultLoadPlanner(flatten_state_dict=False))
         state: dict[str, Any] = {}
-        dcp_io.run_load(state, self._reader(step, manifest, md), _EmptyStateDictLoadPlanner())
+        paths = md.planner_data or {}
+        for fqn, tensor in flat.items():
+            path = paths.get(fqn) or tuple(fqn.split("."))
+            parent = state
+            for key in path[:-1]:
+                parent = parent.setdefault(key, {})
+            parent[path[-1]] = tensor
         for path, value in manifest.values:
             parent = state
             for key in path[:-1]:

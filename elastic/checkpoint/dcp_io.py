@@ -19,7 +19,6 @@ from typing import Any
 
 import fsspec
 import torch
-from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _FsspecFS
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import (
@@ -34,7 +33,6 @@ from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadat
 from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, SavePlan, TensorWriteData,
                                                   WriteItem, WriteItemType)
 from torch.distributed.checkpoint.storage import WriteResult
-from torch.distributed.checkpoint.utils import _create_file_view
 from torch.futures import Future
 
 from elastic import retry, storage
@@ -335,9 +333,10 @@ class VerifyingReader(FileSystemReader):
                 if req.type == LoadItemType.BYTE_IO:
                     # we never write pickled objects; a checkpoint that has some is not ours
                     raise CheckpointCorruptError(f"{self._where}/{rel}: unexpected pickled object")
-                view = _create_file_view(base, info.offset, info.length)
+                view = FileWindow(base, info.offset, info.length)
                 tensor = torch.load(view, map_location="cpu", weights_only=True)
-                tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
+                for dim, (offset, length) in enumerate(zip(req.storage_offsets, req.lengths)):
+                    tensor = tensor.narrow(dim, offset, length)  # the chunk this request reads
                 target = planner.resolve_tensor(req).detach()
                 if target.size() != tensor.size():
                     raise CheckpointCorruptError(
@@ -349,6 +348,38 @@ class VerifyingReader(FileSystemReader):
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
+
+
+class FileWindow(io.RawIOBase):
+    """`length` bytes of `base` from `offset`, as a file of their own (one tensor in a shard file)."""
+
+    def __init__(self, base: Any, offset: int, length: int):
+        super().__init__()
+        self._base, self._start, self._len, self._pos = base, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = max(0, min(self._len, base + pos))
+        return self._pos
+
+    def readinto(self, buf: Any) -> int:
+        n = min(len(buf), self._len - self._pos)
+        if n <= 0:
+            return 0
+        self._base.seek(self._start + self._pos)
+        data = self._base.read(n)
+        buf[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
 
 def run_load(state: dict[str, Any], reader: VerifyingReader, planner: LoadPlanner) -> None:
