@@ -130,9 +130,14 @@ class FailureConfig:
     hang_timeout_s: float = 300.0
     """A rank whose step has not advanced for this long is declared hung and killed."""
     poll_interval_s: float = 0.1
-    """How often the supervisor polls worker health."""
+    """How often the supervisor looks at what its workers said (a local check: workers push their
+    news, and Ray pushes a worker's death)."""
     poll_timeout_s: float = 5.0
-    """A live worker that does not answer a poll within this long is treated as frozen."""
+    """A live worker that does not answer within this long (beyond liveness_interval_s) is treated
+    as frozen."""
+    liveness_interval_s: float = 1.0
+    """A worker with nothing new to say still answers this often: how a frozen one (SIGSTOP, GIL
+    held) is found, within liveness_interval_s + poll_timeout_s."""
     backoff_base_s: float = 0.0
     """Pause before the n-th consecutive recovery: base * 2**(n-1), capped at backoff_max_s."""
     backoff_max_s: float = 10.0
@@ -146,7 +151,8 @@ class FailureConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_failures >= -1, "max_failures must be >= -1 (-1: unlimited)")
-        for name in ("collective_timeout_s", "hang_timeout_s", "poll_interval_s", "poll_timeout_s"):
+        for name in ("collective_timeout_s", "hang_timeout_s", "poll_interval_s", "poll_timeout_s",
+                     "liveness_interval_s"):
             require_duration(name, getattr(self, name))
         for name in ("backoff_base_s", "backoff_max_s", "below_min_wait_s"):
             require_duration(name, getattr(self, name), allow_zero=True)

@@ -50,6 +50,7 @@ class Controller:
         self.clock = clock
         self.sleep = sleep
         self.members: list[int] = []  # worker ids in rank order
+        self._rank_of: dict[int, int] = {}  # worker id -> rank in the current generation
         self.generation = -1
         self.failures = 0
         self.consecutive_failures = 0
@@ -143,9 +144,8 @@ class Controller:
         if isinstance(d, Finish):
             return Finished()
         if isinstance(d, Restart):
-            rank_of = {w: r for r, w in enumerate(self.members)}
             self.events.emit(Event.GROUP_FAILED, generation=self.generation, reason=d.reason,
-                             errors={rank_of[w]: e.strip().splitlines()[-1] for w, e in h.errors.items() if e})
+                             errors={self._rank_of[w]: e.strip().splitlines()[-1] for w, e in h.errors.items() if e})
             return Restarting(reason=d.reason, failed_workers=d.lost, since=self.clock())
         if isinstance(d, Resize):
             if d.reason == "grow":
@@ -301,13 +301,13 @@ class Controller:
         self.generation += 1
         g = self.generation
         self.members = list(members)
+        self._rank_of = {w: r for r, w in enumerate(self.members)}
         host, port = self.store_addr
         per_node: dict[str, int] = {}
         for wid in self.members:
             info = self.group.infos.get(wid)
             node = info.node_id if info else "?"
             per_node[node] = per_node.get(node, 0) + 1
-        nodes_by_rank = tuple((i.node_id if (i := self.group.infos.get(w)) else "?") for w in self.members)
         nodes: dict[str, int] = {}
         assignments = {}
         for rank, wid in enumerate(self.members):
@@ -319,7 +319,7 @@ class Controller:
                 generation=g, rank=rank, world_size=len(self.members), store_host=host, store_port=port,
                 backend=self.backend, collective_timeout_s=self._failure.collective_timeout_s,
                 local_rank=local_rank, mode=mode, local_world_size=per_node[node], store_prefix=self.store_prefix,
-                gpu_ids=self._gpu_ids(wid), nodes=nodes_by_rank)
+                gpu_ids=self._gpu_ids(wid), node_id=node)
             if wid not in self._joined:
                 self._joined.add(wid)
                 self._emit_worker(Event.WORKER_STARTED, wid, generation=g,
@@ -430,7 +430,7 @@ class Controller:
     def _forward_events(self, answers: dict[int, WorkerPoll]) -> None:
         """Workers' events go to the log with who sent them; a `restored` of this generation tells
         the open incidents where the group restarted from."""
-        rank_of = {w: r for r, w in enumerate(self.members)}
+        rank_of = self._rank_of
         for wid, poll in answers.items():
             info = self.group.infos.get(wid)
             for ev in poll.events:
@@ -455,6 +455,6 @@ class Controller:
 
     def _describe(self, wid: int) -> dict[str, Any]:
         info = self.group.infos.get(wid)
-        rank = self.members.index(wid) if wid in self.members else None
+        rank = self._rank_of.get(wid)
         return {"worker": wid, "rank": rank, "pid": info.pid if info else None,
                 "node_id": info.node_id if info else None}

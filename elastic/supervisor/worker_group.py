@@ -7,7 +7,9 @@ sees worker ids; actors stay behind this class so that tests can swap in a fake 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from typing import Any, Callable, Protocol
 
 import ray
@@ -42,8 +44,25 @@ class WorkerGroup(Protocol):
     def shutdown(self) -> None: ...
 
 
+WORKER_THREADS = 4
+"""Threads of a worker actor: a watch waits in one while start, pause and stop calls use others."""
 STANDBY_IDS = 1_000_000
 """Standbys are numbered from here (a promoted one keeps its number)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Watch:
+    ref: Any
+    issued: float
+
+
+def _aged(poll: WorkerPoll | PollFailure, elapsed: float) -> WorkerPoll | PollFailure:
+    """An answer `elapsed` seconds old, with its ages as they are now (what hang detection reads)."""
+    if not isinstance(poll, WorkerPoll) or elapsed < 0.05:
+        return poll
+    waiting = poll.waiting_in_collective_s
+    return dataclasses.replace(poll, progress_age_s=poll.progress_age_s + elapsed,
+                               waiting_in_collective_s=None if waiting is None else waiting + elapsed)
 
 
 class _Slot:
@@ -57,22 +76,34 @@ RemoteSlot = ray.remote(_Slot)
 
 
 class RayWorkerGroup:
-    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, uri: str, *, lease_token: int = 0):
+    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, uri: str, *, lease_token: int = 0,
+                 worker_cls: Any = None):
+        """`worker_cls`: the actor class (default elastic's worker; the scale harness passes
+        stand-ins that speak the same protocol without torch)."""
         from elastic.worker.actor import RemoteWorker
 
+        worker_cls = worker_cls or RemoteWorker
         self._need = run.scaling.resources_per_worker
-        self._cls = RemoteWorker.options(
+        # Threaded: a watch (long poll) waits in one thread while start/pause/stop calls go through.
+        self._cls = worker_cls.options(
             num_cpus=run.scaling.cpus_per_worker,
             num_gpus=run.scaling.gpus_per_worker,
             max_restarts=0,
             max_task_retries=0,
+            max_concurrency=WORKER_THREADS,
             runtime_env={"env_vars": dict(NCCL_ENV)},
         )
         # A standby reserves nothing: it becomes a worker by taking a reservation (_Slot) of the
         # resources a worker needs, on its own node.
-        self._standby_cls = RemoteWorker
+        self._standby_cls = worker_cls
         self._standby_opts = {"num_cpus": 0, "num_gpus": 0, "max_restarts": 0, "max_task_retries": 0,
-                              "runtime_env": {"env_vars": dict(NCCL_ENV)}}
+                              "max_concurrency": WORKER_THREADS, "runtime_env": {"env_vars": dict(NCCL_ENV)}}
+        self._liveness_s = run.failure.liveness_interval_s
+        self._watches: dict[int, _Watch] = {}
+        self._by_ref: dict[ray.ObjectRef, int] = {}
+        self._latest: dict[int, tuple[WorkerPoll | PollFailure, WorkerPoll | PollFailure, float]] = {}
+        """wid -> (the newest answer as it came, the same without its events, when it came)."""
+        self._versions: dict[int, int] = {}
         self._slot_opts = {"num_cpus": run.scaling.cpus_per_worker, "num_gpus": run.scaling.gpus_per_worker,
                            "max_restarts": 0}
         self._standby_per_node = run.scaling.standby_per_node
@@ -168,6 +199,8 @@ class RayWorkerGroup:
     def start(self, assignments: dict[int, Assignment], timeout_s: float) -> list[int]:
         """Hand each worker its place in a new generation; the ids that did not accept it."""
         refs = {wid: self._actors[wid].start.remote(a) for wid, a in assignments.items() if wid in self._actors}
+        for wid in refs:
+            self._forget(wid)  # its answers from the previous generation say nothing about this one
         failed = [wid for wid in assignments if wid not in refs]
         if refs:
             ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
@@ -179,18 +212,97 @@ class RayWorkerGroup:
         return failed
 
     def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | PollFailure]:
-        refs = {wid: self._actors[wid].poll.remote() for wid in wids if wid in self._actors}
-        out: dict[int, WorkerPoll | PollFailure] = {wid: PollFailure.DEAD for wid in wids if wid not in self._actors}
-        if refs:
-            ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        """What each worker last said. Push before poll: every worker has one watch (a long poll)
+        outstanding, which it answers when it has news and at least every liveness_interval_s;
+        Ray fails it at once when the worker dies. A worker whose watch is older than
+        liveness_interval_s + timeout_s is frozen. Only a worker with no answer yet (just
+        started, or assigned a new generation) is asked directly, within timeout_s."""
+        now = time.monotonic()
+        self._harvest(now)
+        out: dict[int, WorkerPoll | PollFailure] = {}
+        ask = []
+        for wid in wids:
+            if wid not in self._actors:
+                out[wid] = PollFailure.DEAD
+                continue
+            if wid not in self._watches and not isinstance(self._latest.get(wid, (None,))[0], PollFailure):
+                self._watch(wid)
+            latest = self._latest.get(wid)
+            if latest is None:
+                ask.append(wid)
+                continue
+            first, quiet, at = latest
+            if first is not quiet:  # delivered once with its events and metrics records
+                self._latest[wid] = (quiet, quiet, at)
+            w = self._watches.get(wid)
+            if w is not None and now - w.issued > self._liveness_s + timeout_s:
+                out[wid] = PollFailure.UNRESPONSIVE
+            else:
+                out[wid] = _aged(first, now - at)
+        if ask:
+            out.update(self._ask(ask, timeout_s))
+        return out
+
+    def _watch(self, wid: int) -> None:
+        latest = self._latest.get(wid)
+        last = latest[0] if latest is not None else None
+        version = self._versions.get(wid, -1)
+        step = last.step if isinstance(last, WorkerPoll) else -1
+        ref = self._actors[wid].watch.remote(version, step, self._liveness_s)
+        self._watches[wid] = _Watch(ref, time.monotonic())
+        self._by_ref[ref] = wid
+
+    def _harvest(self, now: float) -> None:
+        """Take in every watch that answered (or failed) since the last look; re-arm them."""
+        if not self._watches:
+            return
+        refs = [w.ref for w in self._watches.values()]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in done:
+            wid = self._by_ref.pop(ref)
+            self._watches.pop(wid, None)
+            try:
+                version, poll = ray.get(ref, timeout=0)
+            except RayActorError:
+                self._latest[wid] = (PollFailure.DEAD, PollFailure.DEAD, now)
+                continue
+            except Exception:  # noqa: BLE001 - a watch that failed otherwise: ask again next time
+                continue
+            self._versions[wid] = version
+            prev = self._latest.get(wid)
+            if prev is not None and prev[0] is not prev[1] and isinstance(prev[0], WorkerPoll):
+                # The previous answer's events and records were not delivered yet: keep them.
+                poll = dataclasses.replace(poll, events=prev[0].events + poll.events,
+                                           records=prev[0].records + poll.records)
+            self._latest[wid] = (poll, dataclasses.replace(poll, events=[], records=[]) if
+                                 (poll.events or poll.records) else poll, now)
+            if wid in self._actors:
+                self._watch(wid)
+
+    def _ask(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | PollFailure]:
+        refs = {wid: self._actors[wid].poll.remote() for wid in wids}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        out: dict[int, WorkerPoll | PollFailure] = {}
+        now = time.monotonic()
         for wid, ref in refs.items():
             try:
-                out[wid] = ray.get(ref, timeout=0)
+                out[wid] = p = ray.get(ref, timeout=0)
+                quiet = dataclasses.replace(p, events=[], records=[]) if (p.events or p.records) else p
+                self._latest[wid] = (quiet, quiet, now)
             except GetTimeoutError:
                 out[wid] = PollFailure.UNRESPONSIVE
             except RayActorError:
                 out[wid] = PollFailure.DEAD
+                self._latest[wid] = (PollFailure.DEAD, PollFailure.DEAD, now)
         return out
+
+    def _forget(self, wid: int) -> None:
+        """Drop what a worker said before (it was given a new generation, or is gone)."""
+        self._latest.pop(wid, None)
+        self._versions.pop(wid, None)
+        w = self._watches.pop(wid, None)
+        if w is not None:
+            self._by_ref.pop(w.ref, None)
 
     def request_pause(self, wids: list[int]) -> None:
         for wid in wids:
@@ -208,15 +320,19 @@ class RayWorkerGroup:
                 self._actors[wid].request_stop.remote()
 
     def heartbeat(self) -> None:
-        """Tell every worker (members, spares, those still starting) that its supervisor lives."""
-        for actor in list(self._actors.values()):
-            actor.heartbeat.remote()
+        """Tell every worker without a watch outstanding (spares, standbys, those still starting)
+        that its supervisor lives; a watch tells the others."""
+        watched = set(self._watches)
+        for wid, actor in list(self._actors.items()):
+            if wid not in watched:
+                actor.heartbeat.remote()
 
     def draining_nodes(self) -> set[str]:
         """Ids of nodes Ray is draining (a preemption notice, an autoscaler scale-down)."""
         return compat.draining_node_ids() or set()
 
     def kill(self, wid: int) -> None:
+        self._forget(wid)
         actor = self._actors.pop(wid, None)
         self._info_refs.pop(wid, None)
         self.infos.pop(wid, None)

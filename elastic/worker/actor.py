@@ -62,6 +62,16 @@ class WorkerActor:
         self._heard = time.monotonic()
         return self._rt.poll()
 
+    def watch(self, version: int, step: int, timeout_s: float) -> tuple[int, WorkerPoll]:
+        """A long poll: answers when something changed since (version, step), or after timeout_s.
+        The supervisor keeps one outstanding per worker: news arrive when they happen, a death
+        fails the call at once (Ray tells the caller), and a frozen worker is one that stops
+        answering."""
+        self._heard = time.monotonic()
+        version = self._rt.s.board.wait_change(version, step, timeout_s)
+        self._heard = time.monotonic()
+        return version, self._rt.poll()
+
     def heartbeat(self) -> None:
         self._heard = time.monotonic()
 

@@ -90,9 +90,10 @@ class Services:
 
 class Generation:
     def __init__(self, groups: ProcessGroups, device: torch.device, services: Services, *,
-                 local_rank: int = 0, local_world_size: int = 1, nodes: tuple[str, ...] = ()):
+                 local_rank: int = 0, local_world_size: int = 1, node_id: str = ""):
         self.groups = groups
-        self.nodes = tuple(nodes) or ("?",) * groups.world_size
+        self.node_id = node_id or "?"
+        self._nodes: tuple[str, ...] | None = None
         self.sharded = False
         """The model was sharded with FSDP2 (prepare_model(strategy="fsdp")): buddy copies, resharding."""
         self.restore_host_bytes = 0
@@ -241,13 +242,20 @@ class Generation:
         if wait:
             self.s.snapshot.wait()
 
+    def nodes(self) -> tuple[str, ...]:
+        """Every rank's node, in rank order: gathered once per generation on the control plane, at
+        the first commit that needs them (the same one on every rank)."""
+        if self._nodes is None:
+            self._nodes = tuple(self.groups.ctrl.all_gather_json(self.node_id))
+        return self._nodes
+
     def _exchange(self, *, wait: bool = False) -> None:
         """Send the newest snapshot's rows to our buddy and take our ward's, in the background."""
         if self.world_size < 2 or self.groups.xfer is None:
             self.s.snapshot.release_previous()
             return
         snap, buddy = self.s.snapshot, self.s.buddy
-        to = reshard.buddies(list(self.nodes))
+        to = reshard.buddies(list(self.nodes()))
         ward = to.index(self.rank)  # the rank whose buddy we are
         which = snap.pin()
 

@@ -87,8 +87,9 @@ class Assignment:
     """The run's secret key prefix on the rendezvous store (handed over through Ray, never logged)."""
     gpu_ids: tuple[str, ...] = ()
     """GPUs reserved for this worker by another actor (a promoted standby reserves none itself)."""
-    nodes: tuple[str, ...] = ()
-    """The node of every rank of this generation, in rank order (buddies go on other nodes)."""
+    node_id: str = ""
+    """This rank's node (the ranks gather each other's when they need them: buddies go on other
+    nodes). Not every rank's: an assignment stays small at any world size."""
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ class WorkerRuntime:
             os.environ.update(torch_env(a.rank, a.world_size, a.local_rank, a.local_world_size))
             groups = connect(a, s.clock)
             gen = Generation(groups, device, s, local_rank=a.local_rank, local_world_size=a.local_world_size,
-                             nodes=a.nodes)
+                             node_id=a.node_id)
             ctx_mod.set_context(ctx_mod.WorkerContext(gen))
             if a.mode == "save":
                 gen.save_newest()

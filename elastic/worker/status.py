@@ -34,9 +34,17 @@ MAX_RECORDS = 100_000
 """Per-step metrics records kept between polls (the oldest go first if nobody collects them)."""
 
 
+PROGRESS_PUSH_S = 0.5
+"""A watcher hears about new steps (and rank 0's metrics) at most this often; state changes, events
+and failures at once."""
+
+
 class StatusBoard:
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self.version = 0
+        """Bumped by every change a supervisor must hear at once (state, failure, events)."""
         self._status = Status()
         self._events: list[dict[str, Any]] = []
         self._records: deque[tuple[int, float, dict[str, float]]] = deque(maxlen=MAX_RECORDS)
@@ -47,6 +55,26 @@ class StatusBoard:
     def update(self, **changes: Any) -> None:
         with self._lock:
             self._status = dataclasses.replace(self._status, **changes)
+            self._bump()
+
+    def _bump(self) -> None:
+        self.version += 1
+        self._changed.notify_all()
+
+    def wait_change(self, version: int, step: int, timeout_s: float) -> int:
+        """Block until something changed since (version, step) — at once for a state change or an
+        event, after PROGRESS_PUSH_S for a new step — or `timeout_s` passed; the current version."""
+        now = time.monotonic()
+        deadline, progress_at = now + timeout_s, now + PROGRESS_PUSH_S
+        with self._changed:
+            while self.version == version:
+                now = time.monotonic()
+                if now >= deadline or (now >= progress_at and self._status.step != step):
+                    break
+                # Steps do not notify (they come every few ms): look again at progress_at, then
+                # every tenth of a second.
+                self._changed.wait(min(deadline - now, max(progress_at - now, 0.1)))
+            return self.version
 
     def progress(self, step: int, metrics: dict[str, float] | None = None, *, merge: bool = False,
                  record: bool = False) -> None:
@@ -65,6 +93,7 @@ class StatusBoard:
     def emit(self, event: Event, **fields: Any) -> None:
         with self._lock:
             self._events.append(make(event, **fields))
+            self._bump()
 
     def take_records(self) -> list[tuple[int, float, dict[str, float]]]:
         with self._lock:
