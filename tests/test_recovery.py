@@ -93,7 +93,8 @@ def test_spares_replace_two_kills_and_the_next_spare_starts_in_the_background(re
     faults = [{"kind": "sigkill", "step": 10, "rank": 1}, {"kind": "sigkill", "step": 33, "rank": 0}]
     r = _fit(tmp_path / "run", 2, faults=faults, marker_dir=tmp_path, spares=1, step_sleep=0.3)
     assert r.ok, r.error
-    assert len(fired(tmp_path)) == 2 and r.failures == 2
+    assert len(fired(tmp_path)) == 2
+    assert r.failures == 2, [e for e in r.events if e["event"] in ("worker_failed", "group_failed")]
     started = {e["worker"]: e for e in r.events if e["event"] == "worker_started"}
     # Workers 0-2 start with the run, in the foreground: the first two ready form generation 0, the
     # third is the spare that replaces the first victim. Worker 3 is the spare asked for while the
@@ -134,10 +135,14 @@ def test_sigterm_is_a_graceful_leave_not_a_failure(ray_local, tmp_path):
     names = [e["event"] for e in r.events]
     assert "preemption_notice" in names and "worker_left" in names
     commits = [e["step"] for e in r.events if e["event"] == "checkpoint_committed"]
-    # A durable checkpoint at the step boundary where the group paused for the notice (the signal
-    # is handled on the actor's main thread, so that boundary may be a step or two later).
+    # A durable checkpoint at the step boundary where the group paused for the notice. Ranks agree
+    # on pausing every few steps when steps are short (one vote per ~50 ms, acted on at the next
+    # one), so that boundary is a few steps later, but promptly: well under a second.
     paused_at = [e["step"] for e in r.events if e["event"] == "restored" and e["generation"] == 1]
-    assert paused_at and 14 < paused_at[0] <= 18 and paused_at[0] in commits
+    assert paused_at and paused_at[0] > 14 and paused_at[0] in commits
+    notice = next(e["time"] for e in r.events if e["event"] == "preemption_notice")
+    committed = next(e["time"] for e in r.events if e["event"] == "checkpoint_committed" and e["step"] == paused_at[0])
+    assert committed - notice < 1.0, committed - notice
     assert not any(e["event"] == "worker_failed" for e in r.events)
 
 

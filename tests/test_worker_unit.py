@@ -242,3 +242,37 @@ def test_the_runtime_exchanges_everything_on_the_control_plane_never_the_trainin
 
     assert ok(run_generation(services, fn, generation=1)) == [9, 9, 9]
     assert [i.step for i in CheckpointStore(uri).list()] == [6, 9]
+
+
+def test_events_survive_a_lost_answer_and_come_once():
+    """Events wait on the worker until the supervisor acknowledges them: an answer lost in flight
+    (a long poll the supervisor stopped waiting for at a rebuild) loses nothing, and an answer that
+    comes late or twice is not delivered twice."""
+    from elastic.events import Event
+    from elastic.supervisor.worker_group import Inbox
+    from elastic.worker.protocol import WorkerPoll, WorkerState
+    from elastic.worker.status import StatusBoard
+
+    board, inbox = StatusBoard(), Inbox()
+
+    def answer() -> WorkerPoll:
+        u = board.unsent(*inbox.ack(7))
+        return WorkerPoll(state=WorkerState.RUNNING, generation=0, step=1, progress_age_s=0.0,
+                          waiting_in_collective_s=None, events=u.events, event_seq=u.event_seq,
+                          records=u.records, record_seq=u.record_seq)
+
+    board.emit(Event.CHECKPOINT_COMMITTED, step=10)
+    board.progress(10, {"loss": 1.0}, record=True)
+    lost = answer()                                    # never taken in
+    board.emit(Event.CHECKPOINT_FAILED, step=21, reason="refused")
+    late = answer()
+    got = inbox.deliver(7, inbox.take(7, late))
+    assert [e["event"] for e in got.events] == ["checkpoint_committed", "checkpoint_failed"]
+    assert [r[0] for r in got.records] == [10]
+    # The lost answer turns up after all: nothing in it is new.
+    assert inbox.deliver(7, inbox.take(7, lost)).events == []
+    # The acknowledgement reaches the worker with the next question: it drops what arrived.
+    board.emit(Event.RESTORED, step=21)
+    again = inbox.deliver(7, inbox.take(7, answer()))
+    assert [e["event"] for e in again.events] == ["restored"] and again.records == []
+    assert board.unsent(*inbox.ack(7)).events == []

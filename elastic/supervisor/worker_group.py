@@ -65,6 +65,46 @@ def _aged(poll: WorkerPoll | PollFailure, elapsed: float) -> WorkerPoll | PollFa
                                waiting_in_collective_s=None if waiting is None else waiting + elapsed)
 
 
+class Inbox:
+    """Events and metrics records on their way from the workers to the controller, each delivered
+    exactly once although answers may be lost or come twice (elastic.worker.status numbers them)."""
+
+    def __init__(self) -> None:
+        self._acks: dict[int, tuple[int, int]] = {}
+        """wid -> the newest (event, record) sequence numbers taken in: sent with each question, so
+        that the worker drops only what arrived."""
+        self._held: dict[int, tuple[list, list]] = {}
+        """wid -> events and records taken in and not handed to the controller yet."""
+
+    def ack(self, wid: int) -> tuple[int, int]:
+        return self._acks.get(wid, (0, 0))
+
+    def take(self, wid: int, poll: WorkerPoll) -> WorkerPoll:
+        """Keep what `poll` carries that is new; returns it without events and records."""
+        ev_have, rec_have = self.ack(wid)
+        events = poll.events[max(0, ev_have - poll.event_seq + 1):]
+        records = poll.records[max(0, rec_have - poll.record_seq + 1):]
+        self._acks[wid] = (max(ev_have, poll.event_seq + len(poll.events) - 1),
+                           max(rec_have, poll.record_seq + len(poll.records) - 1))
+        if events or records:
+            held = self._held.setdefault(wid, ([], []))
+            held[0].extend(events)
+            held[1].extend(records)
+        return dataclasses.replace(poll, events=[], records=[]) if (poll.events or poll.records) else poll
+
+    def deliver(self, wid: int, answer: WorkerPoll | PollFailure) -> WorkerPoll | PollFailure:
+        """`answer` with what is held for this worker (handed over once; kept for a later answer
+        when this one is a failure)."""
+        if not isinstance(answer, WorkerPoll) or wid not in self._held:
+            return answer
+        events, records = self._held.pop(wid)
+        return dataclasses.replace(answer, events=events, records=records)
+
+    def drop(self, wid: int) -> None:
+        self._acks.pop(wid, None)
+        self._held.pop(wid, None)
+
+
 class _Slot:
     """Holds a worker's CPU/GPU reservation for a promoted standby (which reserves none itself)."""
 
@@ -101,9 +141,10 @@ class RayWorkerGroup:
         self._liveness_s = run.failure.liveness_interval_s
         self._watches: dict[int, _Watch] = {}
         self._by_ref: dict[ray.ObjectRef, int] = {}
-        self._latest: dict[int, tuple[WorkerPoll | PollFailure, WorkerPoll | PollFailure, float]] = {}
-        """wid -> (the newest answer as it came, the same without its events, when it came)."""
+        self._latest: dict[int, tuple[WorkerPoll | PollFailure, float]] = {}
+        """wid -> (the newest answer, without its events and records; when it came)."""
         self._versions: dict[int, int] = {}
+        self._inbox = Inbox()
         self._slot_opts = {"num_cpus": run.scaling.cpus_per_worker, "num_gpus": run.scaling.gpus_per_worker,
                            "max_restarts": 0}
         self._standby_per_node = run.scaling.standby_per_node
@@ -214,13 +255,13 @@ class RayWorkerGroup:
     def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | PollFailure]:
         """What each worker last said. Push before poll: every worker has one watch (a long poll)
         outstanding, which it answers when it has news and at least every liveness_interval_s;
-        Ray fails it at once when the worker dies. A worker whose watch is older than
-        liveness_interval_s + timeout_s is frozen. Only a worker with no answer yet (just
-        started, or assigned a new generation) is asked directly, within timeout_s."""
+        Ray fails it at once when the worker dies. A worker with no answer yet (just started, or
+        assigned a new generation) or whose watch is older than liveness_interval_s + timeout_s
+        is asked directly, and is frozen (UNRESPONSIVE) if that goes unanswered for timeout_s."""
         now = time.monotonic()
         self._harvest(now)
         out: dict[int, WorkerPoll | PollFailure] = {}
-        ask = []
+        ask = []  # no answer yet, or a watch overdue: asked directly before being called frozen
         for wid in wids:
             if wid not in self._actors:
                 out[wid] = PollFailure.DEAD
@@ -231,14 +272,14 @@ class RayWorkerGroup:
             if latest is None:
                 ask.append(wid)
                 continue
-            first, quiet, at = latest
-            if first is not quiet:  # delivered once with its events and metrics records
-                self._latest[wid] = (quiet, quiet, at)
             w = self._watches.get(wid)
             if w is not None and now - w.issued > self._liveness_s + timeout_s:
-                out[wid] = PollFailure.UNRESPONSIVE
-            else:
-                out[wid] = _aged(first, now - at)
+                # Overdue. A loaded machine can delay one answer past the bound (a watch waits
+                # behind the worker's other calls): one direct question, within timeout_s, decides.
+                ask.append(wid)
+                continue
+            answer, at = latest
+            out[wid] = self._inbox.deliver(wid, _aged(answer, now - at))
         if ask:
             out.update(self._ask(ask, timeout_s))
         return out
@@ -248,7 +289,7 @@ class RayWorkerGroup:
         last = latest[0] if latest is not None else None
         version = self._versions.get(wid, -1)
         step = last.step if isinstance(last, WorkerPoll) else -1
-        ref = self._actors[wid].watch.remote(version, step, self._liveness_s)
+        ref = self._actors[wid].watch.remote(version, step, self._liveness_s, self._inbox.ack(wid))
         self._watches[wid] = _Watch(ref, time.monotonic())
         self._by_ref[ref] = wid
 
@@ -264,40 +305,42 @@ class RayWorkerGroup:
             try:
                 version, poll = ray.get(ref, timeout=0)
             except RayActorError:
-                self._latest[wid] = (PollFailure.DEAD, PollFailure.DEAD, now)
+                self._latest[wid] = (PollFailure.DEAD, now)
                 continue
             except Exception:  # noqa: BLE001 - a watch that failed otherwise: ask again next time
                 continue
             self._versions[wid] = version
-            prev = self._latest.get(wid)
-            if prev is not None and prev[0] is not prev[1] and isinstance(prev[0], WorkerPoll):
-                # The previous answer's events and records were not delivered yet: keep them.
-                poll = dataclasses.replace(poll, events=prev[0].events + poll.events,
-                                           records=prev[0].records + poll.records)
-            self._latest[wid] = (poll, dataclasses.replace(poll, events=[], records=[]) if
-                                 (poll.events or poll.records) else poll, now)
+            self._keep(wid, poll, now)
             if wid in self._actors:
                 self._watch(wid)
 
+    def _keep(self, wid: int, poll: WorkerPoll, now: float) -> None:
+        """Store a worker's newest answer (its events and records wait in the inbox)."""
+        self._latest[wid] = (self._inbox.take(wid, poll), now)
+
     def _ask(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | PollFailure]:
-        refs = {wid: self._actors[wid].poll.remote() for wid in wids}
+        refs = {wid: self._actors[wid].poll.remote(self._inbox.ack(wid)) for wid in wids}
         ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
         out: dict[int, WorkerPoll | PollFailure] = {}
         now = time.monotonic()
         for wid, ref in refs.items():
             try:
-                out[wid] = p = ray.get(ref, timeout=0)
-                quiet = dataclasses.replace(p, events=[], records=[]) if (p.events or p.records) else p
-                self._latest[wid] = (quiet, quiet, now)
+                self._keep(wid, ray.get(ref, timeout=0), now)
+                out[wid] = self._inbox.deliver(wid, self._latest[wid][0])
+                w = self._watches.get(wid)
+                if w is not None:  # it answered: its watch, if overdue, counts from now
+                    self._watches[wid] = _Watch(w.ref, now)
             except GetTimeoutError:
                 out[wid] = PollFailure.UNRESPONSIVE
             except RayActorError:
                 out[wid] = PollFailure.DEAD
-                self._latest[wid] = (PollFailure.DEAD, PollFailure.DEAD, now)
+                self._latest[wid] = (PollFailure.DEAD, now)
         return out
 
     def _forget(self, wid: int) -> None:
-        """Drop what a worker said before (it was given a new generation, or is gone)."""
+        """Drop what a worker said before (it was given a new generation). Its events and records
+        are kept: those taken in wait here, the rest wait unacknowledged on the worker (a watch
+        still in flight is never looked at, and the next answer carries what it took)."""
         self._latest.pop(wid, None)
         self._versions.pop(wid, None)
         w = self._watches.pop(wid, None)
@@ -333,6 +376,7 @@ class RayWorkerGroup:
 
     def kill(self, wid: int) -> None:
         self._forget(wid)
+        self._inbox.drop(wid)
         actor = self._actors.pop(wid, None)
         self._info_refs.pop(wid, None)
         self.infos.pop(wid, None)

@@ -40,11 +40,8 @@ class WorkerActor:
             fn: Callable[[dict], Any] = ray.get(fn_box[0], timeout=FN_FETCH_TIMEOUT_S)
             self._rt: WorkerRuntime = WorkerRuntime(fn, run, uri, lease_token)
             # A spot VM gets SIGTERM before it is reclaimed: turn it into a graceful leave at the next
-            # step boundary instead of dying mid-step. Sync actors run __init__ on the main thread.
-            try:
-                signal.signal(signal.SIGTERM, lambda *_: self._rt.request_preempt())
-            except ValueError:
-                pass
+            # step boundary instead of dying mid-step.
+            _on_sigterm(self._rt.request_preempt)
             _warm_up()
         self._background = lowered
         self._heard = time.monotonic()
@@ -58,11 +55,11 @@ class WorkerActor:
     def start(self, assignment: Assignment) -> None:
         self._rt.start(assignment)
 
-    def poll(self) -> WorkerPoll:
+    def poll(self, ack: tuple[int, int] = (0, 0)) -> WorkerPoll:
         self._heard = time.monotonic()
-        return self._rt.poll()
+        return self._rt.poll(ack)
 
-    def watch(self, version: int, step: int, timeout_s: float) -> tuple[int, WorkerPoll]:
+    def watch(self, version: int, step: int, timeout_s: float, ack: tuple[int, int] = (0, 0)) -> tuple[int, WorkerPoll]:
         """A long poll: answers when something changed since (version, step), or after timeout_s.
         The supervisor keeps one outstanding per worker: news arrive when they happen, a death
         fails the call at once (Ray tells the caller), and a frozen worker is one that stops
@@ -70,7 +67,7 @@ class WorkerActor:
         self._heard = time.monotonic()
         version = self._rt.s.board.wait_change(version, step, timeout_s)
         self._heard = time.monotonic()
-        return version, self._rt.poll()
+        return version, self._rt.poll(ack)
 
     def heartbeat(self) -> None:
         self._heard = time.monotonic()
@@ -91,6 +88,32 @@ class WorkerActor:
                 # Nothing may outlive the run: not this process, nor a checkpoint it would commit
                 # (the lease fences that too). No Ray call: Ray may be gone with the driver.
                 os._exit(1)
+
+
+def _on_sigterm(action: Callable[[], None]) -> None:
+    """Run `action` promptly when SIGTERM arrives. A Python signal handler runs only when the main
+    thread executes bytecode, and in a threaded actor the main thread sits in Ray's task loop (C++)
+    for as long as the actor lives: the notice would wait for whatever wakes it, seconds or never.
+    Python's C-level handler also writes the signal number to the wakeup fd, from whichever thread
+    the kernel picked, so a thread reading that pipe acts at once. Both paths call `action`, which
+    is idempotent. __init__ of an actor runs on the main thread, where both may be installed."""
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: action())
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread (a test hosting the actor class in-process)
+        return
+
+    def read() -> None:
+        while True:
+            data = os.read(r, 64)
+            if not data:
+                return
+            if signal.SIGTERM in data:
+                action()
+
+    threading.Thread(target=read, name="elastic-sigterm", daemon=True).start()
 
 
 def _warm_up() -> None:

@@ -107,7 +107,12 @@ class WorkerPoll:
     preempted: bool = False
     park_reason: ParkReason | None = None
     records: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)
-    """(step, unix time, metrics) of each step committed since the last poll (rank 0 only)."""
+    """(step, unix time, metrics) of each step committed and not acknowledged yet (rank 0 only)."""
+    event_seq: int = 1
+    """The sequence number of events[0]: the supervisor acknowledges what it has taken in, and skips
+    what it already has when an item comes again (elastic.worker.status)."""
+    record_seq: int = 1
+    """The sequence number of records[0]."""
 
     def __post_init__(self) -> None:
         # Accept the names too (a test's fake group, an older worker): always hold the members.

@@ -42,6 +42,7 @@ class WorkerRuntime:
         self.run = run
         self.s = Services(run, uri, lease_token=lease_token)
         self._thread: threading.Thread | None = None
+        self._notice_lock = threading.RLock()
 
     # -- called from the actor's thread ---------------------------------------------------------
     def start(self, assignment: Assignment) -> None:
@@ -57,16 +58,17 @@ class WorkerRuntime:
                                         name=f"elastic-gen{assignment.generation}", daemon=True)
         self._thread.start()
 
-    def poll(self) -> WorkerPoll:
+    def poll(self, ack: tuple[int, int] = (0, 0)) -> WorkerPoll:
+        """What this worker says; `ack`: the (event, record) sequence numbers the supervisor has."""
         st = self.s.board.get()
-        events = self.s.board.take_events()
+        unsent = self.s.board.unsent(*ack)
         waiting = self.s.clock.waiting_since
         now = time.monotonic()
         return WorkerPoll(
             state=st.state, generation=st.generation, step=st.step, progress_age_s=now - st.last_progress,
             waiting_in_collective_s=None if waiting is None else now - waiting, metrics=dict(st.metrics),
-            events=events, failure=st.failure, preempted=self.s.notice.is_set(), park_reason=st.park_reason,
-            records=self.s.board.take_records(),
+            events=unsent.events, failure=st.failure, preempted=self.s.notice.is_set(), park_reason=st.park_reason,
+            records=unsent.records, event_seq=unsent.event_seq, record_seq=unsent.record_seq,
         )
 
     def request_pause(self) -> None:
@@ -74,10 +76,12 @@ class WorkerRuntime:
 
     def request_preempt(self) -> None:
         """A preemption notice: commit at the next agreed boundary and leave; this worker goes."""
-        if not self.s.notice.is_set():
+        with self._notice_lock:  # the signal handler and the wakeup-fd reader may both call this
+            if self.s.notice.is_set():
+                return
             self.s.notice.set()
-            self.s.leave.set()
-            self.s.board.emit(Event.PREEMPTION_NOTICE, pid=os.getpid())
+        self.s.leave.set()
+        self.s.board.emit(Event.PREEMPTION_NOTICE, pid=os.getpid())
 
     def request_stop(self) -> None:
         """The driver is stopping the run: commit at the next agreed boundary and leave."""

@@ -2,7 +2,11 @@
 writes it) and the actor thread (which reads it for poll()).
 
 The status is an immutable record replaced as a whole under a lock, so a poll never sees half of
-an update; events and rank 0's per-step metrics wait in queues until the next poll collects them.
+an update. Events and rank 0's per-step metrics wait in queues until the supervisor acknowledges
+them: every item has a sequence number, an answer carries every item past the acknowledgement the
+question came with, and only an acknowledged item is dropped. An answer lost on the way (a long
+poll the supervisor stopped waiting for when it gave the worker a new generation) loses nothing:
+the next answer carries the same items again, and the supervisor skips those it already has.
 """
 
 from __future__ import annotations
@@ -31,7 +35,19 @@ class Status:
 
 
 MAX_RECORDS = 100_000
-"""Per-step metrics records kept between polls (the oldest go first if nobody collects them)."""
+"""Per-step metrics records kept until acknowledged (the oldest go first if nobody collects them)."""
+MAX_EVENTS = 10_000
+"""Events kept until acknowledged (the oldest go first if nobody collects them)."""
+
+
+@dataclass(frozen=True)
+class Unsent:
+    """Items not acknowledged yet: `events[i]` has sequence number `event_seq + i` (records alike)."""
+
+    events: list[dict[str, Any]]
+    event_seq: int
+    records: list[tuple[int, float, dict[str, float]]]
+    record_seq: int
 
 
 PROGRESS_PUSH_S = 0.5
@@ -46,8 +62,10 @@ class StatusBoard:
         self.version = 0
         """Bumped by every change a supervisor must hear at once (state, failure, events)."""
         self._status = Status()
-        self._events: list[dict[str, Any]] = []
-        self._records: deque[tuple[int, float, dict[str, float]]] = deque(maxlen=MAX_RECORDS)
+        self._events: deque[dict[str, Any]] = deque()
+        self._records: deque[tuple[int, float, dict[str, float]]] = deque()
+        self._event_seq = 1  # the sequence number of _events[0] (of the next event when empty)
+        self._record_seq = 1
 
     def get(self) -> Status:
         return self._status
@@ -87,21 +105,46 @@ class StatusBoard:
                 fresh = {k: float(v) for k, v in metrics.items()}
                 new = {**s.metrics, **fresh} if merge else fresh
                 if record:
+                    if len(self._records) >= MAX_RECORDS:
+                        self._records.popleft()
+                        self._record_seq += 1
                     self._records.append((step, time.time(), fresh))
             self._status = dataclasses.replace(s, step=step, metrics=new, last_progress=time.monotonic())
 
     def emit(self, event: Event, **fields: Any) -> None:
         with self._lock:
+            if len(self._events) >= MAX_EVENTS:
+                self._events.popleft()
+                self._event_seq += 1
             self._events.append(make(event, **fields))
             self._bump()
 
+    def unsent(self, event_ack: int = 0, record_ack: int = 0) -> Unsent:
+        """Drop the items up to these acknowledged sequence numbers; the rest, still kept."""
+        with self._lock:
+            self._event_seq = _drop_upto(self._events, self._event_seq, event_ack)
+            self._record_seq = _drop_upto(self._records, self._record_seq, record_ack)
+            return Unsent(list(self._events), self._event_seq, list(self._records), self._record_seq)
+
     def take_records(self) -> list[tuple[int, float, dict[str, float]]]:
+        """Every record kept, acknowledged at once (a reader in the same process)."""
         with self._lock:
             records = list(self._records)
-            self._records.clear()
+            self._record_seq = _drop_upto(self._records, self._record_seq, self._record_seq + len(records) - 1)
         return records
 
     def take_events(self) -> list[dict[str, Any]]:
+        """Every event kept, acknowledged at once (a reader in the same process)."""
         with self._lock:
-            events, self._events = self._events, []
+            events = list(self._events)
+            self._event_seq = _drop_upto(self._events, self._event_seq, self._event_seq + len(events) - 1)
         return events
+
+
+def _drop_upto(items: deque, first_seq: int, ack: int) -> int:
+    """Drop the items numbered up to `ack` from the front of `items` (numbered from `first_seq`);
+    the sequence number of the new front."""
+    for _ in range(min(len(items), max(0, ack - first_seq + 1))):
+        items.popleft()
+        first_seq += 1
+    return first_seq
