@@ -13,13 +13,15 @@ from chaos_tests.schedules import Schedule, draw
 pytestmark = pytest.mark.timeout(120)
 
 CASES = [  # kind, schedule, workers, seed
-    ("sigkill", Schedule.AT_STEP, 2, 1),
-    ("segfault", Schedule.CASCADE, 3, 2),
+    # sigkill, sigterm and the spent budget have their own tests in tests/test_recovery.py: here
+    # they run with -m slow, to keep the default run within CI's time.
+    pytest.param("sigkill", Schedule.AT_STEP, 2, 1, marks=pytest.mark.slow),
+    pytest.param("segfault", Schedule.CASCADE, 3, 2, marks=pytest.mark.slow),
     ("freeze", Schedule.RANDOM_TIME, 2, 3),
     ("hang", Schedule.DURING_CHECKPOINT, 2, 4),
-    ("raise", Schedule.SEVERAL, 3, 5),
+    pytest.param("raise", Schedule.SEVERAL, 3, 5, marks=pytest.mark.slow),  # the loader test kills several
     pytest.param("stall", Schedule.DURING_REBUILD, 3, 6, marks=pytest.mark.chaos_full),  # ~27 s: full runs only
-    ("sigterm", Schedule.AT_STEP, 3, 7),
+    pytest.param("sigterm", Schedule.AT_STEP, 3, 7, marks=pytest.mark.slow),
     ("break_comm", Schedule.AT_STEP, 3, 9),
 ]
 
@@ -35,6 +37,7 @@ def test_chaos(chaos_ray, rules_dir, tmp_path, chaos_seed, kind, schedule, worke
     harness.check(out, ref, exact=plan.exact, expect_markers=plan.n_faults)
 
 
+@pytest.mark.slow
 def test_failure_budget_spent_ends_with_error_and_checkpoint(chaos_ray, tmp_path, chaos_seed):
     plan = draw("sigkill", Schedule.CASCADE, chaos_seed(8), 2)
     job = plan.job(tmp_path, max_failures=1)

@@ -35,6 +35,7 @@ def test_corrupt_shard_then_all_workers_lost_falls_back(chaos_ray, rules_dir, tm
     assert restored and all(int(e["source"].split(":")[1]) < corrupted for e in restored), restored
 
 
+@pytest.mark.slow  # test_nodes kills the supervisor and resumes
 def test_supervisor_killed_then_resume(chaos_ray, rules_dir, tmp_path, chaos_seed):
     plan = draw("kill_supervisor", Schedule.AT_STEP, chaos_seed(13), 2)
     job, ref = _run(plan, tmp_path, rules_dir)

@@ -17,6 +17,7 @@ def test_parse_seconds():
     assert tool.main(["file:///nowhere", "--faults", "node_remove"]) == 2
 
 
+@pytest.mark.slow  # the tool's faults are the chaos suite's, run by every chaos test
 def test_tool_against_a_live_run(chaos_ray, tmp_path, chaos_seed):
     seed = chaos_seed(21)
     job = harness.Job(root=tmp_path, workers=2, steps=60, step_sleep=0.05, storage_wrapper=False)

@@ -120,6 +120,7 @@ def test_a_submitted_job_trains_on_the_cluster_it_was_submitted_to(tmp_path):
     assert not head.pids()
 
 
+@pytest.mark.slow  # the address resolution it exercises has unit tests
 def test_two_fits_of_different_sizes_in_one_process(tmp_path):
     """The second, larger run replaces the local cluster elastic started for the first (which would
     have waited and failed "cannot place")."""

@@ -107,7 +107,8 @@ def test_spares_replace_two_kills_and_the_next_spare_starts_in_the_background(re
     assert_models_equal(reference[2], final_model(str(tmp_path / "run")))
 
 
-@pytest.mark.parametrize("kind", [pytest.param("hang", marks=SLOW), pytest.param("freeze", marks=SLOW), "stall"])
+@pytest.mark.parametrize("kind", [pytest.param("hang", marks=SLOW), pytest.param("freeze", marks=SLOW),
+                                  pytest.param("stall", marks=SLOW)])  # the chaos subset freezes and hangs
 def test_frozen_or_hung_worker_is_killed_and_replaced(reference, tmp_path, kind):
     r = _fit(tmp_path / "run", 2, faults=[{"kind": kind, "step": 15, "rank": 1}], marker_dir=tmp_path)
     assert r.ok, r.error
@@ -146,6 +147,7 @@ def test_sigterm_is_a_graceful_leave_not_a_failure(ray_local, tmp_path):
     assert not any(e["event"] == "worker_failed" for e in r.events)
 
 
+@SLOW  # a knob's bound; every default-run recovery checks lost steps
 def test_sparser_snapshots_lose_at_most_that_many_steps(reference, tmp_path):
     r = _fit(tmp_path / "run", 2, faults=[{"kind": "sigkill", "step": 17, "rank": 1}], marker_dir=tmp_path,
              snapshot_every_n_steps=5)

@@ -23,7 +23,8 @@ def _fit(uri: str, steps: int, workers: int = 2, **cfg) -> elastic.Result:
     ).fit(quiet=True)
 
 
-@pytest.mark.parametrize("workers", [2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.slow  # test_ownership stops a run with SIGTERM and resumes it to the same model
+@pytest.mark.parametrize("workers", [2, 3])
 def test_stop_and_resume_equals_straight_run(ray_local, tmp_path, workers):
     straight = tmp_path / "straight"
     split = tmp_path / "split"
@@ -38,6 +39,7 @@ def test_stop_and_resume_equals_straight_run(ray_local, tmp_path, workers):
     assert_models_equal(final_model(str(straight)), final_model(str(split)))
 
 
+@pytest.mark.slow  # every run's events are checked by the recovery and chaos tests
 def test_event_log_records_the_run(ray_local, tmp_path):
     r = _fit(str(tmp_path / "ev"), 20)
     names = [e["event"] for e in read_events(str(tmp_path / "ev"))]
@@ -50,6 +52,7 @@ def test_event_log_records_the_run(ray_local, tmp_path):
     assert r.metrics["loss"] > 0
 
 
+@pytest.mark.slow  # test_checkpoint_dist reshards 2 -> 3 -> 2 through the same loader
 def test_resume_at_another_world_size_continues(ray_local, tmp_path):
     uri = str(tmp_path / "reshard")
     _fit(uri, 20, workers=2)

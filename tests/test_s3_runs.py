@@ -62,6 +62,7 @@ def test_a_run_in_my_bucket_refuses_a_second_driver_and_resumes(s3_ray):
     assert [i.step for i in CheckpointStore(uri).list()][-1] == 50
 
 
+@pytest.mark.slow  # the refused-second-driver test trains in a bucket too
 def test_a_fresh_run_in_bucket_of_checkpoints(s3_ray):
     r = fit("s3://bucket-of-checkpoints/fresh", 10)
     assert r.ok, r.error

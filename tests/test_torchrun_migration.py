@@ -37,6 +37,7 @@ def test_the_training_function_changes_in_a_few_lines_only():
         assert gone not in code, gone
 
 
+@pytest.mark.slow  # the diff check runs by default; this runs the example
 def test_the_moved_script_runs_under_elastic_run(ray_local, tmp_path):
     uri = f"file://{tmp_path}/run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
