@@ -53,6 +53,7 @@ def test_a_thousand_workers_through_a_failure_a_shrink_and_a_grow():
     assert wall < 1.0, f"{wall:.2f}s: the controller's own work grew too costly at {n} workers"
 
 
+@pytest.mark.timeout(300)  # 50 stand-ins take ~60 s to start on 2 cores
 @pytest.mark.parametrize("n", [pytest.param(16), pytest.param(50, marks=pytest.mark.slow)])
 def test_stand_ins_on_real_ray_a_killed_one_is_detected_within_the_bound(n):
     """Real Ray, the real RayWorkerGroup and controller, N stand-in workers (no torch, no CPU

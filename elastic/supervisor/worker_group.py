@@ -261,7 +261,7 @@ class RayWorkerGroup:
         now = time.monotonic()
         self._harvest(now)
         out: dict[int, WorkerPoll | PollFailure] = {}
-        ask = []  # no answer yet, or a watch overdue: asked directly before being called frozen
+        ask, overdue = [], []  # no answer yet; a watch overdue: each asked directly
         for wid in wids:
             if wid not in self._actors:
                 out[wid] = PollFailure.DEAD
@@ -273,15 +273,16 @@ class RayWorkerGroup:
                 ask.append(wid)
                 continue
             w = self._watches.get(wid)
-            if w is not None and now - w.issued > self._liveness_s + timeout_s:
-                # Overdue. A loaded machine can delay one answer past the bound (a watch waits
-                # behind the worker's other calls): one direct question, within timeout_s, decides.
-                ask.append(wid)
+            if w is not None and now - w.issued > self._liveness_s + timeout_s / 2:
+                # Overdue. A loaded machine can delay one answer (a watch waits behind the worker's
+                # other calls): a direct question decides, within the other half of timeout_s, so
+                # a frozen worker is still found within liveness_interval_s + timeout_s.
+                overdue.append(wid)
                 continue
             answer, at = latest
             out[wid] = self._inbox.deliver(wid, _aged(answer, now - at))
-        if ask:
-            out.update(self._ask(ask, timeout_s))
+        if ask or overdue:
+            out.update(self._ask(ask, timeout_s, overdue, timeout_s / 2))
         return out
 
     def _watch(self, wid: int) -> None:
@@ -318,9 +319,15 @@ class RayWorkerGroup:
         """Store a worker's newest answer (its events and records wait in the inbox)."""
         self._latest[wid] = (self._inbox.take(wid, poll), now)
 
-    def _ask(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | PollFailure]:
-        refs = {wid: self._actors[wid].poll.remote(self._inbox.ack(wid)) for wid in wids}
-        ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    def _ask(self, wids: list[int], timeout_s: float, overdue: tuple[int, ...] | list[int] = (),
+             overdue_timeout_s: float = 0.0) -> dict[int, WorkerPoll | PollFailure]:
+        """Ask `wids` (within timeout_s) and `overdue` (within overdue_timeout_s) directly."""
+        refs = {wid: self._actors[wid].poll.remote(self._inbox.ack(wid)) for wid in [*wids, *overdue]}
+        t0 = time.monotonic()
+        if overdue:
+            ray.wait([refs[w] for w in overdue], num_returns=len(overdue), timeout=overdue_timeout_s)
+        if wids:
+            ray.wait([refs[w] for w in wids], num_returns=len(wids), timeout=max(0.0, timeout_s - (time.monotonic() - t0)))
         out: dict[int, WorkerPoll | PollFailure] = {}
         now = time.monotonic()
         for wid, ref in refs.items():
