@@ -22,7 +22,7 @@ CASES = [  # kind, schedule, workers, seed
     pytest.param("raise", Schedule.SEVERAL, 3, 5, marks=pytest.mark.slow),  # the loader test kills several
     pytest.param("stall", Schedule.DURING_REBUILD, 3, 6, marks=pytest.mark.chaos_full),  # ~27 s: full runs only
     pytest.param("sigterm", Schedule.AT_STEP, 3, 7, marks=pytest.mark.slow),
-    ("break_comm", Schedule.AT_STEP, 3, 9),
+    pytest.param("break_comm", Schedule.AT_STEP, 3, 9, marks=pytest.mark.slow),  # the matrix runs it at 2-4
 ]
 
 

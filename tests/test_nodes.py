@@ -134,6 +134,7 @@ def test_supervisor_death_stops_workers_and_run_resumes(cluster, tmp_path):
     assert r.ok and restored[0]["source"] == f"checkpoint:{latest.step}"
 
 
+@pytest.mark.slow  # test_recovery's SIGTERM takes the same commit-and-leave path; test_compat reads drains
 def test_ray_node_drain_is_a_preemption_not_a_failure(cluster, tmp_path):
     import ray
     from ray.core.generated import autoscaler_pb2
