@@ -37,26 +37,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, dt: float) -> None:
-        self.t += dt
 
 
 # -- (a) simulated ---------------------------------------------------------------------------
 def sim_one(n: int, fault: str, per_node: int = 8) -> dict[str, Any]:
     from elastic.config import FailureConfig, RunConfig, ScalingConfig
     from elastic.supervisor.controller import Controller
-    from elastic.supervisor.simulated import NullEvents, SimulatedGroup
+    from elastic.supervisor.simulated import ManualClock, NullEvents, SimulatedGroup
     from elastic.supervisor.states import Starting, StateType
 
     group = SimulatedGroup(n, per_node=per_node)
-    clock = _Clock()
+    clock = ManualClock()
     events = NullEvents(watch=("group_failed",))
     run = RunConfig(scaling=ScalingConfig(min_workers=max(1, n // 2), max_workers=n),
                     failure=FailureConfig(max_failures=5, poll_timeout_s=2, collective_timeout_s=5))

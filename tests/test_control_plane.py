@@ -10,22 +10,13 @@ import pytest
 
 from elastic.config import FailureConfig, RunConfig, ScalingConfig
 from elastic.supervisor.controller import Controller
-from elastic.supervisor.simulated import NullEvents, SimulatedGroup
+from elastic.supervisor.simulated import ManualClock as Clock, NullEvents, SimulatedGroup
 from elastic.supervisor.states import Finished
 from storage_fixtures import moto_s3  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, dt: float) -> None:
-        self.t += dt
 
 
 def test_a_thousand_workers_through_a_failure_a_shrink_and_a_grow():

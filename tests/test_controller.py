@@ -12,21 +12,15 @@ import pytest
 from elastic.config import FailureConfig, RunConfig, ScalingConfig
 from elastic.supervisor import policy
 from elastic.supervisor.controller import Controller
+from elastic.supervisor.simulated import ManualClock
 from elastic.supervisor.states import StateType
 from elastic.worker.protocol import WorkerInfo, WorkerPoll
 
 pytestmark = pytest.mark.timeout(30)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, dt: float) -> None:
-        self.t += dt
+def FakeClock() -> ManualClock:  # noqa: N802 - the tests' name for it
+    return ManualClock(1000.0)
 
 
 class Events:

@@ -18,6 +18,19 @@ from typing import Any, Callable
 from elastic.worker.protocol import Assignment, ParkReason, PollFailure, WorkerInfo, WorkerPoll, WorkerState
 
 
+class ManualClock:
+    """The controller's clock in a simulation: time moves only when the controller sleeps."""
+
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, dt: float) -> None:
+        self.t += dt
+
+
 class SimulatedGroup:
     def __init__(self, capacity: int, *, per_node: int = 8, steps: int = 10**9,
                  wall: Callable[[], float] = time.perf_counter):
