@@ -256,8 +256,9 @@ class RayWorkerGroup:
         """What each worker last said. Push before poll: every worker has one watch (a long poll)
         outstanding, which it answers when it has news and at least every liveness_interval_s;
         Ray fails it at once when the worker dies. A worker with no answer yet (just started, or
-        assigned a new generation) or whose watch is older than liveness_interval_s + timeout_s
-        is asked directly, and is frozen (UNRESPONSIVE) if that goes unanswered for timeout_s."""
+        assigned a new generation) is asked directly within timeout_s; one whose watch is older
+        than liveness_interval_s + timeout_s / 2 is asked within the other half. Unanswered, it is
+        frozen (UNRESPONSIVE)."""
         now = time.monotonic()
         self._harvest(now)
         out: dict[int, WorkerPoll | PollFailure] = {}
