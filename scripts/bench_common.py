@@ -17,8 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -205,8 +210,7 @@ def elastic_train(config: dict) -> None:
     ctx.restore(state)
     t_restored = time.time()
     ddp = ctx.prepare_model(model)
-    with open(os.path.join(config["run_dir"], "phases.log"), "a") as f:  # where the re-entry time goes
-        f.write(f"{ctx.generation} {ctx.rank} {t_enter:.6f} {t_setup:.6f} {t_restored:.6f} {time.time():.6f}\n")
+    write_phase(config["run_dir"], ctx.generation, ctx.rank, t_enter, t_setup, t_restored)  # where re-entry goes
     sampler = make_sampler()
     faults = parse_faults(config.get("faults", []))
     steps = config["steps"]
@@ -254,3 +258,69 @@ def phase_breakdown(run_dir: str | os.PathLike, rec: Recovery) -> dict[str, floa
     entered = max(p[2] for p in ph)
     restored = max(p[4] for p in ph)
     return {"restart": entered - rec.kill_time, "restore": restored - entered, "first": rec.first_new_time - restored}
+
+
+# -- processes: ports, process trees, torchrun jobs -----------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc): torchrun's workers live in sessions of their own."""
+    kids: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(p.name))
+    out, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def run_torchrun(script: str, cfg: dict, *, world: int, restarts: int, fresh_store: bool, timeout: float) -> dict:
+    """One torchrun job running `script --torchrun-worker cfg.json` on `world` local ranks; the whole
+    process tree is killed when it ends or runs past `timeout`. fresh_store: a new rendezvous store
+    per restart (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; the shared default makes restarted workers read
+    the previous attempt's addresses)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if fresh_store:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    cfg_path = os.path.join(cfg["run_dir"], "cfg.json")
+    Path(cfg_path).write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--nnodes=1",
+           f"--max-restarts={restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+           f"--rdzv-id={uuid.uuid4().hex[:8]}", "--monitor-interval=0.1", os.path.abspath(script),
+           "--torchrun-worker", cfg_path]
+    t0 = time.time()
+    with open(os.path.join(cfg["run_dir"], "torchrun.log"), "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc: int | None = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            kill_tree(proc)
+    return {"rc": rc, "timed_out": rc is None, "total_s": time.time() - t0}
+
+
+def write_phase(run_dir: str, gen: int, rank: int, entered: float, setup: float, restored: float) -> None:
+    """One line of phases.log (see read_phases): when this rank entered, set up, restored, was ready."""
+    with open(os.path.join(run_dir, "phases.log"), "a") as f:
+        f.write(f"{gen} {rank} {entered:.6f} {setup:.6f} {restored:.6f} {time.time():.6f}\n")

@@ -6,6 +6,9 @@ Arms (2 ranks, bench_common's job, global batch 64, checkpoint every C=20 steps,
   torchrun-default  the same with torchrun's default shared store (bounded by --timeout; a stall is reported)
   raytrain          Ray Train TorchTrainer + FailureConfig, checkpoints through ray.train.report
   elastic           elastic, no spare;  elastic+spare: elastic with spares=1
+  torchft           TorchFT 0.2 (peers_torchft.py): a lighthouse, one replica group per rank, each under
+                    torchrun --max-restarts; the restarted group heals from the live one. Its
+                    failure-free run (one, first) gives its steady-state step time.
 Every fault-tolerant arm runs --kills separate runs; in each, rank 1 SIGKILLs itself at the top of
 step --kill-step (elastic.chaos.faults; marker = pid + kill time). Rank 0 of every arm logs a
 timestamp per completed step (bench_common.StepLog), from which recovery (kill → first step of the
@@ -25,8 +28,6 @@ T_START = time.time()  # a torchrun worker's process start, before torch is impo
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import uuid  # noqa: E402
@@ -100,61 +101,11 @@ def _loop(cfg: dict, ddp: Any, opt: Any, x: Any, y: Any, rank: int, world: int, 
 
 
 def _phase(cfg: dict, gen: int, rank: int, entered: float, setup: float, restored: float) -> None:
-    with open(os.path.join(cfg["run_dir"], "phases.log"), "a") as f:
-        f.write(f"{gen} {rank} {entered:.6f} {setup:.6f} {restored:.6f} {time.time():.6f}\n")
-
-
-def _descendants(pid: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(p.name))
-    out, todo = [], [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            out.append(k)
-            todo.append(k)
-    return out
+    bc.write_phase(cfg["run_dir"], gen, rank, entered, setup, restored)
 
 
 def run_torchrun(cfg: dict, *, restarts: int, fresh_store: bool, timeout: float) -> dict:
-    """One torchrun job; the whole process tree is killed when it ends or runs past `timeout`."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if fresh_store:
-        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    cfg_path = os.path.join(cfg["run_dir"], "cfg.json")
-    Path(cfg_path).write_text(json.dumps(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}", "--nnodes=1",
-           f"--max-restarts={restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
-           f"--rdzv-id={uuid.uuid4().hex[:8]}", "--monitor-interval=0.1", os.path.abspath(__file__),
-           "--torchrun-worker", cfg_path]
-    t0 = time.time()
-    with open(os.path.join(cfg["run_dir"], "torchrun.log"), "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc: int | None = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            for pid in [*_descendants(proc.pid), proc.pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            proc.wait()
-    return {"rc": rc, "timed_out": rc is None, "total_s": time.time() - t0}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return bc.run_torchrun(__file__, cfg, world=WORLD, restarts=restarts, fresh_store=fresh_store, timeout=timeout)
 
 
 # -- the Ray Train worker --------------------------------------------------------------------------
@@ -241,9 +192,19 @@ def one_run(arm: str, root: str, i: int, args: argparse.Namespace, kill: bool, s
                             timeout=args.timeout)
     elif arm == "raytrain":
         info = run_raytrain(cfg)
+    elif arm == "torchft":
+        import peers_torchft
+
+        r = peers_torchft.run_torchft_arm(run_dir, cfg["marker_dir"], kill_step=args.kill_step if kill else None,
+                                          steps=cfg["steps"], every=args.every, ranks=WORLD,
+                                          timeout_s=3 * args.timeout, restarts=cfg["restarts"])
+        info = {"ok": bool(r["final_model"]), "timed_out": r["timed_out"], "total_s": r["total_s"],
+                "error": "; ".join(e for es in r["errors"].values() for e in es)[:300] or None,
+                "healed": r["healed"]}
     else:
         info = run_elastic(cfg, spares=1 if arm == "elastic+spare" else 0)
     a = bc.analyze_run(run_dir, cfg["marker_dir"])
+    info["final"] = final_params(arm, run_dir, cfg["steps"])
     recs = [{**r.__dict__, **bc.phase_breakdown(run_dir, r)} for r in a.recoveries]
     done = max((s for s, _, _ in a.steps), default=0)
     out = {"arm": arm, "run": i, **info, "steps_done": done, "finished": done >= cfg["steps"],
@@ -257,6 +218,34 @@ def one_run(arm: str, root: str, i: int, args: argparse.Namespace, kill: bool, s
     return out
 
 
+def final_params(arm: str, run_dir: str, steps: int) -> str | None:
+    """The path of a file holding the run's final parameters (a state dict), where the arm leaves
+    them at step `steps`: torchrun's last synchronous save, elastic's newest checkpoint, TorchFT's
+    final.pt. Ray Train's are not read (None)."""
+    import torch
+
+    out = os.path.join(run_dir, "final_params.pt")
+    if arm in ("ddp", "torchrun", "torchrun-default"):
+        p = os.path.join(run_dir, "ckpt.pt")
+        sd = torch.load(p) if os.path.exists(p) else None
+        model = sd["model"] if sd and sd["step"] == steps else None
+    elif arm.startswith("elastic"):
+        from elastic.checkpoint import CheckpointStore
+
+        store = CheckpointStore(os.path.join(run_dir, "ckpt"))
+        latest = store.latest()
+        model = store.load_full()["model"] if latest is not None and latest.step == steps else None
+    elif arm == "torchft":
+        p = os.path.join(run_dir, "final.pt")
+        model = torch.load(p) if os.path.exists(p) else None
+    else:
+        model = None
+    if model is None:
+        return None
+    torch.save(model, out)
+    return out
+
+
 def available_arms(requested: list[str]) -> tuple[list[str], dict[str, str]]:
     missing = {}
     if "raytrain" in requested:
@@ -264,14 +253,24 @@ def available_arms(requested: list[str]) -> tuple[list[str], dict[str, str]]:
             import ray.train.torch  # noqa: F401
         except Exception as exc:  # noqa: BLE001
             missing["raytrain"] = f"not importable ({type(exc).__name__}); pip install 'ray[train]==2.60.0'"
+    if "torchft" in requested:
+        import shutil
+
+        try:
+            import torchft  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            missing["torchft"] = f"not importable ({type(exc).__name__}); pip install 'torchft>=0.2'"
+        else:
+            if not shutil.which("torchft_lighthouse", path=os.path.dirname(sys.executable)):
+                missing["torchft"] = "torchft_lighthouse not found next to this Python"
     return [a for a in requested if a not in missing], missing
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--torchrun-worker", help=argparse.SUPPRESS)
-    ap.add_argument("--arms", nargs="+", default=["ddp", "torchrun", "torchrun-default", "raytrain", "elastic",
-                                                  "elastic+spare"])
+    ap.add_argument("--arms", nargs="+", default=["ddp", "torchrun", "torchrun-default", "raytrain", "torchft",
+                                                  "elastic", "elastic+spare"])
     ap.add_argument("--kills", type=int, default=1, help="separate runs with one kill per fault-tolerant arm")
     ap.add_argument("--default-store-kills", type=int, default=None, help="runs for torchrun-default (default --kills)")
     ap.add_argument("--steps", type=int, default=120)
@@ -289,14 +288,16 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="bench_peers_")
     before = bc.machine_note()
     runs: list[dict] = []
-    torch_arms = [a for a in arms if a in ("ddp", "torchrun", "torchrun-default")]
+    torch_arms = [a for a in arms if a in ("ddp", "torchrun", "torchrun-default", "torchft")]
     ray_arms = [a for a in arms if a not in torch_arms]
     if torch_arms and not args.no_warmup:
         one_run("ddp", root, -1, args, kill=False, steps=30)  # warm-up: page cache, imports
     for arm in torch_arms:
         n = args.ddp_runs if arm == "ddp" else (args.default_store_kills or args.kills) \
             if arm == "torchrun-default" else args.kills
-        runs += [one_run(arm, root, i, args, kill=arm != "ddp") for i in range(n)]
+        if arm == "torchft":  # one failure-free run first: its step time and its own final model
+            runs.append(one_run(arm, root, 0, args, kill=False))
+        runs += [one_run(arm, root, i + (arm == "torchft"), args, kill=arm != "ddp") for i in range(n)]
     if ray_arms:
         import ray
 
@@ -313,13 +314,31 @@ def main() -> None:
 
 
 # -- report ----------------------------------------------------------------------------------------
-PEERS = ["ddp", "torchrun", "torchrun-default", "raytrain"]
+PEERS = ["ddp", "torchrun", "torchrun-default", "raytrain", "torchft"]
 ELASTIC = ["elastic", "elastic+spare"]
+
+
+def equal_runs(rs: list[dict], baseline: str | None) -> str:
+    """'k/n': runs whose final parameters are torch.equal to the failure-free DDP run's ('—' when
+    the arm leaves none or there is no baseline)."""
+    import torch
+
+    paths = [r.get("final") for r in rs]
+    if baseline is None or not any(paths):
+        return "—"
+    base = torch.load(baseline)
+    eq = 0
+    for p in paths:
+        if p:
+            got = torch.load(p)
+            eq += got.keys() == base.keys() and all(torch.equal(got[k], base[k]) for k in base)
+    return f"{eq}/{len(rs)}"
 
 
 def summarize(runs: list[dict], arm: str) -> dict[str, Any]:
     rs = [r for r in runs if r["arm"] == arm]
     recs = [r["recoveries"][0] for r in rs if r["recoveries"]]
+    baseline = next((r["final"] for r in runs if r["arm"] == "ddp" and r.get("final")), None)
     pooled = [t for r in rs for t in r["step_times"]]
     return {"runs": len(rs), "finished": sum(r["finished"] for r in rs), "timed_out": sum(bool(r.get("timed_out"))
                                                                                        for r in rs),
@@ -328,7 +347,8 @@ def summarize(runs: list[dict], arm: str) -> dict[str, Any]:
             "restart_s": [x["restart"] for x in recs if x["restart"] is not None],
             "restore_s": [x["restore"] for x in recs if x["restore"] is not None],
             "first_s": [x["first"] for x in recs if x["first"] is not None],
-            "total_s": [r["total_s"] for r in rs], "stall_s": [s for r in rs for s in r["ckpt_stalls"]]}
+            "total_s": [r["total_s"] for r in rs], "stall_s": [s for r in rs for s in r["ckpt_stalls"]],
+            "equal_to_ddp": equal_runs(rs, baseline)}
 
 
 def ratio(e: float | None, p: float | None) -> str:
@@ -346,7 +366,7 @@ def report(runs: list[dict], missing: dict[str, str], args: argparse.Namespace, 
     rows = []
     for a in args.arms:
         if a in missing:
-            rows.append([a, "—", "—", f"MISSING: {missing[a]}"] + ["—"] * 8)
+            rows.append([a, "—", "—", f"MISSING: {missing[a]}"] + ["—"] * 9)
             continue
         s = S[a]
         fin = f"{s['finished']}/{s['runs']}" + (f" ({s['timed_out']} timed out >{args.timeout:g}s)"
@@ -355,11 +375,12 @@ def report(runs: list[dict], missing: dict[str, str], args: argparse.Namespace, 
                      bc.spread(s["recovery_s"], "{:.2f}"), bc.spread(s["restart_s"], "{:.2f}"),
                      bc.spread(s["restore_s"], "{:.2f}"), bc.spread(s["first_s"], "{:.3f}"),
                      bc.spread(s["lost"], "{:.0f}"), bc.spread(s["total_s"], "{:.1f}"),
-                     bc.spread(s["stall_s"], "{:.4f}")])
+                     bc.spread(s["stall_s"], "{:.4f}"), s["equal_to_ddp"]])
     bc.print_table(["arm", "finished", "step s", "÷ DDP", "recovery", "restart", "restore", "first step", "lost",
-                    "total", "ckpt stall"], rows)
+                    "total", "ckpt stall", "= DDP"], rows)
     print("  restart = kill → every rank of the new group is in the training code; restore = → state loaded;"
-          " first step = → first step completed")
+          " first step = → first step completed; = DDP: runs whose final parameters are torch.equal to the"
+          " failure-free DDP run's")
     metrics = [("step s", "step_s", False), ("recovery s", "recovery_s", True), ("lost steps", "lost", True),
                ("total s", "total_s", True), ("ckpt stall s", "stall_s", True)]
     peers = [p for p in PEERS if p in S]

@@ -43,29 +43,34 @@ def cluster():
     c.shutdown()
 
 
-def _trainer(uri: str, steps: int, min_w: int, max_w: int, step_sleep: float = 0.0) -> elastic.ElasticTrainer:
+def _trainer(uri: str, steps: int, min_w: int, max_w: int, step_sleep: float = 0.0,
+             strategy: str = "ddp") -> elastic.ElasticTrainer:
     return elastic.ElasticTrainer(
         # No dropout: random masks are drawn per rank, so they change with the world size.
-        jobs.train, train_loop_config={"steps": steps, "step_sleep": step_sleep, "dropout": 0.0},
+        jobs.train, train_loop_config={"steps": steps, "step_sleep": step_sleep, "dropout": 0.0, "strategy": strategy},
         scaling=elastic.ScalingConfig(min_workers=min_w, max_workers=max_w, placement_timeout_s=30, grow_interval_s=0.5),
         checkpoint=elastic.CheckpointConfig(uri=uri, every_n_steps=10),
         failure=elastic.FailureConfig(max_failures=5, collective_timeout_s=8, poll_timeout_s=2))
 
 
-def test_node_removed_then_added_world_shrinks_and_grows(cluster, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_node_removed_then_added_world_shrinks_and_grows(cluster, tmp_path, strategy):
+    """fsdp: the lost node's rank had its buddy on the head node, so its rows come back from that
+    copy (no storage read), resharded 3 -> 2, and again 2 -> 3 when the node returns."""
     import ray
 
     extra = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     wait_for(lambda: ray.cluster_resources().get("CPU", 0) >= 3, 30, "the new node's CPU")
     ref_uri = str(tmp_path / "ref")
-    assert _trainer(ref_uri, 120, 3, 3).fit(quiet=True).ok
+    assert _trainer(ref_uri, 120, 3, 3, strategy=strategy).fit(quiet=True).ok
     uri = str(tmp_path / "run")
     actions: list[str] = []
     result: dict = {}
     # Ray's Cluster must be driven from the main thread, so the run goes to a background thread.
     t = threading.Thread(target=lambda: result.setdefault(
-        "r", _trainer(uri, 120, 2, 3, step_sleep=0.12).fit(raise_on_failure=False, quiet=True)), daemon=True)
+        "r", _trainer(uri, 120, 2, 3, step_sleep=0.12, strategy=strategy).fit(raise_on_failure=False, quiet=True)),
+        daemon=True)
     # 0.12 s steps: after the loss the run has ~10 s left for the joined node's worker to start
     # (a cold actor importing torch: 2-5 s on a loaded 2-core machine) and join at a boundary.
     t.start()
@@ -84,6 +89,9 @@ def test_node_removed_then_added_world_shrinks_and_grows(cluster, tmp_path):
     sizes = [e["world_size"] for e in r.events if e["event"] == "group_built"]
     assert sizes[0] == 3 and 2 in sizes and sizes[-1] == 3, sizes
     assert any(e["event"] == "resized" for e in r.events)  # growth is a resize, not a failure
+    if strategy == "fsdp":  # every state after the first came from memory: own rows and buddy copies
+        later = {e["source"] for e in r.events if e["event"] == "restored" and e["generation"] > 0}
+        assert later and later <= {"memory", "buddy"}, later
     cluster.remove_node(joined)  # leave the cluster as the module found it
     ref, got = final_model(ref_uri), final_model(uri)
     for k in ref:

@@ -39,6 +39,20 @@ def test_choose_takes_the_newest_step_every_old_rank_is_held_at():
     assert choose([Holding(0, 3, ((0, 7), (2, 7))), Holding(1, 3, ((2, 7), (0, 7)))]) is None
 
 
+
+def test_two_lost_ranks_whose_buddy_copies_are_a_step_apart_meet_at_the_older_step():
+    """Old world 4, old ranks 0 and 2 died as exchanges of step 16 were under way: old rank 0's copy
+    (at old rank 1) completed at 16, old rank 2's (at old rank 3) did not. The buddies' previous
+    copies (BuddyCopies.previous) make step 15 complete, instead of falling back to storage."""
+    holdings = [Holding(0, 4, ((1, 16), (1, 15), (0, 16), (0, 15))), Holding(1, 4, ((3, 16), (3, 15), (2, 15), (2, 14))),
+                Holding(2, 0, ()), Holding(3, 0, ())]
+    src = choose(holdings)
+    assert src is not None and src.step == 15 and src.holder == {0: 0, 1: 0, 2: 1, 3: 1}, src
+    # Without the previous copies there is no common step.
+    assert choose([Holding(0, 4, ((1, 16), (1, 15), (0, 16))), Holding(1, 4, ((3, 16), (3, 15), (2, 15))),
+                   Holding(2, 0, ()), Holding(3, 0, ())]) is None
+
+
 @pytest.mark.parametrize("old,new", [(2, 3), (3, 2), (4, 3), (3, 4), (2, 2), (4, 1)])
 def test_pieces_cover_every_new_row_exactly_once_from_a_holder(old, new):
     rows = [7, 1, 16, 5]

@@ -7,7 +7,10 @@ of the rank whose buddy it is, on a gloo group of its own (the training thread k
 control plane meanwhile; collectives of two threads on one group could interleave differently on
 different ranks). The copy being received goes to a second buffer set: the newest complete copy
 stays intact until the next one has fully arrived, so a failure during the exchange still finds a
-complete copy one step older.
+complete copy one step older. That older copy is also kept (`previous`) until the next exchange
+starts writing over it: when two ranks die, their buddies' newest copies may be one step apart (one
+exchange had finished, the other was cut short), and the older step is then the newest one at which
+every lost rank's rows are still held.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class BuddyCopies:
         self._sets = [HostBuffers(), HostBuffers()]
         self._next = 0
         self.complete: Copy | None = None
+        self.previous: Copy | None = None
+        """The copy before `complete`, in the other buffer set, until an exchange writes there."""
         self._thread: threading.Thread | None = None
         self.error: str | None = None
         self.bytes_sent = 0
@@ -58,6 +63,7 @@ class BuddyCopies:
         `to` and receiving rank `frm`'s rows, in the background. `ready()` blocks until `mine` holds
         the snapshot; `done()` is called when the exchange ended, whatever its outcome."""
         self.wait()
+        self.previous = None  # its buffers are the ones this exchange receives into
         target = self._sets[self._next]
         # Where rank `frm`'s rows of each tensor go: shaped by the layout every rank knows.
         recv_specs = []
@@ -74,6 +80,7 @@ class BuddyCopies:
                 works += [xfer.send(t, to, tag) for tag, (_, t) in enumerate(mine) if t.numel()]
                 for w in works:
                     w.wait()
+                self.previous = self.complete
                 self.complete = Copy(old_rank=frm, old_world=world, step=step,
                                      tensors={p: dst[p] for p, _ in mine})
                 self.bytes_sent += sum(t.numel() * t.element_size() for _, t in mine)
@@ -88,12 +95,14 @@ class BuddyCopies:
         self._thread.start()
 
     def release_spare(self) -> None:
-        """Free the set that does not hold the complete copy (a copy that will never complete)."""
+        """Free the set that does not hold the complete copy, unless it holds the previous one (a
+        copy cut short will never complete)."""
         self.wait()
-        self._sets[self._next].release()
+        if self.previous is None:
+            self._sets[self._next].release()
 
     def clear(self) -> None:
         self.wait()
-        self.complete = None
+        self.complete = self.previous = None
         for s in self._sets:
             s.release()

@@ -182,8 +182,11 @@ class Generation:
         if source in ("memory", "buddy"):
             self._capture(state, wait=True)
         if source != "fresh":
-            s.buddy.clear()  # copies of the old layout: this group's are exchanged now, before training
-            self._exchange(wait=True)
+            # Copies of the old layout go; this group's are exchanged in the background while the
+            # first step runs, as after every snapshot (the next commit waits for it): a failure in
+            # that step finds no buddy copy and falls back to the checkpoint, which is correct.
+            s.buddy.clear()
+            self._exchange()
         return self._restored(state, source, last_committed)
 
     # -- model -----------------------------------------------------------------------------

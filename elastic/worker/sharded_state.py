@@ -32,10 +32,10 @@ def holding(s: Any, new_rank: int) -> reshard.Holding:
         if snap.previous is not None:
             copies.append((snap.origin[0], snap.previous[0]))
         old_world = snap.origin[1]
-    c = buddy.complete
-    if c is not None and (old_world in (0, c.old_world)):
-        copies.append((c.old_rank, c.step))
-        old_world = c.old_world
+    for c in (buddy.complete, buddy.previous):
+        if c is not None and (old_world in (0, c.old_world)):
+            copies.append((c.old_rank, c.step))
+            old_world = c.old_world
     return reshard.Holding(new_rank, old_world, tuple(copies))
 
 
@@ -50,13 +50,14 @@ def agree(groups: Any, s: Any, durable: int, last_committed: int) -> tuple[resha
 def _held(s: Any, source: reshard.Source) -> dict[int, dict[Path, torch.Tensor]]:
     """The rows this rank holds at source.step, by old rank."""
     out: dict[int, dict[Path, torch.Tensor]] = {}
-    snap, c = s.snapshot, s.buddy.complete
+    snap = s.snapshot
     if snap.origin is not None and snap.step == source.step:
         out[snap.origin[0]] = dict(snap.tensors)
     elif snap.origin is not None and snap.previous is not None and snap.previous[0] == source.step:
         out[snap.origin[0]] = snap.previous[1]
-    if c is not None and c.step == source.step:
-        out[c.old_rank] = c.tensors
+    for c in (s.buddy.complete, s.buddy.previous):
+        if c is not None and c.step == source.step:
+            out[c.old_rank] = c.tensors
     return out
 
 
@@ -90,11 +91,22 @@ def restore(groups: Any, s: Any, state: Any, source: reshard.Source) -> str:
     own = _own_values(s, source.step) if groups.rank == h0 else None
     header = {"values": [[list(p), v] for p, v in own[1]]} if own is not None else None
     header = groups.ctrl.broadcast_json(header, h0)
+    # One broadcast per dtype, not per tensor: AdamW alone has a step counter per parameter (hundreds
+    # of scalars), and each collective costs a round trip.
+    by_dtype: dict[torch.dtype, list[tuple[Path, torch.Tensor]]] = {}
     for path, t in replicated:
-        buf = own[0][path].clone() if own is not None else torch.empty(t.shape, dtype=t.dtype)
-        groups.ctrl.broadcast_(buf, h0)
+        by_dtype.setdefault(t.dtype, []).append((path, t))
+    for dtype, group in by_dtype.items():
+        if own is not None:
+            flat = torch.cat([own[0][path].reshape(-1) for path, _ in group])
+        else:
+            flat = torch.empty(sum(t.numel() for _, t in group), dtype=dtype)
+        groups.ctrl.broadcast_(flat, h0)
+        at = 0
         with torch.no_grad():
-            t.copy_(buf)
+            for _, t in group:
+                t.copy_(flat[at:at + t.numel()].view(t.shape))
+                at += t.numel()
     values = [(tuple(p), v) for p, v in header["values"]]
     sd = tree.build([*tree.tensor_leaves(template), *values])
     state.load_state_dict(like_template(template, sd))
