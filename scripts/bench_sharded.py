@@ -343,7 +343,8 @@ def targets(S: dict, args: argparse.Namespace) -> list[dict]:
                     "got": "—" if not (e and f) else f"{e / f:.2f}× ({e:.3f} s vs {f:.3f} s)"})
         x = max(S[(w, "buddy")]["restore_x_shard"], default=None) if (w, "buddy") in S else None
         out.append({"what": f"{w} ranks: host memory during a buddy restore ≤ {TARGETS['restore_host_x_shard']:g}× the shard",
-                    "ok": None if x is None else x <= TARGETS["restore_host_x_shard"],
+                    # + 1e-3: the snapshot also holds the replicated per-parameter step counters (~1e-5)
+                    "ok": None if x is None else x <= TARGETS["restore_host_x_shard"] + 1e-3,
                     "got": "—" if x is None else f"{x:.2f}×"})
     return out
 
