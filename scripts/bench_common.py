@@ -324,3 +324,36 @@ def write_phase(run_dir: str, gen: int, rank: int, entered: float, setup: float,
     """One line of phases.log (see read_phases): when this rank entered, set up, restored, was ready."""
     with open(os.path.join(run_dir, "phases.log"), "a") as f:
         f.write(f"{gen} {rank} {entered:.6f} {setup:.6f} {restored:.6f} {time.time():.6f}\n")
+
+
+# -- plots -----------------------------------------------------------------------------------------
+def plot_step_panels(panels: Sequence[tuple[str, Sequence[dict]]], path: str | os.PathLike, *,
+                     origin: Any, xlabel: str) -> bool:
+    """One panel per (title, runs): per arm, the steps rank 0 completed against wall time (its first
+    run with steps), × at each kill. origin(run) -> the wall time plotted as 0. False when
+    matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(9, 7 * len(panels)), 5), squeeze=False)
+    for ax, (title, runs) in zip(axes[0], panels):
+        for arm in dict.fromkeys(r["arm"] for r in runs):
+            r = next((x for x in runs if x["arm"] == arm and x["steps"]), None)
+            if r is None:
+                continue
+            t0 = origin(r)
+            line, = ax.plot([t - t0 for _, t, _ in r["steps"]], [s for s, _, _ in r["steps"]], ".-", ms=3, label=arm)
+            for rec in r["recoveries"]:
+                ax.plot(rec["kill_time"] - t0, rec["kill_step"], "x", ms=10, color=line.get_color())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("step completed (rank 0)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True

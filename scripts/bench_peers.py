@@ -432,30 +432,8 @@ def targets(S: dict[str, dict]) -> list[dict]:
 
 
 def plot(runs: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for arm in dict.fromkeys(r["arm"] for r in runs):
-        r = next(x for x in runs if x["arm"] == arm)
-        if not r["steps"]:
-            continue
-        t = [tt - r["t_launch"] for _, tt, _ in r["steps"]]
-        line, = ax.plot(t, [s for s, _, _ in r["steps"]], ".", ms=2, label=arm)
-        for rec in r["recoveries"]:
-            ax.plot(rec["kill_time"] - r["t_launch"], rec["kill_step"], "x", ms=10, color=line.get_color())
-    ax.set_xlabel("wall time since launch (s)")
-    ax.set_ylabel("step completed (rank 0)")
-    ax.set_title("One run per arm; × = SIGKILL of rank 1")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return True
+    return bc.plot_step_panels([("One run per arm; × = SIGKILL of rank 1", runs)], path,
+                               origin=lambda r: r["t_launch"], xlabel="wall time since launch (s)")
 
 
 if __name__ == "__main__":

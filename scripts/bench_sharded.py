@@ -350,32 +350,8 @@ def targets(S: dict, args: argparse.Namespace) -> list[dict]:
 
 
 def plot(runs: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    worlds = sorted({r["world"] for r in runs})
-    fig, axes = plt.subplots(1, len(worlds), figsize=(7 * len(worlds), 4.5), squeeze=False)
-    for ax, w in zip(axes[0], worlds):
-        for arm in dict.fromkeys(r["arm"] for r in runs):
-            r = next((x for x in runs if x["arm"] == arm and x["world"] == w and x["steps"]), None)
-            if r is None:
-                continue
-            t0 = r["steps"][0][1]
-            line, = ax.plot([t - t0 for _, t, _ in r["steps"]], [s for s, _, _ in r["steps"]], ".-", ms=3, label=arm)
-            for rec in r["recoveries"]:
-                ax.plot(rec["kill_time"] - t0, rec["kill_step"], "x", ms=10, color=line.get_color())
-        ax.set_xlabel("seconds since the first step")
-        ax.set_ylabel("step completed (rank 0)")
-        ax.set_title(f"{w} ranks; × = SIGKILL")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return True
+    panels = [(f"{w} ranks; × = SIGKILL", [r for r in runs if r["world"] == w]) for w in sorted({r["world"] for r in runs})]
+    return bc.plot_step_panels(panels, path, origin=lambda r: r["steps"][0][1], xlabel="seconds since the first step")
 
 
 if __name__ == "__main__":
