@@ -68,14 +68,13 @@ def breakdown(events: list[dict], rec: bc.Recovery, kill_pid: int) -> dict[str, 
 
 
 def kill_runs(workers: int, spares: int, kills: int, per_run: int, gap: int, every: int, root: str,
-              replacement: str = "wait") -> list[dict]:
+              replacement: str = "wait", first: int = 30) -> list[dict]:
     out: list[dict] = []
     run = 0
     while len(out) < kills:
         n = min(per_run, kills - len(out))
         run_dir = tempfile.mkdtemp(prefix=f"w{workers}s{spares}r{run}_", dir=root)
         marker_dir = os.path.join(run_dir, "markers")
-        first = 30
         faults = [{"kind": "sigkill", "step": first + i * gap, "rank": 1 + i % (workers - 1)} for i in range(n)]
         cfg = {"steps": first + (n - 1) * gap + 40, "every": every, "run_dir": run_dir, "marker_dir": marker_dir,
                "faults": faults}
@@ -153,6 +152,8 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=2, help="kills per (workers, spares) configuration")
     ap.add_argument("--kills-per-run", type=int, default=5, help="kills inside one run, --gap steps apart")
     ap.add_argument("--gap", type=int, default=300, help="steps between kills in one run (lets a new spare warm up)")
+    ap.add_argument("--first", type=int, default=30,
+                    help="step of the first kill (the node standby starts 10 s into a group: kill later to measure it)")
     ap.add_argument("--every", type=int, default=20, help="checkpoint interval (steps)")
     ap.add_argument("--joins", type=int, default=1)
     ap.add_argument("--continue-mode", action="store_true",
@@ -172,7 +173,8 @@ def main() -> None:
         try:
             for w in args.workers:
                 for s, mode in configs(args):
-                    kills += kill_runs(w, s, args.kills, args.kills_per_run, args.gap, args.every, root, mode)
+                    kills += kill_runs(w, s, args.kills, args.kills_per_run, args.gap, args.every, root, mode,
+                                       first=args.first)
         finally:
             ray.shutdown()
     joins = join_runs(args.joins, args.every, root) if args.joins else []
