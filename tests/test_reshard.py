@@ -103,3 +103,57 @@ def test_executing_a_plan_over_gloo_rebuilds_each_new_ranks_rows_without_a_full_
         own = sum((b - a) * t[0].numel() * t.element_size() for t, (a, b) in
                   ((t, row_chunks(t.shape[0], 2)[r]) for t in full))
         assert out[r][1] <= own
+
+
+def test_buddy_copies_keep_the_previous_copy_until_the_next_exchange_writes_over_it():
+    """Two ranks in one process over gloo, each the other's buddy: after the exchanges of steps 1
+    and 2 each holds the other's rows at 2 (complete) and, intact, at 1 (previous); release_spare
+    keeps the previous copy; the next exchange gives it up before writing into its buffers."""
+    from elastic.worker.buddy import BuddyCopies
+
+    store = dist.HashStore()
+    shards = {("w",): ((4, 3), (0, 0))}
+    seen: dict = {}
+    errors: list = []
+
+    def rank(r: int) -> None:
+        try:
+            pg = Collectives(dist.ProcessGroupGloo(dist.PrefixStore("b", store), r, 2, timedelta(seconds=20)),
+                             CollectiveClock())
+            b = BuddyCopies()
+
+            def rows(step: int) -> list:
+                return [(("w",), torch.full((2, 3), float(10 * step + r)))]
+
+            for step in (1, 2):
+                b.exchange(pg, me=r, world=2, to=1 - r, frm=1 - r, step=step, mine=rows(step), shards=shards,
+                           ready=lambda: None, done=lambda: None)
+                b.wait(20)
+            before = b.nbytes
+            b.release_spare()
+            seen[r] = {"complete": (b.complete.step, b.complete.tensors[("w",)].clone()),
+                       "previous": (b.previous.step, b.previous.tensors[("w",)].clone()),
+                       "kept": b.nbytes == before}
+            go = threading.Event()
+            b.exchange(pg, me=r, world=2, to=1 - r, frm=1 - r, step=3, mine=rows(3), shards=shards,
+                       ready=lambda: go.wait(20), done=lambda: None)
+            seen[r]["given_up"] = b.previous is None  # before a byte of step 3 arrived
+            go.set()
+            b.wait(20)
+            seen[r]["after"] = (b.complete.step, b.previous.step, b.error)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    ts = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(40)
+    assert not errors and len(seen) == 2, errors
+    for r in range(2):
+        other = 1 - r
+        step, t = seen[r]["complete"]
+        assert step == 2 and torch.equal(t, torch.full((2, 3), 20.0 + other))
+        step, t = seen[r]["previous"]
+        assert step == 1 and torch.equal(t, torch.full((2, 3), 10.0 + other))
+        assert seen[r]["kept"] and seen[r]["given_up"] and seen[r]["after"] == (3, 2, None)
