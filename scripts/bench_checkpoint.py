@@ -7,6 +7,9 @@ Compares, for one ~N MB state (model-like tensors plus Adam-like moments):
   elastic sync     Checkpointer(async_save=False): stall until the manifest is committed
   elastic async    Checkpointer(async_save=True): stall = copy into reused host buffers + plan;
                    durable = committed manifest (the write runs on a background thread)
+  elastic staged   the runtime's path: the state handed over is already a host copy nobody writes
+                   to (the per-step snapshot's buffers, staged=True), so no copy at all: durable =
+                   plan + write + commit. Write throughput is measured on this row.
 Reports medians of --repeats runs. Usage: python scripts/bench_checkpoint.py [--mb 100] [--dir D]
 """
 
@@ -80,6 +83,7 @@ def main() -> None:
 
     ck_sync = Checkpointer(os.path.join(root, "sync"), async_save=False, keep_last=1)
     ck_async = Checkpointer(os.path.join(root, "async"), async_save=True, keep_last=1)
+    ck_staged = Checkpointer(os.path.join(root, "staged"), async_save=True, keep_last=1)
     first_async: tuple[float, float] | None = None
     try:
         for r in range(args.repeats):
@@ -105,6 +109,12 @@ def main() -> None:
                 first_async = (stall, durable)  # includes allocating the host buffers
             else:
                 add("elastic async (reused buffers)", stall, durable)
+            t0 = time.perf_counter()
+            ck_staged.save(state, step=r + 1, rank=0, world_size=1, pg=None, store=None, staged=True)
+            stall = time.perf_counter() - t0
+            info = ck_staged.wait(timeout_s=600)
+            assert info is not None, ck_staged.last_error
+            add("elastic staged (snapshot buffers)", stall, time.perf_counter() - t0)
             for p in os.listdir(root):  # keep the disk from filling up
                 if p.startswith(("raw", "ts", "dcp")):
                     full = os.path.join(root, p)
@@ -131,7 +141,11 @@ def main() -> None:
         durable = statistics.median(v[1] for v in asy)
         print(f"\nmemcpy floor (copy into reused buffers): {floor:.4f} s; async stall / floor = {stall / floor:.2f} "
               f"(target <= 3); torch.save / async stall = {base / stall:.1f}x (target >= 5)")
-        print(f"async write throughput / raw write = {raw / durable:.2f} (target >= 0.8)")
+        print(f"async save throughput (copy included) / raw write = {raw / durable:.2f}")
+    staged = rows.get("elastic staged (snapshot buffers)")
+    if staged:
+        durable = statistics.median(v[1] for v in staged)
+        print(f"write throughput (staged, the runtime's path) / raw write = {raw / durable:.2f} (target >= 0.8)")
     print(f"step time while a save is writing / idle step time = {inflation:.3f} (target <= 1.10)")
 
 

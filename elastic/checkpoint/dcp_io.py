@@ -40,14 +40,20 @@ from elastic.checkpoint.layout import CHECKSUM, FileEntry, checksum, hasher
 from elastic.errors import CheckpointCorruptError, CheckpointError
 
 
+_WRITE_BEHIND = 8 << 20  # bytes written between two write-behind requests
+
+
 class _HashingStream(io.RawIOBase):
-    """A write stream that counts and checksums every byte on its way to the real file."""
+    """A write stream that counts and checksums every byte on its way to the real file, and starts
+    the disk write of every few MB already written (write-behind), so that the fsync on close does
+    not wait for the whole file."""
 
     def __init__(self, raw: Any) -> None:
         super().__init__()
         self._raw = raw
         self.size = 0
         self._hash = hasher(CHECKSUM)
+        self._behind = 0  # bytes up to here have had their writeback started
 
     @property
     def crc(self) -> int:
@@ -61,6 +67,10 @@ class _HashingStream(io.RawIOBase):
         self._raw.write(mv)
         self._hash.update(mv)
         self.size += len(mv)
+        if self.size - self._behind >= _WRITE_BEHIND:
+            self._raw.flush()
+            storage.start_writeback(self._raw, self._behind, self.size - self._behind)
+            self._behind = self.size
         return len(mv)
 
     def tell(self) -> int:
