@@ -485,3 +485,36 @@ def test_a_dead_worker_is_replaced_by_the_standby_on_its_node_without_waiting_fo
     gen1 = [w for w, gen, _ in g.starts if gen == 1]
     assert g.promoted[0] in gen1 and len(gen1) == 2
     assert ctl.failures == 1 and ctl.recoveries[0]["world_size"] == 2
+
+
+def test_standbys_wait_for_the_first_group_only_and_a_promoted_one_is_replaced_at_once():
+    from dataclasses import replace
+
+    from elastic.supervisor.policy import DefaultPolicy
+
+    g = StandbyGroup(capacity=2, steps=400)
+    g.die_at = {1: 200}
+    ctl, events, clock = make(g)
+    ctl.run = replace(ctl.run, policy=DefaultPolicy(standby_after_s=5.0))
+    ctl.policy = ctl.run.policy
+    built: dict[int, float] = {}  # generation -> when its workers were started
+    created: list[float] = []  # when each standby was started
+    start, ensure = g.start, g.ensure_standbys
+
+    def timed_start(assignments: dict, timeout_s: float) -> list[int]:
+        built.setdefault(next(iter(assignments.values())).generation, clock())
+        return start(assignments, timeout_s)
+
+    def timed_ensure(node_ids: set[str]) -> None:
+        before = len(g.standby_of)
+        ensure(node_ids)
+        created.extend([clock()] * (len(g.standby_of) - before))
+
+    g.start, g.ensure_standbys = timed_start, timed_ensure
+    run_states(ctl)
+    assert len(g.promoted) == 1 and sorted(built) == [0, 1]
+    first = [t for t in created if t < built[1]]
+    after = [t for t in created if t >= built[1]]
+    assert len(first) == 2 and min(first) >= built[0] + 5.0  # the first start-up is left alone
+    # The promoted standby's successor: at once, not standby_after_s into the new group.
+    assert len(after) == 1 and after[0] - built[1] < 1.0, (built, created)

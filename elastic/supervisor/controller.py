@@ -72,8 +72,9 @@ class Controller:
         self.newest_step = 0
         """The newest step any worker reported (parked ones included: they hold it)."""
         self._lost_nodes: list[str] = []
-        self._built_at = 0.0
         """Nodes of the workers lost since the last group was built (their standbys replace them)."""
+        self._first_built_at: float | None = None
+        """When the run's first group was built: standbys start policy.standby_after_s later."""
 
     # -- loop --------------------------------------------------------------------------------
     def run_to_end(self) -> State:
@@ -154,7 +155,10 @@ class Controller:
         assert isinstance(d, Continue)
         self._watch_drains()
         self._top_up(background=True)
-        if self.clock() - self._built_at >= self.policy.standby_after_s:
+        # Only the run's first start-up is worth protecting from a standby's torch import: after a
+        # rebuild a promoted standby's successor starts at once, so that the next failure (often
+        # soon after the first, on the same spot pool) still finds a warm one.
+        if self._first_built_at is not None and self.clock() - self._first_built_at >= self.policy.standby_after_s:
             self.group.ensure_standbys({i.node_id for w in self.members if (i := self.group.infos.get(w)) is not None})
         self.sleep(self._failure.poll_interval_s)
         return state
@@ -334,7 +338,8 @@ class Controller:
                          members=[self._describe(w) for w in self.members])
         self.progress.world_size = len(self.members)
         self.progress.generation = g
-        self._built_at = self.clock()
+        if self._first_built_at is None:
+            self._first_built_at = self.clock()
         self._rate.reset()
         return Running(generation=g)
 

@@ -152,8 +152,9 @@ class DefaultPolicy:
     drain_check_interval_s: float = 1.0
     """How often the supervisor asks Ray which nodes are draining."""
     standby_after_s: float = 10.0
-    """Standbys (ScalingConfig.standby_per_node) are started once a group has trained this long: their
-    start-up (importing torch) would compete with the first steps, and an early failure is rare."""
+    """Standbys (ScalingConfig.standby_per_node) are started once the run's first group has trained this
+    long: their start-up (importing torch) would compete with every rank's own, and an early failure
+    is rare. After a rebuild, the successor of a promoted standby starts at once."""
     final_save_timeout_s: float | None = None
     """Bound on the survivors' final save when a run ends unfinished; None: 2 x collective_timeout_s
     + poll_timeout_s (a settle round and the save's own collectives)."""
