@@ -75,6 +75,9 @@ def test_loader_processes_die_with_their_rank():
         it = iter(make_loader(ds, global_batch_size=10, start_step=0, rank=0, world_size=1, num_workers=2,
                               persistent_workers=True))
         next(it)
+        # Both workers must be past their init (a worker still starting when its rank dies is
+        # the race die_with_parent's parent check covers; here each has produced a batch).
+        next(it)
         print(" ".join(str(w.pid) for w in it._workers), flush=True)
         time.sleep(60)
     """)
@@ -98,3 +101,11 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_loader_worker_whose_rank_died_before_its_init_goes_at_once():
+    """PR_SET_PDEATHSIG set after the parent already died never fires: the init checks the parent."""
+    script = "from elastic.worker.loader import die_with_parent; die_with_parent(parent=1); print('survived')"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == -signal.SIGKILL and "survived" not in proc.stdout

@@ -15,12 +15,14 @@ rank never reads a stale peer address.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
+from elastic import sockets
 from elastic.collectives import CollectiveClock, Collectives
 from elastic.worker.protocol import Assignment
 
@@ -44,21 +46,38 @@ class ProcessGroups:
     base_store: Any = None
     namespace: str = ""
     timeout_s: float = 30.0
+    sockets: set[int] = field(default_factory=set)
+    """Inodes of the sockets this process opened while creating the gloo groups (their peer
+    connections): what abort() shuts down."""
 
     def open_transfer_plane(self) -> Collectives:
         """Collective: the transfer group, created the first time every rank asks for it."""
         if self.xfer is None:
+            before = set(sockets.socket_fds())
             pg = dist.ProcessGroupGloo(dist.PrefixStore(f"{self.namespace}/xfer", self.base_store), self.rank,
                                        self.world_size, timedelta(seconds=self.timeout_s))
+            self.sockets |= set(sockets.socket_fds()) - before
             self.xfer = Collectives(pg, CollectiveClock())
         return self.xfer
 
     def abort(self) -> None:
-        """Abort the training group's communicator (NCCL: a collective blocked on a dead or frozen
-        peer is released; the next generation builds a fresh one). Gloo needs nothing."""
+        """This generation is broken: release every peer still blocked in one of its collectives.
+
+        NCCL: the communicator's abort does it. gloo: neither abort() nor shutdown() closes the
+        connections (they close when the group is freed in C++, and an FSDP2 model keeps it alive), so
+        a rank blocked in a ring collective on a live neighbour that already left would wait until
+        its timeout. Shutting this process's connections of the generation down makes every peer's
+        pending read on them fail now, and the failure travels around the ring."""
         abort = getattr(self.train, "abort", None)
         if abort is not None:
-            abort()
+            with contextlib.suppress(Exception):
+                abort()
+        self.sever()
+
+    def sever(self) -> list[int]:
+        """Shut down this process's connections of this generation's gloo groups; the fds hit."""
+        mine = sockets.socket_fds()
+        return sockets.shut_down(mine[i] for i in sorted(sockets.established(self.sockets)) if i in mine)
 
     def destroy(self) -> None:
         """Drop both groups (collectives still blocked in them are released by their timeout)."""
@@ -85,6 +104,10 @@ def connect(a: Assignment, clock: CollectiveClock, *, store: Any = None, as_defa
     else:
         ckpt_base = store
     ns = namespace(a)
+    # Every socket opened from here on is a gloo peer connection (or listener) of this generation:
+    # the store connections above already exist. Another thread could open one meanwhile; shutting
+    # it down later only makes it reconnect or retry (Ray's gRPC, a storage write).
+    before = set(sockets.socket_fds())
     with clock.timing():  # a peer dying during the rendezvous breaks this generation, typed
         ctrl_pg = dist.ProcessGroupGloo(dist.PrefixStore(f"{ns}/ctrl", store), a.rank, a.world_size, timeout)
         if as_default:
@@ -97,4 +120,5 @@ def connect(a: Assignment, clock: CollectiveClock, *, store: Any = None, as_defa
             train = dist.ProcessGroupGloo(dist.PrefixStore(f"{ns}/pg", store), a.rank, a.world_size, timeout)
     return ProcessGroups(generation=a.generation, rank=a.rank, world_size=a.world_size, train=train,
                          ctrl=Collectives(ctrl_pg, clock), ckpt_store=dist.PrefixStore(f"{ns}/ckpt", ckpt_base),
-                         is_default=as_default, base_store=store, namespace=ns, timeout_s=a.collective_timeout_s)
+                         is_default=as_default, base_store=store, namespace=ns, timeout_s=a.collective_timeout_s,
+                         sockets=set(sockets.socket_fds()) - before)

@@ -14,6 +14,7 @@ What elastic adds to a plain DataLoader:
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 from typing import Any, Callable
 
@@ -26,12 +27,16 @@ from elastic.sampler import ElasticBatchSampler, ElasticSampler
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
+def die_with_parent(parent: int | None = None) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere). `parent`: the pid
+    the parent had; if it died before the request (a loader worker still starting when its rank was
+    killed), nothing would ever signal this process, so it goes now."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):
-        pass
+        return
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _WorkerInit:
@@ -40,9 +45,10 @@ class _WorkerInit:
 
     def __init__(self, user: Callable[[int], Any] | None):
         self.user = user
+        self.parent = os.getpid()  # built in the rank's process, which starts the loader workers
 
     def __call__(self, worker_id: int) -> None:
-        die_with_parent()
+        die_with_parent(self.parent)
         if self.user is not None:
             self.user(worker_id)
 
