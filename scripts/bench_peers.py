@@ -9,6 +9,8 @@ Arms (2 ranks, bench_common's job, global batch 64, checkpoint every C=20 steps,
   torchft           TorchFT 0.2 (peers_torchft.py): a lighthouse, one replica group per rank, each under
                     torchrun --max-restarts; the restarted group heals from the live one. Its
                     failure-free run (one, first) gives its steady-state step time.
+  raytrain-torchft  the same TorchFT loop under Ray Train v2's TorchftConfig: Ray Train runs the
+                    lighthouse and one worker per replica group, and restarts only the failed group.
 Every fault-tolerant arm runs --kills separate runs; in each, rank 1 SIGKILLs itself at the top of
 step --kill-step (elastic.chaos.faults; marker = pid + kill time). Rank 0 of every arm logs a
 timestamp per completed step (bench_common.StepLog), from which recovery (kill → first step of the
@@ -192,6 +194,13 @@ def one_run(arm: str, root: str, i: int, args: argparse.Namespace, kill: bool, s
                             timeout=args.timeout)
     elif arm == "raytrain":
         info = run_raytrain(cfg)
+    elif arm == "raytrain-torchft":
+        import peers_torchft
+
+        r = peers_torchft.run_raytrain_torchft_arm(run_dir, cfg["marker_dir"], kill_step=args.kill_step if kill else None,
+                                                   steps=cfg["steps"], every=args.every, ranks=WORLD,
+                                                   restarts=cfg["restarts"])
+        info = {k: r[k] for k in ("ok", "error", "total_s")}
     elif arm == "torchft":
         import peers_torchft
 
@@ -235,7 +244,7 @@ def final_params(arm: str, run_dir: str, steps: int) -> str | None:
         store = CheckpointStore(os.path.join(run_dir, "ckpt"))
         latest = store.latest()
         model = store.load_full()["model"] if latest is not None and latest.step == steps else None
-    elif arm == "torchft":
+    elif arm in ("torchft", "raytrain-torchft"):
         p = os.path.join(run_dir, "final.pt")
         model = torch.load(p) if os.path.exists(p) else None
     else:
@@ -263,6 +272,13 @@ def available_arms(requested: list[str]) -> tuple[list[str], dict[str, str]]:
         else:
             if not shutil.which("torchft_lighthouse", path=os.path.dirname(sys.executable)):
                 missing["torchft"] = "torchft_lighthouse not found next to this Python"
+    if "raytrain-torchft" in requested:
+        try:
+            import torchft  # noqa: F401
+            from ray.train.v2.torch.torchft_config import TorchftConfig  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            missing["raytrain-torchft"] = (f"not importable ({type(exc).__name__}: {exc}); needs torchft and "
+                                           "a Ray whose Train v2 has TorchftConfig")
     return [a for a in requested if a not in missing], missing
 
 
@@ -270,7 +286,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--torchrun-worker", help=argparse.SUPPRESS)
     ap.add_argument("--arms", nargs="+", default=["ddp", "torchrun", "torchrun-default", "raytrain", "torchft",
-                                                  "elastic", "elastic+spare"])
+                                                  "raytrain-torchft", "elastic", "elastic+spare"])
     ap.add_argument("--kills", type=int, default=1, help="separate runs with one kill per fault-tolerant arm")
     ap.add_argument("--default-store-kills", type=int, default=None, help="runs for torchrun-default (default --kills)")
     ap.add_argument("--steps", type=int, default=120)
@@ -305,16 +321,18 @@ def main() -> None:
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         try:
             for arm in ray_arms:
-                if not args.no_warmup:
+                if arm == "raytrain-torchft":  # one failure-free run first, as for torchft
+                    runs.append(one_run(arm, root, 0, args, kill=False))
+                elif not args.no_warmup:
                     one_run(arm if arm == "raytrain" else "elastic", root, -1, args, kill=False, steps=30)
-                runs += [one_run(arm, root, i, args, kill=True) for i in range(args.kills)]
+                runs += [one_run(arm, root, i + (arm == "raytrain-torchft"), args, kill=True) for i in range(args.kills)]
         finally:
             ray.shutdown()
     report(runs, missing, args, before)
 
 
 # -- report ----------------------------------------------------------------------------------------
-PEERS = ["ddp", "torchrun", "torchrun-default", "raytrain", "torchft"]
+PEERS = ["ddp", "torchrun", "torchrun-default", "raytrain", "torchft", "raytrain-torchft"]
 ELASTIC = ["elastic", "elastic+spare"]
 
 

@@ -80,6 +80,27 @@ ATTEMPTS = "attempts-{}.log"
 
 # -- the replica-group worker (one process per group, under torchrun) -------------------------------
 def tf_worker(cfg: dict) -> None:
+    """A replica group's process under torchrun (its group and restart count from the environment)."""
+    tf_loop(cfg, group=int(os.environ["REPLICA_GROUP_ID"]), n_groups=int(os.environ["NUM_REPLICA_GROUPS"]),
+            restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), t_start=T_START)
+    os._exit(0)  # tearing down gloo/the Rust runtime at interpreter exit can hang
+
+
+def raytrain_worker(cfg: dict) -> None:
+    """A replica group's worker under Ray Train's TorchftConfig (one worker per group; Ray Train
+    sets TORCHFT_LIGHTHOUSE and the group's MASTER_ADDR/PORT, and replaces a failed group alone)."""
+    t_start = time.time()
+    import ray.train
+
+    ctx = ray.train.get_context()
+    group, n_groups = ctx.get_world_rank(), ctx.get_world_size()
+    starts = Path(cfg["run_dir"], f"starts-{group}")  # Ray Train has no restart count: count them
+    with open(starts, "a") as f:
+        f.write("x")
+    tf_loop(cfg, group=group, n_groups=n_groups, restart=starts.stat().st_size - 1, t_start=t_start)
+
+
+def tf_loop(cfg: dict, *, group: int, n_groups: int, restart: int, t_start: float) -> None:
     import torch
     from torchft import DistributedDataParallel, Manager, ProcessGroupGloo
     from torchft.checkpointing.pg_transport import PGTransport
@@ -87,9 +108,6 @@ def tf_worker(cfg: dict) -> None:
     from elastic.chaos.faults import maybe_inject, parse_faults
 
     torch.set_num_threads(1)
-    group = int(os.environ["REPLICA_GROUP_ID"])
-    n_groups = int(os.environ["NUM_REPLICA_GROUPS"])
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     run_dir = cfg["run_dir"]
     x, y = bc.make_data()
     model = bc.make_model()
@@ -105,7 +123,7 @@ def tf_worker(cfg: dict) -> None:
     pg = ProcessGroupGloo(timeout=timedelta(seconds=cfg["pg_timeout_s"]))
     transport = PGTransport(pg, timeout=timedelta(seconds=cfg["transport_timeout_s"]), device=torch.device("cpu"))
     manager = Manager(pg=pg, min_replica_size=cfg["min_replicas"], load_state_dict=load_state_dict,
-                      state_dict=state_dict, replica_id=f"tf_{group}", timeout=timedelta(seconds=cfg["timeout_s"]),
+                      state_dict=state_dict, replica_id=f"tf_{group}", rank=0, world_size=1, timeout=timedelta(seconds=cfg["timeout_s"]),
                       checkpoint_transport=transport, use_async_quorum=False,
                       init_sync=False)  # every group builds the same seeded model: nothing to sync at step 0
     t_setup = time.time()
@@ -147,7 +165,7 @@ def tf_worker(cfg: dict) -> None:
             rank, world = 0, 1
         if first:
             with open(os.path.join(run_dir, "phases.log"), "a") as f:
-                f.write(f"{restart} {group} {T_START:.6f} {t_setup:.6f} {time.time():.6f} {time.time():.6f}\n")
+                f.write(f"{restart} {group} {t_start:.6f} {t_setup:.6f} {time.time():.6f} {time.time():.6f}\n")
             first = False
         if cfg["kill_phase"] == "quorum":
             maybe_inject(faults, step=step, rank=group, marker_dir=cfg["marker_dir"])
@@ -163,7 +181,6 @@ def tf_worker(cfg: dict) -> None:
     if group == 0:
         torch.save(model.state_dict(), os.path.join(run_dir, "final.pt"))
     manager.shutdown(wait=False)
-    os._exit(0)  # tearing down gloo/the Rust runtime at interpreter exit can hang
 
 
 class _QuorumFirst:
@@ -327,6 +344,44 @@ def run_torchft_arm(run_dir: str, marker_dir: str, *, kill_step: int | None, ste
             "rcs": rcs, "timed_out": timed_out, "total_s": total, "kills": kills,
             "restarts": {g: sorted({r[5] for r in read_attempts(run_dir, g)}) for g in range(ranks)},
             "errors": {g: _exceptions(Path(run_dir, f"group{g}.log")) for g in range(ranks)}}
+
+
+def run_raytrain_torchft_arm(run_dir: str, marker_dir: str, *, kill_step: int | None, steps: int, every: int,
+                             ranks: int = 2, min_replicas: int = 1, heartbeat_ms: int = 5000, restarts: int = 3) -> dict:
+    """One TorchFT run under Ray Train v2's TorchftConfig: Ray Train starts the lighthouse (an actor),
+    one worker per replica group, and on a failure restarts only the failed group, which heals from
+    the live one. Same loop and fault as run_torchft_arm. Needs a running (or local) Ray."""
+    import ray.train
+    from ray import cloudpickle
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.torch.torchft_config import TorchftConfig
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    cfg = {"steps": steps, "every": every, "run_dir": run_dir, "marker_dir": marker_dir,
+           "faults": [] if kill_step is None else [{"kind": "sigkill", "step": kill_step, "rank": 1}],
+           "kill_phase": "step", "patched_hook": False, "min_replicas": min_replicas,
+           "pg_timeout_s": 5.0, "transport_timeout_s": 10.0, "timeout_s": 30.0}
+    cloudpickle.register_pickle_by_value(bc)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    t0 = time.time()
+    trainer = TorchTrainer(
+        raytrain_worker, train_loop_config=cfg,
+        scaling_config=ray.train.ScalingConfig(num_workers=ranks, use_gpu=False, resources_per_worker={"CPU": 1}),
+        torch_config=TorchftConfig(lighthouse_kwargs={"min_replicas": min_replicas, "quorum_tick_ms": 100,
+                                                      "join_timeout_ms": 10000, "heartbeat_timeout_ms": heartbeat_ms},
+                                   backend="gloo"),
+        run_config=ray.train.RunConfig(name=f"rtft-{os.getpid()}-{int(t0)}", storage_path=os.path.join(run_dir, "rt"),
+                                       failure_config=ray.train.FailureConfig(max_failures=restarts)))
+    try:
+        trainer.fit()
+        ok, err = True, None
+    except Exception as exc:  # noqa: BLE001 - a failed peer is a row in the table, not a crash
+        ok, err = False, f"{type(exc).__name__}: {str(exc)[:300]}"
+    total = time.time() - t0
+    final = os.path.join(run_dir, "final.pt")
+    return {"ok": ok and os.path.exists(final), "error": err, "total_s": total,
+            "final_model": final if os.path.exists(final) else None,
+            "restarts": {g: sorted({r[5] for r in read_attempts(run_dir, g)}) for g in range(ranks)}}
 
 
 def _equal(a: str | None, b: str | None) -> tuple[bool | None, float | None]:
