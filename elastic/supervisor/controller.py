@@ -155,10 +155,13 @@ class Controller:
         assert isinstance(d, Continue)
         self._watch_drains()
         self._top_up(background=True)
-        # Only the run's first start-up is worth protecting from a standby's torch import: after a
-        # rebuild a promoted standby's successor starts at once, so that the next failure (often
-        # soon after the first, on the same spot pool) still finds a warm one.
-        if self._first_built_at is not None and self.clock() - self._first_built_at >= self.policy.standby_after_s:
+        # The run's first start-up is protected from standbys' start-up (a Ray worker process and
+        # a torch import) for standby_after_s; after a rebuild, only until the recovery is over
+        # (the new group has taken its first step: starting the successor of a promoted standby
+        # during the restore slowed it by 1-2 s here), so that the next failure (often soon after
+        # the first, on the same spot pool) still finds a warm one.
+        if (self._first_built_at is not None and self.clock() - self._first_built_at >= self.policy.standby_after_s
+                and not self._incidents.open):
             self.group.ensure_standbys({i.node_id for w in self.members if (i := self.group.infos.get(w)) is not None})
         self.sleep(self._failure.poll_interval_s)
         return state

@@ -154,7 +154,8 @@ class DefaultPolicy:
     standby_after_s: float = 10.0
     """Standbys (ScalingConfig.standby_per_node) are started once the run's first group has trained this
     long: their start-up (importing torch) would compete with every rank's own, and an early failure
-    is rare. After a rebuild, the successor of a promoted standby starts at once."""
+    is rare. After a rebuild, the successor of a promoted standby starts as soon as the new group has
+    taken its first step."""
     final_save_timeout_s: float | None = None
     """Bound on the survivors' final save when a run ends unfinished; None: 2 x collective_timeout_s
     + poll_timeout_s (a settle round and the save's own collectives)."""
