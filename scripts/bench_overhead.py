@@ -160,7 +160,12 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["small", "medium", "large"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default="bench_out/overhead")
+    p.add_argument("--report", action="store_true",
+                   help="only print the table and plot of OUT/overhead.json (e.g. of a run cut short)")
     args = p.parse_args()
+    if args.report:
+        report(json.loads(Path(args.out, "overhead.json").read_text())["cells"], Path(args.out))
+        return
     import ray
 
     os.makedirs(args.out, exist_ok=True)
@@ -193,6 +198,10 @@ def main() -> None:
             Path(args.out, "overhead.json").write_text(json.dumps({"machine": bc.machine_note(), "cells": cells},
                                                                   indent=1))
     ray.shutdown()
+    report(cells, Path(args.out))
+
+
+def report(cells: dict[str, Any], out: Path) -> None:
     rows = []
     for c in cells.values():
         e, d = c["elastic"], c["ddp"]
@@ -206,7 +215,7 @@ def main() -> None:
                      f"{e['snapshot_bytes'] / 2**20:.0f} MB ({e['snapshot_bytes'] / c['state_bytes']:.2f}x)"])
     bc.print_table(["model", "ranks", "DDP step ms (spread)", "elastic step ms (spread)", "ratio",
                     "snapshot blocked / copy per step", "snapshot memory (x state)"], rows)
-    plot(cells, Path(args.out, "overhead.png"))
+    plot(cells, out / "overhead.png")
 
 
 def plot(cells: dict[str, Any], path: Path) -> None:

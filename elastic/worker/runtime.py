@@ -123,13 +123,18 @@ class WorkerRuntime:
         finally:
             if state is not WorkerState.FINISHED:
                 s.checkpointer.cancel_pending()
+            if groups is not None and park is ParkReason.BROKEN:
+                # First: release whatever still waits on a peer that is gone, here (our buddy
+                # exchange, which release() waits for) and in the peers blocked on us. A peer's
+                # release() waiting for its buddy exchange with us while we wait for ours with it
+                # would otherwise hold both until the collective timeout.
+                with contextlib.suppress(Exception):
+                    groups.abort()
             if gen is not None:
                 gen.release()
             ctx_mod.set_context(None)
             if groups is not None:
                 with contextlib.suppress(Exception):
-                    if park is ParkReason.BROKEN:
-                        groups.abort()  # release whatever still waits on a peer that is gone
                     groups.destroy()
             s.clock.leave()
             s.board.update(state=state, park_reason=park, failure=failure)
