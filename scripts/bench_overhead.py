@@ -7,7 +7,8 @@ Arms, the same job in each (AdamW, global batch 32, one thread per rank, gloo, s
 - elastic: ElasticTrainer with default settings (ExactDDP, a snapshot every step, a standby per
            node, checkpoints every 100 steps: none in the measured window).
 Models: small (5 Linear+LayerNorm blocks, ~0.3 M params, 21 tensors), medium (16 blocks of width
-1024, ~17 M, 66 tensors), large (a 16-layer transformer encoder, d_model 512: ~53 M, 197 tensors).
+1024, ~17 M, 66 tensors), large (a 16-layer transformer encoder, d_model 512: ~53 M, 197 tensors;
+--seq tokens per sample, 16 by default: 4 keeps a large step near 1-2 s on 2 cores).
 
 Per cell (arm x size x ranks): the median step time over steps 10..60 of each repetition, then the
 median and spread (min-max) over repetitions; elastic's cells also report the training thread's
@@ -36,7 +37,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 GLOBAL_BATCH = 32
-SEQ = 16
+SEQ = int(os.environ.get("BENCH_OVERHEAD_SEQ", "16"))
+"""Tokens per sample of the large model (--seq; through the environment, so that the spawned DDP
+ranks and the Ray workers see the same value)."""
 WARMUP, LAST = 10, 60
 
 
@@ -160,6 +163,7 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["small", "medium", "large"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default="bench_out/overhead")
+    p.add_argument("--seq", type=int, default=SEQ, help="tokens per sample of the large model (compute per step)")
     p.add_argument("--report", action="store_true",
                    help="only print the table and plot of OUT/overhead.json (e.g. of a run cut short)")
     args = p.parse_args()
@@ -168,10 +172,11 @@ def main() -> None:
         return
     import ray
 
+    os.environ["BENCH_OVERHEAD_SEQ"] = str(args.seq)
     os.makedirs(args.out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="bench-overhead-")
     ray.init(address="local", num_cpus=max(args.ranks) + 1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "BENCH_OVERHEAD_SEQ": str(args.seq)}})
     cells: dict[str, Any] = {}
     for size in args.sizes:
         mparams, ntensors, state_bytes = describe(size)
@@ -184,7 +189,7 @@ def main() -> None:
                     reps[arm].append(res)
                     print(f"  {size} x{world} rep {rep} {arm}: {res['step_s'] * 1e3:.1f} ms", flush=True)
             cell = {"size": size, "params_m": round(mparams, 2), "tensors": ntensors, "ranks": world,
-                    "state_bytes": state_bytes}
+                    "state_bytes": state_bytes, "seq": args.seq if size == "large" else None}
             for arm, rs in reps.items():
                 steps = [r["step_s"] for r in rs]
                 cell[arm] = {"step_s": statistics.median(steps), "min": min(steps), "max": max(steps), "reps": steps}
