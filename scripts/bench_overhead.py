@@ -7,7 +7,7 @@ Arms, the same job in each (AdamW, global batch 32, one thread per rank, gloo, s
 - elastic: ElasticTrainer with default settings (ExactDDP, a snapshot every step, a standby per
            node, checkpoints every 100 steps: none in the measured window).
 Models: small (5 Linear+LayerNorm blocks, ~0.3 M params, 21 tensors), medium (16 blocks of width
-1024, ~17 M, 66 tensors), large (a 16-layer transformer encoder, d_model 512: ~53 M, 197 tensors;
+1024, ~17 M, 66 tensors), large (a 16-layer transformer encoder, d_model 512: 50.4 M, 194 tensors;
 --seq tokens per sample, 16 by default: 4 keeps a large step near 1-2 s on 2 cores).
 
 Per cell (arm x size x ranks): the median step time over steps 10..60 of each repetition, then the

@@ -153,7 +153,7 @@ def main() -> None:
     ap.add_argument("--kills-per-run", type=int, default=5, help="kills inside one run, --gap steps apart")
     ap.add_argument("--gap", type=int, default=300, help="steps between kills in one run (lets a new spare warm up)")
     ap.add_argument("--first", type=int, default=30,
-                    help="step of the first kill (the node standby starts 10 s into a group: kill later to measure it)")
+                    help="step of the first kill (the node standby starts 10 s into the run's first group: kill later to measure it)")
     ap.add_argument("--every", type=int, default=20, help="checkpoint interval (steps)")
     ap.add_argument("--joins", type=int, default=1)
     ap.add_argument("--continue-mode", action="store_true",

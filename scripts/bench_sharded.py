@@ -234,7 +234,7 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     ap.add_argument("--reps", type=int, default=2, help="runs per (arm, world size)")
     ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--kill-step", type=int, default=16, help="late enough for the node standby (started 10 s into a group) to be warm")
+    ap.add_argument("--kill-step", type=int, default=16, help="late enough for the node standby (started 10 s into the run's first group) to be warm")
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--d-model", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
