@@ -27,11 +27,11 @@ WORKER = textwrap.dedent("""
     from elastic.worker.groups import connect
     from elastic.worker.protocol import Assignment
 
-    rank, port, sever = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+    rank, port = int(sys.argv[1]), int(sys.argv[2])
     a = Assignment(generation=0, rank=rank, world_size=3, store_host="127.0.0.1", store_port=port,
                    backend="gloo", collective_timeout_s=60.0)
     g = connect(a, CollectiveClock())
-    print(json.dumps({"ready": rank, "sockets": len(g.sockets)}), flush=True)
+    print(json.dumps({"ready": rank, "sockets": len(g.gloo_sockets)}), flush=True)
     if rank == 2:
         time.sleep(3600)  # killed by the test
     t0 = time.monotonic()
@@ -41,7 +41,7 @@ WORKER = textwrap.dedent("""
     except Exception as exc:  # noqa: BLE001
         out = {"rank": rank, "error": type(exc).__name__}
     out["waited_s"] = time.monotonic() - t0
-    if rank == 1 and sever:
+    if rank == 1:
         g.abort()  # what the runtime does when a rank parks because its generation broke
     print(json.dumps(out), flush=True)
     time.sleep(70 if rank == 1 else 0)  # rank 1 stays alive, holding its group, like a parked rank
@@ -63,10 +63,9 @@ def test_a_rank_leaving_a_broken_generation_releases_the_peer_blocked_on_it() ->
     """(With rank 1 not calling abort(), rank 0 waited 60.0 s: the mutation run of this test.)"""
     import torch.distributed as dist
 
-    sever = True
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(store.port), "1" if sever else "0"],
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(store.port)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for r in range(3)]
     try:

@@ -46,7 +46,7 @@ class ProcessGroups:
     base_store: Any = None
     namespace: str = ""
     timeout_s: float = 30.0
-    sockets: set[int] = field(default_factory=set)
+    gloo_sockets: set[int] = field(default_factory=set)
     """Inodes of the sockets this process opened while creating the gloo groups (their peer
     connections): what abort() shuts down."""
 
@@ -56,7 +56,7 @@ class ProcessGroups:
             before = set(sockets.socket_fds())
             pg = dist.ProcessGroupGloo(dist.PrefixStore(f"{self.namespace}/xfer", self.base_store), self.rank,
                                        self.world_size, timedelta(seconds=self.timeout_s))
-            self.sockets |= set(sockets.socket_fds()) - before
+            self.gloo_sockets |= set(sockets.socket_fds()) - before
             self.xfer = Collectives(pg, CollectiveClock())
         return self.xfer
 
@@ -77,7 +77,7 @@ class ProcessGroups:
     def sever(self) -> list[int]:
         """Shut down this process's connections of this generation's gloo groups; the fds hit."""
         mine = sockets.socket_fds()
-        return sockets.shut_down(mine[i] for i in sorted(sockets.established(self.sockets)) if i in mine)
+        return sockets.shut_down(mine[i] for i in sorted(sockets.established(self.gloo_sockets)) if i in mine)
 
     def destroy(self) -> None:
         """Drop both groups (collectives still blocked in them are released by their timeout)."""
@@ -121,4 +121,4 @@ def connect(a: Assignment, clock: CollectiveClock, *, store: Any = None, as_defa
     return ProcessGroups(generation=a.generation, rank=a.rank, world_size=a.world_size, train=train,
                          ctrl=Collectives(ctrl_pg, clock), ckpt_store=dist.PrefixStore(f"{ns}/ckpt", ckpt_base),
                          is_default=as_default, base_store=store, namespace=ns, timeout_s=a.collective_timeout_s,
-                         sockets=set(sockets.socket_fds()) - before)
+                         gloo_sockets=set(sockets.socket_fds()) - before)
