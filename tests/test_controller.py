@@ -537,3 +537,35 @@ def test_standbys_wait_for_the_first_group_only_and_a_promoted_one_is_replaced_a
     # its start-up does not slow the restore), not standby_after_s into the new group.
     assert len(after) == 1 and after[0] - built[1] < 2.0, (built, created)
     assert during_recovery == [] and len(ctl.recoveries) == 1
+
+
+def test_a_failing_run_takes_in_the_other_ranks_last_events_first():
+    """The answer that decides a failure (rank 1: the final checkpoint was not committed) can come
+    before the one carrying another rank's event about it (rank 0, the coordinator, emitted
+    checkpoint_failed just before failing too): the run ends only once it has both."""
+    from elastic.worker.protocol import FailureKind, WorkerError
+
+    g = FakeGroup(capacity=2, steps=50)
+    ctl, events, _ = make(g)
+    plain_poll = g.poll
+    rounds = {"after": 0}
+    error = WorkerError(FailureKind.FATAL, "the checkpoint of step 5 was not committed", exit_code=1)
+
+    def poll(wids: list[int], timeout_s: float) -> dict:
+        out = plain_poll(wids, timeout_s)
+        if g.step.get(1, 0) < 5 or 1 not in out:
+            return out
+        rounds["after"] += 1
+        out[1] = WorkerPoll(state="failed", generation=g.gen[1], step=5, progress_age_s=0.0,
+                            waiting_in_collective_s=None, failure=error)
+        if rounds["after"] >= 3:  # rank 0's own answer arrives two polls later
+            out[0] = WorkerPoll(state="failed", generation=g.gen[0], step=5, progress_age_s=0.0,
+                                waiting_in_collective_s=None, failure=error,
+                                events=[{"event": "checkpoint_failed", "step": 5, "reason": "refused"}]
+                                if rounds["after"] == 3 else [])
+        return out
+
+    g.poll = poll
+    assert run_states(ctl)[-1] is StateType.FAILED
+    assert ctl.final_state.exit_code == 1
+    assert "checkpoint_failed" in events.names()

@@ -393,7 +393,23 @@ class Controller:
             if self.committed_step < self.progress.step:
                 error += (f"; the final checkpoint (step {self.progress.step}) was not committed: the newest "
                           f"committed one is step {self.committed_step}")
+        else:
+            self._last_words()
         return Failed(error=error, exit_code=d.exit_code)
+
+    def _last_words(self) -> None:
+        """Take in what the members still have to say before the run ends: their answers arrive
+        one by one, and the one that decided the failure may precede the event another rank sent
+        with its own failure. Bounded by the policy's last_words_s; over once none is running."""
+        f = self._failure
+        deadline = self.clock() + self.policy.last_words_s
+        while True:
+            polls = self.group.poll(self.members, min(f.poll_timeout_s, self.policy.last_words_s))
+            self._absorb(polls)
+            if self.clock() >= deadline or not any(
+                    isinstance(p, WorkerPoll) and p.state == WorkerState.RUNNING for p in polls.values()):
+                return
+            self.sleep(f.poll_interval_s)
 
     def _final_save(self, survivors: list[int], *, timeout_s: float | None = None) -> None:
         """The run ends unfinished: have the survivors commit the newest state they hold, so that

@@ -156,6 +156,10 @@ class DefaultPolicy:
     long: their start-up (importing torch) would compete with every rank's own, and an early failure
     is rare. After a rebuild, the successor of a promoted standby starts as soon as the new group has
     taken its first step."""
+    last_words_s: float = 2.0
+    """A run that fails waits this long at most for its other members' last answers (their events:
+    one rank's failure is often seen a few milliseconds before the event another rank sent with
+    its own, say the coordinator's checkpoint_failed), stopping as soon as none is running."""
     final_save_timeout_s: float | None = None
     """Bound on the survivors' final save when a run ends unfinished; None: 2 x collective_timeout_s
     + poll_timeout_s (a settle round and the save's own collectives)."""
@@ -163,7 +167,8 @@ class DefaultPolicy:
     def __post_init__(self) -> None:
         from elastic.config import require_duration
 
-        for name in ("settle_s", "quiesce_slack_s", "assignment_slack_s", "drain_check_interval_s", "standby_after_s"):
+        for name in ("settle_s", "quiesce_slack_s", "assignment_slack_s", "drain_check_interval_s", "standby_after_s",
+                     "last_words_s"):
             require_duration(name, getattr(self, name), allow_zero=True)
         if self.final_save_timeout_s is not None:
             require_duration("final_save_timeout_s", self.final_save_timeout_s)
