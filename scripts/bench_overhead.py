@@ -88,7 +88,7 @@ def _ddp_rank(rank: int, world: int, port: int, size: str, out: str) -> None:
         one_step(ddp, opt, size, step, rank, world)
         times.append(time.perf_counter() - t0)
     if rank == 0:
-        Path(out).write_text(json.dumps({"times": times}))
+        Path(out).write_text(json.dumps({"times": times, "input": list(batch(size, 0, 0, world).shape)}))
     dist.destroy_process_group()
 
 
@@ -102,8 +102,8 @@ def run_ddp(size: str, world: int, tmp: str) -> dict[str, Any]:
         port = s.getsockname()[1]
     out = os.path.join(tmp, f"ddp-{size}-{world}-{time.time_ns()}.json")
     mp.start_processes(_ddp_rank, args=(world, port, size, out), nprocs=world, join=True, start_method="spawn")
-    times = json.loads(Path(out).read_text())["times"]
-    return {"step_s": statistics.median(times[WARMUP:LAST])}
+    doc = json.loads(Path(out).read_text())
+    return {"step_s": statistics.median(doc["times"][WARMUP:LAST]), "input": doc["input"]}
 
 
 # -- the elastic arm -------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def elastic_train(config: dict) -> None:
         Path(config["out"]).write_text(json.dumps({
             "times": times, "blocked_per_step_s": (s1["snapshot_blocked_s"] - stats0["snapshot_blocked_s"]) / n,
             "copy_per_step_s": (s1["snapshot_copy_s"] - stats0["snapshot_copy_s"]) / n,
-            "snapshot_bytes": s1["snapshot_bytes"]}))
+            "snapshot_bytes": s1["snapshot_bytes"], "input": list(batch(size, 0, 0, ctx.world_size).shape)}))
 
 
 def run_elastic(size: str, world: int, tmp: str) -> dict[str, Any]:
@@ -146,7 +146,7 @@ def run_elastic(size: str, world: int, tmp: str) -> dict[str, Any]:
     assert r.ok, r.error
     doc = json.loads(Path(out).read_text())
     return {"step_s": statistics.median(doc["times"][WARMUP:LAST]), "blocked_per_step_s": doc["blocked_per_step_s"],
-            "copy_per_step_s": doc["copy_per_step_s"], "snapshot_bytes": doc["snapshot_bytes"]}
+            "copy_per_step_s": doc["copy_per_step_s"], "snapshot_bytes": doc["snapshot_bytes"], "input": doc["input"]}
 
 
 def describe(size: str) -> tuple[float, int, int]:
@@ -158,6 +158,7 @@ def describe(size: str) -> tuple[float, int, int]:
 
 
 def main() -> None:
+    global SEQ
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--sizes", nargs="+", default=["small", "medium", "large"])
@@ -172,6 +173,10 @@ def main() -> None:
         return
     import ray
 
+    # Both arms must see --seq: the spawned DDP ranks import this module again (the environment
+    # reaches them), and Ray pickles elastic_train by value from __main__, SEQ included (this global:
+    # left at its import-time default, the elastic arm ran 4x the tokens of the DDP arm).
+    SEQ = args.seq
     os.environ["BENCH_OVERHEAD_SEQ"] = str(args.seq)
     os.makedirs(args.out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="bench-overhead-")
@@ -187,6 +192,8 @@ def main() -> None:
                 for arm in order:
                     res = run_ddp(size, world, tmp) if arm == "ddp" else run_elastic(size, world, tmp)
                     reps[arm].append(res)
+                    # The same job in both arms, or the ratio means nothing.
+                    assert all(r["input"] == res["input"] for rs in reps.values() for r in rs), reps
                     print(f"  {size} x{world} rep {rep} {arm}: {res['step_s'] * 1e3:.1f} ms", flush=True)
             cell = {"size": size, "params_m": round(mparams, 2), "tensors": ntensors, "ranks": world,
                     "state_bytes": state_bytes, "seq": args.seq if size == "large" else None}
