@@ -25,7 +25,8 @@ RENAMED = {
     (FailureConfig, "snapshot_every_n_steps"): "--snapshot-every",
 }
 # Boolean fields whose flag sets the opposite value (the default is True).
-NEGATED = {(CheckpointConfig, "async_save"): "--sync-checkpoints"}
+NEGATED = {(CheckpointConfig, "async_save"): "--sync-checkpoints",
+           (FailureConfig, "live_snapshots"): "--copy-snapshots"}
 # Fields with no flag: set through code or another option.
 SKIPPED = {(RunConfig, "scaling"), (RunConfig, "checkpoint"), (RunConfig, "failure"),
            (RunConfig, "train_loop_config"), (RunConfig, "policy")}

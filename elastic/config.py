@@ -145,9 +145,20 @@ class FailureConfig:
     below_min_wait_s: float = 60.0
     """How long to wait for capacity when fewer than min_workers survive before failing."""
     snapshot_every_n_steps: int = 1
-    """Copy the committed state into host memory every this many steps. A survivor hands the
-    newest copy to newcomers, so at most this many steps are lost per failure; the copy costs about
-    one memcpy of the model and optimizer state per snapshot."""
+    """Copy the committed state into host memory every this many steps (when snapshots are
+    copies: see live_snapshots). A survivor hands the newest copy to newcomers, so at most this
+    many steps are lost per failure; the copy costs about one memcpy of the model and optimizer
+    state per snapshot."""
+    live_snapshots: bool = True
+    """On CPU, the newest committed state is the live parameters and optimizer state themselves:
+    they change only inside optimizer.step(), so between ctx.commit() and the next step they are
+    that step's state, and a survivor hands them to newcomers as they are (no copy per step; a
+    failure seen before optimizer.step() loses at most the step in progress). Copies are still
+    taken for checkpoints, on GPUs (a side stream) and for sharded models (buddy copies), and a
+    worker falls back to copies when its loop runs collectives after optimizer.step() and before
+    ctx.commit() (a failure there would find the live state already changed). The training
+    function must change parameters and optimizer state only in optimizer.step() or before
+    ctx.commit() (not, say, with p.data.mul_() at the top of a step)."""
 
     def __post_init__(self) -> None:
         _require(self.max_failures >= -1, "max_failures must be >= -1 (-1: unlimited)")

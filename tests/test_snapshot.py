@@ -109,3 +109,53 @@ def test_values_are_read_directly_for_plain_states_too(optim):
     state = TrainState(model=model, optimizer=opt)
     plan = CapturePlan(state)
     assert plan.fast and plan.items().values == split_state(state.state_dict())[1]
+
+
+@pytest.mark.parametrize("batchnorm", [True, False], ids=["batchnorm", "layernorm"])
+def test_a_live_snapshot_holds_the_committed_step_until_the_optimizer_steps(batchnorm):
+    """Live: nothing stable is copied (host memory: the volatile tensors); between the commit and
+    the next optimizer.step() the snapshot equals a synchronous copy (forward changed only what was
+    copied: BatchNorm statistics, `extra`); once the optimizer steps it holds no step at all."""
+    state = make_state(batchnorm)
+    plan = CapturePlan(state)
+    snap = Snapshot(overlap=True)
+    for step in range(4):
+        state.optimizer.zero_grad()
+        forward_backward(state, step, 1)
+        state.optimizer.step()
+        state.extra["sched"].step()
+        state.step += 1
+        expected = synchronous(state)
+        items = plan.items()
+        snap.capture_items(items.stable, items.volatile, items.values, state.step, live=True)
+        assert snap.nbytes == sum(t.numel() * t.element_size() for _, t in items.volatile)
+        state.optimizer.zero_grad()
+        forward_backward(state, step + 100, 1)  # the next step, up to its optimizer.step()
+        assert snap.held_step() == state.step
+        got_tensors, got_values = split_state(snap.state_dict())
+        got = dict(tree.tensor_leaves(got_tensors))
+        assert all(torch.equal(got[p], t) for p, t in expected[0].items())
+        assert dict(got_values) == dict(expected[1])
+    state.optimizer.step()
+    assert snap.held_step() == -1
+
+
+def test_a_checkpoint_copy_between_live_snapshots_is_freed_when_its_save_ends():
+    state = make_state(False)
+    plan = CapturePlan(state)
+    snap = Snapshot(overlap=True)
+    items = plan.items()
+    size = sum(t.numel() * t.element_size() for _, t in items.stable)
+    snap.capture_items(items.stable, items.volatile, items.values, 1, live=True)
+    snap.capture_items(items.stable, items.volatile, items.values, 2)  # a checkpoint step: a copy
+    snap.wait()
+    assert not snap.live and snap.nbytes >= size
+    which = snap.pin()
+    state.optimizer.zero_grad()
+    forward_backward(state, 7, 1)
+    state.optimizer.step()
+    assert snap.held_step() == 2  # a copy: the optimizer does not touch it
+    snap.capture_items(items.stable, items.volatile, items.values, 3, live=True)
+    assert snap.nbytes >= size  # the save still writes from the copy
+    snap.unpin(which)
+    assert snap.nbytes < size

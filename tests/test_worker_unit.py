@@ -276,3 +276,76 @@ def test_events_survive_a_lost_answer_and_come_once():
     again = inbox.deliver(7, inbox.take(7, answer()))
     assert [e["event"] for e in again.events] == ["restored"] and again.records == []
     assert board.unsent(*inbox.ack(7)).events == []
+
+
+def test_live_snapshots_a_rank_that_fails_before_the_optimizer_step_restores_the_last_commit(tmp_path):
+    """Live snapshots (the default on CPU): a failure seen in the next step's backward finds the
+    live tensors still at the last commit, and the survivor hands them to a newcomer; a failure
+    after optimizer.step() and before the commit finds no state on that rank."""
+    services = make_services(f"file://{tmp_path}", 2)
+    reference = make_state()
+    for _ in range(4):
+        train_step(reference, 0)
+        reference.step += 1
+
+    def fn(gen):
+        state = make_state()
+        gen.restore(state)
+        while state.step < 4:
+            train_step(state, 0)  # both ranks train the same batches: rank 0's state is the reference
+            gen.commit(state)
+        x = torch.randn(5, 4)
+        state.model(x).square().sum().backward()  # step 5 breaks before its optimizer step
+        return services[gen.rank].snapshot.live, services[gen.rank].snapshot.nbytes
+
+    live = ok(run_generation(services, fn))
+    assert all(is_live and nbytes < 100 for is_live, nbytes in live)  # only `extra`'s tensors
+    services[1] = make_services(f"file://{tmp_path}", 1)[0]  # rank 1 died: a newcomer
+    services[0].board.take_events()
+
+    def fn2(gen):
+        state = make_state(seed=99)
+        gen.restore(state)
+        return state.step, params(state)
+
+    got = ok(run_generation(services, fn2, generation=1))
+    assert [restored_event(services, r)["source"] for r in range(2)] == ["peer:0", "peer:0"]
+    assert all(step == 4 and all(torch.equal(p[k], v) for k, v in params(reference).items()) for step, p in got)
+
+    def fn3(gen):  # a failure after optimizer.step() and before the commit: the live state moved on
+        state = make_state(seed=99)
+        gen.restore(state)
+        train_step(state, 0)
+        gen.commit(state)
+        train_step(state, 0)
+        return services[gen.rank].snapshot.held_step()
+
+    assert ok(run_generation(services, fn3, generation=2)) == [-1, -1]
+
+
+def test_a_loop_with_collectives_after_the_optimizer_step_gets_copies(tmp_path):
+    """A collective between optimizer.step() and ctx.commit() (a loss all_reduce for logging) is
+    where a failure would find the live state already moved on: such a loop gets copied snapshots,
+    and a failure right after the optimizer step still restores the last commit from memory."""
+    services = make_services(f"file://{tmp_path}", 2)
+
+    def fn(gen):
+        state = make_state()
+        gen.restore(state)
+        while state.step < 4:
+            train_step(state, gen.rank)
+            gen.groups.train.allreduce([torch.ones(1)]).wait()  # after optimizer.step()
+            gen.commit(state)
+        kept = params(state)
+        train_step(state, gen.rank)  # step 5's optimizer step; its commit never comes
+        snap = services[gen.rank].snapshot
+        return services[gen.rank].live_snapshots, snap.live, snap.held_step(), kept, params_of(snap)
+
+    got = ok(run_generation(services, fn))
+    for live_on, live, held, kept, held_params in got:
+        assert not live_on and not live and held == 4
+        assert all(torch.equal(held_params[k], v) for k, v in kept.items())
+
+
+def params_of(snapshot) -> dict[str, torch.Tensor]:
+    return {".".join(p[1:]): t.clone() for p, t in snapshot.tensors if p[0] == "model"}

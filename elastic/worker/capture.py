@@ -86,6 +86,8 @@ class CapturePlan:
                 self._volatile_paths.append(path)  # re-read from `extra` at every commit
             else:
                 self._volatile.append((path, src))
+        self.on_cpu = all(t.device.type == "cpu" for _, t in self._stable)
+        """Every stable tensor is in host memory (where a live snapshot saves a copy per step)."""
         # Values: the optimizer's, kept in torch's own numbering, mapped to names once.
         self._model_values = [(p, v) for p, v in values if p[0] == "model"]
         groups = next((v for p, v in values if p == ("optim", "param_groups")), None)

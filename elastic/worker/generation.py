@@ -76,6 +76,9 @@ class Services:
         or the driver stopping the run)."""
         self.notice = threading.Event()
         """A preemption notice reached this worker (reported in polls: it is the one leaving)."""
+        self.live_snapshots = run.failure.live_snapshots
+        """Snapshots reference the live tensors (FailureConfig.live_snapshots); turned off for good
+        when the training loop runs collectives between optimizer.step() and ctx.commit()."""
 
     def latest_durable_step(self) -> int:
         """The newest step whose checkpoint verifies (quickly: manifest and metadata): a corrupt
@@ -110,6 +113,8 @@ class Generation:
         self._hooks: list[Any] = []
         self._vote_bufs = [torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)]
         self._commits = 0
+        self._seq_at_step: int | None = None
+        """The training group's collective count when optimizer.step() began (live snapshots)."""
         self._vote_every = 1
         self._calibration_t0 = 0.0
 
@@ -136,7 +141,8 @@ class Generation:
                               "and build the optimizer before ctx.restore(state)")
         if self.sharded:
             return self._restore_sharded(state)
-        agreed = peer_sync.agree(s.snapshot.step, s.latest_durable_step(), ctrl, last_committed=s.board.get().step)
+        agreed = peer_sync.agree(s.snapshot.held_step(), s.latest_durable_step(), ctrl,
+                                 last_committed=s.board.get().step)
         source = "fresh"
         if agreed.peers_are_freshest:
             sd, source = peer_sync.newest_state(s.snapshot, agreed, ctrl, like=state.state_dict())
@@ -154,7 +160,7 @@ class Generation:
         if info is None:
             raise WorkerGroupError(f"checkpoint at step {step} vanished while loading")
         state.load_state_dict(template)
-        self._capture(state, wait=True)
+        self._capture(state, wait=True, live=self._live(state))
         return f"checkpoint:{info.step}"
 
     def _restored(self, state: TrainState, source: str, last_committed: int) -> bool:
@@ -211,19 +217,27 @@ class Generation:
     def commit(self, state: TrainState, metrics: dict[str, float] | None = None, *, reduce: bool = False) -> None:
         """End a step: step += 1; remember the state; checkpoint when due; apply agreed pauses."""
         s = self.s
+        state.step += 1
+        self._check_window()
+        live = self._live(state)
+        due = s.checkpoint_due(state.step)
+        # This step's state is taken before any collective of the commit, so that a failure in one
+        # finds it. Live: referenced (nothing to copy); a periodic checkpoint writes in the
+        # background while training goes on, so it always gets a copy.
+        captured = live or due or state.step % s.run.failure.snapshot_every_n_steps == 0
+        if captured:
+            self._capture(state, live=live and not due)
         if metrics and reduce:
             metrics = self._mean(metrics)
-        state.step += 1
         pause, preempt = self._next_vote(s.pause.is_set(), s.leave.is_set())
         # Leaving the group (pause, preemption) always snapshots: the next group restores from it.
-        snapshot = preempt or pause or state.step % s.run.failure.snapshot_every_n_steps == 0
-        save = s.checkpoint_due(state.step) or preempt
-        if snapshot or save:
+        if (preempt or pause) and not captured:
             self._capture(state)
-            if self.sharded:
-                self._exchange()
-            if save:
-                self.save_from_snapshot(state.step, wait=preempt)  # a failure is reported, and we leave
+            captured = True
+        if captured and self.sharded:
+            self._exchange()
+        if due or preempt:
+            self.save_from_snapshot(state.step, wait=preempt)  # a failure is reported, and we leave
         # Keys reported earlier stay, updated ones change; rank 0's go to the run's metrics stream.
         s.board.progress(state.step, metrics, merge=True, record=self.rank == 0)
         reseed(s.seed, state.step, self.rank)
@@ -234,16 +248,43 @@ class Generation:
         if pause:
             raise PauseRequested("membership change at a step boundary")
 
-    def _capture(self, state: TrainState, *, wait: bool = False) -> None:
-        """Snapshot `state` (stable tensors copied in the background unless `wait`)."""
+    def _capture(self, state: TrainState, *, wait: bool = False, live: bool = False) -> None:
+        """Snapshot `state` (stable tensors copied in the background unless `wait`; referenced,
+        not copied, when `live`)."""
         if self.sharded:
             self.s.buddy.wait()  # pace: the previous snapshot's buddy copy has arrived (or failed)
         items = self._plan_for(state).items()
         self.s.snapshot.capture_items(items.stable, items.volatile, items.values, state.step, items.shards,
                                       origin=(self.rank, self.world_size),
-                                      keep_previous=self.sharded and self.world_size > 1)
+                                      keep_previous=self.sharded and self.world_size > 1, live=live)
         if wait:
             self.s.snapshot.wait()
+
+    def _live(self, state: TrainState) -> bool:
+        """Whether this commit's snapshot may reference the live tensors: replicated state on the
+        CPU, changed by an optimizer (whose step the version counters see), live snapshots on."""
+        return (self.s.live_snapshots and not self.sharded and state.optimizer is not None
+                and self._plan_for(state).on_cpu)
+
+    def _train_seq(self) -> int | None:
+        """How many collectives the training group has run (c10d counts them), None if unknown."""
+        try:
+            return int(self.groups.train._get_sequence_number_for_group())
+        except Exception:  # noqa: BLE001 - a group without the counter: no check
+            return None
+
+    def _check_window(self) -> None:
+        """Live snapshots assume no collective runs between optimizer.step() and ctx.commit(): a
+        failure seen there would find the live state changed and this rank's snapshot gone. A loop
+        that runs one (a loss all_reduce for logging, ZeRO) gets copies from now on."""
+        at, self._seq_at_step = self._seq_at_step, None
+        if at is None or not self.s.live_snapshots:
+            return
+        now = self._train_seq()
+        if now is not None and now != at:
+            self.s.live_snapshots = False
+            log.warning("rank %d: collectives ran between optimizer.step() and ctx.commit(); snapshots are "
+                        "copied from now on (a failure there must still find this step's state)", self.rank)
 
     def nodes(self) -> tuple[str, ...]:
         """Every rank's node, in rank order: gathered once per generation on the control plane, at
@@ -281,8 +322,13 @@ class Generation:
             self._plan = CapturePlan(state)
             if state.optimizer is not None:
                 snap = self.s.snapshot
-                self._hooks.append(state.optimizer.register_step_pre_hook(
-                    lambda *_: snap.before_optimizer_step()))
+
+                def before_step(*_: Any) -> None:
+                    snap.before_optimizer_step()
+                    if self.s.live_snapshots:
+                        self._seq_at_step = self._train_seq()
+
+                self._hooks.append(state.optimizer.register_step_pre_hook(before_step))
         return self._plan
 
     def _drop_plan(self) -> None:
@@ -392,7 +438,7 @@ class Generation:
                                 on_commit=self._on_commit, on_failure=self._on_failure, staged=True)
             self._wait_committed(found.step, must_commit=True)
             return
-        agreed = peer_sync.agree(s.snapshot.step, s.latest_durable_step(), ctrl)
+        agreed = peer_sync.agree(s.snapshot.held_step(), s.latest_durable_step(), ctrl)
         if agreed.best <= agreed.durable:
             return
         peer_sync.newest_state(s.snapshot, agreed, ctrl)  # every rank now holds the newest snapshot

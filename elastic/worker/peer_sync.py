@@ -58,6 +58,10 @@ def newest_state(snapshot: Snapshot, agreement: Agreement, ctrl: Collectives,
     return snapshot.state_dict(like), f"peer:{agreement.source}"
 
 
+ALIGN = 16
+"""Byte alignment of each tensor in a transfer (the largest element size: complex128)."""
+
+
 def broadcast_state(snapshot: Snapshot, src: int, ctrl: Collectives, step: int) -> None:
     """Send `src`'s snapshot to every rank; the others' snapshots become copies of it."""
     snapshot.wait()
@@ -69,19 +73,22 @@ def broadcast_state(snapshot: Snapshot, src: int, ctrl: Collectives, step: int) 
     header = ctrl.broadcast_json(header, src)
     metas = [(tuple(p), tuple(shape), _dtype(d)) for p, shape, d in header["tensors"]]
     sizes = [torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size() for _, shape, dt in metas]
+    # Each tensor starts at a multiple of ALIGN bytes: a receiver views its bytes as the dtype,
+    # which needs an aligned offset (a bfloat16 tensor of odd length before a float one had none).
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + -(-size // ALIGN) * ALIGN)
+    payload = torch.zeros(offsets[-1], dtype=torch.uint8) if ctrl.rank == src else torch.empty(offsets[-1],
+                                                                                               dtype=torch.uint8)
     if ctrl.rank == src:
-        parts = [t.contiguous().reshape(-1).view(torch.uint8) for _, t in snapshot.tensors]
-        payload = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
-    else:
-        payload = torch.empty(sum(sizes), dtype=torch.uint8)
+        for (_, t), at, size in zip(snapshot.tensors, offsets, sizes):
+            payload[at: at + size].copy_(t.contiguous().reshape(-1).view(torch.uint8))
     ctrl.broadcast_(payload, src)
     if ctrl.rank == src:
         return
     tensors: list[tuple[Path, torch.Tensor]] = []
-    offset = 0
-    for (path, shape, dt), size in zip(metas, sizes):
-        tensors.append((path, payload[offset: offset + size].view(dt).reshape(shape)))
-        offset += size
+    for (path, shape, dt), at, size in zip(metas, offsets, sizes):
+        tensors.append((path, payload[at: at + size].view(dt).reshape(shape)))
     snapshot.load(tensors, [(tuple(p), v) for p, v in header["values"]], int(header["step"]))
 
 

@@ -10,6 +10,13 @@ GPU, not the host. Readers (a peer transfer, a checkpoint writer, a restore) wai
 Two buffer sets: the newest snapshot lives in one; a checkpoint still writing from it pins it, and
 the next capture goes to the other. Host memory is 1x the state while no save is in flight and 2x
 while one is; a set that no longer holds the newest snapshot is freed when its save ends.
+
+A live capture (FailureConfig.live_snapshots, CPU, replicated state) copies nothing stable: the
+snapshot keeps references to the live parameters and optimizer state, which are the committed
+step's until the next optimizer.step(). Each tensor's version counter (bumped by every in-place
+change, which is how optimizers update) says whether that still holds: held_step() is -1 once any
+of them changed, and a failure then finds no state here (it falls back to a peer or a checkpoint).
+Host memory: the volatile tensors only, plus a checkpoint's staging copy while one is written.
 """
 
 from __future__ import annotations
@@ -87,6 +94,9 @@ class Snapshot:
         self._reserved: tuple[list, tuple[int, int], dict[Path, torch.Tensor], list] | None = None
         self.blocked_s = 0.0
         """Seconds the training thread spent copying or waiting for copies (benchmarks read it)."""
+        self.live = False
+        """The stable tensors are the live ones (a live capture), valid while their versions hold."""
+        self._versions: list[tuple[torch.Tensor, int]] = []
 
     @property
     def empty(self) -> bool:
@@ -106,6 +116,13 @@ class Snapshot:
     def in_flight(self) -> bool:
         return not self._done.is_set()
 
+    def held_step(self) -> int:
+        """The step whose state this snapshot holds; -1 for none (never taken, or live tensors that
+        changed since their capture: an optimizer.step() ran after the commit)."""
+        if self.live and any(t._version != v for t, v in self._versions):
+            return -1
+        return self.step
+
     # -- capturing --------------------------------------------------------------------------
     def capture(self, sd: dict[str, Any], step: int) -> None:
         """Copy a whole state dict now (restore from a checkpoint; tests)."""
@@ -116,9 +133,11 @@ class Snapshot:
     def capture_items(self, stable: list[tuple[Path, torch.Tensor]], volatile: list[tuple[Path, torch.Tensor]],
                       values: list[tuple[Path, Any]], step: int,
                       shards: dict[Path, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
-                      origin: tuple[int, int] | None = None, keep_previous: bool = False) -> None:
+                      origin: tuple[int, int] | None = None, keep_previous: bool = False,
+                      live: bool = False) -> None:
         """Take a snapshot of `step`: volatile tensors now, stable ones in the background (or now,
-        without overlap). Returns at once; wait() completes it."""
+        without overlap; or not at all when `live`: referenced as they are). Returns at once;
+        wait() completes it."""
         t0 = time.perf_counter()
         self.wait()  # the previous capture is complete before a new one starts
         with self._lock:
@@ -128,16 +147,25 @@ class Snapshot:
             target = self._free_set()
             bufs = self._sets[target]
             order = [p for p, _ in volatile] + [p for p, _ in stable]
-            host = dict(bufs.copy_in(volatile, keep=order))
-            # The same plan into the same set as last time: the same buffers (no per-tensor lookups).
-            cached = self._reserved
-            if cached is not None and cached[0] is stable and cached[1] == (target, bufs.version):
-                stable_dst, pairs = cached[2], cached[3]
+            # Live: this set keeps no stable buffers (the staging copy of the last checkpoint goes).
+            host = dict(bufs.copy_in(volatile, keep=[p for p, _ in volatile] if live else order))
+            pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+            if live:
+                refs = {p: t.detach() for p, t in stable}  # detach() shares the version counter
+                self._versions = [(t, t._version) for t in refs.values()]
+                host.update(refs)
             else:
-                stable_dst = bufs.reserve(stable)
-                pairs = [(stable_dst[p], t.detach()) for p, t in stable]
-                self._reserved = (stable, (target, bufs.version), stable_dst, pairs)
-            host.update(stable_dst)
+                # The same plan into the same set as last time: the same buffers (no lookups).
+                cached = self._reserved
+                if cached is not None and cached[0] is stable and cached[1] == (target, bufs.version):
+                    stable_dst, pairs = cached[2], cached[3]
+                else:
+                    stable_dst = bufs.reserve(stable)
+                    pairs = [(stable_dst[p], t.detach()) for p, t in stable]
+                    self._reserved = (stable, (target, bufs.version), stable_dst, pairs)
+                host.update(stable_dst)
+                self._versions = []
+            self.live = live
             self.tensors = [(p, host[p]) for p in order]
             self.values = values
             self.shards = shards or {}
@@ -248,6 +276,7 @@ class Snapshot:
         self.wait()
         with self._lock:
             self.tensors, self.values, self.step = list(tensors), list(values), step
+            self.live, self._versions = False, []
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The state to checkpoint, reading from the buffers (a copy may still be filling them: the
@@ -268,6 +297,7 @@ class Snapshot:
         self.wait()
         self.step = -1
         self.values, self.tensors = [], []
+        self.live, self._versions = False, []
         self.previous = None
         self._pinned = [0] * len(self._sets)
         for s in self._sets:
