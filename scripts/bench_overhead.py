@@ -4,14 +4,15 @@
 
 Arms, the same job in each (AdamW, global batch 32, one thread per rank, gloo, synthetic data):
 - ddp:     torch's DistributedDataParallel with default settings, in spawned processes.
-- elastic: ElasticTrainer with default settings (ExactDDP, a snapshot every step, a standby per
-           node, checkpoints every 100 steps: none in the measured window).
+- elastic: ElasticTrainer with default settings (ExactDDP, a live snapshot every step, a standby
+           per node, checkpoints every 100 steps: a few in the small model's window, which the
+           median does not see).
 Models: small (5 Linear+LayerNorm blocks, ~0.3 M params, 21 tensors), medium (16 blocks of width
 1024, ~17 M, 66 tensors), large (a 16-layer transformer encoder, d_model 512: 50.4 M, 194 tensors;
 --seq tokens per sample, 16 by default: 4 keeps a large step near 1-2 s on 2 cores).
 
-Per cell (arm x size x ranks): the median step time over steps 10..60 of each repetition, then the
-median and spread (min-max) over repetitions; elastic's cells also report the training thread's
+Per cell (arm x size x ranks): the median step time over steps 10..STEPS[size] (400 small, 60
+medium, 40 large) of each repetition, then the median and spread (min-max) over repetitions; elastic's cells also report the training thread's
 time blocked by the snapshot per step, the background copy's own time per step, and the snapshot's
 host memory. Arms alternate within each repetition so that the machine's drift hits both. Prints a
 table, writes JSON and a PNG (step time vs model size, one line per arm and rank count).
@@ -40,7 +41,10 @@ GLOBAL_BATCH = 32
 SEQ = int(os.environ.get("BENCH_OVERHEAD_SEQ", "16"))
 """Tokens per sample of the large model (--seq; through the environment, so that the spawned DDP
 ranks and the Ray workers see the same value)."""
-WARMUP, LAST = 10, 60
+WARMUP = 10
+STEPS = {"small": 400, "medium": 60, "large": 40}
+"""Steps per run by size: the window after WARMUP lasts several seconds at every size (50 small
+steps were half a second, which this machine's noise swamped)."""
 
 
 def make_model(size: str) -> nn.Module:
@@ -83,7 +87,7 @@ def _ddp_rank(rank: int, world: int, port: int, size: str, out: str) -> None:
     ddp = DDP(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
-    for step in range(LAST):
+    for step in range(STEPS[size]):
         t0 = time.perf_counter()
         one_step(ddp, opt, size, step, rank, world)
         times.append(time.perf_counter() - t0)
@@ -103,7 +107,7 @@ def run_ddp(size: str, world: int, tmp: str) -> dict[str, Any]:
     out = os.path.join(tmp, f"ddp-{size}-{world}-{time.time_ns()}.json")
     mp.start_processes(_ddp_rank, args=(world, port, size, out), nprocs=world, join=True, start_method="spawn")
     doc = json.loads(Path(out).read_text())
-    return {"step_s": statistics.median(doc["times"][WARMUP:LAST]), "input": doc["input"]}
+    return {"step_s": statistics.median(doc["times"][WARMUP:]), "input": doc["input"]}
 
 
 # -- the elastic arm -------------------------------------------------------------------------------
@@ -119,7 +123,7 @@ def elastic_train(config: dict) -> None:
     ctx.restore(state)
     ddp = ctx.prepare_model(model)
     times, stats0 = [], None
-    while state.step < LAST:
+    while state.step < STEPS[size]:
         t0 = time.perf_counter()
         one_step(ddp, opt, size, state.step, ctx.rank, ctx.world_size)
         ctx.commit(state)
@@ -128,7 +132,7 @@ def elastic_train(config: dict) -> None:
             stats0 = ctx.stats()
     if ctx.rank == 0:
         s1 = ctx.stats()
-        n = LAST - WARMUP
+        n = STEPS[size] - WARMUP
         Path(config["out"]).write_text(json.dumps({
             "times": times, "blocked_per_step_s": (s1["snapshot_blocked_s"] - stats0["snapshot_blocked_s"]) / n,
             "copy_per_step_s": (s1["snapshot_copy_s"] - stats0["snapshot_copy_s"]) / n,
@@ -145,7 +149,7 @@ def run_elastic(size: str, world: int, tmp: str) -> dict[str, Any]:
                                ).fit(quiet=True)
     assert r.ok, r.error
     doc = json.loads(Path(out).read_text())
-    return {"step_s": statistics.median(doc["times"][WARMUP:LAST]), "blocked_per_step_s": doc["blocked_per_step_s"],
+    return {"step_s": statistics.median(doc["times"][WARMUP:]), "blocked_per_step_s": doc["blocked_per_step_s"],
             "copy_per_step_s": doc["copy_per_step_s"], "snapshot_bytes": doc["snapshot_bytes"], "input": doc["input"]}
 
 

@@ -97,6 +97,7 @@ class Snapshot:
         self.live = False
         """The stable tensors are the live ones (a live capture), valid while their versions hold."""
         self._versions: list[tuple[torch.Tensor, int]] = []
+        self._live_refs: tuple[list, dict[Path, torch.Tensor]] | None = None
 
     @property
     def empty(self) -> bool:
@@ -151,7 +152,11 @@ class Snapshot:
             host = dict(bufs.copy_in(volatile, keep=[p for p, _ in volatile] if live else order))
             pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
             if live:
-                refs = {p: t.detach() for p, t in stable}  # detach() shares the version counter
+                # The same plan as last time: the same references (detach() shares the version
+                # counter, so a cached one sees every change of its tensor).
+                if self._live_refs is None or self._live_refs[0] is not stable:
+                    self._live_refs = (stable, {p: t.detach() for p, t in stable})
+                refs = self._live_refs[1]
                 self._versions = [(t, t._version) for t in refs.values()]
                 host.update(refs)
             else:
@@ -297,7 +302,7 @@ class Snapshot:
         self.wait()
         self.step = -1
         self.values, self.tensors = [], []
-        self.live, self._versions = False, []
+        self.live, self._versions, self._live_refs = False, [], None
         self.previous = None
         self._pinned = [0] * len(self._sets)
         for s in self._sets:
