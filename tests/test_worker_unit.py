@@ -284,12 +284,14 @@ def test_live_snapshots_a_rank_that_fails_before_the_optimizer_step_restores_the
     after optimizer.step() and before the commit finds no state on that rank."""
     services = make_services(f"file://{tmp_path}", 2)
     reference = make_state()
+    init = params(reference)  # ranks start from these (make_state in threads races on the global seed)
     for _ in range(4):
         train_step(reference, 0)
         reference.step += 1
 
     def fn(gen):
         state = make_state()
+        state.model.load_state_dict(init)
         gen.restore(state)
         while state.step < 4:
             train_step(state, 0)  # both ranks train the same batches: rank 0's state is the reference
