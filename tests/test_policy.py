@@ -103,6 +103,10 @@ def test_quiesce_removes_the_dead_the_frozen_and_the_hung_first():
     assert quiesce({0: poll(age=61), 1: poll("parked")}) == Remove(workers=(0,), label="hung")
 
 
+def test_quiesce_removes_a_rank_whose_own_error_is_reported_after_its_peers_parked():
+    assert quiesce({0: poll("failed"), 1: poll("parked")}) == Remove(workers=(0,), label="failed")
+
+
 def test_quiesce_blames_a_rank_stuck_outside_a_collective_a_poll_timeout_after_peers_left():
     polls = {0: poll("parked", park="broken"), 1: poll(waiting=None), 2: poll(waiting=1.0)}
     assert quiesce(polls, first_park=1.0) == Continue()  # not yet a poll timeout (2 s)

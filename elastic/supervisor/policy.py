@@ -226,11 +226,14 @@ class DefaultPolicy:
 
     def quiesce(self, run: RunConfig, v: QuiesceView) -> Remove | Continue:
         """Who must go while the members leave the old group: first those whose poll says they are
-        dead, frozen or hung; then, a poll timeout after the first rank left, a rank neither
-        finishing nor blocked in a collective (stuck in user code); at the deadline, everyone left."""
+        dead, frozen, hung or failed (a rank whose own error broke the group, reported after its
+        peers saw the group break: it is replaced, not kept as a survivor); then, a poll timeout
+        after the first rank left, a rank neither finishing nor blocked in a collective (stuck in
+        user code); at the deadline, everyone left."""
         f = run.failure
         h = classify(v.polls, f)
-        for label, wids in (("died", h.dead), ("stopped answering", h.unresponsive), ("hung", h.hung)):
+        for label, wids in (("died", h.dead), ("stopped answering", h.unresponsive), ("hung", h.hung),
+                            ("failed", tuple(sorted(h.failed + h.fatal)))):
             if wids:
                 return Remove(workers=wids, label=label)
         still = {w: p for w, p in v.polls.items() if isinstance(p, WorkerPoll) and p.state == WorkerState.RUNNING}
