@@ -12,9 +12,9 @@ Models: small (5 Linear+LayerNorm blocks, ~0.3 M params, 21 tensors), medium (16
 --seq tokens per sample, 16 by default: 4 keeps a large step near 1-2 s on 2 cores).
 
 Per cell (arm x size x ranks): the median step time over steps 10..STEPS[size] (400 small, 60
-medium, 40 large) of each repetition, then the median and spread (min-max) over repetitions; elastic's cells also report the training thread's
-time blocked by the snapshot per step, the background copy's own time per step, and the snapshot's
-host memory. Arms alternate within each repetition so that the machine's drift hits both. Prints a
+medium, 40 large) of each repetition, then the median and spread (min-max) over repetitions;
+elastic's cells also report the training thread's time blocked by the snapshot per step, the
+background copy's own time per step, and the snapshot's host memory. Arms alternate within each repetition so that the machine's drift hits both. Prints a
 table, writes JSON and a PNG (step time vs model size, one line per arm and rank count).
 """
 

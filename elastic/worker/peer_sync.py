@@ -78,8 +78,7 @@ def broadcast_state(snapshot: Snapshot, src: int, ctrl: Collectives, step: int) 
     offsets = [0]
     for size in sizes:
         offsets.append(offsets[-1] + -(-size // ALIGN) * ALIGN)
-    payload = torch.zeros(offsets[-1], dtype=torch.uint8) if ctrl.rank == src else torch.empty(offsets[-1],
-                                                                                               dtype=torch.uint8)
+    payload = torch.empty(offsets[-1], dtype=torch.uint8)  # padding bytes are sent, never read
     if ctrl.rank == src:
         for (_, t), at, size in zip(snapshot.tensors, offsets, sizes):
             payload[at: at + size].copy_(t.contiguous().reshape(-1).view(torch.uint8))
