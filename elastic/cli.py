@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_plot(args: argparse.Namespace) -> int:
     from elastic.plot import plot
 
-    print(plot(args.uri, args.out, args.metric))
+    print(redact(plot(args.uri, args.out, args.metric)))
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from elastic.retry import redact
+
 
 @dataclass(frozen=True)
 class Result:
@@ -24,6 +26,7 @@ class Result:
     committed."""
 
     def summary(self) -> str:
+        """What a run did, in a few lines, ready to print (URIs and errors redacted)."""
         lines = [
             f"{'finished' if self.ok else 'STOPPED' if self.stopped else 'FAILED'}: {self.steps} steps in {self.seconds:.1f}s, "
             f"{self.failures} failure(s), {len(self.recoveries)} recovery/resize event(s)",
@@ -39,4 +42,4 @@ class Result:
             lines.append(f"  final metrics: {shown}")
         if self.error:
             lines.append(f"  error: {self.error.splitlines()[-1] if self.error else ''}")
-        return "\n".join(lines)
+        return redact("\n".join(lines))

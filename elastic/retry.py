@@ -113,25 +113,67 @@ def is_transient(exc: BaseException) -> bool:
 
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
-_SECRET_PATTERNS = [
-    re.compile(
-        r"(?i)(secret|token|password|passwd|credential|signature|key_id)"
-        r"([\"']?\s*[=:]\s*)[^\s,;&\"']+"
-    ),
-    re.compile(r"(?i)(X-Amz-Credential|X-Amz-Signature|X-Amz-Security-Token)=[^&\s]+"),
-    re.compile(r"(://)[^/@\s]+@"),  # user:password@ in a URL
-]
+_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^\s\"'<>`]*)")
+# key=value / key: value / 'key': 'value' (dict reprs) whose key names a secret: secret, secret_key,
+# aws_secret_access_key, X-Amz-Signature, sig (an Azure SAS), password, token, a quoted 'key', ...
+_SECRET_PAIR = re.compile(
+    r"(?i)([\w.-]*(?:secret|token|password|passwd|credential|signature|key_id|access_key|account_key)[\w.-]*"
+    r"|\bsig|\bsas|(?<=[\"'])key(?=[\"']))([\"']?\s*[=:]\s*[\"']?)[^\s,;&\"'})\]]+"
+)
+
+
+def redact_url(url: str) -> str:
+    """One URL as it may be shown: user info (anything before the last '@' of the part before the
+    query) and the whole query and fragment replaced by ***. Parsed by hand rather than with
+    urllib: secrets are often pasted raw, and a '/' in an unencoded secret key (common in AWS
+    keys) makes urlsplit take the user info for a path."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    if cut >= 0:
+        rest = rest[:cut] + "?***"
+    at = rest.rfind("@", 0, cut if cut >= 0 else len(rest))
+    if at >= 0:
+        rest = "***@" + rest[at + 1:]
+    return f"{scheme}://{rest}"
 
 
 def redact(text: str) -> str:
-    """The text with credentials removed: env secrets, key=value secrets, URL user info."""
+    """The text as it may be printed or logged: every URL in it through `redact_url`, values of
+    secret-named keys (key=value, key: value, dict reprs) and the AWS secrets of the environment
+    replaced by ***."""
     for name in _SECRET_ENV:
         value = os.environ.get(name)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
-    text = _SECRET_PATTERNS[0].sub(r"\1\2***", text)
-    text = _SECRET_PATTERNS[1].sub(r"\1=***", text)
-    return _SECRET_PATTERNS[2].sub(r"\1***@", text)
+    text = _URL.sub(lambda m: redact_url(m.group(0)), text)
+    return _SECRET_PAIR.sub(r"\1\2***", text)
+
+
+class _RedactedRecord(logging.LogRecord):
+    def getMessage(self) -> str:  # noqa: N802 - logging's name
+        return redact(super().getMessage())
+
+
+def _redact_elastic_log_records() -> None:
+    """Every log record of an `elastic.*` logger is printed through `redact` (catalog, lease and
+    checkpoint warnings name URIs), whichever handler prints it."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "_elastic_redacts", False):
+        return
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        if record.name == "elastic" or record.name.startswith("elastic."):
+            record.__class__ = _RedactedRecord if type(record) is logging.LogRecord else record.__class__
+        return record
+
+    factory._elastic_redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+_redact_elastic_log_records()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -83,7 +83,7 @@ def cmd_ls(uri: str, *, verify: bool = False, out: TextIO | None = None) -> int:
         failed = {int(e["step"]): (e.get("time") or 0.0, str(e.get("reason") or "?"))
                   for e in read_events(cs.uri) if e.get("event") == Event.CHECKPOINT_FAILED and "step" in e}
         if not infos and not failed:
-            print(f"no checkpoints under {cs.uri}", file=out)
+            print(retry.redact(f"no checkpoints under {cs.uri}"), file=out)
             return 0
         rows = [["STEP", "TIME", "WORLD", "BYTES", "SECONDS", "STATUS"]]
         by_step = {i.step: i for i in infos}
@@ -97,7 +97,7 @@ def cmd_ls(uri: str, *, verify: bool = False, out: TextIO | None = None) -> int:
                 continue
             when, reason = failed[step]
             rows.append([str(step), _when(when), "-", _size(i.bytes) if i else "-", "-",
-                         f"failed: {reason.splitlines()[0][:120]}"])
+                         f"failed: {retry.redact(reason.splitlines()[0])[:120]}"])
         _table(rows, out)
         return 0
 
@@ -121,7 +121,7 @@ def cmd_inspect(uri: str, step: int | None = None, *, out: TextIO | None = None)
         cs = _store_with_run(uri)
         s = _pick_step(cs, step)
         manifest, md = cs._open(s)
-        print(f"checkpoint {cs.step_uri(s)}", file=out)
+        print(retry.redact(f"checkpoint {cs.step_uri(s)}"), file=out)
         print(f"  step {manifest.step}, world size {manifest.world_size}, committed "
               f"{_when(manifest.time)}, {_size(manifest.bytes)}, saved in "
               f"{manifest.seconds:.2f}s", file=out)  # fmt: skip
@@ -167,7 +167,7 @@ def cmd_verify(uri: str, step: int | None = None, *, out: TextIO | None = None) 
         for s in steps:
             problems = cs._verify_if_committed(s) if step is None else cs.verify(s)
             for p in problems:
-                print(f"corrupt: {p}", file=out)
+                print(retry.redact(f"corrupt: {p}"), file=out)
             print(f"step {s}: {'CORRUPT' if problems else 'ok'}", file=out)
             bad += bool(problems)
         if bad:
@@ -191,7 +191,7 @@ def cmd_export(uri: str, out_path: str, step: int | None = None, *,
         with fsspec.open(storage.normalize_uri(out_path), "wb") as f:
             torch.save(full, f)
         n = tree.count_tensors(full)
-        print(f"exported step {s} ({n} tensors) from {cs.step_uri(s)} to {out_path}", file=out)
+        print(retry.redact(f"exported step {s} ({n} tensors) from {cs.step_uri(s)} to {out_path}"), file=out)
         return 0
 
     return _guard(run)

@@ -24,6 +24,7 @@ from elastic.chaos import procs
 from elastic.chaos.external import SIGNALS, ExternalKind, Target, inflict
 from elastic.config import require_duration
 from elastic.events import ENDED, live_members, read_events
+from elastic.retry import redact
 
 TOOL_KINDS = (*SIGNALS, ExternalKind.NODE_WORKERS)
 WORKER_KINDS = tuple(k.value for k in TOOL_KINDS)  # kill, segv, sigterm, stop, node
@@ -79,7 +80,7 @@ def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("k
     rng = random.Random(seed)
     report = ChaosReport()
     t0 = clock()
-    out(f"chaos: {uri} mtbf={mtbf_s:g}s faults={','.join(k.value for k in kinds)} max={max_faults} "
+    out(f"chaos: {redact(uri)} mtbf={mtbf_s:g}s faults={','.join(k.value for k in kinds)} max={max_faults} "
         f"duration={duration_s:g}s seed={seed}")
     next_at = t0 + rng.expovariate(1.0 / mtbf_s)
     while True:
