@@ -569,3 +569,35 @@ def test_a_failing_run_takes_in_the_other_ranks_last_events_first():
     assert run_states(ctl)[-1] is StateType.FAILED
     assert ctl.final_state.exit_code == 1
     assert "checkpoint_failed" in events.names()
+
+
+def test_the_same_user_error_on_every_rank_in_two_generations_ends_the_run_at_once():
+    """A deterministic bug (an optimizer built before FSDP2 sharding: `KeyError: 0` on every rank at
+    the first commit) used to burn the whole failure budget. Every generation's ranks fail at the
+    same step here: the second such generation ends the run, naming the user's frame in one line."""
+    from elastic.worker.protocol import ErrorSignature, FailureKind, WorkerError
+
+    g = FakeGroup(capacity=4, steps=50)
+    ctl, events, _ = make(g, max_failures=10)
+    plain_poll = g.poll
+    trace = 'Traceback (most recent call last):\n  File "/src/train.py", line 42, in train\nKeyError: 0'
+    error = WorkerError(FailureKind.USER, trace,
+                        signature=ErrorSignature(type="KeyError", message="0", where="/src/train.py:42", step=3))
+
+    def poll(wids: list[int], timeout_s: float) -> dict:
+        out = plain_poll(wids, timeout_s)
+        for w, p in out.items():
+            if isinstance(p, WorkerPoll) and p.state in ("running", "failed") and p.step >= 3:
+                g.state[w], g.step[w] = "failed", 3
+                out[w] = WorkerPoll(state="failed", generation=g.gen[w], step=3, progress_age_s=0.0,
+                                    waiting_in_collective_s=None, failure=error)
+        return out
+
+    g.poll = poll
+    assert run_states(ctl)[-1] is StateType.FAILED
+    assert ctl.failures == 2 and len({gen for _, gen, _ in g.starts}) == 2
+    assert ctl.final_state.exit_code == 1 and "\n" not in ctl.final_state.error
+    assert ctl.final_state.error.startswith("KeyError: 0 at /src/train.py:42 (step 3), on every rank in 2 "
+                                            "generations in a row: fix the training function")
+    failed = [e for e in events.events if e["event"] == "worker_failed"]
+    assert failed and all(e["error"] == trace for e in failed)  # the tracebacks are in the run's log

@@ -57,3 +57,25 @@ def test_typed_errors_and_the_collective_clock_decide_before_any_text():
             raise ValueError("while logging the loss") from inner
     except ValueError as outer:
         assert classify(outer, group_broken=False) is FailureKind.GROUP
+
+
+def _user_code_calling_a_library() -> None:
+    import json
+
+    json.loads("{")  # raises inside the stdlib
+
+
+def test_the_signature_of_a_user_error_names_the_innermost_frame_of_user_code_and_the_step():
+    from elastic.worker.failures import signature
+
+    try:
+        _user_code_calling_a_library()
+    except Exception as exc:  # noqa: BLE001 - the error under test
+        sig = signature(exc, step=7)
+    line = _user_code_calling_a_library.__code__.co_firstlineno + 3
+    assert sig.type == "JSONDecodeError" and sig.step == 7
+    assert sig.where == f"{__file__}:{line}", sig.where  # this file, not json's
+    try:
+        {}[0]
+    except KeyError as exc:
+        assert signature(exc, step=1).describe() == f"KeyError: 0 at {__file__}:{exc.__traceback__.tb_lineno} (step 1)"

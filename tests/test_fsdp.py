@@ -99,3 +99,39 @@ def test_stop_and_resume_equals_a_straight_run(reference, tmp_path):
     assert again.ok, again.error
     assert [e["source"] for e in again.events if e["event"] == "restored"] == [f"checkpoint:{STEPS // 2}"] * 2
     assert_models_equal(reference[2], final_model(str(uri)))
+
+
+def test_an_optimizer_built_before_sharding_is_named_in_one_line_at_restore(tmp_path):
+    """The DDP order (optimizer, then prepare_model) under FSDP2: the optimizer holds the unsharded
+    parameters, and the first commit failed with `KeyError: 0` on every rank. One rank, no Ray."""
+    import torch
+    import torch.distributed as dist
+
+    from elastic.errors import ConfigError
+    from elastic.train_state import TrainState
+    from elastic.worker.generation import Generation
+    from elastic.worker.groups import connect
+    from elastic.worker.protocol import Assignment
+    from worker_threads import make_services
+
+    s = make_services(f"file://{tmp_path}", 1)[0]
+    a = Assignment(generation=0, rank=0, world_size=1, store_host="", store_port=0, backend="gloo",
+                   collective_timeout_s=20)
+    groups = connect(a, s.clock, store=dist.HashStore())  # FSDP2's mesh needs a registered group
+    gen = Generation(groups, torch.device("cpu"), s)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        early = torch.optim.AdamW(model.parameters(), lr=0.01)
+        gen.prepare_model(model, strategy="fsdp")
+        with pytest.raises(ConfigError) as err:
+            gen.restore(TrainState(model=model, optimizer=early))
+        assert "\n" not in str(err.value) and "build the optimizer after ctx.prepare_model" in str(err.value)
+        state = TrainState(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.01))
+        assert gen.restore(state) is False  # the right order: a fresh run
+        model(torch.randn(4, 8)).sum().backward()
+        state.optimizer.step()
+        gen.commit(state)
+        assert state.step == 1
+    finally:
+        gen.release()
+        groups.destroy()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from elastic.config import FailureConfig, RunConfig, ScalingConfig
 from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Remove, Resize, Restart, Retry,
                                           WaitForWorkers)
 from elastic.supervisor.policy import (DefaultPolicy, MembershipView, QuiesceView, RunningView, StartView,
-                                       classify)
-from elastic.worker.protocol import FailureKind, PollFailure, WorkerError, WorkerPoll
+                                       classify, shared_error)
+from elastic.worker.protocol import ErrorSignature, FailureKind, PollFailure, WorkerError, WorkerPoll
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -90,6 +92,35 @@ def test_failures_within_budget_retry_with_backoff_and_one_more_fails_with_a_fin
     d = P.after_failure(r, 3, 4, "rank(s) 1 died")
     assert isinstance(d, Fail) and d.exit_code == 1 and d.final_save and "max_failures=2" in d.error
     assert P.after_failure(run(max_failures=-1), 10**6, 1, "x") == Retry(backoff_s=0.0)
+
+
+KEY_ERROR = ErrorSignature(type="KeyError", message="0", where="/src/train.py:42", step=1)
+
+
+def test_the_same_error_on_every_rank_in_two_generations_in_a_row_fails_at_once_in_one_line():
+    r = run(max_failures=10)
+    d = P.after_failure(r, 2, 2, "rank(s) 0,1 raised", (KEY_ERROR, KEY_ERROR))
+    assert isinstance(d, Fail) and d.exit_code == 1 and not d.final_save
+    assert d.error.startswith("KeyError: 0 at /src/train.py:42 (step 1), on every rank in 2 generations in a row: "
+                              "fix the training function") and "\n" not in d.error
+    # Once, another error, another step, or not on every rank (None): the budget decides.
+    for repeated in [(KEY_ERROR,), (None, KEY_ERROR), (KEY_ERROR, None), (None, None),
+                     (KEY_ERROR, replace(KEY_ERROR, step=2)), (replace(KEY_ERROR, where="/src/train.py:43"), KEY_ERROR)]:
+        assert isinstance(P.after_failure(r, 2, 2, "x", repeated), Retry), repeated
+
+
+def test_shared_error_is_the_signature_of_every_member_of_the_generation_or_none():
+    def failed(sig, generation=3, kind=FailureKind.USER):
+        return WorkerPoll(state="failed", generation=generation, step=0, progress_age_s=0.0,
+                          waiting_in_collective_s=None, failure=WorkerError(kind, "Traceback ...", signature=sig))
+
+    assert shared_error({0: failed(KEY_ERROR), 1: failed(KEY_ERROR)}, 3) == KEY_ERROR
+    assert shared_error({0: failed(KEY_ERROR), 1: failed(KEY_ERROR, generation=2)}, 3) is None  # an old answer
+    assert shared_error({0: failed(KEY_ERROR), 1: poll("parked", park="broken")}, 3) is None
+    assert shared_error({0: failed(KEY_ERROR), 1: PollFailure.DEAD}, 3) is None
+    assert shared_error({0: failed(KEY_ERROR), 1: failed(replace(KEY_ERROR, message="1"))}, 3) is None
+    assert shared_error({0: failed(KEY_ERROR), 1: failed(KEY_ERROR, kind=FailureKind.FATAL)}, 3) is None
+    assert shared_error({}, 3) is None
 
 
 # -- quiescing the old group -----------------------------------------------------------------

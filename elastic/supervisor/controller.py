@@ -21,7 +21,7 @@ from elastic.supervisor.states import (Failed, Finished, Resizing, Restarting, R
                                        StateType, Stopped, Stopping)
 from elastic.supervisor.tracking import Incidents, Progress, StepRate
 from elastic.supervisor.worker_group import WorkerGroup
-from elastic.worker.protocol import Assignment, WorkerPoll, WorkerState
+from elastic.worker.protocol import Assignment, ErrorSignature, WorkerPoll, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class Controller:
         self.generation = -1
         self.failures = 0
         self.consecutive_failures = 0
+        self._last_error: tuple[int, ErrorSignature | None] = (-2, None)
+        """(generation, the error every rank raised in it) of the last failed generation (policy.shared_error)."""
         self.recoveries: list[dict[str, Any]] = []
         self.progress = Progress()
         self._incidents = Incidents(clock)
@@ -173,13 +175,22 @@ class Controller:
         self.progress.failures = self.failures
         self._incidents.start(state.reason, is_failure=True, step_before=self.progress.step)
         survivors, _lost = self._quiesce(set(state.failed_workers), state.reason)
-        d = self.policy.after_failure(self.run, self.failures, self.consecutive_failures, state.reason)
+        d = self.policy.after_failure(self.run, self.failures, self.consecutive_failures, state.reason,
+                                      self._repeated_error())
         if isinstance(d, Fail):
             return self._fail(d, survivors=survivors)
         assert isinstance(d, Retry)
         if d.backoff_s:
             self.sleep(d.backoff_s)
         return self._rebuild(survivors, reason=state.reason)
+
+    def _repeated_error(self) -> tuple[ErrorSignature | None, ...]:
+        """The error every member raised in this generation, after the one of the generation just
+        before when that one failed too (what policy.after_failure compares)."""
+        mine = pol.shared_error({w: self._last_polls.get(w) for w in self.members}, self.generation)
+        before_gen, before = self._last_error
+        self._last_error = (self.generation, mine)
+        return (before, mine) if before_gen == self.generation - 1 else (mine,)
 
     # -- RESIZING ----------------------------------------------------------------------------
     def _resizing(self, state: Resizing) -> State:

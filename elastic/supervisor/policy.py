@@ -14,7 +14,7 @@ from typing import Mapping
 from elastic.config import FailureConfig, RunConfig
 from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Remove, Resize, Restart, Retry,
                                           WaitForWorkers)
-from elastic.worker.protocol import ParkReason, PollFailure, WorkerPoll, WorkerState
+from elastic.worker.protocol import ErrorSignature, FailureKind, ParkReason, PollFailure, WorkerPoll, WorkerState
 
 DEAD = PollFailure.DEAD
 UNRESPONSIVE = PollFailure.UNRESPONSIVE
@@ -211,8 +211,15 @@ class DefaultPolicy:
         return max(0, sc.max_workers + sc.spares - have)
 
     # -- after a failure ---------------------------------------------------------------------
-    def after_failure(self, run: RunConfig, failures: int, consecutive: int, reason: str) -> Retry | Fail:
+    def after_failure(self, run: RunConfig, failures: int, consecutive: int, reason: str,
+                      repeated: tuple[ErrorSignature | None, ...] = ()) -> Retry | Fail:
+        """`repeated`: the error every rank raised in each failed generation, for this one and the
+        one just before it when they are consecutive (shared_error; None: not one error on every
+        rank). The same on every rank in both is deterministic: ending now saves the budget."""
         f = run.failure
+        if len(repeated) >= 2 and repeated[-1] is not None and repeated[-2] == repeated[-1]:
+            return Fail(error=f"{repeated[-1].describe()}, on every rank in 2 generations in a row: fix the "
+                              "training function (tracebacks: the worker_failed events)", exit_code=1)
         if not f.failures_left(failures):
             return Fail(error=f"failure budget spent: {failures} failures > max_failures={f.max_failures} "
                               f"(last: {reason}); the newest committed checkpoint is kept: continue with "
@@ -285,6 +292,14 @@ class DefaultPolicy:
         if self.final_save_timeout_s is not None:
             return self.final_save_timeout_s
         return 2 * f.collective_timeout_s + f.poll_timeout_s
+
+
+def shared_error(polls: Mapping[int, Poll | None], generation: int) -> ErrorSignature | None:
+    """The error signature in every member's last poll of `generation` (each raised the same
+    exception in user code, at the same place and step), else None."""
+    sigs = {p.failure.signature if isinstance(p, WorkerPoll) and p.generation == generation and p.failure is not None
+            and p.failure.kind is FailureKind.USER else None for p in polls.values()}
+    return sigs.pop() if len(sigs) == 1 else None
 
 
 def describe_loss(h: Health, members: tuple[int, ...] | list[int]) -> str:

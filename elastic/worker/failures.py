@@ -9,11 +9,18 @@ those messages are matched here, in one table, each with the torch version it wa
 
 from __future__ import annotations
 
+import os
+import sysconfig
+import traceback
+
+import torch
 import torch.distributed as dist
+
+import elastic
 
 from elastic.errors import (CheckpointCorruptError, CheckpointFailedError, CheckpointMismatchError, ElasticError,
                             LeaseLostError, WorkerGroupError, exception_chain)
-from elastic.worker.protocol import FailureKind
+from elastic.worker.protocol import ErrorSignature, FailureKind
 
 # (substring, where it comes from, torch version it was seen with). Matched against the message of
 # a RuntimeError in the exception's chain; never against arbitrary exception types.
@@ -68,3 +75,28 @@ def classify(exc: BaseException, *, group_broken: bool) -> FailureKind:
         return FailureKind.GROUP
     return FailureKind.USER
 
+
+
+def _library_roots() -> tuple[str, ...]:
+    """Directories whose frames are not the user's: elastic, torch, the stdlib, installed packages."""
+    roots = {os.path.dirname(elastic.__file__), os.path.dirname(torch.__file__)}
+    roots.update(p for k in ("stdlib", "platstdlib", "purelib", "platlib") if (p := sysconfig.get_paths().get(k)))
+    return tuple(os.path.join(os.path.realpath(r), "") for r in roots)
+
+
+def user_frame(exc: BaseException) -> str:
+    """file:line of the innermost frame of `exc`'s traceback in the user's code (the innermost
+    frame at all when every one is a library's; "?" without a traceback)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    roots = _library_roots()
+    mine = [f for f in frames if not os.path.realpath(f.filename).startswith(roots)]
+    f = (mine or frames)[-1]
+    return f"{f.filename}:{f.lineno}"
+
+
+def signature(exc: BaseException, *, step: int) -> ErrorSignature:
+    """What identifies a user error across ranks and generations (`step`: the one being taken)."""
+    lines = str(exc).strip().splitlines()
+    return ErrorSignature(type=type(exc).__name__, message=lines[0] if lines else "", where=user_frame(exc), step=step)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from elastic.errors import ConfigError
+
 
 def default_blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks of a model, for sharding one at a time: the items of its largest ModuleList or
@@ -49,6 +51,18 @@ def shard(model: nn.Module, train_group: Any, device: torch.device,
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """ConfigError if `optimizer` holds parameters `model` no longer has: sharding replaces every
+    parameter with a sharded one, so an optimizer built before it (the DDP order) would update the
+    old, unsharded tensors, and saving it fails with an opaque `KeyError: 0` on every rank."""
+    if optimizer is None:
+        return
+    held = {id(p) for p in model.parameters()}
+    if any(id(p) not in held and not is_sharded(p) for g in optimizer.param_groups for p in g["params"]):
+        raise ConfigError("the optimizer holds the model's parameters from before sharding: build the optimizer "
+                          "after ctx.prepare_model(model, strategy='fsdp'), then call ctx.restore(state)")
 
 
 def is_sharded(t: Any) -> bool:

@@ -174,6 +174,7 @@ class Generation:
     def _restore_sharded(self, state: TrainState) -> bool:
         """A sharded state: the newest step every rank's rows are held at (own snapshots and buddy
         copies), moved onto this group's layout; storage only when a rank and its buddy were lost."""
+        fsdp.check_optimizer(state.model, state.optimizer)
         s = self.s
         s.buddy.wait()
         s.buddy.release_spare()  # an exchange cut short will never complete: its memory goes first

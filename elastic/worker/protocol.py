@@ -57,6 +57,24 @@ class PollFailure(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class ErrorSignature:
+    """Where and how user code raised, comparable across ranks and generations: the same one on
+    every rank, generation after generation, is a bug that restarting cannot fix."""
+
+    type: str
+    """The exception's class name, e.g. "KeyError"."""
+    message: str
+    """The first line of its message."""
+    where: str
+    """file:line of the innermost frame of the user's code (not elastic's, torch's or the stdlib's)."""
+    step: int
+    """The step the rank was taking (its last committed step + 1)."""
+
+    def describe(self) -> str:
+        return f"{self.type}: {self.message} at {self.where} (step {self.step})"
+
+
+@dataclass(frozen=True)
 class WorkerError:
     """An error a worker reports: its kind decides what the supervisor does about it."""
 
@@ -66,6 +84,8 @@ class WorkerError:
     exit_code: int = 2
     """The run's exit code when a FATAL error ends it: 2 for bad input, 1 for a final checkpoint
     that could not be committed or a location taken over."""
+    signature: ErrorSignature | None = None
+    """A USER error's type, user frame and step (elastic.worker.failures.signature)."""
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,8 @@ class WorkerRuntime:
             elif kind is FailureKind.FATAL:
                 failure = WorkerError(kind, f"{type(exc).__name__}: {exc}", exit_code=failures.exit_code(exc))
             else:
-                failure = WorkerError(kind, "".join(traceback.format_exception(exc)).strip())
+                failure = WorkerError(kind, "".join(traceback.format_exception(exc)).strip(),
+                                      signature=failures.signature(exc, step=s.board.get().step + 1))
         finally:
             if state is not WorkerState.FINISHED:
                 s.checkpointer.cancel_pending()
