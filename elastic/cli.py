@@ -119,9 +119,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     loop_config = parse_config_pairs(args.config)
     cfg = _configs(args)
     if cfg["checkpoint"].uri:
-        from elastic.storage import resolve
+        from elastic.storage_cmds import open_location
 
-        resolve(cfg["checkpoint"].uri)
+        open_location(cfg["checkpoint"].uri)
     fn = load_entrypoint(args.entrypoint)
     trainer = _trainer(fn, args.entrypoint, args, cfg, loop_config)
     return _finish(trainer.fit(raise_on_failure=False, quiet=args.quiet))
@@ -129,8 +129,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from elastic.storage import normalize_uri
+    from elastic.storage_cmds import open_location
     from elastic.trainer import load_spec, resolve_entrypoint
 
+    open_location(args.uri)
     spec = load_spec(args.uri)
     if spec is None:
         raise ConfigError(f"no run at {args.uri!r} (no run.json): start one with `elastic run FILE.py:FN "
@@ -226,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from elastic.plot import plot
+    from elastic.storage_cmds import open_location
 
+    open_location(args.uri)
     print(redact(plot(args.uri, args.out, args.metric)))
     return 0
 
@@ -252,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)}",
               file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # storage or the system failed under a command: still one line, no traceback
+        if os.environ.get("ELASTIC_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {redact(f'{type(exc).__name__}: {exc}'.splitlines()[0])}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

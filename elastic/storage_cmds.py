@@ -1,8 +1,9 @@
 """The storage side of the CLI: ls, inspect, verify, export, events.
 
 Each command returns an exit code and prints human-readable text to stdout; a failure prints one
-line on stderr starting with `error: ` and returns the error's exit code (2 for a wrong URI or
-nothing to act on, 1 for a failed verification or storage error).
+line on stderr starting with `error: ` and returns the error's exit code (2 for a wrong URI, a file
+given as a location, storage that cannot be reached at all, or nothing to act on; 1 for a failed
+verification or a storage error while reading).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 from elastic import retry, storage, tree
 from elastic.checkpoint import CheckpointStore
 from elastic.checkpoint.layout import COMMITTED
-from elastic.errors import ElasticError, NoCheckpointError
+from elastic.errors import ConfigError, ElasticError, NoCheckpointError, StorageUnavailableError
 from elastic.events import EVENTS_FILE, Event, format_event, parse_lines, read_events, read_lines
 
 
@@ -35,8 +36,26 @@ def _guard(fn: Callable[[], int], err: TextIO | None = None) -> int:
         return 1
 
 
+def open_location(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, root) of a run's location, for any command given one: a one-line error (exit 2)
+    when its storage cannot be reached at all, or when it names a file rather than a location."""
+    try:
+        fs, root = storage.resolve(uri)
+        is_file = fs.isfile(root)
+    except OSError as exc:  # e.g. a filesystem that connects as it is built (ftp://, sftp://)
+        raise StorageUnavailableError(retry.redact(
+            f"cannot reach the storage of {uri} ({type(exc).__name__}: {exc}): check the URI, host and "
+            "port")) from None
+    if is_file:
+        raise ConfigError(retry.redact(
+            f"{uri} is a file, not a run's location: give the directory or URI the run was started with "
+            "(its --checkpoint-uri)"))
+    return fs, root
+
+
 def _store_with_run(uri: str) -> CheckpointStore:
     """The run's CheckpointStore; NoCheckpointError (exit 2) when nothing is there at all."""
+    open_location(uri)
     cs = CheckpointStore(uri)
     if cs.list():
         return cs
@@ -202,6 +221,7 @@ def cmd_events(uri: str, as_json: bool = False, *, out: TextIO | None = None) ->
     out = out or sys.stdout
 
     def run() -> int:
+        open_location(uri)
         cs = CheckpointStore(uri)
         lines = retry.call(retry.STORAGE_READ, lambda: read_lines(cs.uri, partial=True), op="read", uri=f"{cs.uri}/{EVENTS_FILE}")
         if not lines:

@@ -122,3 +122,26 @@ def test_more_bad_input_is_one_line_each_and_credentials_are_never_printed(tmp_p
         p = elastic_cli_here(*args)
         assert_one_line_error(p, code, *needles)
         assert "topsecret" not in p.stderr + p.stdout
+
+
+def test_a_file_unreachable_storage_or_no_run_is_one_line_and_exit_2(tmp_path):
+    """Issue 25 item 12: a file given as a run's location, storage that refuses the connection, and
+    `elastic chaos` where no run is: one line each, exit 2, promptly (no traceback, no exit 1)."""
+    import time
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("not a run")
+    cases = [(["resume", str(afile)], ["is a file, not a run's location"])]
+    cases += [([cmd, str(afile)], ["is a file"]) for cmd in ("ls", "verify", "events", "inspect")]
+    ftp = "ftp://AKIDUSER:topsecret@127.0.0.1:1/run"
+    cases += [(["run", f"{JOBS}:train", "--checkpoint-uri", ftp], ["cannot reach the storage", "host and port"]),
+              (["resume", ftp], ["cannot reach the storage"]),
+              (["chaos", str(afile)], ["is a file"])]
+    for args, needles in cases:
+        p = elastic_cli_here(*args)
+        assert_one_line_error(p, 2, *needles)
+        assert "topsecret" not in p.stderr + p.stdout
+    t0 = time.monotonic()
+    p = elastic_cli_here("chaos", str(tmp_path / "nothing"), "--duration", "20s", "--wait", "1s")
+    assert_one_line_error(p, 2, "no run at", "--wait")
+    assert time.monotonic() - t0 < 10, "chaos waited out its duration where there is no run"

@@ -23,8 +23,11 @@ from typing import Callable
 from elastic.chaos import procs
 from elastic.chaos.external import SIGNALS, ExternalKind, Target, inflict
 from elastic.config import require_duration
-from elastic.events import ENDED, live_members, read_events
+from elastic.errors import ConfigError, ElasticError
+from elastic.events import ENDED, EVENTS_FILE, live_members, read_events
+from elastic.lease import Lease
 from elastic.retry import redact
+from elastic.storage_cmds import open_location
 
 TOOL_KINDS = (*SIGNALS, ExternalKind.NODE_WORKERS)
 WORKER_KINDS = tuple(k.value for k in TOOL_KINDS)  # kill, segv, sigterm, stop, node
@@ -63,8 +66,9 @@ def parse_seconds(text: str | float) -> float:
 def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("kill",), max_faults: int = 3,
               duration_s: float = 120.0, seed: int | None = None, *,
               out: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
-              sleep: Callable[[float], None] = time.sleep, poll_s: float = 0.2) -> ChaosReport:
-    """Inject up to `max_faults` faults into the live run at `uri` within `duration_s`; see module doc."""
+              sleep: Callable[[float], None] = time.sleep, poll_s: float = 0.2, wait_s: float = 10.0) -> ChaosReport:
+    """Inject up to `max_faults` faults into the live run at `uri` within `duration_s`; see module doc.
+    ConfigError when no run appears at `uri` within `wait_s` (or it is not a run's location)."""
     try:
         kinds = [ExternalKind(f) for f in faults]
     except ValueError as exc:
@@ -76,6 +80,9 @@ def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("k
     require_duration("duration", duration_s)
     if max_faults < 0:
         raise ValueError("max_faults must be >= 0")
+    if wait_s < 0:
+        raise ValueError("wait must be >= 0")
+    _wait_for_run(uri, wait_s, clock=clock, sleep=sleep, poll_s=poll_s)
     seed = seed if seed is not None else random.randrange(2**31)
     rng = random.Random(seed)
     report = ChaosReport()
@@ -124,6 +131,18 @@ def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("k
     return report
 
 
+def _wait_for_run(uri: str, wait_s: float, *, clock: Callable[[], float], sleep: Callable[[float], None],
+                  poll_s: float) -> None:
+    """Return once `uri` holds a run (its event log or its lease); ConfigError after `wait_s`."""
+    open_location(uri)
+    t0 = clock()
+    while not (_read(uri) or Lease(uri).current() is not None):
+        if clock() - t0 >= wait_s:
+            raise ConfigError(f"no run at {redact(uri)} (no {EVENTS_FILE}, no lease) after {wait_s:g}s: check "
+                              "the URI, or start the run first (--wait sets how long to wait for it)")
+        sleep(poll_s)
+
+
 def _read(uri: str) -> list[dict]:
     try:
         return read_events(uri)
@@ -139,17 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-faults", type=int, default=3)
     p.add_argument("--duration", default="120s", help="stop after this long (e.g. 120s, 10m)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--wait", default="10s", help="how long to wait for a run to appear at URI (e.g. 10s)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: `elastic chaos ...` calls main(argv_rest). Exit 0 done, 2 bad usage."""
+    """Entry point: `elastic chaos ...` calls main(argv_rest). Exit 0 done, 2 bad usage or no run."""
     args = build_parser().parse_args(argv)
     try:
         run_chaos(args.uri, parse_seconds(args.mtbf), [f.strip() for f in args.faults.split(",") if f.strip()],
-                  args.max_faults, parse_seconds(args.duration), args.seed)
+                  args.max_faults, parse_seconds(args.duration), args.seed, wait_s=parse_seconds(args.wait))
+    except ElasticError as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return exc.exit_code
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     return 0
 
