@@ -130,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from elastic.storage import normalize_uri
     from elastic.storage_cmds import open_location
-    from elastic.trainer import load_spec, resolve_entrypoint
+    from elastic.trainer import load_spec
 
     open_location(args.uri)
     spec = load_spec(args.uri)
@@ -145,15 +145,42 @@ def cmd_resume(args: argparse.Namespace) -> int:
     loop_config = {**spec["train_loop_config"], **parse_config_pairs(args.config)}
     entry = args.entrypoint or spec["entrypoint"]
     if args.entrypoint is None:
-        path = entry.rsplit(":", 1)[0]
-        if not Path(path).is_file():
-            raise ConfigError(f"the run's entry file {path} is gone: pass --entrypoint FILE.py:FUNCTION")
-        if spec.get("entrypoint_sha256") and resolve_entrypoint(entry)[1] != spec["entrypoint_sha256"]:
-            raise ConfigError(f"the run's entry file {path} changed since the run started: resume with "
-                              f"--entrypoint {entry} to run it as it is now")
+        _check_stored_entrypoint(args, spec)
+    named = "" if args.entrypoint else f" as named in {redact(args.uri)}/run.json"
+    print(f"[elastic] resume runs {entry} (sha256 {_sha256(entry)[:12]}){named}", file=sys.stderr, flush=True)
     fn = load_entrypoint(entry)
     trainer = _trainer(fn, entry, args, cfg, loop_config, name=spec.get("name", "elastic"), seed=spec.get("seed", 0))
     return _finish(trainer.fit(raise_on_failure=False, quiet=args.quiet))
+
+
+def _sha256(entry: str) -> str:
+    from elastic.trainer import resolve_entrypoint
+
+    try:
+        return resolve_entrypoint(entry)[1]
+    except (OSError, ValueError):
+        return "?"  # load_entrypoint says what is wrong with it
+
+
+def _check_stored_entrypoint(args: argparse.Namespace, spec: dict[str, Any]) -> None:
+    """run.json lives with the run's data, so it is not trusted to name code: its entry point runs
+    only if this user started a run with that very file on this machine (elastic.trusted), or
+    --trust-entrypoint says so; otherwise one line asks for --entrypoint."""
+    from elastic import trusted
+
+    entry = spec["entrypoint"]
+    path = entry.rsplit(":", 1)[0]
+    if not Path(path).is_file():
+        raise ConfigError(f"the run's entry file {path} is gone: pass --entrypoint FILE.py:FUNCTION")
+    actual = _sha256(entry)
+    if spec.get("entrypoint_sha256") and actual != spec["entrypoint_sha256"]:
+        raise ConfigError(f"the run's entry file {path} changed since the run started: resume with "
+                          f"--entrypoint {entry} to run it as it is now")
+    if not args.trust_entrypoint and not trusted.is_trusted(entry, actual):
+        host = spec.get("host") or "an unknown host"
+        raise ConfigError(f"{redact(args.uri)}/run.json (written on {host}) names {entry} (sha256 {actual[:12]}), "
+                          "which no run of yours on this machine was started with: read it, then resume with "
+                          f"--entrypoint {entry} (or --trust-entrypoint)")
 
 
 def _finish(result: Any) -> int:
@@ -193,7 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri")
     _add_run_options(p)
     p.add_argument("--entrypoint", default=None, metavar="FILE.py:FUNCTION",
-                   help="run this entry point instead of the stored one (needed when it moved or changed)")
+                   help="run this entry point instead of the stored one (needed when it moved or changed, "
+                        "or when no run of yours on this machine was started with it)")
+    p.add_argument("--trust-entrypoint", action="store_true",
+                   help="run the entry file named in URI/run.json even though no run of yours on this machine "
+                        "was started with it (run.json is written by whoever can write URI)")
     p.set_defaults(func=cmd_resume)
     p = sub.add_parser("ls", help="list checkpoints at a location")
     p.add_argument("uri")

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -29,7 +30,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from elastic import lease as lease_mod
 from elastic.cluster import ensure_ray
-from elastic import retry, storage
+from elastic import retry, storage, trusted
 from elastic.callbacks import Callback, Callbacks
 from elastic.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from elastic.errors import ConfigError, StorageUnavailableError, TrainingFailedError
@@ -164,19 +165,22 @@ class ElasticTrainer:
 
     def _write_spec(self) -> None:
         """URI/run.json: what `elastic resume URI` needs to start the same run again (credentials in
-        URIs are never stored; the run's location is wherever it is resumed from)."""
+        URIs are never stored; the run's location is wherever it is resumed from). The entry file is
+        also recorded on this machine (elastic.trusted): run.json alone is never trusted to name code."""
         if self.entrypoint is None:
             return
         fs, root = resolve(self.uri)
         entry, digest = resolve_entrypoint(self.entrypoint)
         checkpoint = {k: v for k, v in asdict(self.run.checkpoint).items() if k != "uri"}
-        spec = {"entrypoint": entry, "entrypoint_sha256": digest, "name": self.run.name, "seed": self.run.seed,
+        spec = {"entrypoint": entry, "entrypoint_sha256": digest, "host": socket.gethostname(),
+                "name": self.run.name, "seed": self.run.seed,
                 "train_loop_config": self.run.train_loop_config,
                 "scaling": asdict(self.run.scaling), "checkpoint": checkpoint,
                 "failure": asdict(self.run.failure), "stop_timeout_s": self.run.stop_timeout_s}
         data = json.dumps(spec, indent=2, default=str).encode()
         retry.call(retry.STORAGE_WRITE, lambda: storage.write_bytes(fs, f"{root}/{RUN_SPEC_FILE}", data),
                    op="write run spec", uri=self.uri)
+        trusted.remember(entry, digest)  # what `elastic resume` may run without asking (elastic.trusted)
 
 
 class _Signals:

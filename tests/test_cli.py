@@ -145,3 +145,47 @@ def test_a_file_unreachable_storage_or_no_run_is_one_line_and_exit_2(tmp_path):
     p = elastic_cli_here("chaos", str(tmp_path / "nothing"), "--duration", "20s", "--wait", "1s")
     assert_one_line_error(p, 2, "no run at", "--wait")
     assert time.monotonic() - t0 < 10, "chaos waited out its duration where there is no run"
+
+
+def test_resume_runs_no_entry_file_that_run_json_alone_names(tmp_path, monkeypatch):
+    """Issue 25 item 9: URI/run.json is written by whoever can write URI. `resume` runs the entry file
+    it names only when a run of this user on this machine was started with that file (and content);
+    otherwise one line asks for --entrypoint, and nothing is imported."""
+    import hashlib
+    import json
+
+    from elastic import cli, trusted
+    from elastic.result import Result
+    from elastic.trainer import ElasticTrainer
+
+    monkeypatch.setenv("ELASTIC_HOME", str(tmp_path / "home"))
+    marker = tmp_path / "imported"
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"open({str(marker)!r}, 'w').write('ran')\ndef train(config):\n    pass\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    entry = f"{evil}:train"
+    sha = hashlib.sha256(evil.read_bytes()).hexdigest()
+    (run / "run.json").write_text(json.dumps({"entrypoint": entry, "entrypoint_sha256": sha, "host": "elsewhere",
+                                              "train_loop_config": {}, "scaling": {}, "checkpoint": {}, "failure": {}}))
+    started = []  # entry points handed to a trainer (a stand-in: no Ray here)
+    monkeypatch.setattr(cli, "_trainer", lambda fn, entry, *a, **k: started.append(entry) or type(
+        "T", (), {"fit": lambda self, **kw: Result(ok=True, exit_code=0, error=None, metrics={}, steps=0,
+                                                   seconds=0.0, failures=0, recoveries=[], checkpoint=None,
+                                                   uri=str(run))})())
+    p = elastic_cli_here("resume", str(run))
+    assert_one_line_error(p, 2, str(evil), "--entrypoint", "--trust-entrypoint")
+    assert not marker.exists(), "resume imported an entry file that only run.json named"
+
+    p = elastic_cli_here("resume", str(run), "--trust-entrypoint")  # the user vouches for it
+    assert p.returncode == 0 and started == [entry] and marker.exists(), p.stderr
+    assert f"resume runs {entry}" in p.stderr
+    # A run started here with the file records it: a plain resume then runs it without asking.
+    marker.unlink()
+    ElasticTrainer(lambda c: None, checkpoint=__import__("elastic").CheckpointConfig(uri=str(tmp_path / "other")),
+                   entrypoint=entry)._write_spec()
+    assert trusted.is_trusted(entry, sha)
+    p = elastic_cli_here("resume", str(run))
+    assert p.returncode == 0 and started == [entry, entry] and marker.exists(), p.stderr
+    evil.write_text(evil.read_text() + "# changed\n")  # another content at the same path: not trusted
+    assert not trusted.is_trusted(entry, hashlib.sha256(evil.read_bytes()).hexdigest())
