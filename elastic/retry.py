@@ -204,6 +204,8 @@ STORAGE_READ = RetryPolicy(name="storage_read", attempts=5, total_s=60.0)
 """Reading a checkpoint file or manifest."""
 STORAGE_LIST = RetryPolicy(name="storage_list", attempts=4, total_s=30.0, max_backoff_s=2.0)
 """Listing or deleting: cheap calls; the supervisor should not hang on them."""
+LEASE = RetryPolicy(name="lease", attempts=3, total_s=5.0, initial_s=0.1, max_backoff_s=1.0)
+"""Reading or writing the lease's tiny record: the renewer's own loop retries until the TTL."""
 
 
 def call(

@@ -10,6 +10,7 @@ import ctypes
 import io
 import os
 import posixpath
+import threading
 import uuid
 from typing import Any
 
@@ -93,6 +94,70 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fsync_file(f)
     fs.mv(tmp, path)
     fsync_dir(parent)
+
+
+UNSAFE_ENV = "ELASTIC_ALLOW_UNSAFE_LOCATION"
+"""Set to 1 to run on a store without a tested atomic create (gs://, az://, hdfs, ...): ownership
+and commits then rest on check-then-write, and two runs racing for the location may both proceed."""
+_MEMORY_CREATE = threading.Lock()
+
+
+def create_kind(fs: fsspec.AbstractFileSystem) -> str | None:
+    """How create_bytes() is atomic on this store: "local" (link, fails if the name exists), "s3"
+    (a conditional put, If-None-Match: *), "memory" (one process's store, under a lock); None
+    where we know of no tested atomic create."""
+    if is_local(fs):
+        return "local"
+    inner = getattr(fs, "inner_fs", fs)
+    proto = inner.protocol
+    protos = (proto,) if isinstance(proto, str) else tuple(proto)
+    for kind in ("s3", "memory"):
+        if kind in protos or (kind == "s3" and "s3a" in protos):
+            return kind
+    return None
+
+
+def unsafe_allowed() -> bool:
+    return os.environ.get(UNSAFE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def require_atomic_create(fs: fsspec.AbstractFileSystem, uri: str) -> None:
+    """ConfigError (one line) for a store where one owner per location cannot be made safe."""
+    if create_kind(fs) is None and not unsafe_allowed():
+        raise ConfigError(
+            f"{uri}: this store has no atomic create that elastic has tested, so two runs could both own "
+            f"it; use file://, s3:// or memory://, or set {UNSAFE_ENV}=1 to accept the risk")
+
+
+def create_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create a whole small file only if its name is free: True if we created it, False if it
+    exists. Readers see nothing or all of it. Atomic where create_kind() says so; elsewhere (only
+    with the opt-in) fsspec's mode="create", which its base class does as check-then-write."""
+    kind = create_kind(fs)
+    try:
+        if kind == "local":
+            parent = posixpath.dirname(path)
+            os.makedirs(parent, exist_ok=True)
+            tmp = join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # atomic, and fails if the name exists
+            finally:
+                os.unlink(tmp)
+            fsync_dir(parent)
+        elif kind == "memory":
+            with _MEMORY_CREATE:
+                if fs.exists(path):
+                    return False
+                fs.pipe_file(path, data)
+        else:
+            fs.pipe_file(path, data, mode="create")
+        return True
+    except FileExistsError:
+        return False
 
 
 def write_durable(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

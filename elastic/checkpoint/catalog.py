@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -23,7 +24,7 @@ from elastic.checkpoint.layout import (
     Manifest, hasher, parse_step_dirname, step_dirname,
 )  # fmt: skip
 from elastic.checkpoint.state import apply_values, check_tensors_match, split_state
-from elastic.errors import CheckpointCorruptError, NoCheckpointError
+from elastic.errors import CheckpointCorruptError, LeaseLostError, NoCheckpointError
 
 log = logging.getLogger(__name__)
 _CHUNK = 8 << 20
@@ -208,21 +209,24 @@ class CheckpointStore:
 
         self._call(retry.STORAGE_LIST, rm, "delete", path)
 
-    def clean_partial(self) -> list[str]:
+    def clean_partial(self, *, token: int = 0, fence: Callable[[], None] | None = None) -> list[str]:
         """Delete uncommitted step directories; the URLs removed.
 
         Call it only when no save is in flight (at start-up, or between saves on the coordinator).
+        `fence` (raises when this run lost the location) is called before each deletion, and a
+        step that got a manifest meanwhile is kept.
         """
         removed = []
         for info in self.list():
-            if info.status != COMMITTED:
-                self._rm_dir(self.step_path(info.step))
+            if info.status != COMMITTED and self._rm_step(info.step, token, fence, partial=True):
                 removed.append(info.uri)
         return removed
 
-    def retain(self, keep_last: int, newest: int) -> list[str]:
+    def retain(self, keep_last: int, newest: int, *, token: int = 0,
+               fence: Callable[[], None] | None = None) -> list[str]:
         """After committing `newest`: drop committed steps beyond the newest `keep_last` and
-        partial ones older than `newest` (abandoned saves). keep_last <= 0 keeps everything."""
+        partial ones older than `newest` (abandoned saves). keep_last <= 0 keeps everything.
+        Fenced like clean_partial(); a manifest of a newer lease than `token` is never removed."""
         infos = self.list()
         committed = [i for i in infos if i.status == COMMITTED]
         doomed = committed[:-keep_last] if keep_last > 0 else []
@@ -231,20 +235,67 @@ class CheckpointStore:
             good = self.latest_verified()
             doomed = [i for i in doomed if good is None or i.step != good.step]
         doomed += [i for i in infos if i.status != COMMITTED and i.step < newest]
-        for info in doomed:
-            self._rm_dir(self.step_path(info.step))
-        return [i.uri for i in doomed]
+        return [i.uri for i in doomed if self._rm_step(i.step, token, fence, partial=i.status != COMMITTED)]
+
+    def _rm_step(self, step: int, token: int, fence: Callable[[], None] | None, *, partial: bool) -> bool:
+        """Delete a step directory after re-checking, right before, that it is still ours to delete."""
+        if fence is not None:
+            fence()
+        try:
+            manifest = self.read_manifest(step)
+        except CheckpointCorruptError:
+            manifest = None
+        if manifest is not None and (partial or manifest.lease > token):
+            return False  # committed meanwhile, or by a newer owner of the location
+        self._rm_dir(self.step_path(step))
+        return True
 
     # -- commit (coordinator) -------------------------------------------------------------
-    def uncommit(self, step: int) -> None:
-        """Remove a manifest before rewriting its step (a re-save after falling back past it)."""
+    def uncommit(self, step: int, *, token: int = 0) -> None:
+        """Remove a manifest before rewriting its step (a re-save after falling back past it);
+        LeaseLostError if it was committed under a newer lease than `token` (never removed)."""
         path = storage.join(self.step_path(step), MANIFEST)
+        try:
+            existing = self.read_manifest(step)
+        except CheckpointCorruptError:
+            existing = None  # torn: nobody's commit
+        if existing is not None and existing.lease > token:
+            raise LeaseLostError(
+                f"{self.step_uri(step)} was committed by a newer owner of {self.uri} (lease {existing.lease}, "
+                f"this run's is {token}): it is not overwritten")
 
         def rm() -> None:
             if self.fs.exists(path):
                 self.fs.rm(path)
 
         self._call(retry.STORAGE_WRITE, rm, "uncommit", self.step_uri(step))
+
+    def commit(self, manifest: Manifest, metadata: bytes, *, fence: Callable[[], None] | None = None) -> None:
+        """Commit a step whose shards are durable: its DCP .metadata, then its manifest, created
+        only if none exists (conditionally, on the store's atomic create). `fence` raises when this
+        run lost the location; it runs before anything is touched and again right before the
+        manifest. A manifest of a newer lease is never removed nor replaced (LeaseLostError)."""
+        step, token = manifest.step, manifest.lease
+        if fence is not None:
+            fence()
+        self.uncommit(step, token=token)
+        self.write_file(step, DCP_METADATA, metadata, atomic=False)  # vouched for by the manifest
+        if fence is not None:
+            fence()
+        path = storage.join(self.step_path(step), MANIFEST)
+        data = manifest.to_json()
+        if self._call(retry.STORAGE_WRITE, lambda: storage.create_bytes(self.fs, path, data), "commit",
+                      self.step_uri(step)):
+            return
+        try:
+            existing = self.read_manifest(step)
+        except CheckpointCorruptError:
+            existing = None
+        if existing is not None and existing.save_id == manifest.save_id:
+            return  # a retried create whose first try had succeeded
+        raise LeaseLostError(
+            f"{self.step_uri(step)} was committed meanwhile by another save "
+            f"(lease {existing.lease if existing else '?'}, this run's is {token}): not overwritten")
 
     def write_file(self, step: int, name: str, data: bytes, *, atomic: bool = True) -> None:
         """Write a whole file of `step`: atomic (readers see all or nothing; its directory entry

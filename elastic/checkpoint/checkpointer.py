@@ -26,7 +26,7 @@ from elastic import retry, tree
 from elastic.checkpoint import commit, dcp_io
 from elastic.checkpoint.catalog import CheckpointStore
 from elastic.checkpoint.layout import (
-    CHECKSUM, COMMITTED, DCP_METADATA, MANIFEST, CheckpointInfo, FileEntry, Manifest, checksum,
+    CHECKSUM, COMMITTED, DCP_METADATA, CheckpointInfo, FileEntry, Manifest, checksum,
 )  # fmt: skip
 from elastic.checkpoint.shards import EntriesSavePlanner, Shards
 from elastic.checkpoint.state import split_state
@@ -82,8 +82,9 @@ class Checkpointer:
         commit_timeout_s: how long the coordinator waits for every rank's shard (and other ranks
             for the verdict) before abandoning the save.
         fs: a filesystem object replacing the one resolved from `uri` (fault injection in tests).
-        lease: (elastic.lease.Lease, token) of the run that owns `uri`: the coordinator commits only
-            while the token is still the newest, and records it in the manifest.
+        lease: (elastic.lease.Lease, token) or (Lease, token, owner) of the run that owns `uri`: the
+            coordinator commits only while the lease holds (Lease.check), records the token in the
+            manifest, never replaces a manifest of a newer token, and fences retention the same way.
         """
         if when_busy not in ("wait", "skip"):
             raise ConfigError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
@@ -289,7 +290,9 @@ class Checkpointer:
 
     def _retain(self, newest: int) -> None:
         try:
-            removed = self.store.retain(self.keep_last, newest)
+            fence = (lambda: self._fence(newest)) if self.lease is not None else None
+            removed = self.store.retain(self.keep_last, newest, token=self.lease[1] if self.lease else 0,
+                                        fence=fence)
             if removed:
                 log.info("retention removed %s", ", ".join(removed))
         except Exception as exc:  # noqa: BLE001 - retention failing must not undo a commit
@@ -339,22 +342,28 @@ class Checkpointer:
         with self._commit_lock:
             if job.cancel.is_set():
                 raise commit.Cancelled()
-            if self.lease is not None and not self.lease[0].holds(self.lease[1]):
-                raise LeaseLostError(f"{cs.uri} is no longer owned by this run (lease {self.lease[1]}): "
-                                     f"the checkpoint of step {job.step} is not committed")
-            cs.uncommit(job.step)
-            cs.write_file(job.step, DCP_METADATA, md, atomic=False)  # vouched for by the manifest
+            self._fence(job.step)
             now = time.time()
             manifest = Manifest(
                 step=job.step, world_size=job.world_size, time=now, seconds=now - job.started,
                 save_id=job.save_id, files=files, values=list(values), checksum=CHECKSUM,
                 lease=self.lease[1] if self.lease is not None else 0,
             )  # fmt: skip
-            cs.write_file(job.step, MANIFEST, manifest.to_json())
+            cs.commit(manifest, md, fence=lambda: self._fence(job.step))
         return CheckpointInfo(
             job.step, cs.step_uri(job.step), job.world_size, now, manifest.bytes, COMMITTED,
             seconds=manifest.seconds,
         )  # fmt: skip
+
+    def _fence(self, step: int) -> None:
+        """LeaseLostError (one line, with the lease's reason) unless this run still owns the location."""
+        if self.lease is None:
+            return
+        lease, token, *owner = self.lease
+        why = lease.check(token, owner[0] if owner else "")
+        if why is not None:
+            raise LeaseLostError(f"checkpoint of step {step} not committed: {self.store.uri} is no longer owned by "
+                                 f"this run: {why}")
 
     def wait(self, timeout_s: float | None = None) -> CheckpointInfo | None:
         """Block until the save in flight is committed, failed or cancelled; what got committed.
