@@ -601,3 +601,26 @@ def test_the_same_user_error_on_every_rank_in_two_generations_ends_the_run_at_on
                                             "generations in a row: fix the training function")
     failed = [e for e in events.events if e["event"] == "worker_failed"]
     assert failed and all(e["error"] == trace for e in failed)  # the tracebacks are in the run's log
+
+
+def test_a_stop_past_its_deadline_fences_the_workers_before_it_declares_and_reports_what_storage_holds():
+    """Workers still saving at the stop timeout are killed before run_stopped (nothing commits after
+    the run said it ended); the exit is 1 when the newest state is not committed, and a commit on
+    storage whose event had not arrived counts."""
+    for on_storage, committed in ((-1, False), (10**6, True)):
+        g = StoppableGroup(capacity=2, steps=10**6)
+        g.request_stop = lambda wids: None  # still saving when the deadline passes
+        ctl, events, _ = make(g)
+        ctl.storage_step = lambda v=on_storage: v
+        from elastic.supervisor.states import Starting
+
+        state = ctl.transition(Starting())
+        state = ctl.transition(state)
+        ctl.stop_signal = 15
+        while not state.is_terminal():
+            state = ctl.transition(state)
+        assert state.committed is committed and state.exit_code == (143 if committed else 1)
+        assert sorted(g.killed) == [0, 1]
+        names = events.names()
+        assert names.count("worker_left") == 2 and names.index("worker_left") < names.index("run_stopped")
+        assert [e["committed"] for e in events.events if e["event"] == "run_stopped"] == [committed]

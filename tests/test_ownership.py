@@ -107,3 +107,26 @@ def test_sigterm_commits_the_newest_state_and_a_resume_from_a_copy_ends_equal(re
 def test_sigint_commits_the_newest_state_too(tmp_path):
     uri, p = _stop(signal.SIGINT, tmp_path)
     _assert_stopped_committed(uri, p, 130)
+
+
+def test_a_stop_commits_at_the_next_boundary_even_when_a_stop_timeout_is_shorter_than_two_steps(ray_local, tmp_path):
+    """Issue 25 item 2: the pipelined vote acted one boundary late, so a stop with long steps missed its
+    timeout and the late save committed after the run had declared it would not. One worker, 1.5 s
+    steps, --stop-timeout 2.5, SIGTERM right after step 2: step 3 is committed and said to be."""
+    uri, markers = str(tmp_path / "run"), tmp_path / "markers"
+    markers.mkdir()
+    driver = cli("run", f"{JOBS}:train", "--min-workers", "1", "--max-workers", "1", "--checkpoint-uri", uri,
+                 "--every-n-steps", "1000", "--stop-timeout", "2.5", "--config", "steps=50",
+                 "--config", "step_sleep=1.5", "--config", "trips=[2]",
+                 "--config", f"marker_dir={json.dumps(str(markers))}", "--quiet")
+    try:
+        assert wait_until(lambda: (markers / "trip-step2").exists(), timeout_s=90, interval_s=0.05), \
+            driver.stderr.read() if driver.poll() is not None else "no step 2"
+        driver.send_signal(signal.SIGTERM)
+        out, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    stopped = [e for e in read_events(uri) if e["event"] == "run_stopped"]
+    assert driver.returncode == 143 and len(stopped) == 1 and stopped[0]["committed"], (stopped, err[-3000:])
+    assert stopped[0]["step"] == 3 and CheckpointStore(uri).latest_verified().step == 3

@@ -92,6 +92,7 @@ class SupervisorActor:
             removed = store.clean_partial()
             latest = store.latest_verified()
             c.committed_step = latest.step if latest else -1
+            c.storage_step = lambda: getattr(CheckpointStore(self.uri).latest_verified(), "step", -1)
             sc = self.run_config.scaling
             self.events.emit(Event.RUN_STARTED, name=self.run_config.name, uri=redact(self.uri),
                              supervisor_pid=os.getpid(), supervisor_node_id=ray.get_runtime_context().get_node_id(),

@@ -73,6 +73,9 @@ class Controller:
         """The newest step a checkpoint of this run committed (from the workers' events)."""
         self.newest_step = 0
         """The newest step any worker reported (parked ones included: they hold it)."""
+        self.storage_step: Callable[[], int] | None = None
+        """The newest step committed on storage (-1: none), read when a stop ends the run, so that what
+        the run says is what storage holds (the supervisor actor sets it; the unit tests need none)."""
         self._lost_nodes: list[str] = []
         """Nodes of the workers lost since the last group was built (their standbys replace them)."""
         self._first_built_at: float | None = None
@@ -223,11 +226,26 @@ class Controller:
                 if not any(isinstance(p, WorkerPoll) and p.state == WorkerState.RUNNING for p in polls.values()):
                     break
                 self.sleep(f.poll_interval_s)
+        self._fence()
         return self._stopped(state.signal, started=t0)
+
+    def _fence(self) -> None:
+        """Past the stop's deadline nothing may commit: members still at work (a save not committed
+        in time) are killed before the run declares its end, and the truth is then read from storage
+        (a commit whose event had not arrived yet counts; one that had not happened never will)."""
+        polls = self.group.poll(self.members, self._failure.poll_timeout_s)
+        self._absorb(polls)
+        for wid in [w for w, p in polls.items() if isinstance(p, WorkerPoll) and p.state == WorkerState.RUNNING]:
+            self._emit_worker(Event.WORKER_LEFT, wid, reason="stopped: still saving at the stop timeout")
+            self.group.kill(wid)
+        if self.storage_step is not None:
+            self.committed_step = max(self.committed_step, self.storage_step())
 
     def _stopped(self, signal: int, *, started: float) -> Stopped:
         newest = max(self.newest_step, self.progress.step)
         committed = self.committed_step >= newest or newest <= 0
+        # 128 + signal when the newest state is committed (what a stopped process exits with); 1 when
+        # it is not: the caller learns it from the exit code alone (and from run_stopped.committed).
         name = {2: "SIGINT", 15: "SIGTERM"}.get(signal, f"signal {signal}")
         if committed:
             message = (f"stopped by {name} at step {newest}; its state is committed: continue with "
@@ -240,7 +258,7 @@ class Controller:
                                                                           f"({self.run.stop_timeout_s:g}s)")
         self.events.emit(Event.RUN_STOPPED, signal=name, step=newest, committed_step=self.committed_step,
                          committed=committed, seconds=round(self.clock() - started, 3))
-        return Stopped(message=message, exit_code=128 + signal, committed=committed)
+        return Stopped(message=message, exit_code=128 + signal if committed else 1, committed=committed)
 
     # -- shared mechanics --------------------------------------------------------------------
     def _quiesce(self, known_lost: set[int], reason: str) -> tuple[list[int], list[int]]:
