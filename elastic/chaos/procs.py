@@ -2,7 +2,8 @@
 
 Ray titles an actor's process `ray::ClassName.method` while it runs a method (`ray::ClassName`
 when idle). The chaos suite uses these helpers to find the supervisor's PID, and to check that no
-worker or supervisor process outlives a run.
+worker or supervisor process outlives a run; `elastic chaos` uses `not_a_worker` before it signals
+a PID read from a run's event log.
 """
 
 from __future__ import annotations
@@ -79,3 +80,45 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+WORKER_TITLE = "ray::WorkerActor"
+START_SLACK_S = 1.5
+"""Tolerance on a process's start time: /proc/stat's boot time has whole seconds."""
+
+
+def started_at(pid: int) -> float | None:
+    """When the process started (Unix seconds), None when it does not exist (or is a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            return None
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+
+
+def title(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def not_a_worker(pid: int, *, listed_at: float) -> str | None:
+    """Why `pid` is not the worker an event log listed at `listed_at` (Unix seconds), or None when it
+    is: a live process titled ray::WorkerActor that started before it was listed (a process that
+    started later got the pid after that worker died)."""
+    start = started_at(pid)
+    if start is None:
+        return "no such process"
+    name = title(pid) or "?"
+    if not name.startswith(WORKER_TITLE):
+        return f"it is {name[:60]!r}, not a {WORKER_TITLE} process"
+    if start > listed_at + START_SLACK_S:
+        return (f"it started {start - listed_at:.0f}s after the run listed that pid: the pid was reused")
+    return None

@@ -3,7 +3,10 @@
     elastic chaos URI --mtbf 20s --faults kill,sigterm,stop,node --max-faults N --duration 120s --seed S
 
 Follows URI/events.jsonl: the newest `group_built` names the workers (rank, pid), `worker_failed`
-and `worker_left` remove them, `run_finished` / `run_failed` end the session. Faults arrive with
+and `worker_left` remove them, `run_finished` / `run_failed` (or the run releasing its lease) end
+the session. A log is not proof of life: before each fault the run must hold its lease (refused,
+exit 2, when its driver is gone or it stopped renewing), and a PID is signalled only while it is
+still that worker's process (titled ray::WorkerActor, started before the group was built). Faults arrive with
 exponential inter-arrival times (mean: mtbf) against a worker drawn at random, until max_faults
 were injected, the duration passed, or the run ended. `node` SIGKILLs every live worker on the
 drawn worker's Ray node at once (a lost host; on a one-node run that is every worker). Signals go
@@ -25,7 +28,7 @@ from elastic.chaos.external import SIGNALS, ExternalKind, Target, inflict
 from elastic.config import require_duration
 from elastic.errors import ConfigError, ElasticError
 from elastic.events import ENDED, EVENTS_FILE, live_members, read_events
-from elastic.lease import Lease
+from elastic.lease import Lease, pid_alive, same_pid_space
 from elastic.retry import redact
 from elastic.storage_cmds import open_location
 
@@ -38,7 +41,7 @@ class ChaosReport:
     actions: list[dict] = field(default_factory=list)
     """Each: time (s since start), kind, pids, ranks, generation."""
     ended_by: str = ""
-    """max_faults, duration, run_finished, run_failed."""
+    """max_faults, duration, run_finished, run_failed, run_stopped, run_released."""
 
     def summary(self) -> str:
         kinds: dict[str, int] = {}
@@ -90,6 +93,11 @@ def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("k
     out(f"chaos: {redact(uri)} mtbf={mtbf_s:g}s faults={','.join(k.value for k in kinds)} max={max_faults} "
         f"duration={duration_s:g}s seed={seed}")
     next_at = t0 + rng.expovariate(1.0 / mtbf_s)
+    lease, skipped = Lease(uri), set()
+    if not any(e["event"] in ENDED for e in _read(uri)) and (ended_why := _require_lease(lease, uri)) is not None:
+        report.ended_by = ended_why
+        out(report.summary())
+        return report
     while True:
         now = clock()
         events = _read(uri)
@@ -107,10 +115,13 @@ def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("k
             sleep(min(poll_s, next_at - now))
             continue
         generation, members = live_members(events)
-        members = [m for m in members if m.get("pid") and procs.alive(int(m["pid"]))]
+        members = [m for m in members if m.get("pid") and _is_worker(m, _built_at(events), skipped, out)]
         if not members:  # between groups: try again shortly, keeping the schedule's randomness
             sleep(poll_s)
             continue
+        if (ended_why := _require_lease(lease, uri)) is not None:
+            report.ended_by = ended_why
+            break
         victim = rng.choice(members)
         kind = rng.choice(kinds)
         hit = [victim]
@@ -129,6 +140,41 @@ def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("k
         next_at = clock() + rng.expovariate(1.0 / mtbf_s)
     out(report.summary())
     return report
+
+
+def _require_lease(lease: Lease, uri: str) -> str | None:
+    """None while the run at `uri` holds its lease; "run_released" once it gave its location back
+    (it ended); ConfigError when it does not hold it (its driver is gone, or it stopped renewing):
+    its event log may look live, but its PIDs are no longer its workers' to signal."""
+    cur = lease.current()
+    if cur is not None and cur.released:
+        return "run_released"
+    if cur is None:
+        why = "it holds no lease (nothing under URI/lease/)"
+    elif same_pid_space(cur) and not pid_alive(cur.pid, cur.pid_start):
+        why = f"its driver (pid {cur.pid} on {cur.host}) is gone"
+    else:
+        why = lease.check(cur.token, cur.owner) or ""
+    if why:
+        raise ConfigError(f"refusing to signal anything: the run at {redact(uri)} does not hold its lease ({redact(why)}), "
+                          "so it is not live and the PIDs in its event log may belong to other processes")
+    return None
+
+
+def _built_at(events: list[dict]) -> float:
+    built = [e for e in events if e.get("event") == "group_built"]
+    return float(built[-1].get("time") or 0.0) if built else 0.0
+
+
+def _is_worker(member: dict, listed_at: float, skipped: set[int], out: Callable[[str], None]) -> bool:
+    """The member's PID is still that worker's process (title and start time), else say once why
+    it is left alone."""
+    pid = int(member["pid"])
+    why = procs.not_a_worker(pid, listed_at=listed_at)
+    if why is not None and why != "no such process" and pid not in skipped:
+        skipped.add(pid)
+        out(f"chaos: not signalling pid {pid} (rank {member.get('rank')}): {why}")
+    return why is None
 
 
 def _wait_for_run(uri: str, wait_s: float, *, clock: Callable[[], float], sleep: Callable[[float], None],
