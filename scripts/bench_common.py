@@ -46,9 +46,9 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x @ w).argmax(1)
 
 
-def make_model() -> nn.Module:
+def make_model(hidden: int = HIDDEN) -> nn.Module:
     torch.manual_seed(SEED)
-    return nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, IN_DIM), nn.ReLU(),
+    return nn.Sequential(nn.Linear(IN_DIM, hidden), nn.ReLU(), nn.Linear(hidden, IN_DIM), nn.ReLU(),
                          nn.Linear(IN_DIM, CLASSES))
 
 
@@ -202,8 +202,9 @@ def elastic_train(config: dict) -> None:
     t_enter = time.time()
     torch.set_num_threads(1)
     ctx = elastic.get_context()
+    register_pid(config["run_dir"], ctx.rank, ctx.generation)
     x, y = make_data()
-    model = make_model()
+    model = make_model(config.get("hidden", HIDDEN))
     opt = make_optimizer(model)
     state = elastic.TrainState(model=model, optimizer=opt)
     t_setup = time.time()
@@ -318,6 +319,15 @@ def run_torchrun(script: str, cfg: dict, *, world: int, restarts: int, fresh_sto
         finally:
             kill_tree(proc)
     return {"rc": rc, "timed_out": rc is None, "total_s": time.time() - t0}
+
+
+def register_pid(run_dir: str, rank: int, generation: int) -> None:
+    """Record this process as a training rank (pids/<pid>: 'rank generation'): what an external
+    failure schedule (bench_churn) picks its victims from, the same way for every arm."""
+    d = os.path.join(run_dir, "pids")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, str(os.getpid())), "w") as f:
+        f.write(f"{rank} {generation}\n")
 
 
 def write_phase(run_dir: str, gen: int, rank: int, entered: float, setup: float, restored: float) -> None:

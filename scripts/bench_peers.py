@@ -52,9 +52,10 @@ def torch_worker(cfg: dict) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    bc.register_pid(cfg["run_dir"], rank, gen)
     t_setup = time.time()
     x, y = bc.make_data()
-    model = bc.make_model()
+    model = bc.make_model(cfg.get("hidden", bc.HIDDEN))
     opt = bc.make_optimizer(model)
     path = os.path.join(cfg["run_dir"], "ckpt.pt")
     step = _restore(path, model, opt) if os.path.exists(path) else 0

@@ -1,0 +1,317 @@
+"""Goodput under a failure schedule (issue 24): the same job, the same kill times, every arm.
+
+A seeded schedule of faults (exponential gaps with mean --gap seconds, counted from the arm's first
+completed step) is inflicted from outside on a random live training rank — the same times and the
+same picks for every arm. Every rank of every arm records its pid when it enters the training code
+(bench_common.register_pid), which is where victims are picked from.
+
+Arms (2 ranks, bench_common's job with a --hidden MLP, checkpoint every --every steps):
+  ddp            torchrun without failures (the reference parameters)
+  torchrun       torchrun --max-restarts, fresh store per restart, synchronous torch.save
+  elastic        elastic with its defaults (node standby), max_failures unlimited
+  elastic+spare  the same with --spares 1
+
+Per arm and schedule: ETTR (the arm's own failure-free time from first to last step divided by the
+same under the schedule), the cost of each failure (kill -> a completed step beyond the newest step
+before the kill; median, p90, max), steps lost, checkpoint fallbacks (elastic: a restore from a
+checkpoint; torchrun: every restart), and whether the final parameters equal the failure-free DDP
+run's.
+
+Quick:  python scripts/bench_churn.py --seeds 0 --gaps 8
+Full:   python scripts/bench_churn.py --seeds 0 1 2 --gaps 8 30
+Writes bench_out/churn.json, churn.txt and churn.png (--out-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+import bench_peers as bp  # noqa: E402
+
+WORLD = 2
+
+
+# -- the failure schedule ----------------------------------------------------------------------------
+def schedule(seed: int, gap: float, horizon: float) -> list[tuple[float, float]]:
+    """(seconds after the first step, a uniform draw picking the victim) up to `horizon`."""
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    while True:
+        t += rng.expovariate(1.0 / gap)
+        if t > horizon:
+            return out
+        out.append((t, rng.random()))
+
+
+def live_ranks(run_dir: str) -> list[tuple[int, int, int]]:
+    """(rank, -generation, pid) of every registered training process still alive, newest first per rank."""
+    out = []
+    d = Path(run_dir) / "pids"
+    for p in d.glob("*") if d.exists() else []:
+        pid = int(p.name)
+        try:
+            rank, gen = map(int, p.read_text().split())
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            continue
+        out.append((rank, -gen, pid))
+    best: dict[int, tuple[int, int, int]] = {}
+    for r in sorted(out):
+        best.setdefault(r[0], r)
+    return sorted(best.values())
+
+
+class Killer(threading.Thread):
+    """Waits for the arm's first step, then SIGKILLs a live rank at each scheduled time."""
+
+    def __init__(self, run_dir: str, plan: list[tuple[float, float]], sig: int = signal.SIGKILL):
+        super().__init__(daemon=True)
+        self.run_dir, self.plan, self.sig = run_dir, plan, sig
+        self.stop = threading.Event()
+        self.kills: list[dict[str, Any]] = []
+        self.t0: float | None = None
+
+    def run(self) -> None:
+        while not self.stop.is_set() and self.t0 is None:
+            rows = bc.read_steps(self.run_dir)
+            if rows:
+                self.t0 = rows[0][1]
+            else:
+                self.stop.wait(0.05)
+        for at, u in self.plan:
+            assert self.t0 is not None
+            if self.stop.wait(max(0.0, self.t0 + at - time.time())):
+                return
+            live = live_ranks(self.run_dir)
+            if not live:
+                continue
+            rank, _, pid = live[min(len(live) - 1, int(u * len(live)))]
+            try:
+                os.kill(pid, self.sig)
+            except ProcessLookupError:
+                continue
+            self.kills.append({"at": at, "time": time.time(), "rank": rank, "pid": pid})
+
+
+# -- one run ---------------------------------------------------------------------------------------
+def run_arm(arm: str, root: str, args: argparse.Namespace, plan: list[tuple[float, float]] | None,
+            label: str) -> dict[str, Any]:
+    run_dir = tempfile.mkdtemp(prefix=f"{arm}_{label}_", dir=root)
+    cfg = {"steps": args.steps, "every": args.every, "run_dir": run_dir, "hidden": args.hidden,
+           "marker_dir": os.path.join(run_dir, "markers"), "restarts": 1000, "faults": []}
+    killer = Killer(run_dir, plan or [])
+    if plan:
+        killer.start()
+    t_launch = time.time()
+    events: list[dict] = []
+    try:
+        if arm in ("ddp", "torchrun"):
+            info = bp.run_torchrun(cfg, restarts=1000 if plan else 0, fresh_store=True, timeout=args.timeout)
+            info["ok"] = info["rc"] == 0
+        else:
+            info, events = run_elastic(cfg, spares=1 if arm == "elastic+spare" else 0, timeout=args.timeout)
+    finally:
+        killer.stop.set()
+        if killer.is_alive():
+            killer.join(timeout=5)
+    rows = bc.read_steps(run_dir)
+    out = {"arm": arm, "label": label, "run_dir": run_dir, **info, "t_launch": t_launch,
+           "steps": [(s, t, g) for s, t, g, _, _ in rows], "kills": killer.kills}
+    out.update(analyze(rows, killer.kills, arm, events, args.steps))
+    out["final"] = bp.final_params("elastic" if arm.startswith("elastic") else arm, run_dir, args.steps)
+    costs = out["costs"]
+    print(f"  {arm:14} {label:10} {out['done']}/{args.steps} steps in {out['train_s']:.1f}s; "
+          f"{len(killer.kills)} kills; costs {', '.join(f'{c:.2f}' for c in costs) or '—'}; lost {out['lost']}; "
+          f"checkpoint fallbacks {out['fallbacks']}", flush=True)
+    return out
+
+
+def run_elastic(cfg: dict, spares: int, timeout: float) -> tuple[dict, list[dict]]:
+    import elastic
+
+    t0 = time.time()
+    trainer = elastic.ElasticTrainer(
+        bc.elastic_train, train_loop_config=cfg, name="churn",
+        scaling=elastic.ScalingConfig(min_workers=WORLD, max_workers=WORLD, spares=spares),
+        checkpoint=elastic.CheckpointConfig(uri=os.path.join(cfg["run_dir"], "ckpt"), every_n_steps=cfg["every"]),
+        failure=elastic.FailureConfig(max_failures=-1))
+    watchdog = threading.Timer(timeout, lambda: os.kill(os.getpid(), signal.SIGINT))
+    watchdog.start()
+    try:
+        r = trainer.fit(quiet=True, raise_on_failure=False)
+    finally:
+        watchdog.cancel()
+    return ({"ok": r.ok, "error": r.error, "total_s": time.time() - t0,
+             "summary": r.summary() if hasattr(r, "summary") else None}, list(r.events))
+
+
+def analyze(rows: list, kills: list[dict], arm: str, events: list[dict], steps: int) -> dict[str, Any]:
+    done = max((s for s, *_ in rows), default=0)
+    train_s = rows[-1][1] - rows[0][1] if len(rows) > 1 else float("nan")
+    costs, lost = [], []
+    for k in kills:
+        before = [r for r in rows if r[1] <= k["time"]]
+        if not before:
+            continue
+        newest = max(r[0] for r in before)
+        after = [r for r in rows if r[1] > k["time"] and r[0] > newest]
+        if after:
+            costs.append(after[0][1] - k["time"])
+        gen = before[-1][2]
+        nxt = [r for r in rows if r[1] > k["time"] and r[2] != gen]
+        if nxt:
+            lost.append(max(0, newest - (nxt[0][0] - 1)))
+    if arm.startswith("elastic"):
+        fallbacks = len({e.get("generation") for e in events
+                         if e.get("event") == "restored" and str(e.get("source", "")).startswith("checkpoint")
+                         and e.get("generation", 0) > 0})
+    else:
+        fallbacks = len({g for _, _, g, *_ in rows}) - 1
+    return {"done": done, "finished": done >= steps, "train_s": train_s, "costs": costs, "lost": lost,
+            "fallbacks": fallbacks}
+
+
+# -- report ----------------------------------------------------------------------------------------
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def fmt(x: float | None, f: str = "{:.2f}") -> str:
+    return "—" if x is None else f.format(x)
+
+
+def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
+    lines = []
+    free = {r["arm"]: r for r in runs if r["label"] == "free"}
+    baseline = free.get("ddp", {}).get("final")
+    lines.append(f"Churn: {WORLD} ranks, MLP hidden={args.hidden}, {args.steps} steps, checkpoint every "
+                 f"{args.every}; SIGKILL of a random live rank at exponential gaps (seeded, same for every arm)")
+    header = ["arm", "gap s", "seed", "kills", "ETTR", "÷ torchrun", "cost median", "p90", "max", "lost",
+              "ckpt fallbacks", "= DDP"]
+    rows = []
+    by = {(r["arm"], r["label"]): r for r in runs}
+    for r in runs:
+        if r["label"] == "free":
+            continue
+        f = free.get(r["arm"])
+        ettr = (f["train_s"] / r["train_s"]) if f and r["finished"] and f["finished"] else None
+        r["ettr"] = ettr
+        tr = by.get(("torchrun", r["label"]))
+        tr_ettr = (free["torchrun"]["train_s"] / tr["train_s"]) if tr and "torchrun" in free and tr["finished"] else None
+        eq = "—"
+        if baseline and r.get("final"):
+            import torch
+
+            a, b = torch.load(baseline), torch.load(r["final"])
+            eq = "yes" if a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) else "NO"
+        elif baseline:
+            eq = "no final"
+        r["equal"] = eq
+        c = r["costs"]
+        rows.append([r["arm"], r["gap"], r["seed"], len(r["kills"]), fmt(ettr),
+                     fmt(ettr / tr_ettr if ettr and tr_ettr else None) if r["arm"] != "torchrun" else "",
+                     fmt(statistics.median(c) if c else None), fmt(pct(c, 0.9)), fmt(max(c) if c else None),
+                     sum(r["lost"]), r["fallbacks"], eq])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines.append(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines.append("-+-".join("-" * w for w in widths))
+    for row in rows:
+        lines.append(" | ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+    lines.append("failure-free first->last step: " + ", ".join(f"{a} {r['train_s']:.1f}s" for a, r in free.items()))
+    lines.append("ETTR = failure-free time / time under the schedule (first to last step, same arm); cost = kill "
+                 "-> a completed step beyond the newest step before it")
+    return lines
+
+
+def plot(runs: list[dict], path: Path) -> bool:
+    panels = []
+    for label in dict.fromkeys(r["label"] for r in runs if r["label"] != "free"):
+        rs = [r for r in runs if r["label"] == label]
+        for r in rs:
+            r["recoveries"] = [{"kill_time": k["time"], "kill_step": max((s for s, t, _ in r["steps"] if t <= k["time"]),
+                                                                          default=0)} for k in r["kills"]]
+        panels.append((f"schedule {label}", rs))
+    return bc.plot_step_panels(panels[:4], path, origin=lambda r: r["steps"][0][1], xlabel="seconds since first step")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--torchrun-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--arms", nargs="+", default=["ddp", "torchrun", "elastic", "elastic+spare"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--gaps", nargs="+", type=float, default=[8.0, 30.0])
+    ap.add_argument("--steps", type=int, default=12000)
+    ap.add_argument("--every", type=int, default=20)
+    ap.add_argument("--hidden", type=int, default=192, help="MLP width (192: about 200k parameters)")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--out-dir", default="bench_out")
+    args = ap.parse_args()
+    if args.torchrun_worker:
+        bp.torch_worker(json.loads(Path(args.torchrun_worker).read_text()))
+        return
+    root = tempfile.mkdtemp(prefix="bench_churn_")
+    runs: list[dict] = []
+    before = bc.machine_note()
+    torch_arms = [a for a in args.arms if a in ("ddp", "torchrun")]
+    ray_arms = [a for a in args.arms if a not in torch_arms]
+    free_s: dict[str, float] = {}
+
+    def free(arm: str) -> None:
+        r = run_arm(arm, root, args, None, "free")
+        runs.append(r)
+        free_s[arm] = r["train_s"]
+
+    def faulted(arm: str) -> None:
+        horizon = 4 * free_s.get(arm, 60.0) + 60
+        for gap in args.gaps:
+            for seed in args.seeds:
+                r = run_arm(arm, root, args, schedule(seed, gap, horizon), f"g{gap:g}s{seed}")
+                r.update(gap=gap, seed=seed)
+                runs.append(r)
+
+    for arm in torch_arms:
+        free(arm)
+        if arm != "ddp":
+            faulted(arm)
+    if ray_arms:
+        import ray
+
+        ray.init(num_cpus=WORLD + 2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        try:
+            for arm in ray_arms:
+                free(arm)
+                faulted(arm)
+        finally:
+            ray.shutdown()
+    lines = report(runs, args)
+    print("\n" + "\n".join(lines))
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "churn.txt").write_text("\n".join(lines) + "\n")
+    bc.write_json(out / "churn.json", {"machine_before": before, "machine_after": bc.machine_note(),
+                                       "args": vars(args), "runs": runs})
+    if plot(runs, out / "churn.png"):
+        print(f"plot: {out / 'churn.png'}")
+
+
+if __name__ == "__main__":
+    main()
