@@ -351,3 +351,43 @@ def test_a_loop_with_collectives_after_the_optimizer_step_gets_copies(tmp_path):
 
 def params_of(snapshot) -> dict[str, torch.Tensor]:
     return {".".join(p[1:]): t.clone() for p, t in snapshot.tensors if p[0] == "model"}
+
+def test_every_checkpoint_holds_its_committed_step_when_the_next_step_decays_weights_first(tmp_path):
+    """A loop that decays its weights in place at the top of each step (allowed: before its
+    optimizer.step()), with the review's 64 MB model (whose copy once ran in the background while
+    the next step began): every checkpoint holds exactly the state of its commit."""
+    uri = f"file://{tmp_path}"
+    services = make_services(uri, 1, every_n_steps=1, keep_last=0)
+    torch.manual_seed(0)
+    init = nn.Linear(4096, 4096).state_dict()
+
+    def fn(gen):
+        model = nn.Linear(4096, 4096)
+        model.load_state_dict(init)
+        state = TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-2))
+        gen.restore(state)
+        committed = {}
+        while state.step < 4:
+            with torch.no_grad():
+                for p in reversed(list(model.parameters())):
+                    p.mul_(0.5)
+            state.optimizer.zero_grad()
+            model(torch.randn(8, 4096, generator=torch.Generator().manual_seed(state.step))).square().mean().backward()
+            state.optimizer.step()
+            gen.commit(state)
+            committed[state.step] = {k: v.clone() for k, v in state.state_dict()["model"].items()}
+        gen.finish()
+        return committed
+
+    committed = ok(run_generation(services, fn))[0]
+    steps = [i.step for i in CheckpointStore(uri).list()]
+    assert steps and steps[-1] == 4
+    for step in steps:
+        expected = committed[step]
+        model = nn.Linear(4096, 4096)
+        state = TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-2))
+        template = state.state_dict()
+        assert Checkpointer(uri).load(template, step=step).step == step
+        wrong = [k for k, v in expected.items() if not torch.equal(template["model"][k], v)]
+        assert not wrong, f"the checkpoint of step {step} holds part of step {step + 1} in {wrong}"
+

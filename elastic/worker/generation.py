@@ -317,15 +317,14 @@ class Generation:
 
     def _plan_for(self, state: TrainState) -> CapturePlan:
         """The capture plan of `state` (built at its first commit in this generation), and the hook
-        that makes its optimizer's step wait for a snapshot still being copied."""
+        that notes the training group's collective count when its optimizer steps (live snapshots).
+        No hook waits for a copy: a copied snapshot is complete when the commit returns."""
         if self._plan is None or self._plan.state is not state:
             self._drop_plan()
             self._plan = CapturePlan(state)
             if state.optimizer is not None:
-                snap = self.s.snapshot
 
                 def before_step(*_: Any) -> None:
-                    snap.before_optimizer_step()
                     if self.s.live_snapshots:
                         self._seq_at_step = self._train_seq()
 
