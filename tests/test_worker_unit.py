@@ -391,3 +391,50 @@ def test_every_checkpoint_holds_its_committed_step_when_the_next_step_decays_wei
         wrong = [k for k, v in expected.items() if not torch.equal(template["model"][k], v)]
         assert not wrong, f"the checkpoint of step {step} holds part of step {step + 1} in {wrong}"
 
+@pytest.mark.parametrize("reuse", [True, False], ids=["same-state", "new-state"])
+def test_a_rank_restored_from_its_own_memory_holds_that_step_through_the_first_step_after(tmp_path, reuse):
+    """Survivors restore from their own live snapshots (--replacement continue). Loading writes into
+    the live tensors (their version counters move): the snapshot must still hold the restored step,
+    so that a failure in the first step after the recovery restores it from memory again (<= 1 step
+    lost), not from the durable checkpoint (here: none, a fresh start)."""
+    services = make_services(f"file://{tmp_path}", 2)
+    init = params(make_state())
+    states: dict[int, TrainState] = {}
+
+    def state_of(rank: int) -> TrainState:
+        if not (reuse and rank in states):
+            states[rank] = make_state()
+            states[rank].model.load_state_dict(init)
+        return states[rank]
+
+    def gen0(gen):
+        state = state_of(gen.rank)
+        gen.restore(state)
+        while state.step < 4:
+            train_step(state, 0)
+            gen.commit(state)
+        return params(state)
+
+    held = ok(run_generation(services, gen0))[0]
+    for s in services:
+        s.board.take_events()
+
+    def gen1(gen):
+        state = state_of(gen.rank)
+        assert gen.restore(state)
+        holds = services[gen.rank].snapshot.held_step()
+        state.model(torch.randn(5, 4)).square().sum().backward()  # the first step breaks in backward
+        return holds
+
+    assert ok(run_generation(services, gen1, generation=1)) == [4, 4]
+    assert [restored_event(services, r)["source"] for r in range(2)] == ["memory"] * 2
+
+    def gen2(gen):
+        state = state_of(gen.rank)
+        gen.restore(state)
+        return state.step, params(state)
+
+    got = ok(run_generation(services, gen2, generation=2))
+    assert [restored_event(services, r)["source"] for r in range(2)] == ["memory"] * 2
+    assert all(step == 4 and all(torch.equal(p[k], v) for k, v in held.items()) for step, p in got)
+

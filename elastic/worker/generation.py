@@ -149,6 +149,11 @@ class Generation:
             # Clones: an optimizer keeps the tensors it is given, and training must never write
             # into the snapshot it may have to restore from again.
             state.load_state_dict(tree.map_tensors(sd, lambda _, t: t.clone()))
+            # Loading may have written into the tensors a live snapshot references (the same state
+            # object again: their version counters moved). This rank must still hold the restored
+            # step through the first step after it, or a failure there falls back to storage.
+            if s.snapshot.held_step() != state.step:
+                self._capture(state, wait=True, live=self._live(state))
         elif agreed.durable >= 0:
             source = self._restore_checkpoint(state, agreed.durable)
         return self._restored(state, source, agreed.last_committed)
