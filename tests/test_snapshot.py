@@ -198,3 +198,84 @@ def test_a_copied_snapshot_holds_its_step_whatever_the_next_step_changes_before_
         wrong = [p for p, t in expected[0].items() if not torch.equal(got[p], t)]
         assert not wrong, f"step {state.step}: the snapshot holds part of the next step in {wrong}"
 
+
+class DataSGD(torch.optim.Optimizer):
+    """Plain SGD that updates p.data, as some third-party optimizers do: no version counter moves."""
+
+    def __init__(self, params, lr: float = 0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
+def unseen_change(state: TrainState, how: str) -> None:
+    """Change the last parameter in place without moving its version counter."""
+    p = list(state.model.parameters())[-1]
+    if how == "data":
+        p.data.mul_(0.5)
+    else:
+        p.detach().numpy()[...] *= 0.5
+
+
+@pytest.mark.parametrize("how", ["data", "numpy"])
+def test_a_live_tensor_changed_behind_its_version_counter_is_loud_and_never_used(how, caplog):
+    """A change through .data or a numpy view after the commit leaves every version counter where it
+    was: the sampled checksum sees it. The snapshot holds no step (a failure falls back to a peer or
+    a checkpoint), reading it raises, one error line says why, and later captures are copies."""
+    state = make_state(False)
+    plan = CapturePlan(state)
+    snap = Snapshot()
+    forward_backward(state, 0, 1)
+    state.optimizer.step()
+    state.step += 1
+    expected = synchronous(state)
+    items = plan.items()
+    snap.capture_items(items.stable, items.volatile, items.values, state.step, live=True)
+    assert snap.live and snap.held_step() == 1
+    unseen_change(state, how)
+    with caplog.at_level("ERROR", logger="elastic.worker.snapshot"):
+        assert snap.held_step() == -1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "model.3.bias" in errors[0] and "version counter" in errors[0], errors
+    assert snap.violation is not None
+    with pytest.raises(RuntimeError, match="no longer holds"):
+        snap.state_dict()
+    state.step += 1
+    snap.capture_items(items.stable, items.volatile, items.values, state.step, live=True)
+    assert not snap.live and snap.held_step() == 2  # a copy from now on
+    assert not all(torch.equal(t, expected[0][p]) for p, t in snap.tensors if p in expected[0])
+
+
+def test_an_optimizer_that_updates_p_data_is_caught_at_the_next_commit_and_gets_copies(caplog):
+    """Its step moves no version counter, so a live snapshot would go on claiming the last commit
+    after an optimizer.step() that was never committed. At the next commit the parameters' samples
+    moved while their versions did not: that commit and every later one are copies, which hold
+    their step through the next optimizer.step()."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))
+    state = TrainState(model=model, optimizer=DataSGD(model.parameters()))
+    plan = CapturePlan(state)
+    snap = Snapshot()
+    with caplog.at_level("ERROR", logger="elastic.worker.snapshot"):
+        for step in range(3):
+            state.optimizer.zero_grad()
+            model(torch.randn(12, 16)).square().mean().backward()
+            state.optimizer.step()
+            state.step += 1
+            items = plan.items()
+            snap.capture_items(items.stable, items.volatile, items.values, state.step, live=True)
+    assert [snap.live, snap.violation is not None] == [False, True]
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1
+    expected = synchronous(state)
+    state.optimizer.zero_grad()
+    model(torch.randn(12, 16)).square().mean().backward()
+    state.optimizer.step()  # never committed: the snapshot still holds step 3, exactly
+    assert snap.held_step() == 3
+    got = dict(tree.tensor_leaves(split_state(snap.state_dict())[0]))
+    assert all(torch.equal(got[p], t) for p, t in expected[0].items())
+

@@ -438,3 +438,54 @@ def test_a_rank_restored_from_its_own_memory_holds_that_step_through_the_first_s
     assert [restored_event(services, r)["source"] for r in range(2)] == ["memory"] * 2
     assert all(step == 4 and all(torch.equal(p[k], v) for k, v in held.items()) for step, p in got)
 
+class DataSGD(torch.optim.Optimizer):
+    """Plain SGD that updates p.data, as some third-party optimizers do: no version counter moves."""
+
+    def __init__(self, params, lr: float = 0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
+def test_live_snapshots_with_an_optimizer_that_updates_p_data_restore_the_committed_step(tmp_path):
+    """Its optimizer.step() moves no version counter: a live snapshot would go on claiming the last
+    commit after a step that was never committed, and hand that step's values on as the commit's.
+    The sampled checksum catches it at the second commit and the rank copies from then on, so a
+    failure after an optimizer.step() and before its commit restores the last commit exactly."""
+    services = make_services(f"file://{tmp_path}", 2)
+    init = params(make_state())
+
+    def build() -> TrainState:
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        model.load_state_dict(init)
+        return TrainState(model=model, optimizer=DataSGD(model.parameters()))
+
+    def fn(gen):
+        state = build()
+        gen.restore(state)
+        while state.step < 3:
+            train_step(state, 0)
+            gen.commit(state)
+        kept = params(state)
+        train_step(state, 0)  # step 4's optimizer.step(); the training function fails before its commit
+        return kept, services[gen.rank].snapshot.violation is not None
+
+    got = ok(run_generation(services, fn))
+    assert all(caught for _, caught in got)
+    kept = got[0][0]
+    for s in services:
+        s.board.take_events()
+
+    def fn2(gen):
+        state = build()
+        gen.restore(state)
+        return state.step, params(state)
+
+    restored = ok(run_generation(services, fn2, generation=1))
+    assert [restored_event(services, r)["source"] for r in range(2)] == ["memory"] * 2
+    assert all(step == 3 and all(torch.equal(p[k], v) for k, v in kept.items()) for step, p in restored)

@@ -268,7 +268,10 @@ class Generation:
 
     def _live(self, state: TrainState) -> bool:
         """Whether this commit's snapshot may reference the live tensors: replicated state on the
-        CPU, changed by an optimizer (whose step the version counters see), live snapshots on."""
+        CPU, changed by an optimizer (whose step the version counters see), live snapshots on, and
+        no change behind the counters seen so far (the snapshot's checksum: copies from then on)."""
+        if self.s.snapshot.violation is not None:
+            self.s.live_snapshots = False
         return (self.s.live_snapshots and not self.sharded and state.optimizer is not None
                 and self._plan_for(state).on_cpu)
 
