@@ -352,6 +352,7 @@ def test_a_loop_with_collectives_after_the_optimizer_step_gets_copies(tmp_path):
 def params_of(snapshot) -> dict[str, torch.Tensor]:
     return {".".join(p[1:]): t.clone() for p, t in snapshot.tensors if p[0] == "model"}
 
+
 def test_every_checkpoint_holds_its_committed_step_when_the_next_step_decays_weights_first(tmp_path):
     """A loop that decays its weights in place at the top of each step (allowed: before its
     optimizer.step()), with the review's 64 MB model (whose copy once ran in the background while
@@ -390,6 +391,7 @@ def test_every_checkpoint_holds_its_committed_step_when_the_next_step_decays_wei
         assert Checkpointer(uri).load(template, step=step).step == step
         wrong = [k for k, v in expected.items() if not torch.equal(template["model"][k], v)]
         assert not wrong, f"the checkpoint of step {step} holds part of step {step + 1} in {wrong}"
+
 
 @pytest.mark.parametrize("reuse", [True, False], ids=["same-state", "new-state"])
 def test_a_rank_restored_from_its_own_memory_holds_that_step_through_the_first_step_after(tmp_path, reuse):
@@ -437,6 +439,7 @@ def test_a_rank_restored_from_its_own_memory_holds_that_step_through_the_first_s
     got = ok(run_generation(services, gen2, generation=2))
     assert [restored_event(services, r)["source"] for r in range(2)] == ["memory"] * 2
     assert all(step == 4 and all(torch.equal(p[k], v) for k, v in held.items()) for step, p in got)
+
 
 class DataSGD(torch.optim.Optimizer):
     """Plain SGD that updates p.data, as some third-party optimizers do: no version counter moves."""
