@@ -5,7 +5,7 @@ A copied capture is complete when capture_items() returns, so the training funct
 while a copy of its tensors is being taken: whatever the loop does next (decaying weights in place
 at the top of the next step, through no_grad or .data) cannot leak into the snapshot or into a
 checkpoint written from it. On CPU that is a plain copy into reused buffers on the training thread
-(memcpy speed: about 6 ms for 64 MB here). On CUDA the copy runs on a side stream into pinned
+(memcpy speed: 6-12 ms for 64 MB here). On CUDA the copy runs on a side stream into pinned
 buffers and the training stream waits for it before its next kernel: the host does not block, and
 readers (a peer transfer, a checkpoint writer, a restore) wait on the copy's event.
 
