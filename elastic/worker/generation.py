@@ -43,6 +43,12 @@ cost that short steps would notice). The cadence is agreed once per generation, 
 VOTE_CALIBRATION_STEPS steps, from the slowest rank's step time."""
 VOTE_CALIBRATION_STEPS = 8
 VOTE_MAX_EVERY = 50
+SYNC_VOTE_MIN_STEP_S = 0.5
+"""Steps at least this long (the slowest rank's), and the calibration steps, vote synchronously: a
+stop, a preemption or a resize asked for during a step takes effect at the boundary that ends it,
+for one tiny round trip per step (under 0.1 % of such a step). Shorter steps pipeline the vote (it
+overlaps the following steps, free on the hot path) and act up to one voting interval later, i.e.
+within about this long."""
 
 LEAVE_SAVE_COLLECTIVES = 4
 """A save before leaving (preemption, stop) waits at most this many collective timeouts to commit."""
@@ -116,6 +122,8 @@ class Generation:
         self._seq_at_step: int | None = None
         """The training group's collective count when optimizer.step() began (live snapshots)."""
         self._vote_every = 1
+        self._sync_vote = True
+        """Vote synchronously (SYNC_VOTE_MIN_STEP_S); agreed at calibration, the same on every rank."""
         self._calibration_t0 = 0.0
 
     @property
@@ -357,9 +365,11 @@ class Generation:
         self.s.board.progress(self.s.board.get().step, metrics, merge=True)
 
     def _next_vote(self, pause: bool, preempt: bool) -> tuple[bool, bool]:
-        """Agree on pausing: returns the vote launched at the previous voting commit and launches the
-        next one asynchronously, so the tiny allreduce overlaps the following steps instead of
-        stalling this one. Every rank acts on the same reduced values at the same step boundary."""
+        """Agree on pausing. Long steps (and the calibration steps) vote synchronously: a request
+        made during a step takes effect at the boundary that ends it. Short steps get the vote
+        launched at the previous voting commit and launch the next one asynchronously, so the tiny
+        allreduce overlaps the following steps instead of stalling this one. Which of the two is
+        agreed at calibration: every rank acts on the same reduced values at the same boundary."""
         self._commits += 1
         if self._commits == 1:
             self._calibration_t0 = time.perf_counter()
@@ -367,8 +377,12 @@ class Generation:
             mine = (time.perf_counter() - self._calibration_t0) / VOTE_CALIBRATION_STEPS
             slowest = self.groups.ctrl.allreduce_max([int(mine * 1e6)])[0] / 1e6
             self._vote_every = max(1, min(VOTE_MAX_EVERY, int(VOTE_INTERVAL_S / max(slowest, 1e-6))))
+            self._sync_vote = slowest >= SYNC_VOTE_MIN_STEP_S
         if self._commits % self._vote_every != 0:
             return False, False
+        if self._sync_vote:
+            got = self.groups.ctrl.allreduce_max([int(pause), int(preempt)])
+            return bool(got[0]), bool(got[1])
         agreed = (False, False)
         if self._vote is not None:
             got = self._vote.wait()
