@@ -1,9 +1,11 @@
 """Which Ray cluster a run trains on.
 
 - An explicit address (`ElasticTrainer(address=...)`, `elastic run --address`) or, failing that,
-  `RAY_ADDRESS` (what `ray job submit` sets for a job's driver): that cluster. Ray 2.60 clusters
-  check a token; a client given an address must be told to send it (`RAY_AUTH_MODE=token`), which
-  is set here when a token is on this machine and the user chose nothing.
+  `RAY_ADDRESS` (what `ray job submit` sets for a job's driver): that cluster. Whether it checks a
+  token is asked of its GCS first (`cluster_auth`: one call without a token), and RAY_AUTH_MODE is
+  set to match when the user chose nothing: a driver sending a token to a cluster without token
+  auth is dropped by its GCS right after it creates an actor, and one without a token is refused by
+  a cluster with it (after 20 s of retries). An address that does not answer is one line, exit 2.
 - Neither: a fresh local cluster sized for the run (`address="local"`: never silently another
   cluster found on this host).
 - Ray already initialized in this process (a notebook, a second `fit()`): reused when it can
@@ -25,6 +27,8 @@ from elastic.errors import ConfigError
 
 _OWN_LOCAL: str | None = None
 """The GCS address of the local cluster elastic started in this process (None: none)."""
+_OUR_AUTH_MODE: str | None = None
+"""The RAY_AUTH_MODE this module set (to match a cluster), so that it is not taken for the user's."""
 
 
 def local_size(run: RunConfig) -> int:
@@ -49,6 +53,65 @@ def shortfall(total: dict[str, float], need: dict[str, float]) -> str | None:
 def _token_available() -> bool:
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
     return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.exists(path)
+
+
+def cluster_auth(address: str, timeout_s: float = 5.0) -> str | None:
+    """How the Ray cluster at `address` (host:port of its GCS) authenticates: "token" when its GCS
+    refuses a call without a token, "disabled" when it answers; None for an address Ray resolves
+    itself (auto, ray://). ConfigError (one line) when nothing answers there."""
+    if "://" in address or ":" not in address:
+        return None
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return "token"
+            raise ConfigError(f"cannot reach the Ray cluster at {address} ({exc.code().name}): check --address "
+                              "(or RAY_ADDRESS) and that the cluster is up") from None
+    return "disabled"
+
+
+def _match_auth_mode(address: str) -> None:
+    """Set RAY_AUTH_MODE to what the cluster uses (unless the user set it: then a mismatch is one
+    line naming the fix)."""
+    global _OUR_AUTH_MODE
+    mode = cluster_auth(address)
+    chosen = os.environ.get("RAY_AUTH_MODE")
+    if chosen is not None and chosen != _OUR_AUTH_MODE:
+        if mode is not None and (chosen.lower() == "token") != (mode == "token"):
+            raise ConfigError(f"RAY_AUTH_MODE={chosen} is set, but the Ray cluster at {address} "
+                              f"{'uses' if mode == 'token' else 'does not use'} token authentication: "
+                              f"{'set RAY_AUTH_MODE=token' if mode == 'token' else 'unset RAY_AUTH_MODE'}")
+        return
+    if mode == "token" and not _token_available():
+        raise ConfigError(f"the Ray cluster at {address} uses token authentication and this machine has no "
+                          "token: copy the cluster's token to ~/.ray/auth_token or set RAY_AUTH_TOKEN")
+    if mode is not None:
+        os.environ["RAY_AUTH_MODE"] = _OUR_AUTH_MODE = mode
+
+
+def connection_problem() -> str | None:
+    """Why this driver cannot talk to its cluster (unreachable, or authenticating the wrong way),
+    or None when it can: asked when a call to the cluster failed, before blaming an actor."""
+    try:
+        address = ray.get_runtime_context().gcs_address
+    except Exception as exc:  # noqa: BLE001 - not connected at all
+        return f"not connected to Ray ({type(exc).__name__})"
+    try:
+        mode = cluster_auth(address, timeout_s=3.0)
+    except ConfigError as exc:
+        return str(exc)
+    ours = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and ours is not None and (ours.lower() == "token") != (mode == "token"):
+        return (f"this driver uses RAY_AUTH_MODE={ours} but the Ray cluster at {address} "
+                f"{'uses' if mode == 'token' else 'does not use'} token authentication: its GCS drops the "
+                f"driver; {'set RAY_AUTH_MODE=token' if mode == 'token' else 'unset RAY_AUTH_MODE'}")
+    return None
 
 
 def _start_local(run: RunConfig) -> None:
@@ -79,8 +142,7 @@ def ensure_ray(address: str | None, run: RunConfig) -> str:
     if address is None or address == "local":
         _start_local(run)
         return "a local Ray cluster"
-    if os.environ.get("RAY_AUTH_MODE") is None and _token_available():
-        os.environ["RAY_AUTH_MODE"] = "token"
+    _match_auth_mode(address)
     # No capacity check here: an autoscaling cluster adds nodes for what the run asks (the
     # supervisor says what it cannot place, and waits within the run's bounds).
     ray.init(address=address, log_to_driver=True)

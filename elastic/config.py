@@ -156,9 +156,15 @@ class FailureConfig:
     failure seen before optimizer.step() loses at most the step in progress). Copies are still
     taken for checkpoints, on GPUs (a side stream) and for sharded models (buddy copies), and a
     worker falls back to copies when its loop runs collectives after optimizer.step() and before
-    ctx.commit() (a failure there would find the live state already changed). The training
-    function must change parameters and optimizer state only in optimizer.step() or before
-    ctx.commit() (not, say, with p.data.mul_() at the top of a step)."""
+    ctx.commit() (a failure there would find the live state already changed). Every change to
+    parameters and optimizer state must be an in-place op on the tensor itself (what torch's
+    optimizers do; p.mul_() under no_grad anywhere in the step is fine), which moves its version
+    counter. Changes the counters cannot see break live snapshots wherever they happen: through
+    .data (p.data.mul_()), a numpy view, another tensor over the same memory, or an optimizer that
+    updates p.data in step(). A sampled checksum (16 elements per tensor, taken at each commit)
+    catches such a change when it touches a sampled element, at the next commit or when a failure
+    would use the state: an error is logged, that state is not used, and the worker copies from
+    then on. Loops that make such changes should turn this off."""
 
     def __post_init__(self) -> None:
         _require(self.max_failures >= -1, "max_failures must be >= -1 (-1: unlimited)")

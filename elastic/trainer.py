@@ -29,7 +29,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from elastic import lease as lease_mod
-from elastic.cluster import ensure_ray
+from elastic.cluster import connection_problem, ensure_ray
 from elastic import retry, storage, trusted
 from elastic.callbacks import Callback, Callbacks
 from elastic.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -157,8 +157,10 @@ class ElasticTrainer:
                 return ray.get(done_ref)
             except Exception as exc:  # noqa: BLE001 - the supervisor died: one line, not a traceback
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                lost = connection_problem()  # a driver cut off from its cluster: not the supervisor's death
+                what = f"lost the Ray cluster: {lost}" if lost else "the supervisor died"
                 return Result(ok=False, exit_code=1, error=retry.redact(
-                    f"the supervisor died ({type(exc).__name__}: {first}); continue with `elastic resume URI`"),
+                    f"{what} ({type(exc).__name__}: {first}); continue with `elastic resume URI`"),
                     metrics={}, steps=0, seconds=0.0, failures=0, recoveries=[], checkpoint=None, uri=self.uri)
         finally:
             _stop_supervisor(sup)

@@ -41,8 +41,7 @@ def synchronous(state: TrainState) -> tuple[dict, list]:
 def test_an_overlapped_snapshot_equals_a_synchronous_copy(batchnorm, micro):
     state = make_state(batchnorm)
     plan = CapturePlan(state)
-    snap = Snapshot(overlap=True)
-    state.optimizer.register_step_pre_hook(lambda *_: snap.before_optimizer_step())
+    snap = Snapshot()
     for step in range(6):
         state.optimizer.zero_grad()
         forward_backward(state, step, micro)
@@ -78,7 +77,7 @@ def test_a_replaced_optimizer_tensor_is_noticed_and_the_plan_binds_again():
 def test_one_host_copy_while_no_save_is_in_flight_and_two_while_one_is():
     state = make_state(False)
     plan = CapturePlan(state)
-    snap = Snapshot(overlap=True)
+    snap = Snapshot()
     size = sum(t.numel() * t.element_size() for _, t in plan.items().stable + plan.items().volatile)
 
     def capture(step: int) -> None:
@@ -118,7 +117,7 @@ def test_a_live_snapshot_holds_the_committed_step_until_the_optimizer_steps(batc
     copied: BatchNorm statistics, `extra`); once the optimizer steps it holds no step at all."""
     state = make_state(batchnorm)
     plan = CapturePlan(state)
-    snap = Snapshot(overlap=True)
+    snap = Snapshot()
     for step in range(4):
         state.optimizer.zero_grad()
         forward_backward(state, step, 1)
@@ -143,7 +142,7 @@ def test_a_live_snapshot_holds_the_committed_step_until_the_optimizer_steps(batc
 def test_a_checkpoint_copy_between_live_snapshots_is_freed_when_its_save_ends():
     state = make_state(False)
     plan = CapturePlan(state)
-    snap = Snapshot(overlap=True)
+    snap = Snapshot()
     items = plan.items()
     size = sum(t.numel() * t.element_size() for _, t in items.stable)
     snap.capture_items(items.stable, items.volatile, items.values, 1, live=True)
@@ -159,3 +158,124 @@ def test_a_checkpoint_copy_between_live_snapshots_is_freed_when_its_save_ends():
     assert snap.nbytes >= size  # the save still writes from the copy
     snap.unpin(which)
     assert snap.nbytes < size
+
+
+def decay(state: TrainState, how: str) -> None:
+    """What a loop may do at the top of a step, before its optimizer.step(): decay the weights in
+    place (last parameters first: the ones a background copy would reach last)."""
+    for p in reversed(list(state.model.parameters())):
+        if how == "data":
+            p.data.mul_(0.5)
+        else:
+            with torch.no_grad():
+                p.mul_(0.5)
+
+
+@pytest.mark.parametrize("how", ["no_grad", "data"])
+def test_a_copied_snapshot_holds_its_step_whatever_the_next_step_changes_before_its_optimizer_step(how):
+    """A copied snapshot (checkpoints; --copy-snapshots) of a state of 24 MB (once copied in the
+    background while the next step ran) is complete when the commit returns: an in-place change
+    at the top of the next step, through no_grad or .data, does not leak into it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024))
+    state = TrainState(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+    plan = CapturePlan(state)
+    snap = Snapshot()
+    for step in range(4):
+        state.optimizer.zero_grad()
+        model(torch.randn(8, 1024, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+        state.optimizer.step()
+        state.step += 1
+        expected = synchronous(state)
+        items = plan.items()
+        if step == 0:
+            assert sum(t.numel() * t.element_size() for _, t in items.stable) >= 24 << 20
+        snap.capture_items(items.stable, items.volatile, items.values, state.step)
+        decay(state, how)  # the next step begins
+        snap.wait()  # what a checkpoint writer waits for before it reads
+        assert snap.held_step() == state.step
+        got = dict(tree.tensor_leaves(split_state(snap.checkpoint_state())[0]))
+        wrong = [p for p, t in expected[0].items() if not torch.equal(got[p], t)]
+        assert not wrong, f"step {state.step}: the snapshot holds part of the next step in {wrong}"
+
+
+class DataSGD(torch.optim.Optimizer):
+    """Plain SGD that updates p.data, as some third-party optimizers do: no version counter moves."""
+
+    def __init__(self, params, lr: float = 0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
+def unseen_change(state: TrainState, how: str) -> None:
+    """Change the last parameter in place without moving its version counter."""
+    p = list(state.model.parameters())[-1]
+    if how == "data":
+        p.data.mul_(0.5)
+    else:
+        p.detach().numpy()[...] *= 0.5
+
+
+@pytest.mark.parametrize("how", ["data", "numpy"])
+def test_a_live_tensor_changed_behind_its_version_counter_is_loud_and_never_used(how, caplog):
+    """A change through .data or a numpy view after the commit leaves every version counter where it
+    was: the sampled checksum sees it. The snapshot holds no step (a failure falls back to a peer or
+    a checkpoint), reading it raises, one error line says why, and later captures are copies."""
+    state = make_state(False)
+    plan = CapturePlan(state)
+    snap = Snapshot()
+    forward_backward(state, 0, 1)
+    state.optimizer.step()
+    state.step += 1
+    expected = synchronous(state)
+    items = plan.items()
+    snap.capture_items(items.stable, items.volatile, items.values, state.step, live=True)
+    assert snap.live and snap.held_step() == 1
+    unseen_change(state, how)
+    with caplog.at_level("ERROR", logger="elastic.worker.snapshot"):
+        assert snap.held_step() == -1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "model.3.bias" in errors[0] and "version counter" in errors[0], errors
+    assert snap.violation is not None
+    with pytest.raises(RuntimeError, match="no longer holds"):
+        snap.state_dict()
+    state.step += 1
+    snap.capture_items(items.stable, items.volatile, items.values, state.step, live=True)
+    assert not snap.live and snap.held_step() == 2  # a copy from now on
+    assert not all(torch.equal(t, expected[0][p]) for p, t in snap.tensors if p in expected[0])
+
+
+def test_an_optimizer_that_updates_p_data_is_caught_at_the_next_commit_and_gets_copies(caplog):
+    """Its step moves no version counter, so a live snapshot would go on claiming the last commit
+    after an optimizer.step() that was never committed. At the next commit the parameters' samples
+    moved while their versions did not: that commit and every later one are copies, which hold
+    their step through the next optimizer.step()."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))
+    state = TrainState(model=model, optimizer=DataSGD(model.parameters()))
+    plan = CapturePlan(state)
+    snap = Snapshot()
+    with caplog.at_level("ERROR", logger="elastic.worker.snapshot"):
+        for step in range(3):
+            state.optimizer.zero_grad()
+            model(torch.randn(12, 16)).square().mean().backward()
+            state.optimizer.step()
+            state.step += 1
+            items = plan.items()
+            snap.capture_items(items.stable, items.volatile, items.values, state.step, live=True)
+    assert [snap.live, snap.violation is not None] == [False, True]
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1
+    expected = synchronous(state)
+    state.optimizer.zero_grad()
+    model(torch.randn(12, 16)).square().mean().backward()
+    state.optimizer.step()  # never committed: the snapshot still holds step 3, exactly
+    assert snap.held_step() == 3
+    got = dict(tree.tensor_leaves(split_state(snap.state_dict())[0]))
+    assert all(torch.equal(got[p], t) for p, t in expected[0].items())
+

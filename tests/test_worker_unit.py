@@ -73,9 +73,9 @@ def test_a_pause_asked_by_one_rank_unwinds_every_rank_at_the_same_step(tmp_path)
         return None
 
     got = ok(run_generation(services, fn))
-    # The vote launched at the commit of step 4 is read at the commit of step 5: all ranks stop there,
-    # each with a snapshot of that step.
-    assert got == [(5, 5)] * 3
+    # Asked during step 4: the calibration steps vote synchronously (as steps of 0.5 s or more do),
+    # so all ranks stop at the boundary that ends it, each with a snapshot of that step.
+    assert got == [(4, 4)] * 3
 
 
 def test_every_rank_restores_its_own_memory_when_all_hold_the_newest_step(tmp_path):
@@ -351,3 +351,144 @@ def test_a_loop_with_collectives_after_the_optimizer_step_gets_copies(tmp_path):
 
 def params_of(snapshot) -> dict[str, torch.Tensor]:
     return {".".join(p[1:]): t.clone() for p, t in snapshot.tensors if p[0] == "model"}
+
+
+def test_every_checkpoint_holds_its_committed_step_when_the_next_step_decays_weights_first(tmp_path):
+    """A loop that decays its weights in place at the top of each step (allowed: before its
+    optimizer.step()), with the review's 64 MB model (whose copy once ran in the background while
+    the next step began): every checkpoint holds exactly the state of its commit."""
+    uri = f"file://{tmp_path}"
+    services = make_services(uri, 1, every_n_steps=1, keep_last=0)
+    torch.manual_seed(0)
+    init = nn.Linear(4096, 4096).state_dict()
+
+    def fn(gen):
+        model = nn.Linear(4096, 4096)
+        model.load_state_dict(init)
+        state = TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-2))
+        gen.restore(state)
+        committed = {}
+        while state.step < 4:
+            with torch.no_grad():
+                for p in reversed(list(model.parameters())):
+                    p.mul_(0.5)
+            state.optimizer.zero_grad()
+            model(torch.randn(8, 4096, generator=torch.Generator().manual_seed(state.step))).square().mean().backward()
+            state.optimizer.step()
+            gen.commit(state)
+            committed[state.step] = {k: v.clone() for k, v in state.state_dict()["model"].items()}
+        gen.finish()
+        return committed
+
+    committed = ok(run_generation(services, fn))[0]
+    steps = [i.step for i in CheckpointStore(uri).list()]
+    assert steps and steps[-1] == 4
+    for step in steps:
+        expected = committed[step]
+        model = nn.Linear(4096, 4096)
+        state = TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-2))
+        template = state.state_dict()
+        assert Checkpointer(uri).load(template, step=step).step == step
+        wrong = [k for k, v in expected.items() if not torch.equal(template["model"][k], v)]
+        assert not wrong, f"the checkpoint of step {step} holds part of step {step + 1} in {wrong}"
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["same-state", "new-state"])
+def test_a_rank_restored_from_its_own_memory_holds_that_step_through_the_first_step_after(tmp_path, reuse):
+    """Survivors restore from their own live snapshots (--replacement continue). Loading writes into
+    the live tensors (their version counters move): the snapshot must still hold the restored step,
+    so that a failure in the first step after the recovery restores it from memory again (<= 1 step
+    lost), not from the durable checkpoint (here: none, a fresh start)."""
+    services = make_services(f"file://{tmp_path}", 2)
+    init = params(make_state())
+    states: dict[int, TrainState] = {}
+
+    def state_of(rank: int) -> TrainState:
+        if not (reuse and rank in states):
+            states[rank] = make_state()
+            states[rank].model.load_state_dict(init)
+        return states[rank]
+
+    def gen0(gen):
+        state = state_of(gen.rank)
+        gen.restore(state)
+        while state.step < 4:
+            train_step(state, 0)
+            gen.commit(state)
+        return params(state)
+
+    held = ok(run_generation(services, gen0))[0]
+    for s in services:
+        s.board.take_events()
+
+    def gen1(gen):
+        state = state_of(gen.rank)
+        assert gen.restore(state)
+        holds = services[gen.rank].snapshot.held_step()
+        state.model(torch.randn(5, 4)).square().sum().backward()  # the first step breaks in backward
+        return holds
+
+    assert ok(run_generation(services, gen1, generation=1)) == [4, 4]
+    assert [restored_event(services, r)["source"] for r in range(2)] == ["memory"] * 2
+
+    def gen2(gen):
+        state = state_of(gen.rank)
+        gen.restore(state)
+        return state.step, params(state)
+
+    got = ok(run_generation(services, gen2, generation=2))
+    assert [restored_event(services, r)["source"] for r in range(2)] == ["memory"] * 2
+    assert all(step == 4 and all(torch.equal(p[k], v) for k, v in held.items()) for step, p in got)
+
+
+class DataSGD(torch.optim.Optimizer):
+    """Plain SGD that updates p.data, as some third-party optimizers do: no version counter moves."""
+
+    def __init__(self, params, lr: float = 0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
+def test_live_snapshots_with_an_optimizer_that_updates_p_data_restore_the_committed_step(tmp_path):
+    """Its optimizer.step() moves no version counter: a live snapshot would go on claiming the last
+    commit after a step that was never committed, and hand that step's values on as the commit's.
+    The sampled checksum catches it at the second commit and the rank copies from then on, so a
+    failure after an optimizer.step() and before its commit restores the last commit exactly."""
+    services = make_services(f"file://{tmp_path}", 2)
+    init = params(make_state())
+
+    def build() -> TrainState:
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        model.load_state_dict(init)
+        return TrainState(model=model, optimizer=DataSGD(model.parameters()))
+
+    def fn(gen):
+        state = build()
+        gen.restore(state)
+        while state.step < 3:
+            train_step(state, 0)
+            gen.commit(state)
+        kept = params(state)
+        train_step(state, 0)  # step 4's optimizer.step(); the training function fails before its commit
+        return kept, services[gen.rank].snapshot.violation is not None
+
+    got = ok(run_generation(services, fn))
+    assert all(caught for _, caught in got)
+    kept = got[0][0]
+    for s in services:
+        s.board.take_events()
+
+    def fn2(gen):
+        state = build()
+        gen.restore(state)
+        return state.step, params(state)
+
+    restored = ok(run_generation(services, fn2, generation=1))
+    assert [restored_event(services, r)["source"] for r in range(2)] == ["memory"] * 2
+    assert all(step == 3 and all(torch.equal(p[k], v) for k, v in kept.items()) for step, p in restored)

@@ -43,6 +43,12 @@ cost that short steps would notice). The cadence is agreed once per generation, 
 VOTE_CALIBRATION_STEPS steps, from the slowest rank's step time."""
 VOTE_CALIBRATION_STEPS = 8
 VOTE_MAX_EVERY = 50
+SYNC_VOTE_MIN_STEP_S = 0.5
+"""Steps at least this long (the slowest rank's), and the calibration steps, vote synchronously: a
+stop, a preemption or a resize asked for during a step takes effect at the boundary that ends it,
+for one tiny round trip per step (under 0.1 % of such a step). Shorter steps pipeline the vote (it
+overlaps the following steps, free on the hot path) and act up to one voting interval later, i.e.
+within about this long."""
 
 LEAVE_SAVE_COLLECTIVES = 4
 """A save before leaving (preemption, stop) waits at most this many collective timeouts to commit."""
@@ -116,6 +122,8 @@ class Generation:
         self._seq_at_step: int | None = None
         """The training group's collective count when optimizer.step() began (live snapshots)."""
         self._vote_every = 1
+        self._sync_vote = True
+        """Vote synchronously (SYNC_VOTE_MIN_STEP_S); agreed at calibration, the same on every rank."""
         self._calibration_t0 = 0.0
 
     @property
@@ -149,6 +157,11 @@ class Generation:
             # Clones: an optimizer keeps the tensors it is given, and training must never write
             # into the snapshot it may have to restore from again.
             state.load_state_dict(tree.map_tensors(sd, lambda _, t: t.clone()))
+            # Loading may have written into the tensors a live snapshot references (the same state
+            # object again: their version counters moved). This rank must still hold the restored
+            # step through the first step after it, or a failure there falls back to storage.
+            if s.snapshot.held_step() != state.step:
+                self._capture(state, wait=True, live=self._live(state))
         elif agreed.durable >= 0:
             source = self._restore_checkpoint(state, agreed.durable)
         return self._restored(state, source, agreed.last_committed)
@@ -263,7 +276,10 @@ class Generation:
 
     def _live(self, state: TrainState) -> bool:
         """Whether this commit's snapshot may reference the live tensors: replicated state on the
-        CPU, changed by an optimizer (whose step the version counters see), live snapshots on."""
+        CPU, changed by an optimizer (whose step the version counters see), live snapshots on, and
+        no change behind the counters seen so far (the snapshot's checksum: copies from then on)."""
+        if self.s.snapshot.violation is not None:
+            self.s.live_snapshots = False
         return (self.s.live_snapshots and not self.sharded and state.optimizer is not None
                 and self._plan_for(state).on_cpu)
 
@@ -317,15 +333,14 @@ class Generation:
 
     def _plan_for(self, state: TrainState) -> CapturePlan:
         """The capture plan of `state` (built at its first commit in this generation), and the hook
-        that makes its optimizer's step wait for a snapshot still being copied."""
+        that notes the training group's collective count when its optimizer steps (live snapshots).
+        No hook waits for a copy: a copied snapshot is complete when the commit returns."""
         if self._plan is None or self._plan.state is not state:
             self._drop_plan()
             self._plan = CapturePlan(state)
             if state.optimizer is not None:
-                snap = self.s.snapshot
 
                 def before_step(*_: Any) -> None:
-                    snap.before_optimizer_step()
                     if self.s.live_snapshots:
                         self._seq_at_step = self._train_seq()
 
@@ -350,9 +365,11 @@ class Generation:
         self.s.board.progress(self.s.board.get().step, metrics, merge=True)
 
     def _next_vote(self, pause: bool, preempt: bool) -> tuple[bool, bool]:
-        """Agree on pausing: returns the vote launched at the previous voting commit and launches the
-        next one asynchronously, so the tiny allreduce overlaps the following steps instead of
-        stalling this one. Every rank acts on the same reduced values at the same step boundary."""
+        """Agree on pausing. Long steps (and the calibration steps) vote synchronously: a request
+        made during a step takes effect at the boundary that ends it. Short steps get the vote
+        launched at the previous voting commit and launch the next one asynchronously, so the tiny
+        allreduce overlaps the following steps instead of stalling this one. Which of the two is
+        agreed at calibration: every rank acts on the same reduced values at the same boundary."""
         self._commits += 1
         if self._commits == 1:
             self._calibration_t0 = time.perf_counter()
@@ -360,8 +377,12 @@ class Generation:
             mine = (time.perf_counter() - self._calibration_t0) / VOTE_CALIBRATION_STEPS
             slowest = self.groups.ctrl.allreduce_max([int(mine * 1e6)])[0] / 1e6
             self._vote_every = max(1, min(VOTE_MAX_EVERY, int(VOTE_INTERVAL_S / max(slowest, 1e-6))))
+            self._sync_vote = slowest >= SYNC_VOTE_MIN_STEP_S
         if self._commits % self._vote_every != 0:
             return False, False
+        if self._sync_vote:
+            got = self.groups.ctrl.allreduce_max([int(pause), int(preempt)])
+            return bool(got[0]), bool(got[1])
         agreed = (False, False)
         if self._vote is not None:
             got = self._vote.wait()

@@ -1,11 +1,13 @@
 """The newest committed state of this rank in host memory: what a survivor hands to newcomers, and
 the staging area its checkpoints are written from (one host copy per step, not two).
 
-A capture copies the volatile tensors (BatchNorm statistics, `extra`) at once and the stable ones
-(parameters, optimizer state) in the background while the next step's forward and backward run:
-they change only in optimizer.step(), which waits for whatever is still being copied (a pre-step
-hook). On CUDA the copy runs on a side stream into pinned buffers and optimizer.step() waits on the
-GPU, not the host. Readers (a peer transfer, a checkpoint writer, a restore) wait for the copy.
+A copied capture is complete when capture_items() returns, so the training function never runs
+while a copy of its tensors is being taken: whatever the loop does next (decaying weights in place
+at the top of the next step, through no_grad or .data) cannot leak into the snapshot or into a
+checkpoint written from it. On CPU that is a plain copy into reused buffers on the training thread
+(memcpy speed: 6-12 ms for 64 MB here). On CUDA the copy runs on a side stream into pinned
+buffers and the training stream waits for it before its next kernel: the host does not block, and
+readers (a peer transfer, a checkpoint writer, a restore) wait on the copy's event.
 
 Two buffer sets: the newest snapshot lives in one; a checkpoint still writing from it pins it, and
 the next capture goes to the other. Host memory is 1x the state while no save is in flight and 2x
@@ -14,18 +16,25 @@ while one is; a set that no longer holds the newest snapshot is freed when its s
 A live capture (FailureConfig.live_snapshots, CPU, replicated state) copies nothing stable: the
 snapshot keeps references to the live parameters and optimizer state, which are the committed
 step's until the next optimizer.step(). Each tensor's version counter (bumped by every in-place
-change, which is how optimizers update) says whether that still holds: held_step() is -1 once any
-of them changed, and a failure then finds no state here (it falls back to a peer or a checkpoint).
+change made through the tensor itself, which is how torch's optimizers update) says whether that
+still holds: held_step() is -1 once any of them changed, and a failure then finds no state here
+(it falls back to a peer or a checkpoint). Changes the counters cannot see (through `.data`, a
+numpy view, an optimizer that updates `p.data`) are caught, when they touch a sampled element,
+by a sampled checksum (SAMPLES bytes-exact elements per tensor, taken at each live capture): at
+the next live capture (a tensor whose version did not move but whose samples did) and whenever
+the state is used (held_step(), state_dict()). Either way a one-line error is logged, the
+snapshot holds no step, and live captures are off for good in this process (`violation`).
 Host memory: the volatile tensors only, plus a checkpoint's staging copy while one is written.
 """
 
 from __future__ import annotations
 
-import queue
+import logging
 import threading
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from elastic import tree
@@ -35,38 +44,64 @@ from elastic.hostbuf import HostBuffers
 from elastic.tree import Path
 
 
-OVERLAP_MIN_BYTES = int(__import__("os").environ.get("ELASTIC_OVERLAP_MIN_BYTES", 8 << 20))
-"""Below this the copy runs inline: handing a few MB to a thread costs more than copying them."""
+log = logging.getLogger(__name__)
+
+SAMPLES = 16
+"""Elements per stable tensor in a live snapshot's checksum, evenly strided (compared as bytes)."""
 
 
-class _Copier:
-    """A background thread doing host copies in order (torch releases the GIL while copying)."""
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-    def __init__(self) -> None:
-        self._jobs: queue.Queue = queue.Queue()
-        self.busy_s = 0.0
-        """Seconds spent copying so far (the copy's own time, off the training thread)."""
-        self._thread = threading.Thread(target=self._run, name="elastic-snapshot", daemon=True)
-        self._thread.start()
 
-    def submit(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], done: threading.Event) -> None:
-        self._jobs.put((pairs, done))
+class _Sampler:
+    """SAMPLES evenly strided elements of each tensor, read as integers of the same size (bitwise:
+    a NaN equals itself), grouped by size so that one torch.cat per size reads them all. The views
+    are built once per set of tensors; every take() reads their current values. Empty and
+    non-contiguous tensors are not sampled."""
 
-    def _run(self) -> None:
-        while True:
-            pairs, done = self._jobs.get()
-            t0 = time.perf_counter()
-            try:
-                with torch.no_grad():
-                    for dst, src in pairs:
-                        dst.copy_(src)
-            finally:
-                self.busy_s += time.perf_counter() - t0
-                done.set()
+    def __init__(self, tensors: list[tuple[Path, torch.Tensor]]) -> None:
+        self.paths = [p for p, _ in tensors]
+        views: dict[int, list[torch.Tensor]] = {}
+        owners: dict[int, list[int]] = {}
+        for i, (_, t) in enumerate(tensors):
+            n = t.numel()
+            if n == 0 or not t.is_contiguous():
+                continue
+            width = max(1, t.element_size() // 8)  # complex128: two int64 per element
+            rows = t.reshape(-1).view(_INT_OF_SIZE[t.element_size() // width]).view(n, width)
+            k = min(SAMPLES, n)
+            views.setdefault(t.element_size(), []).append(rows[:: n // k][:k])
+            owners.setdefault(t.element_size(), []).extend([i] * (k * width))
+        self._views = list(views.values())
+        self._owners = [torch.tensor(owners[size]) for size in views]
+
+    def take(self) -> list[torch.Tensor]:
+        return [torch.cat(v).reshape(-1) for v in self._views]
+
+    def first_moved(self, before: list[torch.Tensor], now: list[torch.Tensor] | None = None,
+                    among: torch.Tensor | None = None) -> int | None:
+        """The first tensor (among `among`, a bool per tensor; all by default) whose samples differ
+        between `before` and `now` (the current values by default); None when none does."""
+        now = self.take() if now is None else now
+        for b, a, owner in zip(before, now, self._owners):
+            differs = a != b
+            if among is not None:
+                differs &= among.index_select(0, owner)
+            if bool(differs.any()):
+                return int(owner[differs.nonzero()[0, 0]])
+        return None
+
+
+def _same_tensors(old: list[tuple[Path, torch.Tensor]], new: list[tuple[Path, torch.Tensor]]) -> bool:
+    """The same list (a capture plan's fast path), or one naming the same storage in the same order
+    (its slow path walks the state dict again and gets new tensor objects over the same memory)."""
+    return old is new or (len(old) == len(new) and all(
+        po == pn and to.data_ptr() == tn.data_ptr() and to.shape == tn.shape and to.dtype == tn.dtype
+        for (po, to), (pn, tn) in zip(old, new)))
 
 
 class Snapshot:
-    def __init__(self, *, overlap: bool = True) -> None:
+    def __init__(self) -> None:
         self.step: int = -1
         self.values: list[tuple[Path, Any]] = []
         self.tensors: list[tuple[Path, torch.Tensor]] = []
@@ -77,27 +112,26 @@ class Snapshot:
         self.previous: tuple[int, dict[Path, torch.Tensor], list[tuple[Path, Any]], int] | None = None
         """A sharded run keeps the snapshot before the newest one (step, tensors, values, its set) until
         the newest one's buddy copy has arrived: a failure meanwhile rolls back to it."""
-        self.overlap = overlap
         # Buffer sets, allocated as needed: the newest snapshot's; one a checkpoint still writes from;
         # the snapshot before the newest one while a sharded run's buddy copy is on its way.
         self._sets: list[HostBuffers] = [HostBuffers()]
         self._newest = 0
         self._pinned = [0]
         self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._done.set()
         self._cuda_event: Any = None
-        self._side_stream: Any = None
-        self._copier: _Copier | None = None
-        self._bytes_of: Any = None
-        self._bytes = 0
         self._reserved: tuple[list, tuple[int, int], dict[Path, torch.Tensor], list] | None = None
         self.blocked_s = 0.0
-        """Seconds the training thread spent copying or waiting for copies (benchmarks read it)."""
+        """Seconds the training thread spent in captures, copies included (benchmarks read it)."""
+        self.copy_s = 0.0
+        """Seconds spent copying stable tensors (on CUDA: launching the copies)."""
         self.live = False
         """The stable tensors are the live ones (a live capture), valid while their versions hold."""
+        self.violation: str | None = None
+        """Set when a live tensor changed without its version counter moving: live captures are off
+        for good in this process (they are taken as copies), and the live snapshot is not used."""
         self._versions: list[tuple[torch.Tensor, int]] = []
-        self._live_refs: tuple[list, dict[Path, torch.Tensor]] | None = None
+        self._samples: list[torch.Tensor] | None = None
+        self._live_refs: tuple[list, dict[Path, torch.Tensor], _Sampler] | None = None
 
     @property
     def empty(self) -> bool:
@@ -108,19 +142,11 @@ class Snapshot:
         """Host memory held by the snapshot's buffers (both sets)."""
         return sum(s.nbytes for s in self._sets)
 
-    @property
-    def copy_s(self) -> float:
-        """Seconds the background copies took so far (their own time, not the training thread's)."""
-        return self._copier.busy_s if self._copier is not None else 0.0
-
-    @property
-    def in_flight(self) -> bool:
-        return not self._done.is_set()
-
     def held_step(self) -> int:
         """The step whose state this snapshot holds; -1 for none (never taken, or live tensors that
-        changed since their capture: an optimizer.step() ran after the commit)."""
-        if self.live and any(t._version != v for t, v in self._versions):
+        changed since their capture: an optimizer.step() ran after the commit, or a change their
+        version counters could not see, which is logged as an error)."""
+        if self.live and not self._live_intact():
             return -1
         return self.step
 
@@ -136,11 +162,12 @@ class Snapshot:
                       shards: dict[Path, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
                       origin: tuple[int, int] | None = None, keep_previous: bool = False,
                       live: bool = False) -> None:
-        """Take a snapshot of `step`: volatile tensors now, stable ones in the background (or now,
-        without overlap; or not at all when `live`: referenced as they are). Returns at once;
-        wait() completes it."""
+        """Take a snapshot of `step`: every tensor is copied before this returns (on CUDA: before
+        the current stream's next kernel), or, when `live`, the stable ones are referenced as they
+        are. A live capture falls back to a copy once a violation was seen."""
         t0 = time.perf_counter()
         self.wait()  # the previous capture is complete before a new one starts
+        live = live and self._live_sound(stable)
         with self._lock:
             if keep_previous and self.step >= 0 and self.previous is None:
                 self._pinned[self._newest] += 1
@@ -152,13 +179,8 @@ class Snapshot:
             host = dict(bufs.copy_in(volatile, keep=[p for p, _ in volatile] if live else order))
             pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
             if live:
-                # The same plan as last time: the same references (detach() shares the version
-                # counter, so a cached one sees every change of its tensor).
-                if self._live_refs is None or self._live_refs[0] is not stable:
-                    self._live_refs = (stable, {p: t.detach() for p, t in stable})
-                refs = self._live_refs[1]
-                self._versions = [(t, t._version) for t in refs.values()]
-                host.update(refs)
+                assert self._live_refs is not None
+                host.update(self._live_refs[1])
             else:
                 # The same plan into the same set as last time: the same buffers (no lookups).
                 cached = self._reserved
@@ -169,7 +191,7 @@ class Snapshot:
                     pairs = [(stable_dst[p], t.detach()) for p, t in stable]
                     self._reserved = (stable, (target, bufs.version), stable_dst, pairs)
                 host.update(stable_dst)
-                self._versions = []
+                self._versions, self._samples = [], None
             self.live = live
             self.tensors = [(p, host[p]) for p in order]
             self.values = values
@@ -185,27 +207,73 @@ class Snapshot:
         self.blocked_s += time.perf_counter() - t0
 
     def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        cuda = pairs[0][1].is_cuda
-        if cuda:
-            if self._side_stream is None:
-                self._side_stream = torch.cuda.Stream()
-            current = torch.cuda.current_stream()
-            self._side_stream.wait_stream(current)  # copy what optimizer.step() produced
-            with torch.cuda.stream(self._side_stream), torch.no_grad():
+        """Copy now: the training function must not run while its tensors are being read (an in-place
+        change before its next optimizer.step() would leak into this step's snapshot)."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if pairs[0][1].is_cuda:
+                # On the current stream, into pinned buffers: its later kernels (whatever the loop
+                # launches next) are ordered after the copy; the host does not wait.
                 for dst, src in pairs:
                     dst.copy_(src, non_blocking=True)
-            self._cuda_event = torch.cuda.Event()
-            self._cuda_event.record(self._side_stream)
-            return
-        if not self.overlap or self._pairs_bytes(pairs) < OVERLAP_MIN_BYTES:
-            with torch.no_grad():
+                self._cuda_event = torch.cuda.Event()
+                self._cuda_event.record()
+            else:
                 for dst, src in pairs:
                     dst.copy_(src)
-            return
-        if self._copier is None:
-            self._copier = _Copier()
-        self._done = threading.Event()
-        self._copier.submit(pairs, self._done)
+        self.copy_s += time.perf_counter() - t0
+
+    def _live_sound(self, stable: list[tuple[Path, torch.Tensor]]) -> bool:
+        """Before a live capture: take its version counters and samples. False (a copy is taken
+        instead) once a violation was seen, or when a tensor whose version did not move since the
+        previous live capture of the same tensors holds other values."""
+        if self.violation is not None:
+            return False
+        if self._live_refs is None or not _same_tensors(self._live_refs[0], stable):
+            # The same tensors as last time: the same references (detach() shares the version
+            # counter, so a cached one sees every change of its tensor) and the same sample views.
+            refs = {p: t.detach() for p, t in stable}
+            self._live_refs = (stable, refs, _Sampler(list(refs.items())))
+            self._versions, self._samples = [], None
+        _, refs, sampler = self._live_refs
+        samples = sampler.take()
+        if self._samples is not None and self._versions:
+            # Normally optimizer.step() moved every version; a tensor it did not move (a frozen
+            # parameter; an optimizer that updates p.data) must hold the values it held then.
+            still = [t._version == v for t, v in self._versions]
+            if any(still):
+                among = torch.from_numpy(np.fromiter(still, dtype=bool, count=len(still)))
+                i = sampler.first_moved(self._samples, samples, among=among)
+                if i is not None:
+                    self._violate(sampler.paths[i], "since the previous commit")
+                    return False
+        self._versions = [(t, t._version) for t in refs.values()]
+        self._samples = samples
+        return True
+
+    def _live_intact(self) -> bool:
+        """The live tensors still hold the captured step: no version moved, no sample changed."""
+        if self.violation is not None or self._live_refs is None or self._samples is None:
+            return False
+        if any(t._version != v for t, v in self._versions):
+            return False
+        sampler = self._live_refs[2]
+        i = sampler.first_moved(self._samples)
+        if i is not None:
+            self._violate(sampler.paths[i], f"since the commit of step {self.step}")
+            return False
+        return True
+
+    def _violate(self, path: Path, when: str) -> None:
+        self.violation = (f"{'.'.join(map(str, path))} changed {when} without its version counter moving "
+                          "(an in-place change through .data, a numpy view, or an optimizer that updates p.data)")
+        log.error("live snapshot of step %d not used: %s; snapshots are copied from now on", self.step, self.violation)
+
+    def _check_live(self) -> None:
+        """A live snapshot is read only while it holds its step (loud, never silently wrong)."""
+        if self.live and not self._live_intact():
+            raise RuntimeError(f"the live snapshot of step {self.step} no longer holds it: "
+                               f"{self.violation or 'its tensors changed since the commit'}")
 
     def _free_set(self) -> int:
         """The set the next capture writes to: the newest one if nothing holds it, else an idle one
@@ -219,30 +287,13 @@ class Snapshot:
         self._pinned.append(0)
         return len(self._sets) - 1
 
-    def _pairs_bytes(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-        if self._bytes_of is not pairs:
-            self._bytes_of, self._bytes = pairs, sum(d.numel() * d.element_size() for d, _ in pairs)
-        return self._bytes
-
     # -- waiting ----------------------------------------------------------------------------
-    def before_optimizer_step(self) -> None:
-        """The optimizer is about to change the tensors being copied: let the copy finish first
-        (on CUDA the GPU waits, the host does not)."""
-        if self._cuda_event is not None:
-            torch.cuda.current_stream().wait_event(self._cuda_event)
-            return
-        if not self._done.is_set():
-            t0 = time.perf_counter()
-            self._done.wait()
-            self.blocked_s += time.perf_counter() - t0
-
     def waiter(self) -> Any:
-        """A callable that blocks until the capture in flight now is complete (for another thread:
-        a checkpoint writer)."""
-        done, event = self._done, self._cuda_event
+        """A callable that blocks until the capture taken now is complete in host memory (for
+        another thread: a checkpoint writer). Only a CUDA copy can still be in flight."""
+        event = self._cuda_event
 
         def wait() -> None:
-            done.wait()
             if event is not None:
                 event.synchronize()
 
@@ -250,7 +301,6 @@ class Snapshot:
 
     def wait(self) -> None:
         """Block until the newest capture is complete in host memory."""
-        self._done.wait()
         if self._cuda_event is not None:
             self._cuda_event.synchronize()
             self._cuda_event = None
@@ -281,11 +331,12 @@ class Snapshot:
         self.wait()
         with self._lock:
             self.tensors, self.values, self.step = list(tensors), list(values), step
-            self.live, self._versions = False, []
+            self.live, self._versions, self._samples = False, [], None
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """The state to checkpoint, reading from the buffers (a copy may still be filling them: the
-        writer waits with waiter()); sharded entries as Shards of this rank's rows."""
+        """The state to checkpoint, reading from the buffers (a CUDA copy may still be filling them:
+        the writer waits with waiter()); sharded entries as Shards of this rank's rows."""
+        self._check_live()
         return tree.build([*((p, Shards(self.shards[p][0], [(self.shards[p][1], t)]) if p in self.shards else t)
                              for p, t in self.tensors), *self.values])
 
@@ -295,6 +346,7 @@ class Snapshot:
         if self.empty:
             raise RuntimeError("no snapshot taken yet")
         self.wait()
+        self._check_live()
         sd = tree.build([*self.tensors, *self.values])
         return like_template(like, sd) if like is not None else sd
 
@@ -302,7 +354,7 @@ class Snapshot:
         self.wait()
         self.step = -1
         self.values, self.tensors = [], []
-        self.live, self._versions, self._live_refs = False, [], None
+        self.live, self._versions, self._samples, self._live_refs = False, [], None, None
         self.previous = None
         self._pinned = [0] * len(self._sets)
         for s in self._sets:
