@@ -624,3 +624,52 @@ def test_a_stop_past_its_deadline_fences_the_workers_before_it_declares_and_repo
         names = events.names()
         assert names.count("worker_left") == 2 and names.index("worker_left") < names.index("run_stopped")
         assert [e["committed"] for e in events.events if e["event"] == "run_stopped"] == [committed]
+
+
+def test_a_survivor_lost_while_the_next_group_waits_for_a_replacement_is_never_given_an_assignment():
+    """Churn: rank 1 dies; while the rebuild waits for its cold replacement, the survivor dies too.
+    It is dropped there (a failure of its own), and the next group is formed without it: never a
+    group built with a member that is gone (whose peers would wait in its rendezvous)."""
+    g = FakeGroup(capacity=4, steps=30)
+    g.die_at = {1: 5}
+    held = [0]
+    refresh = g.refresh
+
+    def slow_replacement() -> list[int]:
+        if ctl.generation == 0 and ctl.failures == 1 and held[0] < 3:  # the replacement takes a while
+            held[0] += 1
+            if held[0] == 2:
+                g.dead.add(0)  # the survivor dies meanwhile
+            return []
+        return refresh()
+
+    g.refresh = slow_replacement
+    ctl, events, _ = make(g)
+    assert run_states(ctl)[-1] is StateType.FINISHED
+    assert held[0] == 2  # the survivor died while the rebuild waited
+    assert [w for w, gen, _ in g.starts if gen >= 1 and w in (0, 1)] == []  # neither lost worker got an assignment
+    lost = [e for e in events.events if e["event"] == "worker_failed" and e["worker"] == 0]
+    assert [e["reason"] for e in lost] == ["lost while the next group was formed"]
+    assert ctl.failures == 2 and "did not accept" not in str(events.events)
+
+
+def test_a_member_lost_while_its_group_is_built_gives_the_generation_up_at_once():
+    """A member that is gone when the group is handed out: the generation is given up (its other
+    members asked to leave its rendezvous), and the next one is formed without it."""
+    g = FakeGroup(capacity=4, steps=30)
+    g.die_at = {1: 5}
+    start = g.start
+
+    def refusing_start(assignments: dict, timeout_s: float) -> list[int]:
+        start(assignments, timeout_s)
+        gen = next(iter(assignments.values())).generation
+        return [2] if gen == 1 else []  # the replacement died before it accepted
+
+    g.start = refusing_start
+    ctl, events, _ = make(g)
+    assert run_states(ctl)[-1] is StateType.FINISHED
+    gens = {gen: sorted(w for w, gn, _ in g.starts if gn == gen) for _, gen, _ in g.starts}
+    assert gens[1] == [0, 2] and 2 not in gens[2] and 0 in gens[2]  # the survivor stays, the lost one goes
+    failed = [e for e in events.events if e["event"] == "group_failed"]
+    assert failed[1]["generation"] == 1 and "while the group was built" in failed[1]["reason"]
+    assert ctl.failures == 2

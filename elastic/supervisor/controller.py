@@ -21,7 +21,7 @@ from elastic.supervisor.states import (Failed, Finished, Resizing, Restarting, R
                                        StateType, Stopped, Stopping)
 from elastic.supervisor.tracking import Incidents, Progress, StepRate
 from elastic.supervisor.worker_group import WorkerGroup
-from elastic.worker.protocol import Assignment, ErrorSignature, WorkerPoll, WorkerState
+from elastic.worker.protocol import Assignment, PollFailure, ErrorSignature, WorkerPoll, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -294,19 +294,29 @@ class Controller:
         return alive, lost
 
     def _rebuild(self, survivors: list[int], *, reason: str) -> State:
+        """Form the next group: the survivors, then ready newcomers and standbys promoted on the
+        nodes of the workers lost (as soon as they are ready, also while waiting). A survivor that
+        dies while the group waits is dropped there and then (another failure): a group is never
+        handed to a member that is gone."""
         sc = self.run.scaling
         assert sc.max_workers is not None
+        survivors = list(survivors)
         members = list(survivors) + self._newcomers(limit=sc.max_workers - len(survivors))
-        for wid in self.policy.standbys_to_promote(self.run, missing=sc.max_workers - len(members),
-                                                   standbys=self.group.standbys(), lost_nodes=self._lost_nodes):
-            self.group.promote(wid)
-            members.append(wid)
+        members += self._promote(missing=sc.max_workers - len(members))
         t0 = self.clock()
         no_room_since: float | None = None
         announced = False
         while True:
             if self.stop_signal is not None:
                 return Stopping(signal=self.stop_signal, survivors=tuple(survivors))
+            gone = self._gone(survivors)
+            if gone:
+                for wid in gone:
+                    members.remove(wid)
+                    if wid in survivors:
+                        survivors.remove(wid)
+                self._failed_while_rebuilding(gone)
+                members += self._promote(missing=sc.max_workers - len(members))
             now = self.clock()
             d = self.policy.membership(self.run, pol.MembershipView(
                 have=len(members), waited_s=now - t0,
@@ -323,6 +333,7 @@ class Controller:
             self._top_up()
             self.group.refresh()
             members += self._newcomers(limit=sc.max_workers - len(members), exclude=members)
+            members += self._promote(missing=sc.max_workers - len(members))
             if len(members) >= sc.max_workers:
                 continue
             if self.group.placeable() > 0:
@@ -331,7 +342,42 @@ class Controller:
                 no_room_since = self.clock()
             self.sleep(self._failure.poll_interval_s)
 
-    def _build(self, members: list[int], *, reason: str, mode: str = "train") -> Running:
+    def _promote(self, *, missing: int) -> list[int]:
+        """Promote ready standbys on the nodes of lost workers (each such node has a worker's
+        resources free again), up to `missing`; their ids."""
+        if missing <= 0 or not self._lost_nodes:
+            return []
+        picks = list(self.policy.standbys_to_promote(self.run, missing=missing, standbys=self.group.standbys(),
+                                                     lost_nodes=self._lost_nodes))
+        for wid in picks:
+            node = self.group.infos[wid].node_id if wid in self.group.infos else None
+            self.group.promote(wid)
+            if node in self._lost_nodes:
+                self._lost_nodes.remove(node)  # that node's free slot is taken now
+        return picks
+
+    def _gone(self, wids: list[int]) -> list[int]:
+        """Of these parked survivors, those whose last word says they are gone (their watches
+        answer at once when they die: this costs no round trip)."""
+        if not wids:
+            return []
+        polls = self.group.poll(list(wids), self._failure.poll_timeout_s)
+        self._absorb(polls)
+        return [w for w, p in polls.items() if isinstance(p, PollFailure)
+                or (isinstance(p, WorkerPoll) and p.state == WorkerState.FAILED)]
+
+    def _failed_while_rebuilding(self, wids: list[int]) -> None:
+        """Members of the next group lost before it was built: a failure of its own (counted, an
+        incident opened), the workers dropped."""
+        self.failures += 1
+        self.consecutive_failures += 1
+        self.progress.failures = self.failures
+        self._incidents.start(f"worker(s) lost while the next group was formed", is_failure=True,
+                              step_before=self.progress.step)
+        for wid in wids:
+            self._drop(wid, "lost while the next group was formed")
+
+    def _build(self, members: list[int], *, reason: str, mode: str = "train") -> Running | Restarting:
         t0 = self.clock()
         self._lost_nodes = []
         self.generation += 1
@@ -354,20 +400,29 @@ class Controller:
             assignments[wid] = Assignment(
                 generation=g, rank=rank, world_size=len(self.members), store_host=host, store_port=port,
                 backend=self.backend, collective_timeout_s=self._failure.collective_timeout_s,
+                rendezvous_timeout_s=self.policy.rendezvous_timeout_s(self.run, len(self.members)),
                 local_rank=local_rank, mode=mode, local_world_size=per_node[node], store_prefix=self.store_prefix,
                 gpu_ids=self._gpu_ids(wid), node_id=node)
             if wid not in self._joined:
                 self._joined.add(wid)
                 self._emit_worker(Event.WORKER_STARTED, wid, generation=g,
                                   background_startup=info.background_startup if info else None)
-        # A worker that refuses its assignment is lost: killing it breaks the new group at once,
-        # and the next poll turns that into a failure (never a silent wait).
         timeout = self._failure.poll_timeout_s + self.policy.assignment_slack_s
-        for wid in self.group.start(assignments, timeout):
-            self._drop(wid, "did not accept its assignment")
+        refused = self.group.start(assignments, timeout)
         self.events.emit(Event.GROUP_BUILT, generation=g, world_size=len(self.members), reason=reason,
                          seconds=round(self.clock() - t0, 4),
                          members=[self._describe(w) for w in self.members])
+        if refused:
+            # A member that is gone (or refused) before the group formed: the generation is given up
+            # at once. The others are in its rendezvous, which they leave as soon as they are asked to
+            # pause (never after a timeout), and the next group is formed without it.
+            self.events.emit(Event.GROUP_FAILED, generation=g, reason="a member was lost while the group was built",
+                             errors={})
+            for wid in refused:
+                self._drop(wid, "lost while its group was built")
+            self.members = [w for w in self.members if w not in refused]
+            self._rank_of = {w: r for r, w in enumerate(self.members)}
+            return Restarting(reason="worker lost while the group was built", failed_workers=(), since=self.clock())
         self.progress.world_size = len(self.members)
         self.progress.generation = g
         if self._first_built_at is None:

@@ -107,6 +107,9 @@ class Assignment:
     """The run's secret key prefix on the rendezvous store (handed over through Ray, never logged)."""
     gpu_ids: tuple[str, ...] = ()
     """GPUs reserved for this worker by another actor (a promoted standby reserves none itself)."""
+    rendezvous_timeout_s: float = 30.0
+    """Bound on the wait for the generation's other ranks to arrive and exchange addresses (the
+    supervisor's failure-detection bound): a member lost during the build costs this at most."""
     node_id: str = ""
     """This rank's node (the ranks gather each other's when they need them: buddies go on other
     nodes). Not every rank's: an assignment stays small at any world size."""

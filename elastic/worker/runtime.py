@@ -97,7 +97,7 @@ class WorkerRuntime:
             device = self._device(a)
             # torch's view of this rank, as torchrun would give it, refreshed every generation.
             os.environ.update(torch_env(a.rank, a.world_size, a.local_rank, a.local_world_size))
-            groups = connect(a, s.clock)
+            groups = connect(a, s.clock, abort=s.pause)
             gen = Generation(groups, device, s, local_rank=a.local_rank, local_world_size=a.local_world_size,
                              node_id=a.node_id)
             ctx_mod.set_context(ctx_mod.WorkerContext(gen))
