@@ -162,8 +162,11 @@ class FakeGroup:
     def shutdown(self) -> None:
         pass
 
-    def ensure_standbys(self, node_ids: set[str]) -> None:
+    def ensure_standbys(self, node_ids: set[str], *, per_node: int | None = None) -> None:
         pass  # this fake keeps none: a lost worker is replaced by a newcomer
+
+    def standby_startup_s(self) -> float | None:
+        return None
 
     def standbys(self) -> dict[str, int]:
         return {}
@@ -451,7 +454,7 @@ class StandbyGroup(FakeGroup):
         self.standby_of: dict[str, int] = {}
         self.promoted: list[int] = []
 
-    def ensure_standbys(self, node_ids: set[str]) -> None:
+    def ensure_standbys(self, node_ids: set[str], *, per_node: int | None = None) -> None:
         for node in sorted(node_ids - set(self.standby_of)):
             wid = self._next
             self._next += 1
@@ -507,9 +510,9 @@ def test_standbys_wait_for_the_first_group_only_and_a_promoted_one_is_replaced_a
 
     during_recovery: list[float] = []  # standbys started while a failure was not yet recovered from
 
-    def timed_ensure(node_ids: set[str]) -> None:
+    def timed_ensure(node_ids: set[str], *, per_node: int | None = None) -> None:
         before = len(g.standby_of)
-        ensure(node_ids)
+        ensure(node_ids, per_node=per_node)
         created.extend([clock()] * (len(g.standby_of) - before))
         if len(g.standby_of) > before and ctl._incidents.open:
             during_recovery.append(clock())
@@ -673,3 +676,38 @@ def test_a_member_lost_while_its_group_is_built_gives_the_generation_up_at_once(
     failed = [e for e in events.events if e["event"] == "group_failed"]
     assert failed[1]["generation"] == 1 and "while the group was built" in failed[1]["reason"]
     assert ctl.failures == 2
+
+
+def test_standbys_start_after_the_first_step_and_the_pool_grows_with_the_failure_rate():
+    g = StandbyGroup(capacity=2, steps=400)
+    g.die_at = {1: 20}
+    asked: list[tuple[float, int | None]] = []
+    ensure = g.ensure_standbys
+
+    def recording(node_ids: set[str], *, per_node: int | None = None) -> None:
+        asked.append((clock(), per_node))
+        ensure(node_ids, per_node=per_node)
+
+    g.ensure_standbys = recording
+    ctl, events, clock = make(g, max_failures=-1)
+    start = g.start
+    built: list[float] = []
+
+    def timed(assignments: dict, timeout_s: float) -> list[int]:
+        built.append(clock())
+        return start(assignments, timeout_s)
+
+    g.start = timed
+    # Four more failures in quick succession: each promoted standby dies a few steps in.
+    promote = g.promote
+
+    def promote_and_doom(wid: int) -> None:
+        promote(wid)
+        if len(g.promoted) < 5:
+            g.die_at[wid] = g.global_step + 8
+
+    g.promote = promote_and_doom
+    run_states(ctl)
+    assert asked and asked[0][0] - built[0] < 1.0  # warm from the run's first step, not 10 s later
+    assert asked[0][1] == 1 and max(n for _, n in asked) == 2, asked  # failures every ~1 s: the pool grows
+    assert ctl.failures == 5

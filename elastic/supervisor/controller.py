@@ -79,7 +79,11 @@ class Controller:
         self._lost_nodes: list[str] = []
         """Nodes of the workers lost since the last group was built (their standbys replace them)."""
         self._first_built_at: float | None = None
-        """When the run's first group was built: standbys start policy.standby_after_s later."""
+        """When the run's first group was built."""
+        self._first_step_at: float | None = None
+        """When the run's first group first stepped: standbys start policy.standby_after_s later."""
+        self._failure_times: list[float] = []
+        """When each failure was seen (what sizes the standby pool)."""
 
     # -- loop --------------------------------------------------------------------------------
     def run_to_end(self) -> State:
@@ -161,18 +165,19 @@ class Controller:
         self._watch_drains()
         self._top_up(background=True)
         # The run's first start-up is protected from standbys' start-up (a Ray worker process and
-        # a torch import) for standby_after_s; after a rebuild, only until the recovery is over
+        # a torch import) until its first step (+ standby_after_s); after a rebuild, only until the recovery is over
         # (the new group has taken its first step: starting the successor of a promoted standby
         # during the restore slowed it by 1-2 s here), so that the next failure (often soon after
         # the first, on the same spot pool) still finds a warm one.
-        if (self._first_built_at is not None and self.clock() - self._first_built_at >= self.policy.standby_after_s
+        if (self._first_step_at is not None and self.clock() - self._first_step_at >= self.policy.standby_after_s
                 and not self._incidents.open):
-            self.group.ensure_standbys({i.node_id for w in self.members if (i := self.group.infos.get(w)) is not None})
+            self._keep_standbys()
         self.sleep(self._failure.poll_interval_s)
         return state
 
     # -- RESTARTING --------------------------------------------------------------------------
     def _restarting(self, state: Restarting) -> State:
+        self._failure_times.append(self.clock())
         self.failures += 1
         self.consecutive_failures += 1
         self.progress.failures = self.failures
@@ -369,6 +374,7 @@ class Controller:
     def _failed_while_rebuilding(self, wids: list[int]) -> None:
         """Members of the next group lost before it was built: a failure of its own (counted, an
         incident opened), the workers dropped."""
+        self._failure_times.append(self.clock())
         self.failures += 1
         self.consecutive_failures += 1
         self.progress.failures = self.failures
@@ -438,6 +444,18 @@ class Controller:
             return self.group.gpu_ids(wid, self._failure.poll_timeout_s + self.policy.assignment_slack_s)
         except Exception:  # noqa: BLE001 - not placed in time: the worker cannot train, it is lost
             return ("unplaced",)
+
+    def _keep_standbys(self) -> None:
+        """Keep the standby pool on every node that hosts ranks, sized by the policy from the
+        failure rate seen so far and the standbys' measured start-up."""
+        now = self.clock()
+        since = now - (self._first_built_at if self._first_built_at is not None else now)
+        window = min(self.policy.standby_rate_window_s, since)
+        recent = sum(1 for t in self._failure_times if t >= now - window)
+        per_node = self.policy.standbys_per_node(self.run, failures_in_window=recent, window_s=window,
+                                                 startup_s=self.group.standby_startup_s())
+        self.group.ensure_standbys({i.node_id for w in self.members if (i := self.group.infos.get(w)) is not None},
+                                   per_node=per_node)
 
     def _watch_drains(self) -> None:
         """A node being drained (spot preemption via Ray, autoscaler scale-down) gets the same
@@ -525,6 +543,8 @@ class Controller:
         if not steps:
             return
         step = max(steps)
+        if self._first_step_at is None and self._first_built_at is not None and step > self.progress.step:
+            self._first_step_at = self.clock()
         self.progress.steps_per_s = self._rate.observe(step)
         closed = self._incidents.close_past(step, generation=self.generation, world_size=len(self.members))
         for rec in closed:

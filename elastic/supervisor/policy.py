@@ -8,6 +8,7 @@ A run can swap the policy through `RunConfig.policy` (any object with these meth
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -151,11 +152,21 @@ class DefaultPolicy:
     """A worker must accept its assignment within poll_timeout_s + this, or it is lost."""
     drain_check_interval_s: float = 1.0
     """How often the supervisor asks Ray which nodes are draining."""
-    standby_after_s: float = 10.0
-    """Standbys (ScalingConfig.standby_per_node) are started once the run's first group has trained this
-    long: their start-up (importing torch) would compete with every rank's own, and an early failure
-    is rare. After a rebuild, the successor of a promoted standby starts as soon as the new group has
-    taken its first step."""
+    standby_after_s: float = 0.0
+    """Standbys (ScalingConfig.standby_per_node) start once the run's first group has taken its first
+    step and trained this long (their start-up, a torch import at idle priority, would otherwise
+    compete with every rank's own). After a rebuild, the successor of a promoted standby starts as
+    soon as the new group has taken its first step."""
+    standby_startup_s: float = 5.0
+    """A standby's start-up time until one has been measured (request to ready)."""
+    standby_rate_window_s: float = 600.0
+    """The failure rate that sizes the standby pool is counted over this window (or the run so
+    far, but at least a minute of it)."""
+    standby_miss: float = 0.05
+    """The pool covers the failures expected during one standby start-up: sized so that more of
+    them than the pool holds happen with at most this probability (Poisson at the observed rate)."""
+    standby_max_per_node: int = 4
+    """The pool never grows beyond this many standbys per node (each costs a process's memory)."""
     rendezvous_per_rank_s: float = 0.02
     """Added per rank to a generation's rendezvous bound (see rendezvous_timeout_s)."""
     last_words_s: float = 2.0
@@ -170,7 +181,7 @@ class DefaultPolicy:
         from elastic.config import require_duration
 
         for name in ("settle_s", "quiesce_slack_s", "assignment_slack_s", "drain_check_interval_s", "standby_after_s",
-                     "last_words_s", "rendezvous_per_rank_s"):
+                     "last_words_s", "rendezvous_per_rank_s", "standby_startup_s", "standby_rate_window_s"):
             require_duration(name, getattr(self, name), allow_zero=True)
         if self.final_save_timeout_s is not None:
             require_duration("final_save_timeout_s", self.final_save_timeout_s)
@@ -296,6 +307,23 @@ class DefaultPolicy:
         the store: 3.8 s at 256 ranks on 2 cores, elastic.supervisor.standin)."""
         f = run.failure
         return min(f.collective_timeout_s, f.liveness_interval_s + f.poll_timeout_s + self.rendezvous_per_rank_s * world_size)
+
+    def standbys_per_node(self, run: RunConfig, *, failures_in_window: int, window_s: float,
+                          startup_s: float | None) -> int:
+        """How many standbys to keep warm on each node that hosts ranks: at least
+        ScalingConfig.standby_per_node, more when failures come often enough that a second one may
+        arrive before a promoted standby's successor is up — the smallest pool that more failures
+        than it holds overrun, during one start-up, with probability <= standby_miss."""
+        base = run.scaling.standby_per_node
+        if base <= 0:
+            return 0
+        expected = failures_in_window / max(window_s, 60.0) * (startup_s or self.standby_startup_s)
+        k, p_le, term = 0, math.exp(-expected), math.exp(-expected)  # P(N <= k) for N ~ Poisson(expected)
+        while 1.0 - p_le > self.standby_miss and k < self.standby_max_per_node:
+            k += 1
+            term *= expected / k
+            p_le += term
+        return min(self.standby_max_per_node, max(base, k))
 
     def final_save_timeout(self, run: RunConfig) -> float:
         f = run.failure

@@ -179,8 +179,11 @@ class SimulatedGroup:
     def shutdown(self) -> None:
         pass
 
-    def ensure_standbys(self, node_ids: set[str]) -> None:
+    def ensure_standbys(self, node_ids: set[str], *, per_node: int | None = None) -> None:
         pass
+
+    def standby_startup_s(self) -> float | None:
+        return None
 
     def standbys(self) -> dict[str, int]:
         return {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from typing import Any, Callable, Protocol
 
@@ -35,8 +36,9 @@ class WorkerGroup(Protocol):
     def request_preempt(self, wids: list[int]) -> None: ...
     def request_stop(self, wids: list[int]) -> None: ...
     def draining_nodes(self) -> set[str]: ...
-    def ensure_standbys(self, node_ids: set[str]) -> None: ...
+    def ensure_standbys(self, node_ids: set[str], *, per_node: int | None = None) -> None: ...
     def standbys(self) -> dict[str, int]: ...
+    def standby_startup_s(self) -> float | None: ...
     def promote(self, wid: int) -> None: ...
     def kill(self, wid: int) -> None: ...
     def placeable(self) -> int: ...
@@ -150,6 +152,9 @@ class RayWorkerGroup:
         self._standby_per_node = run.scaling.standby_per_node
         self._standby_nodes: dict[int, str] = {}  # standby wid -> its node
         self._slots: dict[int, Any] = {}  # promoted standby wid -> its reservation
+        self._standby_started: dict[int, float] = {}  # standby wid -> when it was requested (until ready)
+        self._standby_ready_at: dict[int, float] = {}  # standby wid -> when refresh() saw it ready
+        self._startups: list[float] = []  # measured standby start-ups, seconds
         # Serialized once; each actor gets the reference boxed and fetches it itself (WorkerActor).
         self._fn_ref = ray.put(fn)
         self._run = run
@@ -189,6 +194,8 @@ class RayWorkerGroup:
             try:
                 self.infos[wid] = ray.get(ref)
                 newly.append(wid)
+                if wid in self._standby_started:
+                    self._standby_ready_at[wid] = time.monotonic()
             except RayActorError:
                 self._actors.pop(wid, None)
                 self._standby_nodes.pop(wid, None)
@@ -201,15 +208,28 @@ class RayWorkerGroup:
         return sorted(w for w in self.infos if w not in self._standby_nodes)
 
     # -- standbys ----------------------------------------------------------------------------
-    def ensure_standbys(self, node_ids: set[str]) -> None:
-        """Keep standby_per_node standbys (ready or starting) on each of these nodes."""
-        if self._standby_per_node <= 0:
+    def ensure_standbys(self, node_ids: set[str], *, per_node: int | None = None) -> None:
+        """Keep `per_node` (default standby_per_node) standbys, ready or starting, on each of these
+        nodes. A standby that died (a kill, an OOM) no longer counts: each ready one keeps a watch
+        outstanding, which Ray fails when it dies, and it is replaced here."""
+        want = self._standby_per_node if per_node is None else per_node
+        if want <= 0:
             return
+        now = time.monotonic()
+        self._harvest(now)
+        for wid in [w for w in self._standby_nodes if w in self.infos]:
+            latest = self._latest.get(wid)
+            if latest is not None and latest[0] is PollFailure.DEAD:
+                self.kill(wid)  # forget it: its node gets a new one below
+            elif wid not in self._watches and wid in self._actors:
+                self._watch(wid)
+        for wid in [w for w in self._standby_nodes if w in self.infos and w in self._standby_started]:
+            self._startups.append(self._standby_ready_at.pop(wid, now) - self._standby_started.pop(wid))
         have: dict[str, int] = {}
         for node in self._standby_nodes.values():
             have[node] = have.get(node, 0) + 1
         for node in node_ids:
-            for _ in range(self._standby_per_node - have.get(node, 0)):
+            for _ in range(want - have.get(node, 0)):
                 here = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
                 wid = STANDBY_IDS + self._next_standby  # ids of their own: workers keep 0, 1, 2, ...
                 self._next_standby += 1
@@ -218,10 +238,16 @@ class RayWorkerGroup:
                 self._actors[wid] = actor
                 self._info_refs[wid] = actor.info.remote()
                 self._standby_nodes[wid] = node
+                self._standby_started[wid] = now
 
     def standbys(self) -> dict[str, int]:
-        """node id -> a standby there that is ready to become a worker."""
-        return {node: wid for wid, node in sorted(self._standby_nodes.items()) if wid in self.infos}
+        """node id -> a standby there that is ready to become a worker (and not known to be dead)."""
+        return {node: wid for wid, node in sorted(self._standby_nodes.items())
+                if wid in self.infos and self._latest.get(wid, (None,))[0] is not PollFailure.DEAD}
+
+    def standby_startup_s(self) -> float | None:
+        """The median start-up of the standbys started so far (request to ready); None before one."""
+        return statistics.median(self._startups) if self._startups else None
 
     def promote(self, wid: int) -> None:
         """Make a ready standby a worker: it reserves a worker's resources on its node (placed in
@@ -389,6 +415,8 @@ class RayWorkerGroup:
         self._info_refs.pop(wid, None)
         self.infos.pop(wid, None)
         self._standby_nodes.pop(wid, None)
+        self._standby_started.pop(wid, None)
+        self._standby_ready_at.pop(wid, None)
         slot = self._slots.pop(wid, None)
         if actor is not None:
             ray.kill(actor, no_restart=True)
