@@ -53,17 +53,22 @@ class Event(str, enum.Enum):
                    ("worker", "rank", "pid", "node_id", "reason"), True)
     WAITING_FOR_WORKERS = ("waiting_for_workers", "fewer than min_workers are available: waiting (bounded)",
                            ("have", "need"), True)
-    RECOVERED = ("recovered", "training resumed after a failure",
-                 ("reason", "seconds", "lost_steps", "generation", "world_size", "failure"), True)
-    RESIZED = ("resized", "training resumed after a membership change that was not a failure",
-               ("reason", "seconds", "lost_steps", "generation", "world_size", "failure"), True)
+    RECOVERED = ("recovered", "training recovered from a failure: the group completed a step beyond the newest "
+                 "step before it (seconds: from the failure to the first step after the restore; cost_s: to "
+                 "this step, what the failure cost; ettr: the run's effective training time ratio so far)",
+                 ("reason", "seconds", "lost_steps", "generation", "world_size", "failure", "cost_s", "ettr"), True)
+    RESIZED = ("resized", "training went on beyond the newest step before a membership change that was not a "
+               "failure (fields as for recovered; a resize's cost is not counted against the ETTR)",
+               ("reason", "seconds", "lost_steps", "generation", "world_size", "failure", "cost_s", "ettr"), True)
     RUN_STOPPED = ("run_stopped", "the driver was asked to stop (SIGINT/SIGTERM): the group committed the "
                    "newest state it held and the run ended (exit 128 + signal)",
                    ("signal", "step", "committed_step", "committed", "seconds"), True)
-    RUN_FINISHED = ("run_finished", "the run ended: every step done and the final state committed",
-                    ("steps", "error", "seconds", "failures", "recoveries"), True)
-    RUN_FAILED = ("run_failed", "the run ended without finishing (the error says why)",
-                  ("steps", "error", "seconds", "failures", "recoveries"), True)
+    RUN_FINISHED = ("run_finished", "the run ended: every step done and the final state committed (lost_s: "
+                    "the seconds failures cost, overlaps counted once; ettr: the share of the time since the "
+                    "first step that they did not cost)",
+                    ("steps", "error", "seconds", "failures", "recoveries", "lost_s", "ettr"), True)
+    RUN_FAILED = ("run_failed", "the run ended without finishing (the error says why; lost_s and ettr as for "
+                  "run_finished)", ("steps", "error", "seconds", "failures", "recoveries", "lost_s", "ettr"), True)
 
     def __new__(cls, name: str, doc: str, fields: tuple[str, ...], shown: bool) -> "Event":
         obj = str.__new__(cls, name)

@@ -1,5 +1,6 @@
 """`elastic plot URI`: a PNG of a run's metric (loss by default) against the step, with the world
-size underneath and every failure and resize marked where it happened.
+size underneath, every failure and resize marked where it happened, each recovered failure labelled
+with what it cost, and the run's ETTR in the title.
 
 Reads URI/metrics.jsonl and the event log; events carry wall-clock times, so each is placed at the
 step rank 0 had committed when it happened. Needs matplotlib (`pip install 'elastic[plot]'`).
@@ -26,10 +27,11 @@ def step_at(times: list[float], steps: list[int], t: float) -> int:
 
 
 def marks(records: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict[str, list[tuple[int, Any]]]:
-    """{"failures": [(step, reason)], "resizes": [(step, world_size)]} placed by time."""
+    """{"failures": [(step, reason)], "resizes": [(step, world_size)], "costs": [(step, cost_s)]}
+    placed by time (a cost at the step where its failure was seen)."""
     pairs = sorted((float(r["time"]), int(r["step"])) for r in records if isinstance(r.get("time"), (int, float)))
     times, steps = [t for t, _ in pairs], [s for _, s in pairs]
-    out: dict[str, list[tuple[int, Any]]] = {"failures": [], "resizes": []}
+    out: dict[str, list[tuple[int, Any]]] = {"failures": [], "resizes": [], "costs": []}
     for ev in events:
         t = ev.get("time")
         if not isinstance(t, (int, float)):
@@ -38,7 +40,14 @@ def marks(records: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict[s
             out["failures"].append((step_at(times, steps, t), ev.get("reason")))
         elif ev.get("event") in _RESIZE and isinstance(ev.get("world_size"), int):
             out["resizes"].append((step_at(times, steps, t), ev["world_size"]))
+        if ev.get("event") == Event.RECOVERED.value and isinstance(cost := ev.get("cost_s"), (int, float)):
+            out["costs"].append((step_at(times, steps, t - cost), float(cost)))
     return out
+
+
+def ettr(events: list[dict[str, Any]]) -> float | None:
+    """The run's ETTR as its newest event that carries one says (None when none does)."""
+    return next((float(e["ettr"]) for e in reversed(events) if isinstance(e.get("ettr"), (int, float))), None)
 
 
 def plot(uri: str, out: str, metric: str = "loss") -> str:
@@ -70,9 +79,13 @@ def plot(uri: str, out: str, metric: str = "loss") -> str:
             a.axvline(step, color="tab:red", ls="--", lw=1, label="worker failed" if i == 0 and a is ax else None)
     for i, (step, _size) in enumerate(m["resizes"]):
         ax.axvline(step, color="tab:green", ls=":", lw=1.2, label="resumed / resized" if i == 0 else None)
+    for step, cost in m["costs"]:
+        ax.annotate(f"{cost:.2f}s", (step, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", fontsize=7, color="tab:red", rotation=90, va="top")
+    run_ettr = ettr(events)
     ax.set_ylabel(metric)
-    ax.set_title(f"{uri}: {metric} by step ({len(m['failures'])} failures, {len(m['resizes'])} recoveries/resizes)",
-                 fontsize=9)
+    ax.set_title(f"{uri}: {metric} by step ({len(m['failures'])} failures, {len(m['resizes'])} recoveries/resizes"
+                 + (f", ETTR {run_ettr:.3f}" if run_ettr is not None else "") + ")", fontsize=9)
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
     if world:
@@ -86,8 +99,9 @@ def plot(uri: str, out: str, metric: str = "loss") -> str:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    lost = f", their costs labelled, ETTR {run_ettr:.3f}" if run_ettr is not None else ""
     return (f"wrote {out}: {metric} over {len(points)} steps, {len(m['failures'])} failures and "
-            f"{len(m['resizes'])} recoveries/resizes marked")
+            f"{len(m['resizes'])} recoveries/resizes marked{lost}")
 
 
 def _world_sizes(records: list[dict[str, Any]], events: list[dict[str, Any]]) -> list[tuple[int, int]]:

@@ -711,3 +711,59 @@ def test_standbys_start_after_the_first_step_and_the_pool_grows_with_the_failure
     assert asked and asked[0][0] - built[0] < 1.0  # warm from the run's first step, not 10 s later
     assert asked[0][1] == 1 and max(n for _, n in asked) == 2, asked  # failures every ~1 s: the pool grows
     assert ctl.failures == 5
+
+
+def test_a_failure_costs_until_a_step_beyond_the_newest_before_it_and_overlaps_count_once_in_the_ettr():
+    g = FakeGroup(capacity=4, steps=30)
+    g.die_at = {1: 8, 2: 7}  # the replacement dies before the group is back at step 8: during the recovery
+    ctl, events, clock = make(g)
+    start = g.start
+
+    def from_step_5(assignments: dict, timeout_s: float) -> list[int]:
+        """Every rebuild restores step 5 (an older checkpoint): lost steps are trained again."""
+        if next(iter(assignments.values())).generation > 0:
+            g.global_step = 5
+        return start(assignments, timeout_s)
+
+    g.start = from_step_5
+    emit = events.emit
+    events.emit = lambda event, **f: emit(event, at=clock(), **f)
+    run_states(ctl)
+    failed = [e["at"] for e in events.events if e["event"] == "group_failed"]
+    recovered = [e for e in events.events if e["event"] == "recovered"]
+    assert ctl.failures == 2 and len(failed) == 2 and len(recovered) == 2
+    # Both are over only once the group completes step 9 (beyond step 8, the newest before either):
+    # not when it first steps past the state it restored (step 6, at once here).
+    assert [e["at"] for e in recovered] == pytest.approx([failed[1] + 0.3] * 2)
+    assert [e["cost_s"] for e in recovered] == pytest.approx([recovered[0]["at"] - t for t in failed])
+    assert [e["seconds"] for e in recovered] == [0.0, 0.0] and [e["lost_steps"] for e in recovered] == [3, 2]
+    # The time lost is the union of [failure, recovered]: the first failure's interval holds the second's.
+    end = recovered[0]["at"]
+    assert recovered[1]["ettr"] == pytest.approx(1 - (end - failed[0]) / (end - ctl._first_step_at), abs=1e-4)
+    assert recovered[1]["ettr"] > 1 - sum(e["cost_s"] for e in recovered) / (end - ctl._first_step_at) + 0.1
+    p = ctl.progress
+    assert p.failure_cost_s == [e["cost_s"] for e in recovered] and p.lost_s == pytest.approx(end - failed[0])
+    assert p.ettr == pytest.approx(1 - p.lost_s / (clock() - ctl._first_step_at)) and p.ettr > recovered[1]["ettr"]
+
+
+def test_progress_counts_the_ready_standbys_through_a_promotion():
+    from dataclasses import replace
+
+    from elastic.supervisor.policy import DefaultPolicy
+
+    g = StandbyGroup(capacity=2, steps=30)
+    g.die_at = {1: 8}
+    ctl, _, _ = make(g)
+    ctl.run = replace(ctl.run, policy=DefaultPolicy(standby_after_s=0.0))
+    ctl.policy = ctl.run.policy
+    seen: list[int] = []
+    absorb = ctl._absorb
+
+    def absorbing(polls: dict) -> None:
+        absorb(polls)
+        seen.append(ctl.progress.standbys)
+
+    ctl._absorb = absorbing
+    run_states(ctl)
+    # One per node once the group steps; one fewer while the promoted one's successor starts.
+    assert len(g.promoted) == 1 and 1 in seen and seen[seen.index(1) - 1] == 2 and seen[-1] == 2, seen

@@ -111,7 +111,9 @@ class SupervisorActor:
         exit_code = state.exit_code if isinstance(state, (Failed, Stopped)) else 0
         if not stopped:
             self.events.emit(Event.RUN_FINISHED if ok else Event.RUN_FAILED, steps=c.progress.step, error=error,
-                             seconds=round(time.time() - t0, 3), failures=c.failures, recoveries=len(c.recoveries))
+                             seconds=round(time.time() - t0, 3), failures=c.failures, recoveries=len(c.recoveries),
+                             lost_s=c.progress.lost_s,
+                             ettr=None if c.progress.ettr is None else round(c.progress.ettr, 4))
         self.events.close()
         self.metrics.close()
         try:
@@ -121,7 +123,7 @@ class SupervisorActor:
         return Result(ok=ok, exit_code=exit_code, error=error, metrics=dict(c.progress.metrics),
                       steps=c.progress.step, seconds=time.time() - t0, failures=c.failures,
                       recoveries=list(c.recoveries), checkpoint=checkpoint, uri=self.uri,
-                      events=list(self.events.events), stopped=stopped)
+                      events=list(self.events.events), stopped=stopped, ettr=c.progress.ettr, lost_s=c.progress.lost_s)
 
     def request_stop(self, signum: int) -> None:
         """The driver got SIGINT/SIGTERM: commit the newest state within stop_timeout_s, then end."""

@@ -170,7 +170,7 @@ class Controller:
         # during the restore slowed it by 1-2 s here), so that the next failure (often soon after
         # the first, on the same spot pool) still finds a warm one.
         if (self._first_step_at is not None and self.clock() - self._first_step_at >= self.policy.standby_after_s
-                and not self._incidents.open):
+                and not self._incidents.restoring):
             self._keep_standbys()
         self.sleep(self._failure.poll_interval_s)
         return state
@@ -540,20 +540,31 @@ class Controller:
         if self.members and (p := answers.get(self.members[0])) is not None and p.metrics:
             self.progress.metrics = p.metrics
             self.progress.loss = p.metrics.get("loss")
+        self.progress.standbys = len(self.group.standbys())
         if not steps:
+            self._account()
             return
         step = max(steps)
         if self._first_step_at is None and self._first_built_at is not None and step > self.progress.step:
             self._first_step_at = self.clock()
         self.progress.steps_per_s = self._rate.observe(step)
         closed = self._incidents.close_past(step, generation=self.generation, world_size=len(self.members))
+        self._account()
         for rec in closed:
+            rec["ettr"] = None if self.progress.ettr is None else round(self.progress.ettr, 4)
             self.recoveries.append(rec)
             self.events.emit(Event.RECOVERED if rec["failure"] else Event.RESIZED, **rec)
             if rec["failure"]:
                 self.consecutive_failures = 0
+                self.progress.failure_cost_s.append(rec["cost_s"])
         self.progress.recoveries = len(self.recoveries)
         self.progress.step = step if self._incidents.open or closed else max(self.progress.step, step)
+
+    def _account(self) -> None:
+        """The run's goodput so far, for progress: the time its failures cost and its ETTR."""
+        if self._first_step_at is not None:  # the time before the first step is start-up, not lost
+            self.progress.lost_s = round(self._incidents.lost_s(self._first_step_at), 4)
+            self.progress.ettr = self._incidents.ettr(self._first_step_at)
 
     def _forward_events(self, answers: dict[int, WorkerPoll]) -> None:
         """Workers' events go to the log with who sent them; a `restored` of this generation tells

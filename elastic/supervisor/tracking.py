@@ -1,5 +1,6 @@
-"""The supervisor's bookkeeping of a run: progress for the driver, the training rate, and the open
-incidents (a failure or a resize) until the group first steps past the state it restored.
+"""The supervisor's bookkeeping of a run: progress for the driver, the training rate, the open
+incidents (a failure or a resize) until the group steps beyond the newest step before them, and the
+run's goodput (what each failure cost, the ETTR so far).
 
 Each piece has one job; the controller feeds them what the workers answered.
 """
@@ -28,6 +29,16 @@ class Progress:
     failures: int = 0
     recoveries: int = 0
     started: float = field(default_factory=time.time)
+    ettr: float | None = None
+    """The effective training time ratio so far: the share of the wall time since the first step that
+    no failure cost (see Incidents.ettr); None before the first step."""
+    lost_s: float = 0.0
+    """Seconds the failures cost so far, overlapping ones counted once (the open ones up to now)."""
+    failure_cost_s: list[float] = field(default_factory=list)
+    """What each recovered failure cost, in order: seconds from the failure to a step beyond the
+    newest step before it."""
+    standbys: int = 0
+    """Standbys ready to replace a lost worker."""
 
 
 class StepRate:
@@ -58,21 +69,60 @@ class Incident:
     since: float
     step_before: int
     is_failure: bool
+    newest_before: int = 0
+    """The newest step the group had reached before it (an earlier incident's included): the group
+    has recovered once it completes a step beyond this one."""
     restored_step: int | None = None
     lost_steps: int = 0  # as the restoring ranks measured it (the supervisor's view lags a poll)
+    resumed_s: float | None = None
+    """Seconds from the incident to the group's first step past the state it restored."""
+
+
+def union_s(intervals: list[tuple[float, float]], *, since: float = float("-inf")) -> float:
+    """The time the intervals cover from `since` on, overlaps counted once."""
+    total, end = 0.0, since
+    for a, b in sorted(intervals):
+        a = max(a, end)
+        if b > a:
+            total, end = total + b - a, b
+    return total
 
 
 class Incidents:
     """Failures and resizes in progress. A failure during a recovery opens a second one; each is
-    closed, with its own record, when the group first steps past the state it restored."""
+    closed, with its own record, when the group completes a step beyond the newest step before it
+    (and past the state it restored). What the failures cost adds up to the run's ETTR."""
 
     def __init__(self, clock: Callable[[], float]):
         self._clock = clock
         self.open: list[Incident] = []
+        self._newest = 0
+        """The newest step the group has reached."""
+        self._lost: list[tuple[float, float]] = []
+        """[seen, recovered] of each closed failure."""
 
     def start(self, reason: str, *, is_failure: bool, step_before: int) -> None:
+        self._newest = max(self._newest, step_before)
         self.open.append(Incident(reason=reason, since=self._clock(), step_before=step_before,
-                                  is_failure=is_failure))
+                                  is_failure=is_failure, newest_before=self._newest))
+
+    @property
+    def restoring(self) -> bool:
+        """Whether an open incident's group has not yet stepped past the state it restored."""
+        return any(i.resumed_s is None for i in self.open)
+
+    def lost_s(self, since: float = float("-inf")) -> float:
+        """Seconds the failures cost from `since` on: the union of [seen, recovered] of each (an open
+        one up to now), so that a failure during another's recovery is not counted twice."""
+        now = self._clock()
+        return union_s(self._lost + [(i.since, now) for i in self.open if i.is_failure], since=since)
+
+    def ettr(self, first_step_at: float | None) -> float | None:
+        """The effective training time ratio since the first step: (wall - lost) / wall; None before it."""
+        if first_step_at is None:
+            return None
+        wall = self._clock() - first_step_at
+        return 1.0 if wall <= 0 else max(0.0, wall - self.lost_s(first_step_at)) / wall
 
     def restored(self, step: int, lost_steps: int) -> None:
         """A rank of the current generation restored `step`, having lost `lost_steps`."""
@@ -81,10 +131,17 @@ class Incidents:
             inc.lost_steps = max(inc.lost_steps, lost_steps)
 
     def close_past(self, step: int, *, generation: int, world_size: int) -> list[dict[str, Any]]:
-        """Close every incident whose group stepped past its restored state; their records."""
+        """The group completed `step`: close every incident it stepped beyond; their records
+        (`seconds`: to the first step past the restored state; `cost_s`: to this step)."""
         now = self._clock()
-        done = [i for i in self.open if i.restored_step is not None and step > i.restored_step]
+        for i in self.open:
+            if i.resumed_s is None and i.restored_step is not None and step > i.restored_step:
+                i.resumed_s = now - i.since
+        self._newest = max(self._newest, step)
+        done = [i for i in self.open if i.resumed_s is not None and step > max(i.newest_before, i.restored_step or 0)]
         self.open = [i for i in self.open if i not in done]
-        return [{"reason": i.reason, "seconds": round(now - i.since, 4),
+        self._lost += [(i.since, now) for i in done if i.is_failure]
+        return [{"reason": i.reason, "seconds": round(i.resumed_s or 0.0, 4),
                  "lost_steps": max(i.lost_steps, i.step_before - (i.restored_step or 0)),
-                 "generation": generation, "world_size": world_size, "failure": i.is_failure} for i in done]
+                 "generation": generation, "world_size": world_size, "failure": i.is_failure,
+                 "cost_s": round(now - i.since, 4)} for i in done]
