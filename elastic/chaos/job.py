@@ -6,7 +6,8 @@ suites, and a safe target for practising failures with `elastic chaos`:
 
 config: steps, lr, width, dropout, global_batch, step_sleep, strategy (ddp | fsdp), loader_workers (read
 batches through ctx.data_loader with this many worker processes instead of indexing), faults [{kind, step, rank}] (faults a
-rank inflicts on itself, see faults.py; at step REBUILD one fires as a rebuilt group restores),
+rank inflicts on itself, see faults.py; at step REBUILD one fires as a rebuilt group restores, at
+FIRST_STEP at the first step a rebuilt group takes),
 trips [step] (the first rank to reach each step creates `trip-step{s}` in marker_dir, for
 external faults to wait on), marker_dir.
 """
@@ -26,6 +27,8 @@ from elastic.chaos.faults import maybe_inject, parse_faults
 N_SAMPLES = 512
 REBUILD = -1
 """A fault planned at this step fires while a rebuilt group (generation > 0) restores its state."""
+FIRST_STEP = -2
+"""A fault planned at this step fires at the first step a rebuilt group (generation > 0) takes."""
 IN_DIM = 16
 
 
@@ -86,9 +89,13 @@ def train(config: dict) -> None:
         batches = iter(loader)
     trips = set(config.get("trips", []))
     step_sleep = config.get("step_sleep", 0.0)
+    first = ctx.generation > 0
     while state.step < config["steps"]:
         if state.step in trips:
             _trip(marker_dir, state.step)
+        if first:
+            first = False
+            maybe_inject(faults, step=FIRST_STEP, rank=ctx.rank, marker_dir=marker_dir)
         maybe_inject(faults, step=state.step, rank=ctx.rank, marker_dir=marker_dir)
         if batches is not None:
             xb, yb = next(batches)

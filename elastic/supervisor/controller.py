@@ -152,6 +152,7 @@ class Controller:
         if isinstance(d, Fail):
             return self._fail(d)
         if isinstance(d, Finish):
+            self._close_incidents(finished=True)
             return Finished()
         if isinstance(d, Restart):
             self.events.emit(Event.GROUP_FAILED, generation=self.generation, reason=d.reason,
@@ -548,7 +549,15 @@ class Controller:
         if self._first_step_at is None and self._first_built_at is not None and step > self.progress.step:
             self._first_step_at = self.clock()
         self.progress.steps_per_s = self._rate.observe(step)
-        closed = self._incidents.close_past(step, generation=self.generation, world_size=len(self.members))
+        closed = self._close_incidents(step)
+        self.progress.recoveries = len(self.recoveries)
+        self.progress.step = step if self._incidents.open or closed else max(self.progress.step, step)
+
+    def _close_incidents(self, step: int | None = None, *, finished: bool = False) -> list[dict[str, Any]]:
+        """Close the incidents the group has stepped beyond (all of them when the run finished) and
+        emit their records."""
+        closed = self._incidents.close_past(self.progress.step if step is None else step, generation=self.generation,
+                                            world_size=len(self.members), finished=finished)
         self._account()
         for rec in closed:
             rec["ettr"] = None if self.progress.ettr is None else round(self.progress.ettr, 4)
@@ -557,8 +566,7 @@ class Controller:
             if rec["failure"]:
                 self.consecutive_failures = 0
                 self.progress.failure_cost_s.append(rec["cost_s"])
-        self.progress.recoveries = len(self.recoveries)
-        self.progress.step = step if self._incidents.open or closed else max(self.progress.step, step)
+        return closed
 
     def _account(self) -> None:
         """The run's goodput so far, for progress: the time its failures cost and its ETTR."""

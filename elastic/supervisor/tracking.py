@@ -130,15 +130,18 @@ class Incidents:
             inc.restored_step = step
             inc.lost_steps = max(inc.lost_steps, lost_steps)
 
-    def close_past(self, step: int, *, generation: int, world_size: int) -> list[dict[str, Any]]:
-        """The group completed `step`: close every incident it stepped beyond; their records
-        (`seconds`: to the first step past the restored state; `cost_s`: to this step)."""
+    def close_past(self, step: int, *, generation: int, world_size: int,
+                   finished: bool = False) -> list[dict[str, Any]]:
+        """The group completed `step`: close every incident it stepped beyond (all of them once the
+        run `finished`: a failure at its last step has no step beyond); their records (`seconds`: to
+        the first step past the restored state; `cost_s`: to this step)."""
         now = self._clock()
         for i in self.open:
-            if i.resumed_s is None and i.restored_step is not None and step > i.restored_step:
+            if i.resumed_s is None and i.restored_step is not None and (step > i.restored_step or finished):
                 i.resumed_s = now - i.since
         self._newest = max(self._newest, step)
-        done = [i for i in self.open if i.resumed_s is not None and step > max(i.newest_before, i.restored_step or 0)]
+        done = [i for i in self.open if i.resumed_s is not None
+                and (finished or step > max(i.newest_before, i.restored_step or 0))]
         self.open = [i for i in self.open if i not in done]
         self._lost += [(i.since, now) for i in done if i.is_failure]
         return [{"reason": i.reason, "seconds": round(i.resumed_s or 0.0, 4),
