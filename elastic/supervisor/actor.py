@@ -28,7 +28,8 @@ from elastic.checkpoint import CheckpointStore
 from elastic.config import RunConfig
 from elastic.events import Event, EventLog
 from elastic.metrics import MetricsLog
-from elastic.lease import LeaseRecord, pid_alive
+from elastic.errors import LeaseLostError
+from elastic.lease import Lease, LeaseRecord, pid_alive
 from elastic.result import Result
 from elastic.retry import redact
 from elastic.supervisor.controller import Controller
@@ -81,6 +82,19 @@ class SupervisorActor:
         self._done = threading.Event()
         threading.Thread(target=self._keepalive, name="elastic-heartbeat", daemon=True).start()
 
+    def _fence(self) -> Callable[[], None] | None:
+        """Raises when this run no longer holds its location (checked before each deletion)."""
+        if self.owner is None:
+            return None
+        lease, token, owner = Lease(self.uri), self.owner.token, self.owner.owner
+
+        def fence() -> None:
+            reason = lease.check(token, owner)
+            if reason is not None:
+                raise LeaseLostError(reason)
+
+        return fence
+
     def run(self) -> Result:
         t0 = time.time()
         c = self.controller
@@ -89,7 +103,7 @@ class SupervisorActor:
             if self.owner is not None:
                 threading.Thread(target=self._watch_driver, name="elastic-driver-watch", daemon=True).start()
             store = CheckpointStore(self.uri)
-            removed = store.clean_partial()
+            removed = store.clean_partial(token=self.owner.token if self.owner else 0, fence=self._fence())
             latest = store.latest_verified()
             c.committed_step = latest.step if latest else -1
             c.storage_step = lambda: getattr(CheckpointStore(self.uri).latest_verified(), "step", -1)
