@@ -10,12 +10,25 @@ Arms (2 ranks, bench_common's job with a --hidden MLP, checkpoint every --every 
   torchrun       torchrun --max-restarts, fresh store per restart, synchronous torch.save
   elastic        elastic with its defaults (node standby), max_failures unlimited
   elastic+spare  the same with --spares 1
+  torchft        TorchFT (peers_torchft.run_torchft_arm): a lighthouse, one replica group per rank, each
+                 under torchrun --max-restarts; a restarted group heals from the live one
+  raytrain-torchft  the same TorchFT loop under Ray Train v2's TorchftConfig
+(an arm whose packages are missing is skipped, as in bench_peers)
 
 Per arm and schedule: ETTR (the arm's own failure-free time from first to last step divided by the
 same under the schedule), the cost of each failure (kill -> a completed step beyond the newest step
 before the kill; median, p90, max), steps lost, checkpoint fallbacks (elastic: a restore from a
 checkpoint; torchrun: every restart), and whether the final parameters equal the failure-free DDP
 run's.
+
+TorchFT arms: the victim is a replica group's worker process (torchrun / Ray Train restarts it).
+Their step rows are the job's progress, every step any replica group committed
+(peers_torchft.job_steps), not group 0's steps.log alone: the survivor trains on while group 0 is
+down. Their checkpoint fallbacks count the quorums in which a restarted group went on from ckpt.pt
+(or from scratch) because no live group was ahead of it, rather than healing from a live peer; the
+number of restarts is printed per run. With torchft 0.2's own DDP comm hook, a kill that lands while
+the survivor is in its gradient allreduce kills the survivor too (`assert fut._fut`, see
+peers_torchft); --torchft-patched-hook uses the hook that honours the failed allreduce instead.
 
 Quick:  python scripts/bench_churn.py --seeds 0 --gaps 8
 Full:   python scripts/bench_churn.py --seeds 0 1 2 --gaps 8 30
@@ -42,6 +55,7 @@ import bench_common as bc  # noqa: E402
 import bench_peers as bp  # noqa: E402
 
 WORLD = 2
+TORCHFT_ARMS = ("torchft", "raytrain-torchft")
 
 
 # -- the failure schedule ----------------------------------------------------------------------------
@@ -123,6 +137,8 @@ def run_arm(arm: str, root: str, args: argparse.Namespace, plan: list[tuple[floa
         if arm in ("ddp", "torchrun"):
             info = bp.run_torchrun(cfg, restarts=1000 if plan else 0, fresh_store=True, timeout=args.timeout)
             info["ok"] = info["rc"] == 0
+        elif arm in TORCHFT_ARMS:
+            info = run_torchft(arm, cfg, args.timeout, args.torchft_patched_hook)
         else:
             info, events = run_elastic(cfg, spares=1 if arm == "elastic+spare" else 0, timeout=args.timeout)
     finally:
@@ -130,14 +146,24 @@ def run_arm(arm: str, root: str, args: argparse.Namespace, plan: list[tuple[floa
         if killer.is_alive():
             killer.join(timeout=5)
     rows = bc.read_steps(run_dir)
+    if arm in TORCHFT_ARMS:  # the job's progress: steps committed by any replica group
+        import peers_torchft as pt
+
+        rows = pt.job_steps(run_dir, WORLD)
+        events = pt.read_heals(run_dir)
+        info["restarted"] = restarted(run_dir)
     out = {"arm": arm, "label": label, "run_dir": run_dir, **info, "t_launch": t_launch,
-           "steps": [(s, t, g) for s, t, g, _, _ in rows], "kills": killer.kills}
+           "steps": [(s, t, g) for s, t, g, _, _ in rows], "kills": killer.kills,
+           **({"heals": events} if arm in TORCHFT_ARMS else {})}
     out.update(analyze(rows, killer.kills, arm, events, args.steps))
     out["final"] = bp.final_params("elastic" if arm.startswith("elastic") else arm, run_dir, args.steps)
     costs = out["costs"]
     print(f"  {arm:14} {label:10} {out['done']}/{args.steps} steps in {out['train_s']:.1f}s; "
           f"{len(killer.kills)} kills; costs {', '.join(f'{c:.2f}' for c in costs) or '—'}; lost {out['lost']}; "
-          f"checkpoint fallbacks {out['fallbacks']}", flush=True)
+          f"checkpoint fallbacks {out['fallbacks']}"
+          + (f" (replica restarts {info['restarted']}; state at a restart's first quorum: {sources(events)})"
+             if arm in TORCHFT_ARMS else "")
+          + ("" if info.get("ok", True) else f"; FAILED {info.get('error') or info.get('rcs')}"), flush=True)
     return out
 
 
@@ -160,6 +186,50 @@ def run_elastic(cfg: dict, spares: int, timeout: float) -> tuple[dict, list[dict
              "summary": r.summary() if hasattr(r, "summary") else None}, list(r.events))
 
 
+def restarted(run_dir: str) -> int:
+    """Registered training processes with generation > 0: for the TorchFT arms, replica restarts."""
+    d = Path(run_dir) / "pids"
+    return sum(int(p.read_text().split()[1]) > 0 for p in d.glob("*")) if d.exists() else 0
+
+
+def sources(heals: list[dict]) -> str:
+    """'peer 3, checkpoint 5': where restarted replicas that reached a quorum got their state."""
+    n: dict[str, int] = {}
+    for e in heals:
+        n[e["source"]] = n.get(e["source"], 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in n.items()) or "—"
+
+
+def errors(by_group: dict) -> str:
+    """The distinct exception lines of the replica groups' logs, shortened."""
+    seen = dict.fromkeys(e.split(". ")[0][:90] for errs in by_group.values() for e in errs)
+    return " | ".join(seen) or "none"
+
+
+def run_torchft(arm: str, cfg: dict, timeout: float, patched_hook: bool = False) -> dict:
+    """One TorchFT run (peers_torchft) without a self-inflicted kill and with restarts enough for
+    any schedule; the pids come from bench_common.register_pid in its loop."""
+    import peers_torchft as pt
+
+    kw = dict(kill_step=None, steps=cfg["steps"], every=cfg["every"], ranks=WORLD, restarts=cfg["restarts"],
+              hidden=cfg["hidden"], patched_hook=patched_hook)
+    if arm == "torchft":
+        r = pt.run_torchft_arm(cfg["run_dir"], cfg["marker_dir"], timeout_s=timeout, **kw)
+        return {"ok": bool(r["final_model"]) and not r["timed_out"] and all(rc == 0 for rc in r["rcs"]),
+                "rcs": r["rcs"], "timed_out": r["timed_out"], "total_s": r["total_s"],
+                "restarts": r["restarts"], "errors": r["errors"]}
+    watchdog = threading.Timer(timeout, lambda: os.kill(os.getpid(), signal.SIGINT))
+    watchdog.start()
+    t0 = time.time()
+    try:
+        r = pt.run_raytrain_torchft_arm(cfg["run_dir"], cfg["marker_dir"], **kw)
+    except KeyboardInterrupt:
+        return {"ok": False, "error": f"timed out after {timeout:.0f}s", "timed_out": True, "total_s": time.time() - t0}
+    finally:
+        watchdog.cancel()
+    return {"ok": r["ok"], "error": r["error"], "total_s": r["total_s"], "restarts": r["restarts"]}
+
+
 def analyze(rows: list, kills: list[dict], arm: str, events: list[dict], steps: int) -> dict[str, Any]:
     done = max((s for s, *_ in rows), default=0)
     train_s = rows[-1][1] - rows[0][1] if len(rows) > 1 else float("nan")
@@ -180,6 +250,8 @@ def analyze(rows: list, kills: list[dict], arm: str, events: list[dict], steps: 
         fallbacks = len({e.get("generation") for e in events
                          if e.get("event") == "restored" and str(e.get("source", "")).startswith("checkpoint")
                          and e.get("generation", 0) > 0})
+    elif arm in TORCHFT_ARMS:  # events: peers_torchft.read_heals, one per restarted group process
+        fallbacks = len({e["quorum"] for e in events if e["source"] != "peer"})
     else:
         fallbacks = len({g for _, _, g, *_ in rows}) - 1
     return {"done": done, "finished": done >= steps, "train_s": train_s, "costs": costs, "lost": lost,
@@ -238,6 +310,14 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
     lines.append("failure-free first->last step: " + ", ".join(f"{a} {r['train_s']:.1f}s" for a, r in free.items()))
     lines.append("ETTR = failure-free time / time under the schedule (first to last step, same arm); cost = kill "
                  "-> a completed step beyond the newest step before it")
+    if any(r["arm"] in TORCHFT_ARMS for r in runs):
+        lines.append("torchft arms: steps = committed by any replica group; ckpt fallbacks = quorums in which a "
+                     "restarted group went on from ckpt.pt/scratch instead of healing from a live peer")
+        for r in runs:
+            if r["arm"] in TORCHFT_ARMS and r["label"] != "free":
+                lines.append(f"  {r['arm']} {r['label']}: {r.get('restarted', '?')} replica restarts; state at a "
+                             f"restart's first quorum: {sources(r.get('heals', []))}; ok {r.get('ok')}"
+                             + (f"; exceptions logged: {errors(r['errors'])}" if r.get("errors") else ""))
     return lines
 
 
@@ -255,13 +335,18 @@ def plot(runs: list[dict], path: Path) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--torchrun-worker", help=argparse.SUPPRESS)
-    ap.add_argument("--arms", nargs="+", default=["ddp", "torchrun", "elastic", "elastic+spare"])
+    ap.add_argument("--arms", nargs="+", default=["ddp", "torchrun", "torchft", "elastic", "elastic+spare",
+                                                  "raytrain-torchft"],
+                    choices=["ddp", "torchrun", "elastic", "elastic+spare", *TORCHFT_ARMS])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--gaps", nargs="+", type=float, default=[8.0, 30.0])
     ap.add_argument("--steps", type=int, default=12000)
     ap.add_argument("--every", type=int, default=20)
     ap.add_argument("--hidden", type=int, default=192, help="MLP width (192: about 200k parameters)")
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--torchft-patched-hook", action="store_true",
+                    help="TorchFT arms: peers_torchft's comm hook that honours a failed allreduce (torchft 0.2's "
+                         "own hook asserts, so a kill during the survivor's allreduce kills the survivor too)")
     ap.add_argument("--out-dir", default="bench_out")
     args = ap.parse_args()
     if args.torchrun_worker:
@@ -270,8 +355,11 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="bench_churn_")
     runs: list[dict] = []
     before = bc.machine_note()
-    torch_arms = [a for a in args.arms if a in ("ddp", "torchrun")]
-    ray_arms = [a for a in args.arms if a not in torch_arms]
+    arms, missing = bp.available_arms(args.arms)
+    for a, why in missing.items():
+        print(f"skipping {a}: {why}", flush=True)
+    torch_arms = [a for a in arms if a in ("ddp", "torchrun", "torchft")]
+    ray_arms = [a for a in arms if a not in torch_arms]
     free_s: dict[str, float] = {}
 
     def free(arm: str) -> None:

@@ -76,6 +76,7 @@ sys.path.insert(0, HERE)
 import bench_common as bc  # noqa: E402
 
 ATTEMPTS = "attempts-{}.log"
+HEALS = "heals.log"  # one line per restarted group: group restart source step-before step-after quorum time
 
 
 # -- the replica-group worker (one process per group, under torchrun) -------------------------------
@@ -109,8 +110,9 @@ def tf_loop(cfg: dict, *, group: int, n_groups: int, restart: int, t_start: floa
 
     torch.set_num_threads(1)
     run_dir = cfg["run_dir"]
+    bc.register_pid(run_dir, group, restart)  # what bench_churn's failure schedule picks victims from
     x, y = bc.make_data()
-    model = bc.make_model()
+    model = bc.make_model(cfg.get("hidden") or bc.HIDDEN)
     opt = bc.make_optimizer(model)
 
     def load_state_dict(sd: dict) -> None:
@@ -122,13 +124,22 @@ def tf_loop(cfg: dict, *, group: int, n_groups: int, restart: int, t_start: floa
 
     pg = ProcessGroupGloo(timeout=timedelta(seconds=cfg["pg_timeout_s"]))
     transport = PGTransport(pg, timeout=timedelta(seconds=cfg["transport_timeout_s"]), device=torch.device("cpu"))
+    peer_heals: list[float] = []  # the manager fetches a live peer's state only when it heals this group
+    _recv = transport.recv_checkpoint
+
+    def recv_checkpoint(*a: Any, **k: Any) -> Any:
+        peer_heals.append(time.time())
+        return _recv(*a, **k)
+
+    transport.recv_checkpoint = recv_checkpoint  # type: ignore[method-assign]
     manager = Manager(pg=pg, min_replica_size=cfg["min_replicas"], load_state_dict=load_state_dict,
                       state_dict=state_dict, replica_id=f"tf_{group}", rank=0, world_size=1, timeout=timedelta(seconds=cfg["timeout_s"]),
                       checkpoint_transport=transport, use_async_quorum=False,
                       init_sync=False)  # every group builds the same seeded model: nothing to sync at step 0
     t_setup = time.time()
     ckpt = os.path.join(run_dir, "ckpt.pt")
-    if os.path.exists(ckpt):  # cold-restart path; a live peer further ahead heals us anyway
+    from_ckpt = os.path.exists(ckpt)
+    if from_ckpt:  # cold-restart path; a live peer further ahead heals us anyway
         sd = torch.load(ckpt)
         load_state_dict(sd["user"])
         manager.load_state_dict(sd["torchft"])
@@ -156,8 +167,13 @@ def tf_loop(cfg: dict, *, group: int, n_groups: int, restart: int, t_start: floa
         step = manager.current_step()
         if cfg["kill_phase"] == "step":
             maybe_inject(faults, step=step, rank=group, marker_dir=cfg["marker_dir"])
+        before = manager.current_step()
         manager.start_quorum()  # synchronous (use_async_quorum=False): heals this group if it is behind
         step = manager.current_step()
+        if first and restart > 0:  # where a restarted group's state came from (HEALS, read_heals)
+            source = "peer" if peer_heals else ("checkpoint" if from_ckpt else "scratch")
+            with open(os.path.join(run_dir, HEALS), "a") as f:
+                f.write(f"{group} {restart} {source} {before} {step} {manager._quorum_id} {time.time():.6f}\n")
         if step >= cfg["steps"]:
             break
         rank, world = manager.participating_rank(), manager.num_participants()
@@ -272,9 +288,37 @@ def read_attempts(run_dir: str | os.PathLike, group: int) -> list[tuple[int, flo
     return out
 
 
+def read_heals(run_dir: str | os.PathLike) -> list[dict]:
+    """Per restarted group process, where its state came from in its first quorum: "peer" (healed
+    from a live replica group by torchft's checkpoint transport), "checkpoint" (no live group was
+    ahead: it went on from ckpt.pt) or "scratch" (no checkpoint yet)."""
+    p = Path(run_dir, HEALS)
+    out = []
+    for line in p.read_text().splitlines() if p.exists() else []:
+        f = line.split()
+        if len(f) == 7:
+            out.append({"group": int(f[0]), "restart": int(f[1]), "source": f[2], "step_before": int(f[3]),
+                        "step": int(f[4]), "quorum": int(f[5]), "time": float(f[6])})
+    return out
+
+
+def job_steps(run_dir: str | os.PathLike, groups: int) -> list[tuple[int, float, int, float, float]]:
+    """The job's progress as bench_common.read_steps rows (step, time, quorum id, 0, 0): every step
+    any replica group committed, once per (step, quorum) at its earliest time. Unlike group 0's
+    steps.log, it goes on while group 0 is down and the survivor trains alone."""
+    seen: dict[tuple[int, int], float] = {}
+    for g in range(groups):
+        for step, t, q, _world, committed, _restart in read_attempts(run_dir, g):
+            if committed:
+                key = (step + 1, q)
+                seen[key] = min(t, seen.get(key, t))
+    return sorted(((s, t, q, 0.0, 0.0) for (s, q), t in seen.items()), key=lambda r: (r[1], r[0]))
+
+
 def run_torchft_arm(run_dir: str, marker_dir: str, *, kill_step: int | None, steps: int, every: int,
                     ranks: int = 2, timeout_s: float = 180.0, min_replicas: int = 1, heartbeat_ms: int = 5000,
-                    kill_phase: str = "step", patched_hook: bool = False, restarts: int = 3) -> dict:
+                    kill_phase: str = "step", patched_hook: bool = False, restarts: int = 3,
+                    hidden: int | None = None) -> dict:
     """One TorchFT run: a lighthouse plus `ranks` replica groups, each under its own torchrun.
 
     kill_step None runs failure-free. Returns analyze_run's RunAnalysis ("analysis"), the path of
@@ -285,7 +329,7 @@ def run_torchft_arm(run_dir: str, marker_dir: str, *, kill_step: int | None, ste
     cfg = {"steps": steps, "every": every, "run_dir": run_dir, "marker_dir": marker_dir,
            "faults": [] if kill_step is None else [{"kind": "sigkill", "step": kill_step, "rank": 1}],
            "kill_phase": kill_phase, "patched_hook": patched_hook, "min_replicas": min_replicas,
-           "pg_timeout_s": 5.0, "transport_timeout_s": 10.0, "timeout_s": 30.0}
+           "pg_timeout_s": 5.0, "transport_timeout_s": 10.0, "timeout_s": 30.0, "hidden": hidden}
     cfg_path = os.path.join(run_dir, "cfg.json")
     Path(cfg_path).write_text(json.dumps(cfg))
     lh_port = _free_port()
@@ -343,11 +387,13 @@ def run_torchft_arm(run_dir: str, marker_dir: str, *, kill_step: int | None, ste
     return {"analysis": a, "final_model": final if os.path.exists(final) else None, "healed": healed,
             "rcs": rcs, "timed_out": timed_out, "total_s": total, "kills": kills,
             "restarts": {g: sorted({r[5] for r in read_attempts(run_dir, g)}) for g in range(ranks)},
+            "heals": read_heals(run_dir),
             "errors": {g: _exceptions(Path(run_dir, f"group{g}.log")) for g in range(ranks)}}
 
 
 def run_raytrain_torchft_arm(run_dir: str, marker_dir: str, *, kill_step: int | None, steps: int, every: int,
-                             ranks: int = 2, min_replicas: int = 1, heartbeat_ms: int = 5000, restarts: int = 3) -> dict:
+                             ranks: int = 2, min_replicas: int = 1, heartbeat_ms: int = 5000, restarts: int = 3,
+                             hidden: int | None = None, patched_hook: bool = False) -> dict:
     """One TorchFT run under Ray Train v2's TorchftConfig: Ray Train starts the lighthouse (an actor),
     one worker per replica group, and on a failure restarts only the failed group, which heals from
     the live one. Same loop and fault as run_torchft_arm. Needs a running (or local) Ray."""
@@ -359,8 +405,8 @@ def run_raytrain_torchft_arm(run_dir: str, marker_dir: str, *, kill_step: int | 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     cfg = {"steps": steps, "every": every, "run_dir": run_dir, "marker_dir": marker_dir,
            "faults": [] if kill_step is None else [{"kind": "sigkill", "step": kill_step, "rank": 1}],
-           "kill_phase": "step", "patched_hook": False, "min_replicas": min_replicas,
-           "pg_timeout_s": 5.0, "transport_timeout_s": 10.0, "timeout_s": 30.0}
+           "kill_phase": "step", "patched_hook": patched_hook, "min_replicas": min_replicas,
+           "pg_timeout_s": 5.0, "transport_timeout_s": 10.0, "timeout_s": 30.0, "hidden": hidden}
     cloudpickle.register_pickle_by_value(bc)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     t0 = time.time()
@@ -381,7 +427,8 @@ def run_raytrain_torchft_arm(run_dir: str, marker_dir: str, *, kill_step: int | 
     final = os.path.join(run_dir, "final.pt")
     return {"ok": ok and os.path.exists(final), "error": err, "total_s": total,
             "final_model": final if os.path.exists(final) else None,
-            "restarts": {g: sorted({r[5] for r in read_attempts(run_dir, g)}) for g in range(ranks)}}
+            "restarts": {g: sorted({r[5] for r in read_attempts(run_dir, g)}) for g in range(ranks)},
+            "heals": read_heals(run_dir)}
 
 
 def _equal(a: str | None, b: str | None) -> tuple[bool | None, float | None]:
