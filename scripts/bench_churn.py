@@ -91,11 +91,19 @@ def live_ranks(run_dir: str) -> list[tuple[int, int, int]]:
 
 
 class Killer(threading.Thread):
-    """Waits for the arm's first step, then SIGKILLs a live rank at each scheduled time."""
+    """Waits for the arm's first step, then faults a live rank at each scheduled time.
 
-    def __init__(self, run_dir: str, plan: list[tuple[float, float]], sig: int = signal.SIGKILL):
+    fault: "kill" (SIGKILL), "term" (SIGTERM, a preemption notice, then SIGKILL after `grace` s if
+    the process is still there). aim: a share of the faults (drawn from the schedule's own random
+    numbers, so the same for every arm) is moved to `aim_after` s after the previous fault, i.e.
+    into the recovery that fault started (a kill of a rank that was just promoted, rebuilt or
+    restored)."""
+
+    def __init__(self, run_dir: str, plan: list[tuple[float, float]], *, fault: str = "kill", grace: float = 5.0,
+                 aim: float = 0.0, aim_after: float = 0.4):
         super().__init__(daemon=True)
-        self.run_dir, self.plan, self.sig = run_dir, plan, sig
+        self.run_dir, self.fault, self.grace = run_dir, fault, grace
+        self.plan = aimed(plan, aim, aim_after)
         self.stop = threading.Event()
         self.kills: list[dict[str, Any]] = []
         self.t0: float | None = None
@@ -116,10 +124,31 @@ class Killer(threading.Thread):
                 continue
             rank, _, pid = live[min(len(live) - 1, int(u * len(live)))]
             try:
-                os.kill(pid, self.sig)
+                os.kill(pid, signal.SIGTERM if self.fault == "term" else signal.SIGKILL)
             except ProcessLookupError:
                 continue
-            self.kills.append({"at": at, "time": time.time(), "rank": rank, "pid": pid})
+            if self.fault == "term":
+                threading.Timer(self.grace, _kill_quietly, args=(pid,)).start()
+            self.kills.append({"at": at, "time": time.time(), "rank": rank, "pid": pid, "fault": self.fault})
+
+
+def aimed(plan: list[tuple[float, float]], share: float, after: float) -> list[tuple[float, float]]:
+    """Move `share` of the faults (those whose draw u falls below it, rescaled) to `after` seconds
+    past the previous one: faults aimed at a recovery in progress."""
+    out: list[tuple[float, float]] = []
+    for at, u in plan:
+        if out and u < share:
+            out.append((out[-1][0] + after, u / share))
+        else:
+            out.append((at, u))
+    return out
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -128,7 +157,7 @@ def run_arm(arm: str, root: str, args: argparse.Namespace, plan: list[tuple[floa
     run_dir = tempfile.mkdtemp(prefix=f"{arm}_{label}_", dir=root)
     cfg = {"steps": args.steps, "every": args.every, "run_dir": run_dir, "hidden": args.hidden,
            "marker_dir": os.path.join(run_dir, "markers"), "restarts": 1000, "faults": []}
-    killer = Killer(run_dir, plan or [])
+    killer = Killer(run_dir, plan or [], fault=args.fault, grace=args.grace, aim=args.aim)
     if plan:
         killer.start()
     t_launch = time.time()
@@ -272,10 +301,17 @@ def fmt(x: float | None, f: str = "{:.2f}") -> str:
 
 def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
     lines = []
-    free = {r["arm"]: r for r in runs if r["label"] == "free"}
+    free: dict[str, dict] = {}
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        fr = [r for r in runs if r["arm"] == arm and r["label"] == "free" and r["finished"]]
+        if fr:  # the median of the arm's failure-free runs (one before and one after the schedules)
+            free[arm] = {**fr[0], "train_s": statistics.median(r["train_s"] for r in fr), "finished": True}
     baseline = free.get("ddp", {}).get("final")
+    what = {"kill": "SIGKILL", "term": f"SIGTERM (SIGKILL {args.grace:g} s later if still there)"}[args.fault]
     lines.append(f"Churn: {WORLD} ranks, MLP hidden={args.hidden}, {args.steps} steps, checkpoint every "
-                 f"{args.every}; SIGKILL of a random live rank at exponential gaps (seeded, same for every arm)")
+                 f"{args.every}; {what} of a random live rank at exponential gaps (seeded, same for every arm)"
+                 + (f"; {args.aim:.0%} of them aimed {0.4:g} s after the previous one (into its recovery)"
+                    if args.aim else ""))
     header = ["arm", "gap s", "seed", "kills", "ETTR", "÷ torchrun", "cost median", "p90", "max", "lost",
               "ckpt fallbacks", "= DDP"]
     rows = []
@@ -347,6 +383,11 @@ def main() -> None:
     ap.add_argument("--torchft-patched-hook", action="store_true",
                     help="TorchFT arms: peers_torchft's comm hook that honours a failed allreduce (torchft 0.2's "
                          "own hook asserts, so a kill during the survivor's allreduce kills the survivor too)")
+    ap.add_argument("--fault", choices=["kill", "term"], default="kill",
+                    help="kill: SIGKILL; term: SIGTERM (a preemption notice), SIGKILL after --grace s")
+    ap.add_argument("--grace", type=float, default=5.0)
+    ap.add_argument("--aim", type=float, default=0.0,
+                    help="share of the faults moved to 0.4 s after the previous one (into its recovery)")
     ap.add_argument("--out-dir", default="bench_out")
     args = ap.parse_args()
     if args.torchrun_worker:
@@ -358,37 +399,31 @@ def main() -> None:
     arms, missing = bp.available_arms(args.arms)
     for a, why in missing.items():
         print(f"skipping {a}: {why}", flush=True)
-    torch_arms = [a for a in arms if a in ("ddp", "torchrun", "torchft")]
-    ray_arms = [a for a in arms if a not in torch_arms]
-    free_s: dict[str, float] = {}
-
-    def free(arm: str) -> None:
-        r = run_arm(arm, root, args, None, "free")
-        runs.append(r)
-        free_s[arm] = r["train_s"]
-
-    def faulted(arm: str) -> None:
-        horizon = 4 * free_s.get(arm, 60.0) + 60
-        for gap in args.gaps:
-            for seed in args.seeds:
-                r = run_arm(arm, root, args, schedule(seed, gap, horizon), f"g{gap:g}s{seed}")
-                r.update(gap=gap, seed=seed)
-                runs.append(r)
-
-    for arm in torch_arms:
-        free(arm)
-        if arm != "ddp":
-            faulted(arm)
-    if ray_arms:
+    needs_ray = any(a not in ("ddp", "torchrun", "torchft") for a in arms)
+    if needs_ray:
         import ray
 
         ray.init(num_cpus=WORLD + 2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-        try:
-            for arm in ray_arms:
-                free(arm)
-                faulted(arm)
-        finally:
+    # Arms alternate within each schedule, and each arm's failure-free run is taken before and after
+    # all schedules (its median is the ETTR's numerator): drift on a shared machine hits every arm alike.
+    try:
+        for arm in arms:
+            runs.append(run_arm(arm, root, args, None, "free"))
+        horizon = 4 * max(r["train_s"] for r in runs if r["finished"]) + 60
+        for gap in args.gaps:
+            for seed in args.seeds:
+                print(f"schedule: gap {gap:g} s, seed {seed}", flush=True)
+                for arm in arms:
+                    if arm == "ddp":
+                        continue
+                    r = run_arm(arm, root, args, schedule(seed, gap, horizon), f"g{gap:g}s{seed}")
+                    r.update(gap=gap, seed=seed)
+                    runs.append(r)
+        for arm in arms:
+            runs.append(run_arm(arm, root, args, None, "free"))
+    finally:
+        if needs_ray:
             ray.shutdown()
     lines = report(runs, args)
     print("\n" + "\n".join(lines))
