@@ -11,6 +11,7 @@ import ctypes
 import enum
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,17 +64,23 @@ def maybe_inject(faults: Iterable[Fault], *, step: int, rank: int, marker_dir: s
 
 
 def claim(marker_dir: str | os.PathLike, name: str, detail: str = "") -> bool:
-    """Create the marker `name` (O_EXCL): True for the one caller that created it, in any process.
+    """Create the marker `name`: True for the one caller that created it, in any process.
 
     The marker holds "PID TIME DETAIL": the chaos suite reads TIME to find what followed the fault.
+    It appears with its record or not at all (written aside, then linked: link fails if the name
+    exists): a process stopped between creating and writing it (a hang holding the GIL, a kill)
+    must not leave an empty marker behind.
     """
     Path(marker_dir).mkdir(parents=True, exist_ok=True)
+    tmp = os.path.join(marker_dir, f".{name}.{os.getpid()}.{threading.get_ident()}")
+    with open(tmp, "wb") as f:
+        f.write(f"{os.getpid()} {time.time()} {detail}".strip().encode() + b"\n")
     try:
-        fd = os.open(os.path.join(marker_dir, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.link(tmp, os.path.join(marker_dir, name))
     except FileExistsError:
         return False
-    os.write(fd, f"{os.getpid()} {time.time()} {detail}".strip().encode() + b"\n")
-    os.close(fd)
+    finally:
+        os.unlink(tmp)
     return True
 
 
