@@ -57,6 +57,7 @@ class Job:
     trips: list[int] = field(default_factory=list)
     max_failures: int = 5
     spares: int = 0
+    standby_per_node: int = 1
     collective_timeout_s: float = 5.0
     poll_timeout_s: float = 2.0
     placement_timeout_s: float = 30.0
@@ -88,7 +89,8 @@ class Job:
         return elastic.ElasticTrainer(
             chaos_job.train, train_loop_config=self.config(),
             scaling=elastic.ScalingConfig(min_workers=self.min_workers or self.workers, max_workers=self.workers,
-                                          spares=self.spares, placement_timeout_s=self.placement_timeout_s),
+                                          spares=self.spares, standby_per_node=self.standby_per_node,
+                                          placement_timeout_s=self.placement_timeout_s),
             checkpoint=elastic.CheckpointConfig(uri=self.uri, every_n_steps=self.every_n, keep_last=self.keep_last),
             failure=elastic.FailureConfig(max_failures=self.max_failures, collective_timeout_s=self.collective_timeout_s,
                                           poll_timeout_s=self.poll_timeout_s))
@@ -112,7 +114,8 @@ class Job:
 class Trigger:
     """When an external fault acts: `trip` (the job reached step `value`), `commit` (a checkpoint
     at step >= value committed), `time` (`value` s after the first group was built), `after` (an
-    event named in `value` appeared after the previous fault)."""
+    event named in `value` appeared after the previous fault), `standby` (an idle standby is ready,
+    and the job reached step `value` when not None)."""
 
     kind: str
     value: Any
@@ -128,6 +131,8 @@ class Action:
     """corrupt_shard: the committed step (default: the newest)."""
     num_cpus: int = 1
     """node_add: CPUs of the new node."""
+    standby: bool = False
+    """Signal kinds: hit an idle standby (ready, in no group) instead of a rank."""
 
 
 class Chaos(threading.Thread):
@@ -164,6 +169,10 @@ class Chaos(threading.Thread):
             if not built:
                 return False
             return not self.stop.wait(max(0.0, built[0]["time"] + t.value - time.time()))
+        if t.kind == "standby":
+            if t.value is not None and not self._trigger(Trigger("trip", t.value), since):
+                return False
+            return bool(self._wait(lambda: idle_standbys(self._events())))
         if t.kind == "after":
             names = (t.value,) if isinstance(t.value, str) else tuple(t.value)
             return bool(self._wait(lambda: any(e["event"] in names and e["time"] > since for e in self._events())))
@@ -178,7 +187,13 @@ class Chaos(threading.Thread):
                     return
                 target = Target(cluster=self.cluster, driver=self.driver, num_cpus=a.num_cpus, uri=self.job.uri)
                 rank = None
-                if a.kind.targets_worker or a.kind is ExternalKind.NODE_REMOVE:
+                if a.standby:
+                    idle = self._wait(lambda: idle_standbys(self._events())) or []
+                    if not idle:
+                        self.error = f"action {i} ({a.kind.value}): no idle standby"
+                        return
+                    target.pid = idle[0].pid
+                elif a.kind.targets_worker or a.kind is ExternalKind.NODE_REMOVE:
                     members = self._wait(lambda: live_members(self._events())[1]) or []
                     pick = [m for m in members if m["rank"] == a.rank] or members
                     if not pick:
@@ -197,6 +212,13 @@ class Chaos(threading.Thread):
                     since = t
         except Exception as exc:  # noqa: BLE001 - reported by check()
             self.error = f"{type(exc).__name__}: {exc}"
+
+
+def idle_standbys(events: list[dict]) -> list[procs.Proc]:
+    """Worker processes (below this one) that are ready and in no group: standbys whose watch is
+    outstanding (a process still starting is titled `ray::WorkerActor.__init__`)."""
+    members = {m["pid"] for e in events if e["event"] == "group_built" for m in e["members"]}
+    return [p for p in procs.actor_processes("WorkerActor") if p.pid not in members and p.title.endswith(".watch")]
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -372,6 +394,40 @@ def check(out: Outcome, ref: dict | None, *, exact: bool, expect_markers: int, e
     print(f"run {out.seconds:.1f}s, recoveries {[(e['reason'], e['seconds'], e['lost_steps']) for e in recs]}")
     return {"diff": diff, "recovery_s": [e["seconds"] for e in recs],
             "lost": max([e["lost_steps"] for e in recs], default=0), "ok": not expect_failed}
+
+
+COLD_START_S = 6.0
+"""A replacement's cold start on a loaded 2-core machine (a Ray worker process and a torch import,
+measured 2.5-3 s), with room to spare."""
+
+
+def churn_bound_s(job: Job, liveness_interval_s: float = 1.0) -> float:
+    """The longest a recovery (or any wait between two events) may take under churn: the
+    failure-detection bound (liveness interval + poll timeout) plus one cold start."""
+    return liveness_interval_s + job.poll_timeout_s + COLD_START_S
+
+
+def check_churn(events: list[dict], *, bound_s: float) -> dict:
+    """What a run under churn must also satisfy, with at most one rank lost at a time (a survivor
+    always holds the newest state): no restore from a checkpoint after the first generation, every
+    recovery within `bound_s`, and no gap between consecutive events longer than `bound_s` (no wait
+    past the failure-detection bound plus one cold start)."""
+    ckpt = [e for e in events if e["event"] == "restored" and e["generation"] > 0
+            and str(e["source"]).startswith("checkpoint")]
+    assert not ckpt, f"restored from a checkpoint while a survivor held the newest state: {ckpt}"
+    lost = [e for e in events if e["event"] == "restored" and e["generation"] > 0 and e.get("lost_steps")]
+    assert not lost, f"steps lost although a survivor held them: {lost}"
+    slow = [(e["generation"], e["reason"], e["seconds"]) for e in events
+            if e["event"] in ("recovered", "resized") and e["seconds"] > bound_s]
+    assert not slow, f"recoveries longer than {bound_s:g}s: {slow}"
+    # From the first group on: the run's own start-up (Ray starting its first workers) is no wait.
+    first = next(i for i, e in enumerate(events) if e["event"] == "group_built")
+    later = events[first:]
+    gaps = [(round(b["time"] - a["time"], 2), a["event"], b["event"]) for a, b in zip(later, later[1:])
+            if b["time"] - a["time"] > bound_s]
+    assert not gaps, f"waits longer than {bound_s:g}s between events: {gaps}"
+    return {"generations": max(e["generation"] for e in events if e["event"] == "group_built"),
+            "recovery_s": [e["seconds"] for e in events if e["event"] in ("recovered", "resized")]}
 
 
 def check_survivors(events: list[dict]) -> None:

@@ -24,6 +24,11 @@ from chaos_tests import harness
 from chaos_tests.schedules import KINDS, SUPPORTED, Schedule, draw
 
 
+CHURN_BOUNDED = ("sigkill", "segfault")
+"""Kinds whose churn runs must also pass harness.check_churn (a death is seen at once; a frozen or
+hung rank costs the collective timeout by design)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m chaos_tests.matrix")
     p.add_argument("--kinds", default=",".join(KINDS))
@@ -95,6 +100,8 @@ def _one(kind: str, sched: Schedule, workers: int, seed: int, root: Path, row: d
         finished = out.raised is None and (out.result is None or out.result.ok)
         row["finished"] += finished
         figures = harness.check(out, ref, exact=plan.exact, expect_markers=plan.n_faults, corrupted=plan.corrupted)
+        if sched is Schedule.CHURN and kind in CHURN_BOUNDED:
+            harness.check_churn(out.events, bound_s=harness.churn_bound_s(job))
         row["equal"] += 1
         row["rec"] += figures["recovery_s"]
         row["lost"] = max(row["lost"], figures["lost"])

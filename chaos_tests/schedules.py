@@ -3,7 +3,7 @@
 The same arguments always give the same plan. Schedules: at a step, at a random time, during a
 checkpoint write (the write slowed by a storage latency rule so that it is in flight), during a
 group rebuild (a rank of the rebuilt group killed as it restores), several at once, cascading (one
-fault after another as each recovery completes).
+fault after another as each recovery completes), churn (three faults seconds apart, on random ranks).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from chaos_tests.harness import Action, Job, Trigger
 from elastic.chaos.external import ExternalKind
 from elastic.chaos.faults import FaultKind
-from elastic.chaos.job import REBUILD
+from elastic.chaos.job import FIRST_STEP, REBUILD
 from elastic.chaos.storage import StorageRule
 
 
@@ -26,6 +26,7 @@ class Schedule(str, enum.Enum):
     DURING_REBUILD = "during_rebuild"
     SEVERAL = "several"
     CASCADE = "cascade"
+    CHURN = "churn"
 
 
 IN_PROCESS = [k.value for k in FaultKind]
@@ -34,6 +35,10 @@ KINDS = IN_PROCESS + EXTERNAL
 # A signal a rank can receive from outside too: at a random time it comes from outside.
 AS_SIGNAL = {"sigkill": ExternalKind.KILL, "segfault": ExternalKind.SEGV, "sigterm": ExternalKind.SIGTERM,
              "freeze": ExternalKind.STOP}
+
+
+CHURN_GAP = 50
+"""Steps between two faults of the churn schedule."""
 
 
 @dataclass
@@ -58,8 +63,8 @@ class Plan:
         return len(self.faults) + len(self.actions) + len(self.storage)
 
     def describe(self) -> str:
-        parts = [f"{f['kind']}@{'rebuild' if f['step'] == REBUILD else 'step' + str(f['step'])}/rank{f['rank']}"
-                 for f in self.faults]
+        at = {REBUILD: "rebuild", FIRST_STEP: "first_step"}
+        parts = [f"{f['kind']}@{at.get(f['step'], 'step' + str(f['step']))}/rank{f['rank']}" for f in self.faults]
         parts += [f"{a.kind.value}@{a.trigger.kind}:{a.trigger.value}" + (f"/rank{a.rank}" if a.rank is not None else "")
                   for a in self.actions]
         parts += [f"storage:{s['kind']}:{s['op']}:{s['path']}" for s in self.storage]
@@ -169,3 +174,9 @@ def _in_process(p: Plan, rng: random.Random, schedule: Schedule, step: int, rank
         p.faults = [{"kind": kind, "step": step, "rank": r} for r in ranks]
     elif schedule is Schedule.CASCADE:
         p.faults = [{"kind": kind, "step": step + i, "rank": (rank + i) % w} for i in range(3)]
+    elif schedule is Schedule.CHURN:
+        # Three faults seconds apart (CHURN_GAP steps of >= 30 ms), each on a random rank: the next
+        # one often finds a standby just promoted, or its successor still starting.
+        first = rng.randrange(10, 30)
+        p.job_kw = {"steps": first + 3 * CHURN_GAP, "step_sleep": 0.03}
+        p.faults = [{"kind": kind, "step": first + i * CHURN_GAP, "rank": rng.randrange(w)} for i in range(3)]
