@@ -87,7 +87,7 @@ def rank_main(slot: int, sc: Scenario, cmds: Any, results: Any, run_dir: str) ->
     from elastic.config import CheckpointConfig, FailureConfig, RunConfig
     from elastic.worker.generation import Generation, PauseRequested, Services
     from elastic.worker.groups import connect
-    from elastic.worker.protocol import Assignment
+    from elastic.protocol import Assignment
 
     device = sc.device_of(slot)
     if device.startswith("cuda"):

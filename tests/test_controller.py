@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from elastic.config import FailureConfig, RunConfig, ScalingConfig
+from elastic.protocol import WorkerInfo, WorkerPoll
 from elastic.supervisor import policy
 from elastic.supervisor.controller import Controller
 from elastic.supervisor.simulated import ManualClock
 from elastic.supervisor.states import StateType
-from elastic.worker.protocol import WorkerInfo, WorkerPoll
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -546,7 +546,7 @@ def test_a_failing_run_takes_in_the_other_ranks_last_events_first():
     """The answer that decides a failure (rank 1: the final checkpoint was not committed) can come
     before the one carrying another rank's event about it (rank 0, the coordinator, emitted
     checkpoint_failed just before failing too): the run ends only once it has both."""
-    from elastic.worker.protocol import FailureKind, WorkerError
+    from elastic.protocol import FailureKind, WorkerError
 
     g = FakeGroup(capacity=2, steps=50)
     ctl, events, _ = make(g)
@@ -578,7 +578,7 @@ def test_the_same_user_error_on_every_rank_in_two_generations_ends_the_run_at_on
     """A deterministic bug (an optimizer built before FSDP2 sharding: `KeyError: 0` on every rank at
     the first commit) used to burn the whole failure budget. Every generation's ranks fail at the
     same step here: the second such generation ends the run, naming the user's frame in one line."""
-    from elastic.worker.protocol import ErrorSignature, FailureKind, WorkerError
+    from elastic.protocol import ErrorSignature, FailureKind, WorkerError
 
     g = FakeGroup(capacity=4, steps=50)
     ctl, events, _ = make(g, max_failures=10)

@@ -6,8 +6,8 @@ import pytest
 import torch.distributed as dist
 
 from elastic.errors import CheckpointMismatchError, ConfigError, WorkerGroupError
+from elastic.protocol import FailureKind
 from elastic.worker.failures import GROUP_FAILURE_TEXT, classify, matches_group_failure_text
-from elastic.worker.protocol import FailureKind
 
 pytestmark = pytest.mark.timeout(30)
 

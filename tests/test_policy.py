@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 
 from elastic.config import FailureConfig, RunConfig, ScalingConfig
+from elastic.protocol import ErrorSignature, FailureKind, PollFailure, WorkerError, WorkerPoll
 from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Remove, Resize, Restart, Retry,
                                           WaitForWorkers)
 from elastic.supervisor.policy import (DefaultPolicy, MembershipView, QuiesceView, RunningView, StartView,
                                        classify, shared_error)
-from elastic.worker.protocol import ErrorSignature, FailureKind, PollFailure, WorkerError, WorkerPoll
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -40,7 +40,7 @@ def test_every_run_gets_a_fresh_unguessable_prefix():
 
 
 def _assignment(world: int, rank: int, port: int, **kw):
-    from elastic.worker.protocol import Assignment
+    from elastic.protocol import Assignment
 
     return Assignment(generation=0, rank=rank, world_size=world, store_host="127.0.0.1", store_port=port,
                       backend="gloo", collective_timeout_s=30.0, **kw)

@@ -25,7 +25,7 @@ WORKER = textwrap.dedent("""
     import torch, torch.distributed as dist
     from elastic.collectives import CollectiveClock
     from elastic.worker.groups import connect
-    from elastic.worker.protocol import Assignment
+    from elastic.protocol import Assignment
 
     rank, port = int(sys.argv[1]), int(sys.argv[2])
     a = Assignment(generation=0, rank=rank, world_size=3, store_host="127.0.0.1", store_port=port,

@@ -250,7 +250,7 @@ def test_events_survive_a_lost_answer_and_come_once():
     comes late or twice is not delivered twice."""
     from elastic.events import Event
     from elastic.supervisor.worker_group import Inbox
-    from elastic.worker.protocol import WorkerPoll, WorkerState
+    from elastic.protocol import WorkerPoll, WorkerState
     from elastic.worker.status import StatusBoard
 
     board, inbox = StatusBoard(), Inbox()

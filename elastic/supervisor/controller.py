@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol
 
 from elastic.config import RunConfig
 from elastic.events import Event
+from elastic.protocol import Assignment, ErrorSignature, PollFailure, WorkerPoll, WorkerState
 from elastic.supervisor import policy as pol
 from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Remove, Resize, Restart, Retry,
                                           WaitForWorkers)
@@ -21,7 +22,6 @@ from elastic.supervisor.states import (Failed, Finished, Resizing, Restarting, R
                                        StateType, Stopped, Stopping)
 from elastic.supervisor.tracking import Incidents, Progress, StepRate
 from elastic.supervisor.worker_group import WorkerGroup
-from elastic.worker.protocol import Assignment, PollFailure, ErrorSignature, WorkerPoll, WorkerState
 
 log = logging.getLogger(__name__)
 

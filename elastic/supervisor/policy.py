@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from elastic.config import FailureConfig, RunConfig
+from elastic.protocol import ErrorSignature, FailureKind, ParkReason, PollFailure, WorkerPoll, WorkerState
 from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Remove, Resize, Restart, Retry,
                                           WaitForWorkers)
-from elastic.worker.protocol import ErrorSignature, FailureKind, ParkReason, PollFailure, WorkerPoll, WorkerState
 
 DEAD = PollFailure.DEAD
 UNRESPONSIVE = PollFailure.UNRESPONSIVE

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from elastic.worker.protocol import Assignment, ParkReason, PollFailure, WorkerInfo, WorkerPoll, WorkerState
+from elastic.protocol import Assignment, ParkReason, PollFailure, WorkerInfo, WorkerPoll, WorkerState
 
 
 class ManualClock:

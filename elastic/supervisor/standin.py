@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from elastic.worker.protocol import Assignment, ParkReason, WorkerInfo, WorkerPoll, WorkerState
+from elastic.protocol import Assignment, ParkReason, WorkerInfo, WorkerPoll, WorkerState
 from elastic.worker.status import StatusBoard
 
 STEP_S = 0.05

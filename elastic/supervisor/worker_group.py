@@ -19,8 +19,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from elastic import compat
 from elastic.config import RunConfig
+from elastic.protocol import Assignment, PollFailure, WorkerInfo, WorkerPoll
 from elastic.worker.devices import NCCL_ENV
-from elastic.worker.protocol import Assignment, PollFailure, WorkerInfo, WorkerPoll
 
 
 class WorkerGroup(Protocol):

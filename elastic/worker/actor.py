@@ -13,7 +13,7 @@ import ray
 
 from elastic.config import RunConfig
 from elastic.worker.priority import background_priority
-from elastic.worker.protocol import Assignment, WorkerInfo, WorkerPoll
+from elastic.protocol import Assignment, WorkerInfo, WorkerPoll
 
 if TYPE_CHECKING:
     from elastic.worker.runtime import WorkerRuntime

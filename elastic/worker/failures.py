@@ -20,7 +20,7 @@ import elastic
 
 from elastic.errors import (CheckpointCorruptError, CheckpointFailedError, CheckpointMismatchError, ElasticError,
                             LeaseLostError, WorkerGroupError, exception_chain)
-from elastic.worker.protocol import ErrorSignature, FailureKind
+from elastic.protocol import ErrorSignature, FailureKind
 
 # (substring, where it comes from, torch version it was seen with). Matched against the message of
 # a RuntimeError in the exception's chain; never against arbitrary exception types.

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from elastic import sockets
 from elastic.collectives import CollectiveClock, Collectives
 from elastic.errors import WorkerGroupError
-from elastic.worker.protocol import Assignment
+from elastic.protocol import Assignment
 
 ARRIVAL_POLL_S = 0.02
 """How often a rank waiting for its peers to check in looks at the count (and at its abort flag)."""

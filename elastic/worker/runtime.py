@@ -26,7 +26,7 @@ from elastic.worker import failures
 from elastic.worker.devices import device_for, torch_env
 from elastic.worker.generation import Generation, PauseRequested, Services
 from elastic.worker.groups import ProcessGroups, connect
-from elastic.worker.protocol import Assignment, FailureKind, ParkReason, WorkerError, WorkerPoll, WorkerState
+from elastic.protocol import Assignment, FailureKind, ParkReason, WorkerError, WorkerPoll, WorkerState
 from elastic.worker.seeding import reseed
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from elastic.events import Event, make
-from elastic.worker.protocol import ParkReason, WorkerError, WorkerState
+from elastic.protocol import ParkReason, WorkerError, WorkerState
 
 
 @dataclass(frozen=True)
