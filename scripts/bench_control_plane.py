@@ -5,12 +5,12 @@
 
 Parts (each prints a table; all go to DIR/control_plane.json and DIR/control_plane.png):
 - sim:   the real controller and policies over N simulated workers in process (no Ray, no torch,
-         injected clock; elastic.supervisor.simulated), N = 100, 1,000, 10,000: the controller's
+         injected clock; elastic.testing.simulated), N = 100, 1,000, 10,000: the controller's
          CPU per look at its workers while nothing fails (x 10 looks/s = cores), and the wall time
          from a worker's death being observable to the decision (group_failed) and to the next
          group's assignments being handed out; the same for a whole node lost.
 - ray:   the real RayWorkerGroup and controller over N stand-in actors on real Ray on this machine
-         (elastic.supervisor.standin: the worker protocol, no torch, no CPU reserved): the
+         (elastic.testing.standin: the worker protocol, no torch, no CPU reserved): the
          supervisor's cycle time and CPU, Ray's own CPU (raylet + GCS), and the time from SIGKILL
          of one stand-in to the failure decision.
 - store: the rendezvous store (a TCPStore, libuv, as the supervisor hosts it) under N concurrent
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 def sim_one(n: int, fault: str, per_node: int = 8) -> dict[str, Any]:
     from elastic.config import FailureConfig, RunConfig, ScalingConfig
     from elastic.supervisor.controller import Controller
-    from elastic.supervisor.simulated import ManualClock, NullEvents, SimulatedGroup
+    from elastic.testing.simulated import ManualClock, NullEvents, SimulatedGroup
     from elastic.supervisor.states import Starting, StateType
 
     group = SimulatedGroup(n, per_node=per_node)
@@ -97,7 +97,7 @@ def part_ray(sizes: list[int], window_s: float) -> list[dict[str, Any]]:
     import ray
 
     from elastic.chaos import procs
-    from elastic.supervisor.standin import measure
+    from elastic.testing.standin import measure
 
     rows = []
     for n in sizes:

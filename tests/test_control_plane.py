@@ -1,5 +1,5 @@
 """The control plane at scale: the real controller and policies with 1,000 simulated workers
-(elastic.supervisor.simulated: injected clock, no Ray, no torch) through a failure, a node loss
+(elastic.testing.simulated: injected clock, no Ray, no torch) through a failure, a node loss
 (shrink) and a node join (grow)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 
 from elastic.config import FailureConfig, RunConfig, ScalingConfig
 from elastic.supervisor.controller import Controller
-from elastic.supervisor.simulated import ManualClock as Clock, NullEvents, SimulatedGroup
 from elastic.supervisor.states import Finished
+from elastic.testing.simulated import ManualClock as Clock, NullEvents, SimulatedGroup
 from storage_fixtures import moto_s3  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.timeout(60)
@@ -53,7 +53,7 @@ def test_stand_ins_on_real_ray_a_killed_one_is_detected_within_the_bound(n):
     process costs ~1.5 s of CPU here: 8 in the default run, 50 under -m slow."""
     import ray
 
-    from elastic.supervisor.standin import measure
+    from elastic.testing.standin import measure
 
     if ray.is_initialized():
         ray.shutdown()

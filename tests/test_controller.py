@@ -13,8 +13,8 @@ from elastic.config import FailureConfig, RunConfig, ScalingConfig
 from elastic.protocol import WorkerInfo, WorkerPoll
 from elastic.supervisor import policy
 from elastic.supervisor.controller import Controller
-from elastic.supervisor.simulated import ManualClock
 from elastic.supervisor.states import StateType
+from elastic.testing.simulated import ManualClock
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -13,8 +13,8 @@ from elastic.metrics import MetricsLog
 from elastic.plot import ettr, marks, plot
 from elastic.progress import ProgressPrinter, goodput
 from elastic.result import Result
-from elastic.supervisor.simulated import ManualClock
 from elastic.supervisor.tracking import Incidents, union_s
+from elastic.testing.simulated import ManualClock
 
 pytestmark = pytest.mark.timeout(60)
 

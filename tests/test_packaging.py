@@ -44,3 +44,24 @@ def test_installing_keeps_the_torch_and_ray_already_installed():
     doc = json.loads(report.stdout[report.stdout.index("{"):])
     would = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in doc["install"]}
     assert "torch" not in would and "ray" not in would, f"would replace: {would} (torch here: {torch.__version__})"
+
+
+def test_the_product_never_imports_its_test_support():
+    """elastic.testing (the doubles tests and benchmarks share) stays out of every product path:
+    no module of elastic outside it imports it, at the top or inside a function."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "elastic").rglob("*.py")):
+        if "testing" in path.relative_to(ROOT / "elastic").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names] + [node.module or ""]
+            else:
+                continue
+            if any(n == "elastic.testing" or n.startswith("elastic.testing.") for n in names):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, f"the product imports its test support: {offenders}"

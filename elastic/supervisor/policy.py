@@ -305,7 +305,7 @@ class DefaultPolicy:
         """Bound on a generation's rendezvous (every rank arriving, gloo's address exchange): the
         failure-detection bound (a member lost meanwhile is seen within it, and the others are
         told to leave), plus the exchange's own growth with the world size (quadratic in
-        the store: 3.8 s at 256 ranks on 2 cores, elastic.supervisor.standin)."""
+        the store: 3.8 s at 256 ranks on 2 cores, elastic.testing.standin)."""
         f = run.failure
         return min(f.collective_timeout_s, f.liveness_interval_s + f.poll_timeout_s + self.rendezvous_per_rank_s * world_size)
 

@@ -108,7 +108,7 @@ def measure(n: int, *, window_s: float = 5.0, kill: bool = True, ray_pids: tuple
 
     from elastic.config import FailureConfig, RunConfig, ScalingConfig
     from elastic.supervisor.controller import Controller
-    from elastic.supervisor.simulated import NullEvents
+    from elastic.testing.simulated import NullEvents
     from elastic.supervisor.states import Starting, StateType
     from elastic.supervisor.worker_group import RayWorkerGroup
 
