@@ -67,7 +67,7 @@ class FakeGroup:
             self.step[wid] = self.global_step
             self.events[wid] = [{"event": "restored", "step": self.global_step, "generation": a.generation,
                                  "source": "memory", "time": 0.0}]
-        return []
+        return [w for w in assignments if w in self.dead]  # a worker that is gone cannot take it
 
     def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | str]:
         out: dict[int, WorkerPoll | str] = {}
@@ -115,6 +115,9 @@ class FakeGroup:
 
     def request_preempt(self, wids: list[int]) -> None:
         self.preempted.update(wids)
+
+    def request_stop(self, wids: list[int]) -> None:
+        self.request_pause(wids)  # parked at the step boundary (StoppableGroup also commits there)
 
     def draining_nodes(self) -> set[str]:
         return set(self.draining)
@@ -175,6 +178,8 @@ class StandbyGroup(FakeGroup):
         self.promoted: list[int] = []
 
     def ensure_standbys(self, node_ids: set[str], *, per_node: int | None = None) -> None:
+        if per_node == 0:  # the policy wants none (standby_per_node=0)
+            return
         for node in sorted(node_ids - set(self.standby_of)):
             wid = self._next
             self._next += 1

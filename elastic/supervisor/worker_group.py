@@ -24,7 +24,26 @@ from elastic.worker.devices import NCCL_ENV
 
 
 class WorkerGroup(Protocol):
+    """What the controller drives: workers known by integer ids, never by their actors. Every
+    implementation runs through tests/test_worker_group_conformance.py.
+
+    - request(n) asks for n workers; their ids are new (never reused) and pending() until placed;
+      refresh() collects the newly ready ones into ready() (sorted) and `infos`. A request the
+      cluster has no room for stays queued until room appears.
+    - start(assignments) hands each worker its generation; it returns the ids that did not take it
+      (gone, refused): the controller never builds a group with them.
+    - poll(wids) answers for exactly the ids asked: a WorkerPoll (events delivered once), or a
+      PollFailure (DEAD: gone or killed; UNRESPONSIVE: no answer within timeout_s).
+    - request_pause / request_preempt / request_stop: running workers leave at a step boundary
+      (parked, ParkReason.PAUSE) or finish; kill(wid) ends a worker and forgets it.
+    - Standbys are not workers: ensure_standbys keeps them on nodes, standbys() lists the ready
+      ones (node id -> worker id), promote(wid) makes one a worker (in ready() from then on) and
+      gpu_ids(wid) returns the GPUs its reservation holds (() for every other worker). A group
+      that keeps none returns {} from standbys().
+    """
+
     infos: dict[int, WorkerInfo]
+    """Worker id -> where it runs, for each ready worker and standby."""
 
     def request(self, n: int, *, background: bool = False) -> list[int]: ...
     def refresh(self) -> list[int]: ...
@@ -40,6 +59,7 @@ class WorkerGroup(Protocol):
     def standbys(self) -> dict[str, int]: ...
     def standby_startup_s(self) -> float | None: ...
     def promote(self, wid: int) -> None: ...
+    def gpu_ids(self, wid: int, timeout_s: float) -> tuple[str, ...]: ...
     def kill(self, wid: int) -> None: ...
     def placeable(self) -> int: ...
     def describe_resources(self) -> str: ...
