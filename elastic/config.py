@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from elastic.errors import ConfigError
+from elastic.supervisor.decisions import Policy
 
 
 def _require(ok: bool, message: str) -> None:
@@ -204,9 +205,9 @@ class RunConfig:
     periods (Kubernetes gives 30 s); set it below yours."""
     seed: int = 0
     """Seeds torch on every rank before the training function is entered."""
-    policy: Any = None
-    """What the supervisor decides on failures, preemptions and room to grow: an object with the
-    methods of elastic.supervisor.policy.DefaultPolicy (None: DefaultPolicy())."""
+    policy: Policy | None = None
+    """What the supervisor decides on failures, preemptions and room to grow: any object that
+    satisfies elastic.supervisor.decisions.Policy (None: elastic.supervisor.policy.DefaultPolicy())."""
 
     def __post_init__(self) -> None:
         require_duration("progress_interval_s", self.progress_interval_s)

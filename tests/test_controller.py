@@ -40,12 +40,13 @@ class Events:
         return [e["event"] for e in self.events]
 
 
-def make(group: FakeGroup, *, min_w: int = 2, max_w: int = 2, spares: int = 0, max_failures: int = 3):
+def make(group: FakeGroup, *, min_w: int = 2, max_w: int = 2, spares: int = 0, max_failures: int = 3,
+         policy: Any = None):
     clock = FakeClock()
     events = Events()
     run = RunConfig(scaling=ScalingConfig(min_workers=min_w, max_workers=max_w, spares=spares, placement_timeout_s=5),
                     failure=FailureConfig(max_failures=max_failures, below_min_wait_s=3, poll_timeout_s=1,
-                                          collective_timeout_s=2))
+                                          collective_timeout_s=2), policy=policy)
     ctl = Controller(run, group, events, ("127.0.0.1", 1), clock=clock, sleep=clock.sleep)
     return ctl, events, clock
 
@@ -302,7 +303,6 @@ def test_a_dead_worker_is_replaced_by_the_standby_on_its_node_without_waiting_fo
     g.die_at = {1: 8}
     ctl, events, _ = make(g)
     ctl.run = replace(ctl.run, policy=DefaultPolicy(standby_after_s=0.0))
-    ctl.policy = ctl.run.policy
     assert run_states(ctl) == [StateType.STARTING, StateType.RUNNING, StateType.RESTARTING, StateType.RUNNING,
                                StateType.FINISHED]
     assert len(g.promoted) == 1 and g.infos[g.promoted[0]].node_id == "node1"  # the dead worker's node
@@ -320,7 +320,6 @@ def test_standbys_wait_for_the_first_group_only_and_a_promoted_one_is_replaced_a
     g.die_at = {1: 200}
     ctl, events, clock = make(g)
     ctl.run = replace(ctl.run, policy=DefaultPolicy(standby_after_s=5.0))
-    ctl.policy = ctl.run.policy
     built: dict[int, float] = {}  # generation -> when its workers were started
     created: list[float] = []  # when each standby was started
     start, ensure = g.start, g.ensure_standbys
@@ -576,7 +575,6 @@ def test_progress_counts_the_ready_standbys_through_a_promotion():
     g.die_at = {1: 8}
     ctl, _, _ = make(g)
     ctl.run = replace(ctl.run, policy=DefaultPolicy(standby_after_s=0.0))
-    ctl.policy = ctl.run.policy
     seen: list[int] = []
     absorb = ctl._absorb
 
@@ -588,3 +586,64 @@ def test_progress_counts_the_ready_standbys_through_a_promotion():
     run_states(ctl)
     # One per node once the group steps; one fewer while the promoted one's successor starts.
     assert len(g.promoted) == 1 and 1 in seen and seen[seen.index(1) - 1] == 2 and seen[-1] == 2, seen
+
+
+class PlainReasons:
+    """A policy of the user's, written before ResizeReason: elastic's decisions, but its resizes
+    carry the plain string."""
+
+    def __init__(self) -> None:
+        from elastic.supervisor.policy import DefaultPolicy
+
+        self.inner = DefaultPolicy()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def running(self, run, h, v):
+        from dataclasses import replace
+
+        from elastic.supervisor.decisions import Resize
+
+        d = self.inner.running(run, h, v)
+        return replace(d, reason=d.reason.value) if isinstance(d, Resize) else d
+
+
+def test_the_controller_asks_the_policy_its_run_names_and_holds_it_in_one_place():
+    from elastic.supervisor.decisions import Fail
+    from elastic.supervisor.policy import DefaultPolicy
+
+    ctl, _, _ = make(FakeGroup(capacity=2))
+    assert isinstance(ctl.policy, DefaultPolicy) and ctl.policy is ctl.run.policy  # none named: elastic's
+
+    class Refusing(PlainReasons):
+        def start(self, run, v):
+            return Fail(error="this policy never starts", exit_code=3)
+
+    refusing = Refusing()
+    ctl, _, _ = make(FakeGroup(capacity=2), policy=refusing)
+    assert ctl.policy is refusing and ctl.run.policy is refusing
+    assert run_states(ctl) == [StateType.STARTING, StateType.FAILED]
+    assert ctl.final_state.error == "this policy never starts" and ctl.final_state.exit_code == 3
+
+
+@pytest.mark.parametrize("policy", [None, PlainReasons()], ids=["default", "plain-string-reasons"])
+def test_a_grow_is_a_resize_whose_events_carry_the_string_grow(policy):
+    from elastic.supervisor.decisions import ResizeReason
+    from elastic.supervisor.states import Starting
+
+    g = FakeGroup(capacity=2, steps=40)
+    ctl, events, _ = make(g, min_w=2, max_w=3, policy=policy)
+    state = ctl.transition(Starting())
+    assert state.type is StateType.RUNNING and len(ctl.members) == 2
+    g.capacity = 3  # room for the third worker
+    while state.type is not StateType.RESIZING:
+        state = ctl.transition(state)
+    assert state.reason is ResizeReason.GROW
+    while not state.is_terminal():
+        state = ctl.transition(state)
+    assert state.type is StateType.FINISHED and len(ctl.members) == 3 and ctl.failures == 0
+    built = [e["reason"] for e in events.events if e["event"] == "group_built"]
+    resized = [e["reason"] for e in events.events if e["event"] == "resized"]
+    assert built == ["start", "grow"] and resized == ["grow"]
+    assert all(type(r) is str for r in built + resized)  # the plain strings events always had

@@ -8,8 +8,8 @@ import pytest
 
 from elastic.config import FailureConfig, RunConfig, ScalingConfig
 from elastic.protocol import ErrorSignature, FailureKind, PollFailure, WorkerError, WorkerPoll
-from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Remove, Resize, Restart, Retry,
-                                          WaitForWorkers)
+from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Policy, Remove, Resize, ResizeReason,
+                                          Restart, Retry, WaitForWorkers)
 from elastic.supervisor.policy import (DefaultPolicy, MembershipView, QuiesceView, RunningView, StartView,
                                        classify, shared_error)
 
@@ -68,11 +68,13 @@ def test_an_agreed_pause_for_a_preemption_is_a_resize_that_lets_the_notified_ran
     polls = {0: poll("parked", park="pause"), 1: poll("parked", park="pause", preempted=True),
              2: poll("parked", park="pause")}
     assert running(polls) == Resize(reason="preemption", leaving=(1,))
+    assert running(polls).reason is ResizeReason.PREEMPTION
 
 
 def test_grow_only_when_due_below_max_and_someone_is_ready():
     polls = {0: poll(), 1: poll()}
     assert running(polls, members=(0, 1), newcomers=1, grow_due=True) == Resize(reason="grow")
+    assert running(polls, members=(0, 1), newcomers=1, grow_due=True).reason is ResizeReason.GROW
     assert running(polls, members=(0, 1), newcomers=0, grow_due=True) == Continue()
     assert running(polls, members=(0, 1), newcomers=1, grow_due=False) == Continue()
     full = {0: poll(), 1: poll(), 2: poll()}
@@ -212,3 +214,33 @@ def test_the_standby_pool_covers_the_failures_expected_during_one_start_up():
     assert size(1, 1) == 1  # one early failure is not a rate: the window counts at least a minute
     assert p.standbys_per_node(RunConfig(scaling=ScalingConfig(standby_per_node=0)), failures_in_window=50,
                                window_s=60, startup_s=4.0) == 0  # turned off stays off
+
+
+# -- the protocol ----------------------------------------------------------------------------
+def test_resize_reasons_are_an_enum_whose_values_are_the_strings_events_carry():
+    import json
+
+    assert {r.value for r in ResizeReason} == {"grow", "preemption"}
+    assert ResizeReason.GROW == "grow" and f"{ResizeReason.GROW}" == "grow" and json.dumps(ResizeReason.GROW) == '"grow"'
+
+
+def test_the_default_policy_satisfies_the_protocol_and_the_controller_asks_nothing_else():
+    import ast
+    import inspect
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parents[1] / "elastic/supervisor/controller.py").read_text()
+    asked = {node.attr for node in ast.walk(ast.parse(src)) if isinstance(node, ast.Attribute)
+             and isinstance(node.value, ast.Attribute) and node.value.attr == "policy"
+             and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+    declared = {name for name in vars(Policy) if not name.startswith("_")}
+    assert asked and asked <= declared, f"the controller asks, undeclared: {sorted(asked - declared)}"
+    for name in declared:
+        assert hasattr(P, name), f"DefaultPolicy lacks {name}"
+        member = vars(Policy)[name]
+        if isinstance(member, property):
+            assert isinstance(getattr(P, name), float), name
+            continue
+        ours = inspect.signature(getattr(DefaultPolicy, name)).parameters.values()
+        theirs = inspect.signature(member).parameters.values()
+        assert [(p.name, p.kind, p.default) for p in ours] == [(p.name, p.kind, p.default) for p in theirs], name

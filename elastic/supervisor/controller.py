@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any, Callable, Protocol
 
 from elastic.config import RunConfig
 from elastic.events import Event
 from elastic.protocol import Assignment, ErrorSignature, PollFailure, WorkerPoll, WorkerState
 from elastic.supervisor import policy as pol
-from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Remove, Resize, Restart, Retry,
-                                          WaitForWorkers)
+from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Policy, Remove, Resize, ResizeReason,
+                                          Restart, Retry, WaitForWorkers)
 from elastic.supervisor.states import (Failed, Finished, Resizing, Restarting, Running, Starting, State,
                                        StateType, Stopped, Stopping)
 from elastic.supervisor.tracking import Incidents, Progress, StepRate
@@ -39,9 +40,9 @@ class Controller:
     def __init__(self, run: RunConfig, group: WorkerGroup, events: EventSink, store_addr: tuple[str, int], *,
                  backend: str = "gloo", store_prefix: str = "", clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep, metrics: MetricsSink | None = None):
-        self.run = run
+        self.run = run if run.policy is not None else replace(run, policy=pol.DefaultPolicy())
+        """The run's config, with the policy the controller asks (DefaultPolicy when it named none)."""
         self.metrics = metrics
-        self.policy = run.policy if run.policy is not None else pol.DefaultPolicy()
         self.group = group
         self.events = events
         self.store_addr = store_addr
@@ -112,6 +113,12 @@ class Controller:
         return nxt
 
     @property
+    def policy(self) -> Policy:
+        """The run's policy: held in one place, self.run."""
+        assert self.run.policy is not None
+        return self.run.policy
+
+    @property
     def _failure(self):
         return self.run.failure
 
@@ -159,9 +166,10 @@ class Controller:
                              errors={self._rank_of[w]: e.strip().splitlines()[-1] for w, e in h.errors.items() if e})
             return Restarting(reason=d.reason, failed_workers=d.lost, since=self.clock())
         if isinstance(d, Resize):
-            if d.reason == "grow":
+            reason = ResizeReason(d.reason)  # a policy written before the enum gives its value
+            if reason is ResizeReason.GROW:
                 self.group.request_pause(self.members)
-            return Resizing(reason=d.reason, leaving_workers=d.leaving, since=self.clock())
+            return Resizing(reason=reason, leaving_workers=d.leaving, since=self.clock())
         assert isinstance(d, Continue)
         self._watch_drains()
         self._top_up(background=True)
@@ -203,16 +211,17 @@ class Controller:
 
     # -- RESIZING ----------------------------------------------------------------------------
     def _resizing(self, state: Resizing) -> State:
-        self._incidents.start(state.reason, is_failure=False, step_before=self.progress.step)
-        survivors, lost = self._quiesce(set(), f"lost during {state.reason}")
+        reason = state.reason.value  # events and logs carry the value ("grow", "preemption")
+        self._incidents.start(reason, is_failure=False, step_before=self.progress.step)
+        survivors, lost = self._quiesce(set(), f"lost during {reason}")
         if lost:
-            return Restarting(reason=f"worker lost during {state.reason}", failed_workers=(), since=self.clock())
+            return Restarting(reason=f"worker lost during {reason}", failed_workers=(), since=self.clock())
         for wid in state.leaving_workers:
             if wid in survivors:
                 survivors.remove(wid)
                 self._emit_worker(Event.WORKER_LEFT, wid, reason="preemption notice")
                 self.group.kill(wid)
-        return self._rebuild(survivors, reason=state.reason)
+        return self._rebuild(survivors, reason=reason)
 
     # -- STOPPING ----------------------------------------------------------------------------
     def _stopping(self, state: Stopping) -> State:

@@ -3,7 +3,7 @@
 `classify` sorts a generation's polls into a Health; `DefaultPolicy` turns a Health (and small
 views of the controller's bookkeeping) into the typed decisions of decisions.py. Nothing here
 touches an actor or sleeps, so every branch is unit-testable with made-up polls and clock values.
-A run can swap the policy through `RunConfig.policy` (any object with these methods).
+A run can swap the policy through `RunConfig.policy` (any object that satisfies decisions.Policy).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Mapping
 
 from elastic.config import FailureConfig, RunConfig
 from elastic.protocol import ErrorSignature, FailureKind, ParkReason, PollFailure, WorkerPoll, WorkerState
-from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Remove, Resize, Restart, Retry,
-                                          WaitForWorkers)
+from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Remove, Resize, ResizeReason, Restart,
+                                          Retry, WaitForWorkers)
 
 DEAD = PollFailure.DEAD
 UNRESPONSIVE = PollFailure.UNRESPONSIVE
@@ -213,9 +213,9 @@ class DefaultPolicy:
         if h.lost or h.broken or (h.paused and not h.preempted):
             return Restart(reason=describe_loss(h, v.members), lost=h.lost)
         if h.paused and h.preempted:
-            return Resize(reason="preemption", leaving=h.preempted)
+            return Resize(reason=ResizeReason.PREEMPTION, leaving=h.preempted)
         if v.grow_due and len(v.members) < (run.scaling.max_workers or 0) and v.newcomers > 0:
-            return Resize(reason="grow")
+            return Resize(reason=ResizeReason.GROW)
         return Continue()
 
     def to_request(self, run: RunConfig, have: int) -> int:

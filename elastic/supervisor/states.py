@@ -17,6 +17,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from elastic.supervisor.decisions import ResizeReason
+
 
 class StateType(enum.Enum):
     STARTING = ("starting", False)
@@ -62,7 +64,7 @@ class Restarting(State):
 
 @dataclass(frozen=True)
 class Resizing(State):
-    reason: str = ""  # "grow" | "preemption"
+    reason: ResizeReason = ResizeReason.GROW
     leaving_workers: tuple[int, ...] = ()
     since: float = 0.0
     type: StateType = StateType.RESIZING
