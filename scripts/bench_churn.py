@@ -172,9 +172,14 @@ def _kill_quietly(pid: int) -> None:
 
 class NodeKiller(Killer):
     """fault "node": at each scheduled time, removes (Cluster.remove_node, not graceful) the Ray node
-    that hosts a random live rank, and adds a fresh one-CPU node `delay` s later. Not a thread: it
-    runs on the main thread (Cluster.add_node installs signal handlers), the driver in a thread
-    (run_elastic_nodes); `cluster` is set once the run's cluster is up."""
+    that hosts a random live rank, and adds a fresh one-CPU node `delay` s later. run() is called on
+    the main thread (Cluster.add_node installs signal handlers), which adds the nodes; the removals
+    run in a thread of their own, so that a node start (1-2 s here) never delays a scheduled
+    removal. `cluster` is set once the run's cluster is up.
+
+    Each removal records `gone`: when the victim's process had exited. A removed node's Ray workers
+    notice their raylet is gone and exit a second or two later, training meanwhile, so analyze()
+    takes the newest step before `gone` (not before the removal) as the one to get beyond."""
 
     def __init__(self, run_dir: str, plan: list[tuple[float, float]], *, uri: str, delay: float,
                  aim: float = 0.0, aim_after: float = 0.4):
@@ -182,28 +187,38 @@ class NodeKiller(Killer):
         self.uri, self.delay = uri, delay
         self.cluster: Any = None
         self.adds: list[dict[str, Any]] = []
+        self._due: list[float] = []  # when each removed node's replacement is to be added
+        self._lock = threading.Lock()
 
     def run(self) -> None:
+        remover = threading.Thread(target=self._removals, name="node-remover", daemon=True)
+        remover.start()
+        while not self.stop.is_set():
+            with self._lock:
+                due = [d for d in self._due if d <= time.time()]
+                for d in due:
+                    self._due.remove(d)
+                pending = bool(self._due)
+            for _ in due:
+                t = time.time()
+                node = self.cluster.add_node(wait=False, num_cpus=1)  # it registers while the schedule goes on
+                self.adds.append({"time": t, "node": node.node_id[:8], "seconds": time.time() - t})
+            if not due and not pending and not remover.is_alive():
+                break
+            self.stop.wait(0.05)
+        remover.join(5)
+
+    def _removals(self) -> None:
         while not self.stop.is_set() and self.t0 is None:
             rows = bc.read_steps(self.run_dir)
             if rows:
                 self.t0 = rows[0][1]
             else:
                 self.stop.wait(0.05)
-        faults, due = list(self.plan), []  # due: when each removed node's replacement is added
-        while not self.stop.is_set() and (faults or due):
+        for at, u in self.plan:
             assert self.t0 is not None
-            next_fault = self.t0 + faults[0][0] if faults else float("inf")
-            next_add = min(due) if due else float("inf")
-            if self.stop.wait(max(0.0, min(next_fault, next_add) - time.time())):
+            if self.stop.wait(max(0.0, self.t0 + at - time.time())):
                 return
-            if next_add <= next_fault:
-                due.remove(next_add)
-                t = time.time()
-                node = self.cluster.add_node(wait=False, num_cpus=1)  # it registers while the schedule goes on
-                self.adds.append({"time": t, "node": node.node_id[:8], "seconds": time.time() - t})
-                continue
-            at, u = faults.pop(0)
             victims = self.victims()
             if not victims:
                 continue
@@ -215,10 +230,12 @@ class NodeKiller(Killer):
             except Exception as exc:  # noqa: BLE001 - e.g. Ray's "zombie processes left" assertion
                 error = f"{type(exc).__name__}: {exc}"
                 print(f"    remove_node({node.node_id[:8]}) raised {error}", flush=True)
-            self.kills.append({"at": at, "time": t, "rank": rank, "pid": pid, "fault": "node",
-                               "node": node.node_id[:8], "remove_s": time.time() - t,
-                               **({"error": error} if error else {})})
-            due.append(time.time() + self.delay)
+            rec = {"at": at, "time": t, "rank": rank, "pid": pid, "fault": "node", "node": node.node_id[:8],
+                   "remove_s": time.time() - t, **({"error": error} if error else {})}
+            self.kills.append(rec)
+            threading.Thread(target=_mark_gone, args=(rec, pid), daemon=True).start()
+            with self._lock:
+                self._due.append(time.time() + self.delay)
 
     def victims(self) -> list[tuple[int, int, Any]]:
         """(rank, pid, node) of every live registered rank whose node is still in the cluster."""
@@ -226,13 +243,28 @@ class NodeKiller(Killer):
 
         where = {m["pid"]: m.get("node_id") for e in read_events(self.uri) if e.get("event") == "group_built"
                  for m in e.get("members", []) if m.get("pid") is not None}
-        nodes = {n.node_id: n for n in self.cluster.worker_nodes}
+        nodes = {n.node_id: n for n in list(self.cluster.worker_nodes)}
         out = []
         for rank, _, pid in live_ranks(self.run_dir):
             node = nodes.get(where.get(pid) or "") or _node_by_ancestry(pid, nodes.values())
             if node is not None:
                 out.append((rank, pid, node))
         return out
+
+
+def _mark_gone(rec: dict[str, Any], pid: int, limit_s: float = 60.0) -> None:
+    """Set rec["gone"] to when process `pid` has exited (or is a zombie); polled every 5 ms."""
+    end = time.time() + limit_s
+    while time.time() < end:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                break
+        except (OSError, IndexError):
+            break
+        time.sleep(0.005)
+    else:
+        return
+    rec["gone"] = time.time()
 
 
 def _node_by_ancestry(pid: int, nodes: Any) -> Any:
@@ -305,7 +337,9 @@ def run_arm(arm: str, root: str, args: argparse.Namespace, plan: list[tuple[floa
           f"checkpoint fallbacks {out['fallbacks']}"
           + (f" (replica restarts {info['restarted']}; state at a restart's first quorum: {sources(events)})"
              if arm in TORCHFT_ARMS else "")
-          + (f"; nodes added {len(killer.adds)}" if node and plan else "")
+          + (f"; nodes added {len(killer.adds)}; victims exited "
+             f"{', '.join(fmt(k['gone'] - k['time']) if 'gone' in k else '?' for k in killer.kills) or '—'} s "
+             f"after their node's removal" if node and plan else "")
           + ("" if info.get("ok", True) else f"; FAILED {info.get('error') or info.get('rcs')}"), flush=True)
     return out
 
@@ -441,15 +475,16 @@ def analyze(rows: list, kills: list[dict], arm: str, events: list[dict], steps: 
     train_s = rows[-1][1] - rows[0][1] if len(rows) > 1 else float("nan")
     costs, lost = [], []
     for k in kills:
-        before = [r for r in rows if r[1] <= k["time"]]
+        cut = k.get("gone", k["time"])  # --fault node: the victim trained on until its process exited
+        before = [r for r in rows if r[1] <= cut]
         if not before:
             continue
         newest = max(r[0] for r in before)
-        after = [r for r in rows if r[1] > k["time"] and r[0] > newest]
+        after = [r for r in rows if r[1] > cut and r[0] > newest]
         if after:
             costs.append(after[0][1] - k["time"])
         gen = before[-1][2]
-        nxt = [r for r in rows if r[1] > k["time"] and r[2] != gen]
+        nxt = [r for r in rows if r[1] > cut and r[2] != gen]
         if nxt:
             lost.append(max(0, newest - (nxt[0][0] - 1)))
     if arm.startswith("elastic"):
@@ -549,6 +584,10 @@ def node_notes(args: argparse.Namespace) -> list[str]:
         f"replacement: in a cloud it takes minutes against failures hours apart; this schedule compresses "
         f"time, so the delay is of the order of the mean gap and a burst of removals can use up the "
         f"{args.spare_nodes} free nodes for a while). Starting a node costs this host's CPU too.",
+        "A removed node's Ray workers exit when they notice their raylet is gone (a second or two, training "
+        "meanwhile): cost = removal -> a completed step beyond the newest step completed before the victim's "
+        "process exited. Ray's GCS declares a removed node dead only when its health checks fail (about 12 s "
+        "with Ray's defaults); until then calls to actors on it wait.",
     ]
 
 
