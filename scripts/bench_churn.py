@@ -30,6 +30,17 @@ number of restarts is printed per run. With torchft 0.2's own DDP comm hook, a k
 the survivor is in its gradient allreduce kills the survivor too (`assert fut._fut`, see
 peers_torchft); --torchft-patched-hook uses the hook that honours the failed allreduce instead.
 
+--fault node (elastic arms only): loss of a whole Ray node. Each elastic run, failure-free runs
+included, gets a fresh ray.cluster_utils.Cluster: a CPU-less head (driver and supervisor) and
+WORLD + --spare-nodes one-CPU nodes, so ranks and spares each reserve a node of their own and a
+node's standby lives beside its rank. At each scheduled time the node that hosts a random live rank
+(its registered pid -> the node id elastic reports for that pid in events.jsonl) is removed with
+Cluster.remove_node(allow_graceful=False), and a fresh one-CPU node is added --node-delay s later
+(a spot replacement arriving late; meanwhile the cluster is one node short). torchrun, torchft and
+raytrain-torchft are skipped under --fault node: their ranks are local processes of one host here,
+with no Ray node to lose (raytrain-torchft on the same Cluster would be an honest equivalent; not
+done). ddp still runs, failure-free, as the reference parameters.
+
 Quick:  python scripts/bench_churn.py --seeds 0 --gaps 8
 Full:   python scripts/bench_churn.py --seeds 0 1 2 --gaps 8 30
 Writes bench_out/churn.json, churn.txt and churn.png (--out-dir).
@@ -56,6 +67,14 @@ import bench_peers as bp  # noqa: E402
 
 WORLD = 2
 TORCHFT_ARMS = ("torchft", "raytrain-torchft")
+NODE_ARMS = ("ddp", "elastic", "elastic+spare")
+"""Arms run under --fault node (ddp only as the failure-free reference)."""
+NODE_SKIP = {
+    "torchrun": "n/a (single host): torchrun's ranks are local processes under one agent, no Ray node to lose",
+    "torchft": "n/a (single host): one torchrun per replica group on this host, no Ray node to lose",
+    "raytrain-torchft": "n/a: not run on the multi-node Cluster (Ray Train there with remove_node would be "
+                        "the honest equivalent; not implemented)",
+}
 
 
 # -- the failure schedule ----------------------------------------------------------------------------
@@ -151,14 +170,135 @@ def _kill_quietly(pid: int) -> None:
         pass
 
 
+class NodeKiller(Killer):
+    """fault "node": at each scheduled time, removes (Cluster.remove_node, not graceful) the Ray node
+    that hosts a random live rank, and adds a fresh one-CPU node `delay` s later. run() is called on
+    the main thread (Cluster.add_node installs signal handlers), which adds the nodes; the removals
+    run in a thread of their own, so that a node start (1-2 s here) never delays a scheduled
+    removal. `cluster` is set once the run's cluster is up.
+
+    Each removal records `gone`: when the victim's process had exited. A removed node's Ray workers
+    notice their raylet is gone and exit a second or two later, training meanwhile, so analyze()
+    takes the newest step before `gone` (not before the removal) as the one to get beyond."""
+
+    def __init__(self, run_dir: str, plan: list[tuple[float, float]], *, uri: str, delay: float,
+                 aim: float = 0.0, aim_after: float = 0.4):
+        super().__init__(run_dir, plan, fault="node", aim=aim, aim_after=aim_after)
+        self.uri, self.delay = uri, delay
+        self.cluster: Any = None
+        self.adds: list[dict[str, Any]] = []
+        self._due: list[float] = []  # when each removed node's replacement is to be added
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        remover = threading.Thread(target=self._removals, name="node-remover", daemon=True)
+        remover.start()
+        while not self.stop.is_set():
+            with self._lock:
+                due = [d for d in self._due if d <= time.time()]
+                for d in due:
+                    self._due.remove(d)
+                pending = bool(self._due)
+            for _ in due:
+                t = time.time()
+                node = self.cluster.add_node(wait=False, num_cpus=1)  # it registers while the schedule goes on
+                self.adds.append({"time": t, "node": node.node_id[:8], "seconds": time.time() - t})
+            if not due and not pending and not remover.is_alive():
+                break
+            self.stop.wait(0.05)
+        remover.join(5)
+
+    def _removals(self) -> None:
+        while not self.stop.is_set() and self.t0 is None:
+            rows = bc.read_steps(self.run_dir)
+            if rows:
+                self.t0 = rows[0][1]
+            else:
+                self.stop.wait(0.05)
+        for at, u in self.plan:
+            assert self.t0 is not None
+            if self.stop.wait(max(0.0, self.t0 + at - time.time())):
+                return
+            victims = self.victims()
+            if not victims:
+                continue
+            rank, pid, node = victims[min(len(victims) - 1, int(u * len(victims)))]
+            t = time.time()
+            try:
+                self.cluster.remove_node(node, allow_graceful=False)
+                error = None
+            except Exception as exc:  # noqa: BLE001 - e.g. Ray's "zombie processes left" assertion
+                error = f"{type(exc).__name__}: {exc}"
+                print(f"    remove_node({node.node_id[:8]}) raised {error}", flush=True)
+            rec = {"at": at, "time": t, "rank": rank, "pid": pid, "fault": "node", "node": node.node_id[:8],
+                   "remove_s": time.time() - t, **({"error": error} if error else {})}
+            self.kills.append(rec)
+            threading.Thread(target=_mark_gone, args=(rec, pid), daemon=True).start()
+            with self._lock:
+                self._due.append(time.time() + self.delay)
+
+    def victims(self) -> list[tuple[int, int, Any]]:
+        """(rank, pid, node) of every live registered rank whose node is still in the cluster."""
+        from elastic.events import read_events
+
+        where = {m["pid"]: m.get("node_id") for e in read_events(self.uri) if e.get("event") == "group_built"
+                 for m in e.get("members", []) if m.get("pid") is not None}
+        nodes = {n.node_id: n for n in list(self.cluster.worker_nodes)}
+        out = []
+        for rank, _, pid in live_ranks(self.run_dir):
+            node = nodes.get(where.get(pid) or "") or _node_by_ancestry(pid, nodes.values())
+            if node is not None:
+                out.append((rank, pid, node))
+        return out
+
+
+def _mark_gone(rec: dict[str, Any], pid: int, limit_s: float = 60.0) -> None:
+    """Set rec["gone"] to when process `pid` has exited (or is a zombie); polled every 5 ms."""
+    end = time.time() + limit_s
+    while time.time() < end:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                break
+        except (OSError, IndexError):
+            break
+        time.sleep(0.005)
+    else:
+        return
+    rec["gone"] = time.time()
+
+
+def _node_by_ancestry(pid: int, nodes: Any) -> Any:
+    """The Cluster node whose raylet is an ancestor of `pid` (Ray workers are the raylet's
+    children); None if none is."""
+    raylets = {}
+    for n in nodes:
+        for info in getattr(n, "all_processes", {}).get("raylet", []):
+            raylets[info.process.pid] = n
+    seen = 0
+    while pid > 1 and seen < 64:
+        if pid in raylets:
+            return raylets[pid]
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return None
+        seen += 1
+    return None
+
+
 # -- one run ---------------------------------------------------------------------------------------
 def run_arm(arm: str, root: str, args: argparse.Namespace, plan: list[tuple[float, float]] | None,
             label: str) -> dict[str, Any]:
     run_dir = tempfile.mkdtemp(prefix=f"{arm}_{label}_", dir=root)
     cfg = {"steps": args.steps, "every": args.every, "run_dir": run_dir, "hidden": args.hidden,
            "marker_dir": os.path.join(run_dir, "markers"), "restarts": 1000, "faults": []}
-    killer = Killer(run_dir, plan or [], fault=args.fault, grace=args.grace, aim=args.aim)
-    if plan:
+    node = args.fault == "node"
+    if node:
+        killer: Killer = NodeKiller(run_dir, plan or [], uri=os.path.join(run_dir, "ckpt"), delay=args.node_delay,
+                                    aim=args.aim)
+    else:
+        killer = Killer(run_dir, plan or [], fault=args.fault, grace=args.grace, aim=args.aim)
+    if plan and not node:
         killer.start()
     t_launch = time.time()
     events: list[dict] = []
@@ -168,6 +308,9 @@ def run_arm(arm: str, root: str, args: argparse.Namespace, plan: list[tuple[floa
             info["ok"] = info["rc"] == 0
         elif arm in TORCHFT_ARMS:
             info = run_torchft(arm, cfg, args.timeout, args.torchft_patched_hook)
+        elif node:
+            info, events = run_elastic_nodes(cfg, spares=1 if arm == "elastic+spare" else 0, args=args,
+                                             killer=killer if plan else None)
         else:
             info, events = run_elastic(cfg, spares=1 if arm == "elastic+spare" else 0, timeout=args.timeout)
     finally:
@@ -183,34 +326,102 @@ def run_arm(arm: str, root: str, args: argparse.Namespace, plan: list[tuple[floa
         info["restarted"] = restarted(run_dir)
     out = {"arm": arm, "label": label, "run_dir": run_dir, **info, "t_launch": t_launch,
            "steps": [(s, t, g) for s, t, g, _, _ in rows], "kills": killer.kills,
+           **({"node_adds": killer.adds} if node else {}),
            **({"heals": events} if arm in TORCHFT_ARMS else {})}
     out.update(analyze(rows, killer.kills, arm, events, args.steps))
     out["final"] = bp.final_params("elastic" if arm.startswith("elastic") else arm, run_dir, args.steps)
     costs = out["costs"]
     print(f"  {arm:14} {label:10} {out['done']}/{args.steps} steps in {out['train_s']:.1f}s; "
-          f"{len(killer.kills)} kills; costs {', '.join(f'{c:.2f}' for c in costs) or '—'}; lost {out['lost']}; "
+          f"{len(killer.kills)} {'node removals' if node else 'kills'}; "
+          f"costs {', '.join(f'{c:.2f}' for c in costs) or '—'}; lost {out['lost']}; "
           f"checkpoint fallbacks {out['fallbacks']}"
           + (f" (replica restarts {info['restarted']}; state at a restart's first quorum: {sources(events)})"
              if arm in TORCHFT_ARMS else "")
+          + (f"; nodes added {len(killer.adds)}; victims exited "
+             f"{', '.join(fmt(k['gone'] - k['time']) if 'gone' in k else '?' for k in killer.kills) or '—'} s "
+             f"after their node's removal" if node and plan else "")
           + ("" if info.get("ok", True) else f"; FAILED {info.get('error') or info.get('rcs')}"), flush=True)
     return out
 
 
-def run_elastic(cfg: dict, spares: int, timeout: float) -> tuple[dict, list[dict]]:
+def elastic_trainer(cfg: dict, spares: int) -> Any:
     import elastic
 
-    t0 = time.time()
-    trainer = elastic.ElasticTrainer(
+    return elastic.ElasticTrainer(
         bc.elastic_train, train_loop_config=cfg, name="churn",
         scaling=elastic.ScalingConfig(min_workers=WORLD, max_workers=WORLD, spares=spares),
         checkpoint=elastic.CheckpointConfig(uri=os.path.join(cfg["run_dir"], "ckpt"), every_n_steps=cfg["every"]),
         failure=elastic.FailureConfig(max_failures=-1))
+
+
+def run_elastic(cfg: dict, spares: int, timeout: float) -> tuple[dict, list[dict]]:
+    t0 = time.time()
+    trainer = elastic_trainer(cfg, spares)
     watchdog = threading.Timer(timeout, lambda: os.kill(os.getpid(), signal.SIGINT))
     watchdog.start()
     try:
         r = trainer.fit(quiet=True, raise_on_failure=False)
     finally:
         watchdog.cancel()
+    return ({"ok": r.ok, "error": r.error, "total_s": time.time() - t0,
+             "summary": r.summary() if hasattr(r, "summary") else None}, list(r.events))
+
+
+def node_cluster(nodes: int) -> Any:
+    """A fresh ray.cluster_utils.Cluster, connected to: a CPU-less head (the driver and elastic's
+    supervisor, which it pins to the driver's node) and `nodes` one-CPU nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(nodes):
+        c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    return c
+
+
+def run_elastic_nodes(cfg: dict, spares: int, args: argparse.Namespace,
+                      killer: NodeKiller | None) -> tuple[dict, list[dict]]:
+    """One elastic run on a fresh multi-node Cluster (torn down after it): the driver (fit) in a
+    thread, node removals and additions on this (the main) thread."""
+    import ray
+
+    from elastic.events import read_events
+
+    cluster = node_cluster(WORLD + args.spare_nodes)
+    box: dict[str, Any] = {}
+    stop = killer.stop if killer is not None else threading.Event()
+
+    def fit() -> None:
+        try:
+            box["result"] = elastic_trainer(cfg, spares).fit(quiet=True, raise_on_failure=False)
+        except BaseException as exc:  # noqa: BLE001 - reported as the run's error
+            box["raised"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            stop.set()
+
+    t0 = time.time()
+    watchdog = threading.Timer(args.timeout, stop.set)
+    watchdog.start()
+    driver = threading.Thread(target=fit, name="driver", daemon=True)
+    try:
+        driver.start()
+        if killer is not None:
+            killer.cluster = cluster
+            killer.run()
+        driver.join(max(0.0, t0 + args.timeout - time.time()))
+    finally:
+        watchdog.cancel()
+        stop.set()
+        timed_out = driver.is_alive()
+        ray.shutdown()
+        cluster.shutdown()
+    r = box.get("result")
+    if r is None:
+        error = f"timed out after {args.timeout:.0f}s" if timed_out else box.get("raised")
+        return ({"ok": False, "error": error, "total_s": time.time() - t0, "summary": None},
+                read_events(os.path.join(cfg["run_dir"], "ckpt")))
     return ({"ok": r.ok, "error": r.error, "total_s": time.time() - t0,
              "summary": r.summary() if hasattr(r, "summary") else None}, list(r.events))
 
@@ -264,15 +475,16 @@ def analyze(rows: list, kills: list[dict], arm: str, events: list[dict], steps: 
     train_s = rows[-1][1] - rows[0][1] if len(rows) > 1 else float("nan")
     costs, lost = [], []
     for k in kills:
-        before = [r for r in rows if r[1] <= k["time"]]
+        cut = k.get("gone", k["time"])  # --fault node: the victim trained on until its process exited
+        before = [r for r in rows if r[1] <= cut]
         if not before:
             continue
         newest = max(r[0] for r in before)
-        after = [r for r in rows if r[1] > k["time"] and r[0] > newest]
+        after = [r for r in rows if r[1] > cut and r[0] > newest]
         if after:
             costs.append(after[0][1] - k["time"])
         gen = before[-1][2]
-        nxt = [r for r in rows if r[1] > k["time"] and r[2] != gen]
+        nxt = [r for r in rows if r[1] > cut and r[2] != gen]
         if nxt:
             lost.append(max(0, newest - (nxt[0][0] - 1)))
     if arm.startswith("elastic"):
@@ -307,13 +519,18 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
         if fr:  # the median of the arm's failure-free runs (one before and one after the schedules)
             free[arm] = {**fr[0], "train_s": statistics.median(r["train_s"] for r in fr), "finished": True}
     baseline = free.get("ddp", {}).get("final")
-    what = {"kill": "SIGKILL", "term": f"SIGTERM (SIGKILL {args.grace:g} s later if still there)"}[args.fault]
+    what = {"kill": "SIGKILL of a random live rank",
+            "term": f"SIGTERM (SIGKILL {args.grace:g} s later if still there) of a random live rank",
+            "node": "loss of the Ray node hosting a random live rank (Cluster.remove_node, not graceful)"}[args.fault]
     lines.append(f"Churn: {WORLD} ranks, MLP hidden={args.hidden}, {args.steps} steps, checkpoint every "
-                 f"{args.every}; {what} of a random live rank at exponential gaps (seeded, same for every arm)"
+                 f"{args.every}; {what} at exponential gaps (seeded, same for every arm)"
                  + (f"; {args.aim:.0%} of them aimed {0.4:g} s after the previous one (into its recovery)"
                     if args.aim else ""))
-    header = ["arm", "gap s", "seed", "kills", "ETTR", "÷ torchrun", "cost median", "p90", "max", "lost",
-              "ckpt fallbacks", "= DDP"]
+    if args.fault == "node":
+        lines += node_notes(args)
+        lines += [f"  {a}: {NODE_SKIP[a]}" for a in getattr(args, "node_skipped", [])]
+    header = ["arm", "gap s", "seed", "nodes lost" if args.fault == "node" else "kills", "ETTR", "÷ torchrun",
+              "cost median", "p90", "max", "lost", "ckpt fallbacks", "= DDP"]
     rows = []
     by = {(r["arm"], r["label"]): r for r in runs}
     for r in runs:
@@ -357,6 +574,23 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def node_notes(args: argparse.Namespace) -> list[str]:
+    """The --fault node cluster and replacement policy, for the report's header."""
+    return [
+        f"Cluster per elastic run (failure-free runs too): a CPU-less head (driver, supervisor) + {WORLD} + "
+        f"{args.spare_nodes} one-CPU nodes, all processes of this one {os.cpu_count()}-core host; ranks and "
+        f"spares reserve a node each, a node's standby sits beside its rank and dies with it",
+        f"Each removed node is replaced by a fresh one-CPU node {args.node_delay:g} s later (a spot "
+        f"replacement: in a cloud it takes minutes against failures hours apart; this schedule compresses "
+        f"time, so the delay is of the order of the mean gap and a burst of removals can use up the "
+        f"{args.spare_nodes} free nodes for a while). Starting a node costs this host's CPU too.",
+        "A removed node's Ray workers exit when they notice their raylet is gone (a second or two, training "
+        "meanwhile): cost = removal -> a completed step beyond the newest step completed before the victim's "
+        "process exited. Ray's GCS declares a removed node dead only when its health checks fail (about 12 s "
+        "with Ray's defaults); until then calls to actors on it wait.",
+    ]
+
+
 def plot(runs: list[dict], path: Path) -> bool:
     panels = []
     for label in dict.fromkeys(r["label"] for r in runs if r["label"] != "free"):
@@ -383,8 +617,13 @@ def main() -> None:
     ap.add_argument("--torchft-patched-hook", action="store_true",
                     help="TorchFT arms: peers_torchft's comm hook that honours a failed allreduce (torchft 0.2's "
                          "own hook asserts, so a kill during the survivor's allreduce kills the survivor too)")
-    ap.add_argument("--fault", choices=["kill", "term"], default="kill",
-                    help="kill: SIGKILL; term: SIGTERM (a preemption notice), SIGKILL after --grace s")
+    ap.add_argument("--fault", choices=["kill", "term", "node"], default="kill",
+                    help="kill: SIGKILL; term: SIGTERM (a preemption notice), SIGKILL after --grace s; node: "
+                         "Cluster.remove_node of the node hosting the rank (elastic arms on a multi-node Cluster)")
+    ap.add_argument("--spare-nodes", type=int, default=2,
+                    help="--fault node: one-CPU nodes beyond the ranks' (room for spares and replacements)")
+    ap.add_argument("--node-delay", type=float, default=10.0,
+                    help="--fault node: seconds after a removal until a fresh node replaces it")
     ap.add_argument("--grace", type=float, default=5.0)
     ap.add_argument("--aim", type=float, default=0.0,
                     help="share of the faults moved to 0.4 s after the previous one (into its recovery)")
@@ -396,10 +635,16 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="bench_churn_")
     runs: list[dict] = []
     before = bc.machine_note()
+    if args.fault == "node":
+        args.node_skipped = [a for a in args.arms if a in NODE_SKIP]
+        for a in args.node_skipped:
+            print(f"skipping {a} under --fault node: {NODE_SKIP[a]}", flush=True)
+        args.arms = [a for a in args.arms if a in NODE_ARMS]
     arms, missing = bp.available_arms(args.arms)
     for a, why in missing.items():
         print(f"skipping {a}: {why}", flush=True)
-    needs_ray = any(a not in ("ddp", "torchrun", "torchft") for a in arms)
+    # --fault node: each elastic run brings up its own multi-node cluster (run_elastic_nodes).
+    needs_ray = args.fault != "node" and any(a not in ("ddp", "torchrun", "torchft") for a in arms)
     if needs_ray:
         import ray
 
