@@ -59,7 +59,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
@@ -127,7 +127,9 @@ class Killer(threading.Thread):
         self.kills: list[dict[str, Any]] = []
         self.t0: float | None = None
 
-    def run(self) -> None:
+    def due(self) -> Iterator[tuple[float, float]]:
+        """Each planned fault (its time `at` and draw `u`), when due (counted from the run's first step); ends when
+        stopped."""
         while not self.stop.is_set() and self.t0 is None:
             rows = bc.read_steps(self.run_dir)
             if rows:
@@ -138,6 +140,10 @@ class Killer(threading.Thread):
             assert self.t0 is not None
             if self.stop.wait(max(0.0, self.t0 + at - time.time())):
                 return
+            yield at, u
+
+    def run(self) -> None:
+        for at, u in self.due():
             live = live_ranks(self.run_dir)
             if not live:
                 continue
@@ -209,16 +215,7 @@ class NodeKiller(Killer):
         remover.join(5)
 
     def _removals(self) -> None:
-        while not self.stop.is_set() and self.t0 is None:
-            rows = bc.read_steps(self.run_dir)
-            if rows:
-                self.t0 = rows[0][1]
-            else:
-                self.stop.wait(0.05)
-        for at, u in self.plan:
-            assert self.t0 is not None
-            if self.stop.wait(max(0.0, self.t0 + at - time.time())):
-                return
+        for at, u in self.due():
             victims = self.victims()
             if not victims:
                 continue
