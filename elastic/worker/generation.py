@@ -24,11 +24,12 @@ from elastic.errors import CheckpointFailedError, ConfigError, WorkerGroupError
 from elastic.events import Event
 from elastic.lease import Lease
 from elastic.train_state import TrainState
-from elastic.worker import fsdp, peer_sync, reshard, sharded_state
-from elastic.worker.buddy import BuddyCopies
+from elastic.worker import fsdp
 from elastic.worker.capture import CapturePlan
 from elastic.worker.ddp import ExactDDP
 from elastic.worker.groups import ProcessGroups
+from elastic.worker.recovery import peer_sync, reshard, sharded_state
+from elastic.worker.recovery.buddy import BuddyCopies
 from elastic.worker.seeding import reseed
 from elastic.worker.snapshot import Snapshot
 from elastic.worker.status import StatusBoard
