@@ -13,9 +13,10 @@ import torch.distributed as dist
 
 from elastic.config import CheckpointConfig, FailureConfig, RunConfig
 from elastic.worker.context import WorkerContext, set_context
-from elastic.worker.generation import Generation, Services
+from elastic.worker.generation import Generation
 from elastic.worker.groups import connect
 from elastic.worker.protocol import Assignment
+from elastic.worker.services import Services
 
 
 def make_services(uri: str, n: int, **checkpoint: Any) -> list[Services]:

@@ -24,10 +24,12 @@ from elastic.events import Event
 from elastic.worker import context as ctx_mod
 from elastic.worker import failures
 from elastic.worker.devices import device_for, torch_env
-from elastic.worker.generation import Generation, PauseRequested, Services
+from elastic.worker.generation import Generation
 from elastic.worker.groups import ProcessGroups, connect
 from elastic.worker.protocol import Assignment, FailureKind, ParkReason, WorkerError, WorkerPoll, WorkerState
 from elastic.worker.seeding import reseed
+from elastic.worker.services import Services
+from elastic.worker.vote import PauseRequested
 
 log = logging.getLogger(__name__)
 
