@@ -8,8 +8,8 @@ groups. A Generation composes pieces that each do one job:
 - Saver (saver.py): checkpoints from the snapshot, and the final save of the newest state.
 
 What outlives a generation in the process is Services (services.py), given explicitly, so several
-ranks can run in one test process. The user sees none of this: WorkerContext (context.py) is a thin
-facade over a Generation.
+ranks can run in one test process. The user sees none of this: WorkerContext (context.py) fronts a
+Generation through the small interface it declares (context.GenerationView).
 """
 
 from __future__ import annotations
@@ -53,14 +53,19 @@ class Generation:
         return self.groups.world_size
 
     @property
+    def number(self) -> int:
+        """This generation's number (0 for the run's first group)."""
+        return self.groups.generation
+
+    @property
+    def process_group(self) -> Any:
+        """This generation's training group."""
+        return self.groups.train
+
+    @property
     def restored_state(self) -> TrainState | None:
         """The state given to restore() in this generation (where data_loader() starts)."""
         return self._restorer.restored_state
-
-    @property
-    def restore_host_bytes(self) -> int:
-        """Host memory of the snapshot and buddy buffers when the last restore began (tests read it)."""
-        return self._restorer.host_bytes
 
     # -- what the training function calls (through WorkerContext) ------------------------------
     def restore(self, state: TrainState) -> bool:
@@ -76,6 +81,15 @@ class Generation:
     def report(self, metrics: dict[str, float]) -> None:
         """Publish metrics without ending a step (e.g. a final evaluation)."""
         self.s.board.progress(self.s.board.get().step, metrics, merge=True)
+
+    def stats(self) -> dict[str, float]:
+        """What elastic costs this rank so far (WorkerContext.stats)."""
+        s = self.s
+        shard = sum(t.numel() * t.element_size() for p, t in s.snapshot.tensors if p in s.snapshot.shards)
+        return {"snapshot_bytes": float(s.snapshot.nbytes), "snapshot_blocked_s": s.snapshot.blocked_s,
+                "snapshot_copy_s": s.snapshot.copy_s, "checkpoint_stall_s": s.checkpointer.last_stall_s or 0.0,
+                "buddy_bytes": float(s.buddy.nbytes), "shard_bytes": float(shard),
+                "restore_host_bytes": float(self._restorer.host_bytes)}
 
     # -- what the runtime calls ---------------------------------------------------------------
     def drain_vote(self) -> None:
