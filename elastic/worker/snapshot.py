@@ -182,14 +182,7 @@ class Snapshot:
                 assert self._live_refs is not None
                 host.update(self._live_refs[1])
             else:
-                # The same plan into the same set as last time: the same buffers (no lookups).
-                cached = self._reserved
-                if cached is not None and cached[0] is stable and cached[1] == (target, bufs.version):
-                    stable_dst, pairs = cached[2], cached[3]
-                else:
-                    stable_dst = bufs.reserve(stable)
-                    pairs = [(stable_dst[p], t.detach()) for p, t in stable]
-                    self._reserved = (stable, (target, bufs.version), stable_dst, pairs)
+                stable_dst, pairs = self._stable_buffers(stable, target, bufs)
                 host.update(stable_dst)
                 self._versions, self._samples = [], None
             self.live = live
@@ -205,6 +198,18 @@ class Snapshot:
         if pairs:
             self._copy(pairs)
         self.blocked_s += time.perf_counter() - t0
+
+    def _stable_buffers(self, stable: list[tuple[Path, torch.Tensor]], target: int,
+                        bufs: HostBuffers) -> tuple[dict[Path, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Set `target`'s buffers for the stable tensors, and the (buffer, tensor) pairs to copy. The
+        same plan into the same set as last time: the same buffers (no lookups)."""
+        cached = self._reserved
+        if cached is not None and cached[0] is stable and cached[1] == (target, bufs.version):
+            return cached[2], cached[3]
+        stable_dst = bufs.reserve(stable)
+        pairs = [(stable_dst[p], t.detach()) for p, t in stable]
+        self._reserved = (stable, (target, bufs.version), stable_dst, pairs)
+        return stable_dst, pairs
 
     def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy now: the training function must not run while its tensors are being read (an in-place
