@@ -85,9 +85,11 @@ def rank_main(slot: int, sc: Scenario, cmds: Any, results: Any, run_dir: str) ->
     torch.set_num_threads(1)
     import elastic
     from elastic.config import CheckpointConfig, FailureConfig, RunConfig
-    from elastic.worker.generation import Generation, PauseRequested, Services
+    from elastic.worker.generation import Generation
     from elastic.worker.groups import connect
     from elastic.protocol import Assignment
+    from elastic.worker.services import Services
+    from elastic.worker.vote import PauseRequested
 
     device = sc.device_of(slot)
     if device.startswith("cuda"):

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from elastic import TrainState
 from elastic.checkpoint import Checkpointer, CheckpointStore
-from elastic.worker.generation import PauseRequested
+from elastic.worker.vote import PauseRequested
 from worker_threads import make_services, ok, run_generation
 
 pytestmark = pytest.mark.timeout(60)

@@ -87,7 +87,8 @@ def _generation_of(ns: str) -> int:
 
 def install() -> None:
     """Wrap the worker's rendezvous and state transfer with the phase hooks (in this process)."""
-    from elastic.worker import groups, peer_sync
+    from elastic.worker import groups
+    from elastic.worker.recovery import peer_sync
 
     if getattr(groups.arrive, "_chaos_phases", False):
         return

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from elastic import tree
 from elastic.checkpoint.state import split_state
 from elastic.train_state import TrainState, _is_stateful
 from elastic.tree import Path
@@ -51,14 +52,20 @@ class CapturePlan:
         self.binds += 1
         sd = st.state_dict()
         tensors, values = split_state(sd)
-        from elastic import tree
+        self._optim_entries = sum(map(len, st.optimizer.state.values())) if st.optimizer is not None else 0
+        self._bind_tensors(tree.tensor_leaves(tensors))
+        self.on_cpu = all(t.device.type == "cpu" for _, t in self._stable)
+        """Every stable tensor is in host memory (where a live snapshot saves a copy per step)."""
+        self._bind_values(values)
 
-        leaves = tree.tensor_leaves(tensors)
+    def _bind_tensors(self, leaves: list[tuple[Path, torch.Tensor]]) -> None:
+        """Sort the state dict's tensors: parameters and optimizer state are stable (each with the
+        identity check that tells when it was replaced), the rest volatile; note sharded ones."""
+        st = self.state
         params = {id(p) for p in st.model.parameters()}
         by_storage = {_local(p).data_ptr(): p for p in st.model.parameters()}
         self._shards: dict[Path, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         opt_slots: dict[int, tuple[dict, str]] = {}
-        self._optim_entries = sum(map(len, st.optimizer.state.values())) if st.optimizer is not None else 0
         if st.optimizer is not None:
             for pstate in st.optimizer.state.values():
                 for k, v in pstate.items():
@@ -86,9 +93,9 @@ class CapturePlan:
                 self._volatile_paths.append(path)  # re-read from `extra` at every commit
             else:
                 self._volatile.append((path, src))
-        self.on_cpu = all(t.device.type == "cpu" for _, t in self._stable)
-        """Every stable tensor is in host memory (where a live snapshot saves a copy per step)."""
-        # Values: the optimizer's, kept in torch's own numbering, mapped to names once.
+
+    def _bind_values(self, values: list[tuple[Path, Any]]) -> None:
+        """Values: the optimizer's, kept in torch's own numbering, mapped to names once."""
         self._model_values = [(p, v) for p, v in values if p[0] == "model"]
         groups = next((v for p, v in values if p == ("optim", "param_groups")), None)
         self._group_params = [g["params"] for g in groups] if groups else []
@@ -118,8 +125,6 @@ class CapturePlan:
         if not self._fast_values:
             sd = self.state.state_dict()
             tensors, values = split_state(sd)
-            from elastic import tree
-
             leaves = {p: (local_chunk(t)[0] if is_sharded(t) else t) for p, t in tree.tensor_leaves(tensors)}
             return Items(stable=[(p, leaves[p]) for p, _ in self._stable],
                          volatile=[(p, leaves[p]) for p in self._volatile_paths] + self._volatile, values=values,
@@ -146,8 +151,6 @@ class CapturePlan:
             return [], [(("extra",), {})]  # an empty dict is a value of its own (it must round-trip)
         extra = {k: (v.state_dict() if _is_stateful(v) else v) for k, v in self.state.extra.items()}
         tensors, values = split_state({"extra": extra})
-        from elastic import tree
-
         return tree.tensor_leaves(tensors), values
 
     def _values(self, extra_values: list[tuple[Path, Any]] | None = None) -> list[tuple[Path, Any]]:

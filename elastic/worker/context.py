@@ -8,21 +8,19 @@
 commit() is also where membership changes take effect: every rank votes in one tiny allreduce, so
 all ranks agree on the step at which to pause for a resize or a preemption.
 
-WorkerContext is a facade: the work happens in the generation it fronts (generation.py).
+WorkerContext is a facade: the work happens in the generation it fronts (generation.py), which it
+sees only through `GenerationView`.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from elastic.errors import ConfigError
 from elastic.train_state import TrainState
-
-if TYPE_CHECKING:
-    from elastic.worker.generation import Generation
 
 # The context of the training function running in this process; a thread that runs a rank of its
 # own (several ranks in one test process) sees its own.
@@ -46,14 +44,55 @@ def set_context(ctx: "WorkerContext | None") -> None:
     _process = ctx
 
 
+class GenerationView(Protocol):
+    """What a WorkerContext needs of the generation it fronts (generation.Generation is one)."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def local_rank(self) -> int: ...
+
+    @property
+    def local_world_size(self) -> int: ...
+
+    @property
+    def number(self) -> int:
+        """The generation's number."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def process_group(self) -> Any: ...
+
+    @property
+    def restored_state(self) -> TrainState | None:
+        """The state given to restore() in this generation, None before."""
+
+    def restore(self, state: TrainState) -> bool: ...
+
+    def prepare_model(self, model: torch.nn.Module, strategy: str = "ddp", shard_modules: Any = None,
+                      **ddp_kwargs: Any) -> torch.nn.Module: ...
+
+    def commit(self, state: TrainState, metrics: dict[str, float] | None = None, *, reduce: bool = False) -> None: ...
+
+    def report(self, metrics: dict[str, float]) -> None: ...
+
+    def stats(self) -> dict[str, float]: ...
+
+
 class WorkerContext:
-    def __init__(self, generation: "Generation"):
+    def __init__(self, generation: GenerationView):
         self._gen = generation
         self.rank: int = generation.rank
         self.world_size: int = generation.world_size
         self.local_rank: int = generation.local_rank
         self.local_world_size: int = generation.local_world_size
-        self.generation: int = generation.groups.generation
+        self.generation: int = generation.number
         self.device: torch.device = generation.device
 
     def __repr__(self) -> str:
@@ -67,7 +106,7 @@ class WorkerContext:
     @property
     def process_group(self) -> Any:
         """This generation's training group (the default group in a worker process)."""
-        return self._gen.groups.train
+        return self._gen.process_group
 
     def restore(self, state: TrainState) -> bool:
         """Load the newest committed state into `state`; False on a fresh run (nothing to load).
@@ -120,9 +159,4 @@ class WorkerContext:
         """What elastic costs this rank so far: host memory of its snapshot, seconds the training
         thread spent on snapshots (copying what cannot wait, waiting for what had not finished),
         the background copies' own seconds, and the last checkpoint's foreground stall."""
-        s = self._gen.s
-        shard = sum(t.numel() * t.element_size() for p, t in s.snapshot.tensors if p in s.snapshot.shards)
-        return {"snapshot_bytes": float(s.snapshot.nbytes), "snapshot_blocked_s": s.snapshot.blocked_s,
-                "snapshot_copy_s": s.snapshot.copy_s, "checkpoint_stall_s": s.checkpointer.last_stall_s or 0.0,
-                "buddy_bytes": float(s.buddy.nbytes), "shard_bytes": float(shard),
-                "restore_host_bytes": float(self._gen.restore_host_bytes)}
+        return self._gen.stats()

@@ -24,10 +24,12 @@ from elastic.events import Event
 from elastic.worker import context as ctx_mod
 from elastic.worker import failures
 from elastic.worker.devices import device_for, torch_env
-from elastic.worker.generation import Generation, PauseRequested, Services
+from elastic.worker.generation import Generation
 from elastic.worker.groups import ProcessGroups, connect
 from elastic.protocol import Assignment, FailureKind, ParkReason, WorkerError, WorkerPoll, WorkerState
 from elastic.worker.seeding import reseed
+from elastic.worker.services import Services
+from elastic.worker.vote import PauseRequested
 
 log = logging.getLogger(__name__)
 
@@ -111,16 +113,7 @@ class WorkerRuntime:
         except PauseRequested:
             state, park = WorkerState.PARKED, ParkReason.PAUSE
         except BaseException as exc:  # noqa: BLE001 - everything must be reported, nothing may escape
-            kind = failures.classify(exc, group_broken=s.clock.broken)
-            if kind is FailureKind.GROUP:
-                state, park = WorkerState.PARKED, ParkReason.BROKEN
-                first = str(exc).splitlines()[0] if str(exc) else ""
-                failure = WorkerError(kind, f"group broke: {type(exc).__name__}: {first}")
-            elif kind is FailureKind.FATAL:
-                failure = WorkerError(kind, f"{type(exc).__name__}: {exc}", exit_code=failures.exit_code(exc))
-            else:
-                failure = WorkerError(kind, "".join(traceback.format_exception(exc)).strip(),
-                                      signature=failures.signature(exc, step=s.board.get().step + 1))
+            state, park, failure = self._failed(exc)
         finally:
             if state is not WorkerState.FINISHED:
                 s.checkpointer.cancel_pending()
@@ -139,6 +132,19 @@ class WorkerRuntime:
                     groups.destroy()
             s.clock.leave()
             s.board.update(state=state, park_reason=park, failure=failure)
+
+    def _failed(self, exc: BaseException) -> tuple[WorkerState, ParkReason | None, WorkerError]:
+        """How a generation that raised `exc` ends: parked when its group broke, else failed."""
+        kind = failures.classify(exc, group_broken=self.s.clock.broken)
+        if kind is FailureKind.GROUP:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            return WorkerState.PARKED, ParkReason.BROKEN, WorkerError(kind, f"group broke: {type(exc).__name__}: {first}")
+        if kind is FailureKind.FATAL:
+            failure = WorkerError(kind, f"{type(exc).__name__}: {exc}", exit_code=failures.exit_code(exc))
+        else:
+            failure = WorkerError(kind, "".join(traceback.format_exception(exc)).strip(),
+                                  signature=failures.signature(exc, step=self.s.board.get().step + 1))
+        return WorkerState.FAILED, None, failure
 
     def _device(self, a: Assignment) -> torch.device:
         gpus = self.run.scaling.gpus_per_worker

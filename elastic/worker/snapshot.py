@@ -15,26 +15,19 @@ while one is; a set that no longer holds the newest snapshot is freed when its s
 
 A live capture (FailureConfig.live_snapshots, CPU, replicated state) copies nothing stable: the
 snapshot keeps references to the live parameters and optimizer state, which are the committed
-step's until the next optimizer.step(). Each tensor's version counter (bumped by every in-place
-change made through the tensor itself, which is how torch's optimizers update) says whether that
-still holds: held_step() is -1 once any of them changed, and a failure then finds no state here
-(it falls back to a peer or a checkpoint). Changes the counters cannot see (through `.data`, a
-numpy view, an optimizer that updates `p.data`) are caught, when they touch a sampled element,
-by a sampled checksum (SAMPLES bytes-exact elements per tensor, taken at each live capture): at
-the next live capture (a tensor whose version did not move but whose samples did) and whenever
-the state is used (held_step(), state_dict()). Either way a one-line error is logged, the
-snapshot holds no step, and live captures are off for good in this process (`violation`).
+step's until the next optimizer.step(). live_guard.py says whether that still holds: held_step() is
+-1 once it does not, and a failure then finds no state here (it falls back to a peer or a
+checkpoint); a change behind the version counters is logged, and live captures are off for good
+in this process (`violation`).
 Host memory: the volatile tensors only, plus a checkpoint's staging copy while one is written.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from elastic import tree
@@ -42,62 +35,7 @@ from elastic.checkpoint.shards import Shards
 from elastic.checkpoint.state import like_template, split_state
 from elastic.hostbuf import HostBuffers
 from elastic.tree import Path
-
-
-log = logging.getLogger(__name__)
-
-SAMPLES = 16
-"""Elements per stable tensor in a live snapshot's checksum, evenly strided (compared as bytes)."""
-
-
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-class _Sampler:
-    """SAMPLES evenly strided elements of each tensor, read as integers of the same size (bitwise:
-    a NaN equals itself), grouped by size so that one torch.cat per size reads them all. The views
-    are built once per set of tensors; every take() reads their current values. Empty and
-    non-contiguous tensors are not sampled."""
-
-    def __init__(self, tensors: list[tuple[Path, torch.Tensor]]) -> None:
-        self.paths = [p for p, _ in tensors]
-        views: dict[int, list[torch.Tensor]] = {}
-        owners: dict[int, list[int]] = {}
-        for i, (_, t) in enumerate(tensors):
-            n = t.numel()
-            if n == 0 or not t.is_contiguous():
-                continue
-            width = max(1, t.element_size() // 8)  # complex128: two int64 per element
-            rows = t.reshape(-1).view(_INT_OF_SIZE[t.element_size() // width]).view(n, width)
-            k = min(SAMPLES, n)
-            views.setdefault(t.element_size(), []).append(rows[:: n // k][:k])
-            owners.setdefault(t.element_size(), []).extend([i] * (k * width))
-        self._views = list(views.values())
-        self._owners = [torch.tensor(owners[size]) for size in views]
-
-    def take(self) -> list[torch.Tensor]:
-        return [torch.cat(v).reshape(-1) for v in self._views]
-
-    def first_moved(self, before: list[torch.Tensor], now: list[torch.Tensor] | None = None,
-                    among: torch.Tensor | None = None) -> int | None:
-        """The first tensor (among `among`, a bool per tensor; all by default) whose samples differ
-        between `before` and `now` (the current values by default); None when none does."""
-        now = self.take() if now is None else now
-        for b, a, owner in zip(before, now, self._owners):
-            differs = a != b
-            if among is not None:
-                differs &= among.index_select(0, owner)
-            if bool(differs.any()):
-                return int(owner[differs.nonzero()[0, 0]])
-        return None
-
-
-def _same_tensors(old: list[tuple[Path, torch.Tensor]], new: list[tuple[Path, torch.Tensor]]) -> bool:
-    """The same list (a capture plan's fast path), or one naming the same storage in the same order
-    (its slow path walks the state dict again and gets new tensor objects over the same memory)."""
-    return old is new or (len(old) == len(new) and all(
-        po == pn and to.data_ptr() == tn.data_ptr() and to.shape == tn.shape and to.dtype == tn.dtype
-        for (po, to), (pn, tn) in zip(old, new)))
+from elastic.worker.live_guard import LiveGuard
 
 
 class Snapshot:
@@ -126,16 +64,17 @@ class Snapshot:
         """Seconds spent copying stable tensors (on CUDA: launching the copies)."""
         self.live = False
         """The stable tensors are the live ones (a live capture), valid while their versions hold."""
-        self.violation: str | None = None
-        """Set when a live tensor changed without its version counter moving: live captures are off
-        for good in this process (they are taken as copies), and the live snapshot is not used."""
-        self._versions: list[tuple[torch.Tensor, int]] = []
-        self._samples: list[torch.Tensor] | None = None
-        self._live_refs: tuple[list, dict[Path, torch.Tensor], _Sampler] | None = None
+        self._guard = LiveGuard()
 
     @property
     def empty(self) -> bool:
         return self.step < 0
+
+    @property
+    def violation(self) -> str | None:
+        """Set when a live tensor changed without its version counter moving: live captures are off
+        for good in this process (they are taken as copies), and the live snapshot is not used."""
+        return self._guard.violation
 
     @property
     def nbytes(self) -> int:
@@ -146,7 +85,7 @@ class Snapshot:
         """The step whose state this snapshot holds; -1 for none (never taken, or live tensors that
         changed since their capture: an optimizer.step() ran after the commit, or a change their
         version counters could not see, which is logged as an error)."""
-        if self.live and not self._live_intact():
+        if self.live and not self._guard.intact(self.step):
             return -1
         return self.step
 
@@ -167,7 +106,7 @@ class Snapshot:
         are. A live capture falls back to a copy once a violation was seen."""
         t0 = time.perf_counter()
         self.wait()  # the previous capture is complete before a new one starts
-        live = live and self._live_sound(stable)
+        live = live and self._guard.sound(stable, self.step)
         with self._lock:
             if keep_previous and self.step >= 0 and self.previous is None:
                 self._pinned[self._newest] += 1
@@ -179,19 +118,11 @@ class Snapshot:
             host = dict(bufs.copy_in(volatile, keep=[p for p, _ in volatile] if live else order))
             pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
             if live:
-                assert self._live_refs is not None
-                host.update(self._live_refs[1])
+                host.update(self._guard.refs)
             else:
-                # The same plan into the same set as last time: the same buffers (no lookups).
-                cached = self._reserved
-                if cached is not None and cached[0] is stable and cached[1] == (target, bufs.version):
-                    stable_dst, pairs = cached[2], cached[3]
-                else:
-                    stable_dst = bufs.reserve(stable)
-                    pairs = [(stable_dst[p], t.detach()) for p, t in stable]
-                    self._reserved = (stable, (target, bufs.version), stable_dst, pairs)
+                stable_dst, pairs = self._stable_buffers(stable, target, bufs)
                 host.update(stable_dst)
-                self._versions, self._samples = [], None
+                self._guard.forget()
             self.live = live
             self.tensors = [(p, host[p]) for p in order]
             self.values = values
@@ -205,6 +136,18 @@ class Snapshot:
         if pairs:
             self._copy(pairs)
         self.blocked_s += time.perf_counter() - t0
+
+    def _stable_buffers(self, stable: list[tuple[Path, torch.Tensor]], target: int,
+                        bufs: HostBuffers) -> tuple[dict[Path, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Set `target`'s buffers for the stable tensors, and the (buffer, tensor) pairs to copy. The
+        same plan into the same set as last time: the same buffers (no lookups)."""
+        cached = self._reserved
+        if cached is not None and cached[0] is stable and cached[1] == (target, bufs.version):
+            return cached[2], cached[3]
+        stable_dst = bufs.reserve(stable)
+        pairs = [(stable_dst[p], t.detach()) for p, t in stable]
+        self._reserved = (stable, (target, bufs.version), stable_dst, pairs)
+        return stable_dst, pairs
 
     def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy now: the training function must not run while its tensors are being read (an in-place
@@ -223,55 +166,9 @@ class Snapshot:
                     dst.copy_(src)
         self.copy_s += time.perf_counter() - t0
 
-    def _live_sound(self, stable: list[tuple[Path, torch.Tensor]]) -> bool:
-        """Before a live capture: take its version counters and samples. False (a copy is taken
-        instead) once a violation was seen, or when a tensor whose version did not move since the
-        previous live capture of the same tensors holds other values."""
-        if self.violation is not None:
-            return False
-        if self._live_refs is None or not _same_tensors(self._live_refs[0], stable):
-            # The same tensors as last time: the same references (detach() shares the version
-            # counter, so a cached one sees every change of its tensor) and the same sample views.
-            refs = {p: t.detach() for p, t in stable}
-            self._live_refs = (stable, refs, _Sampler(list(refs.items())))
-            self._versions, self._samples = [], None
-        _, refs, sampler = self._live_refs
-        samples = sampler.take()
-        if self._samples is not None and self._versions:
-            # Normally optimizer.step() moved every version; a tensor it did not move (a frozen
-            # parameter; an optimizer that updates p.data) must hold the values it held then.
-            still = [t._version == v for t, v in self._versions]
-            if any(still):
-                among = torch.from_numpy(np.fromiter(still, dtype=bool, count=len(still)))
-                i = sampler.first_moved(self._samples, samples, among=among)
-                if i is not None:
-                    self._violate(sampler.paths[i], "since the previous commit")
-                    return False
-        self._versions = [(t, t._version) for t in refs.values()]
-        self._samples = samples
-        return True
-
-    def _live_intact(self) -> bool:
-        """The live tensors still hold the captured step: no version moved, no sample changed."""
-        if self.violation is not None or self._live_refs is None or self._samples is None:
-            return False
-        if any(t._version != v for t, v in self._versions):
-            return False
-        sampler = self._live_refs[2]
-        i = sampler.first_moved(self._samples)
-        if i is not None:
-            self._violate(sampler.paths[i], f"since the commit of step {self.step}")
-            return False
-        return True
-
-    def _violate(self, path: Path, when: str) -> None:
-        self.violation = (f"{'.'.join(map(str, path))} changed {when} without its version counter moving "
-                          "(an in-place change through .data, a numpy view, or an optimizer that updates p.data)")
-        log.error("live snapshot of step %d not used: %s; snapshots are copied from now on", self.step, self.violation)
-
     def _check_live(self) -> None:
         """A live snapshot is read only while it holds its step (loud, never silently wrong)."""
-        if self.live and not self._live_intact():
+        if self.live and not self._guard.intact(self.step):
             raise RuntimeError(f"the live snapshot of step {self.step} no longer holds it: "
                                f"{self.violation or 'its tensors changed since the commit'}")
 
@@ -331,7 +228,8 @@ class Snapshot:
         self.wait()
         with self._lock:
             self.tensors, self.values, self.step = list(tensors), list(values), step
-            self.live, self._versions, self._samples = False, [], None
+            self.live = False
+            self._guard.forget()
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The state to checkpoint, reading from the buffers (a CUDA copy may still be filling them:
@@ -354,7 +252,8 @@ class Snapshot:
         self.wait()
         self.step = -1
         self.values, self.tensors = [], []
-        self.live, self._versions, self._samples, self._live_refs = False, [], None, None
+        self.live = False
+        self._guard.reset()
         self.previous = None
         self._pinned = [0] * len(self._sets)
         for s in self._sets:

@@ -2,10 +2,10 @@
 
 A rank of a sharded model holds its own rows (its snapshot, taken as old rank o of an old world W0)
 and a copy of one other rank's rows (buddy.py). `restore` rebuilds the newest complete step onto the
-new group's layout with reshard.py's plan, no storage read; `save_newest` writes the newest complete
-step as a checkpoint, each chunk by one of its holders, the lost ranks' chunks from their buddies'
-copies. Both fall back to the newest durable checkpoint only when some rank and its buddy were both
-lost.
+new group's layout with reshard.py's plan, no storage read; `checkpoint_state` gives what this rank
+writes of the newest complete step, each chunk by one of its holders, the lost ranks' chunks from
+their buddies' copies. Both fall back to the newest durable checkpoint only when some rank and its
+buddy were both lost.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from elastic import tree
 from elastic.checkpoint.shards import Shards, row_chunks
 from elastic.checkpoint.state import like_template
 from elastic.tree import Path
-from elastic.worker import reshard
 from elastic.worker.fsdp import is_sharded, local_chunk
+from elastic.worker.recovery import reshard
 
 
 def holding(s: Any, new_rank: int) -> reshard.Holding:
