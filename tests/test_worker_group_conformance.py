@@ -15,7 +15,6 @@ import ast
 import inspect
 import os
 import signal
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from elastic.config import FailureConfig, RunConfig, ScalingConfig
 from elastic.protocol import Assignment, ParkReason, PollFailure, WorkerInfo, WorkerPoll, WorkerState
 from elastic.supervisor.worker_group import RayWorkerGroup, WorkerGroup
 from elastic.testing.simulated import SimulatedGroup
+from elastic.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -89,14 +89,10 @@ def group(impl):
 # -- helpers -----------------------------------------------------------------------------------
 def eventually(check: Callable[[], Any], what: str, timeout_s: float = 20.0) -> Any:
     """check() until it returns something true; at once for the in-memory groups."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        out = check()
-        if out:
-            return out
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s:g}s: {what}")
-        time.sleep(0.05)
+    out = wait_until(check, timeout_s=timeout_s)
+    if not out:
+        raise AssertionError(f"not within {timeout_s:g}s: {what}")
+    return out
 
 
 def placed(g: Any, n: int) -> list[int]:
