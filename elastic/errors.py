@@ -1,7 +1,8 @@
 """The one error tree of elastic.
 
 Every error a user can meet derives from ElasticError and carries a message that names the problem
-and what to do. Errors cross Ray actor boundaries, so each keeps a single-string constructor (which
+and what to do. Each class's `exit_code` is the one table of exit codes: a run or a command that one
+of them ends exits with it (1: training or storage let the run down; 2: bad usage or input). Errors cross Ray actor boundaries, so each keeps a single-string constructor (which
 pickles without a custom __reduce__).
 """
 
@@ -23,6 +24,12 @@ class ElasticError(Exception):
     """Base of every error elastic raises on purpose."""
 
     exit_code = 1
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code of a run or command that `exc` ends: its class's (an instance may override it),
+    1 for an error that is not elastic's."""
+    return exc.exit_code if isinstance(exc, ElasticError) else 1
 
 
 class ConfigError(ElasticError, ValueError):

@@ -39,7 +39,7 @@ class FailureKind(str, enum.Enum):
 
     USER = "user"  # user code raised: counts against max_failures, the rank is replaced
     FATAL = "fatal"  # bad input (a checkpoint of another model, no checkpoint that verifies):
-    # retrying cannot help, the run ends with exit 2
+    # retrying cannot help, the run ends with the error's exit code (elastic.errors)
     GROUP = "group"  # a consequence of a broken process group, not a fault of this rank
 
     def __str__(self) -> str:
@@ -82,8 +82,8 @@ class WorkerError:
     message: str
     """One line for a broken group; the traceback for user code."""
     exit_code: int = 2
-    """The run's exit code when a FATAL error ends it: 2 for bad input, 1 for a final checkpoint
-    that could not be committed or a location taken over."""
+    """The run's exit code when a FATAL error ends it: the error class's (elastic.errors.exit_code_of:
+    2 for bad input, 1 for a corrupt or uncommitted checkpoint or a location taken over)."""
     signature: ErrorSignature | None = None
     """A USER error's type, user frame and step (elastic.worker.failures.signature)."""
 

@@ -79,3 +79,15 @@ def test_the_signature_of_a_user_error_names_the_innermost_frame_of_user_code_an
         {}[0]
     except KeyError as exc:
         assert signature(exc, step=1).describe() == f"KeyError: 0 at {__file__}:{exc.__traceback__.tb_lineno} (step 1)"
+
+
+def test_one_exit_code_table_the_error_classes_and_a_fatal_worker_error_agree():
+    from elastic.errors import (CheckpointCorruptError, CheckpointFailedError, LeaseLostError, NoCheckpointError,
+                                StorageUnavailableError, exit_code_of)
+    from elastic.worker.failures import is_fatal
+
+    for exc, code in [(CheckpointMismatchError("other model"), 2), (ConfigError("bad"), 2), (NoCheckpointError("x"), 2),
+                      (StorageUnavailableError("x"), 2), (CheckpointCorruptError("every one failed"), 1),
+                      (CheckpointFailedError("not committed"), 1), (LeaseLostError("taken over"), 1)]:
+        assert is_fatal(exc) and exit_code_of(exc) == type(exc).exit_code == code, exc
+    assert exit_code_of(KeyError("user code")) == 1

@@ -28,7 +28,7 @@ from elastic.checkpoint import CheckpointStore
 from elastic.config import RunConfig
 from elastic.events import Event, EventLog
 from elastic.metrics import MetricsLog
-from elastic.errors import LeaseLostError
+from elastic.errors import LeaseLostError, exit_code_of
 from elastic.lease import Lease, LeaseRecord, pid_alive
 from elastic.result import Result
 from elastic.retry import redact
@@ -115,7 +115,7 @@ class SupervisorActor:
             state = c.run_to_end()
         except Exception as exc:  # noqa: BLE001 - the run must end with a result, not a hang
             log.exception("supervisor error")
-            state = Failed(error=redact(f"{type(exc).__name__}: {exc}"), exit_code=getattr(exc, "exit_code", 1))
+            state = Failed(error=redact(f"{type(exc).__name__}: {exc}"), exit_code=exit_code_of(exc))
         finally:
             self._done.set()
             self.group.shutdown()

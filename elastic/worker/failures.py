@@ -46,12 +46,6 @@ def is_fatal(exc: BaseException) -> bool:
     return isinstance(exc, ElasticError) and exc.exit_code == 2
 
 
-def exit_code(exc: BaseException) -> int:
-    """The run's exit code when `exc` ends it: 1 when the data or storage let it down (a final
-    checkpoint not committed, the location taken over), 2 for bad input."""
-    return 1 if isinstance(exc, (CheckpointFailedError, LeaseLostError)) else 2
-
-
 def is_group_failure(exc: BaseException) -> bool:
     """The exception (or one it was raised from) says the process group broke under this rank."""
     for e in exception_chain(exc):

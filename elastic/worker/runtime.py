@@ -22,6 +22,7 @@ import torch
 from elastic.config import RunConfig
 from elastic.events import Event
 from elastic.worker import context as ctx_mod
+from elastic.errors import exit_code_of
 from elastic.worker import failures
 from elastic.worker.devices import device_for, torch_env
 from elastic.worker.generation import Generation
@@ -140,7 +141,7 @@ class WorkerRuntime:
             first = str(exc).splitlines()[0] if str(exc) else ""
             return WorkerState.PARKED, ParkReason.BROKEN, WorkerError(kind, f"group broke: {type(exc).__name__}: {first}")
         if kind is FailureKind.FATAL:
-            failure = WorkerError(kind, f"{type(exc).__name__}: {exc}", exit_code=failures.exit_code(exc))
+            failure = WorkerError(kind, f"{type(exc).__name__}: {exc}", exit_code=exit_code_of(exc))
         else:
             failure = WorkerError(kind, "".join(traceback.format_exception(exc)).strip(),
                                   signature=failures.signature(exc, step=self.s.board.get().step + 1))
