@@ -6,9 +6,12 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from elastic.events import Event, format_event
+
+if TYPE_CHECKING:
+    from elastic.supervisor.tracking import Progress
 
 _SHOWN = {e.value for e in Event if e.shown}
 
@@ -25,28 +28,27 @@ class ProgressPrinter:
             if ev.get("event") in _SHOWN and not (ev.get("event") == Event.RESTORED and ev.get("rank") not in (0, None)):
                 print(format_event(ev, brief=True), file=self.out, flush=True)
 
-    def progress(self, p: dict[str, Any], *, force: bool = False) -> None:
+    def progress(self, p: Progress | None, *, force: bool = False) -> None:
+        """One line from the supervisor's snapshot (None: it could not be read this time)."""
         now = time.monotonic()
-        if not force and now - self._last < self.interval_s:
+        if p is None or (not force and now - self._last < self.interval_s):
             return
         self._last = now
-        if p.get("state") not in ("running",) and not force:
+        if p.state != "running" and not force:
             return
-        loss = p.get("loss")
-        loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
-        print(f"[elastic] step {p.get('step', 0):>6}  loss {loss_s}  {p.get('steps_per_s', 0.0):6.1f} steps/s  "
-              f"world {p.get('world_size', 0)}  gen {p.get('generation', 0)}  {goodput(p)}",
+        loss_s = f"{p.loss:.4f}" if isinstance(p.loss, (int, float)) else "-"
+        print(f"[elastic] step {p.step:>6}  loss {loss_s}  {p.steps_per_s:6.1f} steps/s  "
+              f"world {p.world_size}  gen {p.generation}  {goodput(p)}",
               file=self.out, flush=True)
 
 
-def goodput(p: dict[str, Any]) -> str:
+def goodput(p: Progress) -> str:
     """`ETTR 0.97 · 3 failures (median 0.4 s, max 2.1 s) · standbys 1` from a progress snapshot (the
     costs are those of the failures recovered from so far)."""
-    n = p.get("failures", 0)
+    n = p.failures
     failures = f"{n} failure{'' if n == 1 else 's'}"
-    costs = p.get("failure_cost_s") or []
+    costs = p.failure_cost_s
     if costs:
         failures += f" (median {statistics.median(costs):.1f} s, max {max(costs):.1f} s)"
-    ettr = p.get("ettr")
-    head = [f"ETTR {ettr:.2f}"] if isinstance(ettr, (int, float)) else []
-    return " · ".join([*head, failures, f"standbys {p.get('standbys', 0)}"])
+    head = [f"ETTR {p.ettr:.2f}"] if isinstance(p.ettr, (int, float)) else []
+    return " · ".join([*head, failures, f"standbys {p.standbys}"])

@@ -46,6 +46,16 @@ class FailureKind(str, enum.Enum):
         return self.value
 
 
+class AssignmentMode(str, enum.Enum):
+    """What a generation is built for."""
+
+    TRAIN = "train"  # run the training function
+    SAVE = "save"  # make the newest in-memory state durable, then stop (a run that ends unfinished)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class PollFailure(str, enum.Enum):
     """A poll that got no answer."""
 
@@ -100,19 +110,34 @@ class Assignment:
     backend: str
     collective_timeout_s: float
     local_rank: int = 0
-    mode: str = "train"  # train | save (make the newest in-memory state durable, then stop)
+    mode: AssignmentMode = AssignmentMode.TRAIN
     local_world_size: int = 1
     """Ranks of this generation on this rank's node."""
     store_prefix: str = ""
     """The run's secret key prefix on the rendezvous store (handed over through Ray, never logged)."""
-    gpu_ids: tuple[str, ...] = ()
-    """GPUs reserved for this worker by another actor (a promoted standby reserves none itself)."""
+    gpu_ids: tuple[str, ...] | None = ()
+    """GPUs reserved for this worker by another actor (a promoted standby reserves none itself);
+    None when that reservation was not placed in time (the worker cannot train: its generation fails)."""
     rendezvous_timeout_s: float = 30.0
     """Bound on the wait for the generation's other ranks to arrive and exchange addresses (the
     supervisor's failure-detection bound): a member lost during the build costs this at most."""
     node_id: str = ""
     """This rank's node (the ranks gather each other's when they need them: buddies go on other
     nodes). Not every rank's: an assignment stays small at any world size."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", AssignmentMode(self.mode))  # the value ("save") is accepted too
+
+
+@dataclass(frozen=True)
+class Restored:
+    """Where a rank's generation restarted from (also logged as a `restored` event)."""
+
+    generation: int
+    step: int
+    """The step of the state it restored (0: a fresh start)."""
+    lost_steps: int = 0
+    """Committed steps it could not restore (its newest committed step minus `step`)."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +161,10 @@ class WorkerPoll:
     what it already has when an item comes again (elastic.worker.status)."""
     record_seq: int = 1
     """The sequence number of records[0]."""
+    committed_step: int = -1
+    """The newest step a checkpoint this worker took part in committed (-1: none yet)."""
+    restored: Restored | None = None
+    """What this worker restored in its latest generation (None before it restored anything)."""
 
     def __post_init__(self) -> None:
         # Accept the names too (a test's fake group, an older worker): always hold the members.

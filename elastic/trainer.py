@@ -143,7 +143,7 @@ class ElasticTrainer:
                     try:
                         prog, events, records = ray.get(sup.progress.remote(), timeout=10)
                     except Exception:  # noqa: BLE001 - progress is best effort; the run ref is the truth
-                        prog, events, records = {}, [], []
+                        prog, events, records = None, [], []
                     self._callbacks.steps(records)
                     self._callbacks.events(events)
                     if not quiet:

@@ -9,7 +9,7 @@ and elastic.testing.simulated.SimulatedGroup do.
 
 from __future__ import annotations
 
-from elastic.protocol import WorkerInfo, WorkerPoll
+from elastic.protocol import Restored, WorkerInfo, WorkerPoll
 from elastic.supervisor import policy
 
 class FakeGroup:
@@ -35,6 +35,8 @@ class FakeGroup:
         self.reason: dict[int, str] = {}  # why a parked worker parked: pause | broken
         self.sticky: set[int] = set()
         self.events: dict[int, list[dict]] = {}
+        self.restored: dict[int, Restored] = {}  # what each worker restored in its latest generation
+        self.committed: dict[int, int] = {}  # the newest step each worker saw committed
         self.requests: list[tuple[int, bool]] = []  # (n, background)
 
     def request(self, n: int, *, background: bool = False) -> list[int]:
@@ -67,6 +69,7 @@ class FakeGroup:
             self.step[wid] = self.global_step
             self.events[wid] = [{"event": "restored", "step": self.global_step, "generation": a.generation,
                                  "source": "memory", "time": 0.0}]
+            self.restored[wid] = Restored(generation=a.generation, step=self.global_step)
         return [w for w in assignments if w in self.dead]  # a worker that is gone cannot take it
 
     def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | str]:
@@ -104,7 +107,8 @@ class FakeGroup:
             events = self.events.pop(w, [])
             out[w] = WorkerPoll(state=self.state[w], generation=self.gen[w], step=self.step[w], progress_age_s=0.0,
                                 waiting_in_collective_s=None, metrics={"loss": 1.0}, events=events,
-                                preempted=w in self.preempted, park_reason=self.reason.get(w))
+                                preempted=w in self.preempted, park_reason=self.reason.get(w),
+                                committed_step=self.committed.get(w, -1), restored=self.restored.get(w))
         return out
 
     def request_pause(self, wids: list[int]) -> None:
@@ -164,6 +168,7 @@ class StoppableGroup(FakeGroup):
                 self.state[w], self.reason[w] = "parked", "pause"
         top = max(self.step[w] for w in wids)
         self.events[wids[0]] = [{"event": "checkpoint_committed", "step": top, "time": 0.0}]
+        self.committed[wids[0]] = top
 
     def heartbeat(self) -> None:
         pass

@@ -40,7 +40,7 @@ def test_a_thousand_workers_through_a_failure_a_shrink_and_a_grow():
     assert len(built) == 4 and events.names.count("group_failed") == 2, events.names
     sizes = [ctl.progress.world_size]
     assert sizes == [n] and ctl.failures == 2 and len(ctl.recoveries) == 3
-    assert [r["world_size"] for r in ctl.recoveries] == [n, n - per_node, n]
+    assert [r.world_size for r in ctl.recoveries] == [n, n - per_node, n]
     assert wall < 1.0, f"{wall:.2f}s: the controller's own work grew too costly at {n} workers"
 
 

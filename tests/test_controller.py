@@ -6,6 +6,7 @@ groups: tests/doubles.py).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -85,7 +86,7 @@ def test_worker_death_keeps_survivor_and_replaces_at_same_size():
     assert gen1[0] == (0, 0) and len(gen1) == 2 and gen1[1][0] not in (0, 1)  # survivor keeps rank 0
     failed = [e for e in events.events if e["event"] == "worker_failed"]
     assert [e["worker"] for e in failed] == [1] and failed[0]["pid"] == 10_001
-    assert [r["failure"] for r in ctl.recoveries] == [True] and ctl.recoveries[0]["world_size"] == 2
+    assert [r.failure for r in ctl.recoveries] == [True] and ctl.recoveries[0].world_size == 2
 
 
 def test_workers_requested_while_others_train_start_in_the_background():
@@ -110,7 +111,7 @@ def test_cascading_failures_each_get_a_recovery_record():
     ctl, events, _ = make(g)
     run_states(ctl)
     assert ctl.failures == 2
-    assert len(ctl.recoveries) == 2 and all(r["failure"] for r in ctl.recoveries)
+    assert len(ctl.recoveries) == 2 and all(r.failure for r in ctl.recoveries)
     assert events.names().count("recovered") == 2
 
 
@@ -308,7 +309,7 @@ def test_a_dead_worker_is_replaced_by_the_standby_on_its_node_without_waiting_fo
     assert len(g.promoted) == 1 and g.infos[g.promoted[0]].node_id == "node1"  # the dead worker's node
     gen1 = [w for w, gen, _ in g.starts if gen == 1]
     assert g.promoted[0] in gen1 and len(gen1) == 2
-    assert ctl.failures == 1 and ctl.recoveries[0]["world_size"] == 2
+    assert ctl.failures == 1 and ctl.recoveries[0].world_size == 2
 
 
 def test_standbys_wait_for_the_first_group_only_and_a_promoted_one_is_replaced_at_once():
@@ -562,7 +563,7 @@ def test_a_failure_costs_until_a_step_beyond_the_newest_before_it_and_overlaps_c
     assert recovered[1]["ettr"] == pytest.approx(1 - (end - failed[0]) / (end - ctl._first_step_at), abs=1e-4)
     assert recovered[1]["ettr"] > 1 - sum(e["cost_s"] for e in recovered) / (end - ctl._first_step_at) + 0.1
     p = ctl.progress
-    assert p.failure_cost_s == [e["cost_s"] for e in recovered] and p.lost_s == pytest.approx(end - failed[0])
+    assert p.failure_cost_s == tuple(e["cost_s"] for e in recovered) and p.lost_s == pytest.approx(end - failed[0])
     assert p.ettr == pytest.approx(1 - p.lost_s / (clock() - ctl._first_step_at)) and p.ettr > recovered[1]["ettr"]
 
 
@@ -647,3 +648,48 @@ def test_a_grow_is_a_resize_whose_events_carry_the_string_grow(policy):
     resized = [e["reason"] for e in events.events if e["event"] == "resized"]
     assert built == ["start", "grow"] and resized == ["grow"]
     assert all(type(r) is str for r in built + resized)  # the plain strings events always had
+
+
+def test_committed_and_restored_steps_reach_the_controller_as_typed_fields_not_parsed_from_events():
+    from elastic.protocol import Restored
+
+    g = FakeGroup(capacity=2)
+    ctl, events, _ = make(g)
+    ctl.generation, ctl.members = 3, [0]
+    ctl._incidents.start("rank(s) 1 died", is_failure=True, step_before=9)
+
+    def poll(**kw) -> WorkerPoll:
+        return WorkerPoll(state="parked", generation=3, step=7, progress_age_s=0.0, waiting_in_collective_s=None,
+                          **kw)
+
+    # An event alone is logged, never parsed: the typed fields are what counts.
+    ctl._absorb({0: poll(events=[{"event": "checkpoint_committed", "step": 99},
+                                 {"event": "restored", "step": 1, "generation": 3}])})
+    assert ctl.committed_step == -1 and ctl._incidents.open[0].restored_step is None
+    assert [e["event"] for e in events.events] == ["checkpoint_committed", "restored"]
+    ctl._absorb({0: poll(committed_step=6, restored=Restored(generation=2, step=5))})  # an older generation's
+    assert ctl.committed_step == 6 and ctl._incidents.open[0].restored_step is None
+    ctl._absorb({0: poll(committed_step=4, restored=Restored(generation=3, step=6, lost_steps=2))})
+    assert ctl.committed_step == 6  # the newest one held
+    assert (ctl._incidents.open[0].restored_step, ctl._incidents.open[0].lost_steps) == (6, 2)
+    # Told once per rank and generation: an incident opened later is not given an old restore.
+    ctl._incidents.start("grow", is_failure=False, step_before=9)
+    ctl._absorb({0: poll(restored=Restored(generation=3, step=6, lost_steps=2))})
+    assert ctl._incidents.open[1].restored_step is None
+
+
+def test_a_final_save_is_an_assignment_in_save_mode_and_an_unplaced_reservation_is_none():
+    from elastic.protocol import Assignment, AssignmentMode
+
+    a = Assignment(generation=0, rank=0, world_size=1, store_host="h", store_port=1, backend="gloo",
+                   collective_timeout_s=1.0, mode="save")  # the value is accepted: held as the member
+    assert a.mode is AssignmentMode.SAVE and str(a.mode) == "save" and a.mode == "save"
+
+    class Unplaceable(FakeGroup):
+        def gpu_ids(self, wid, timeout_s):
+            raise TimeoutError("not placed")
+
+    ctl, _, _ = make(Unplaceable(capacity=2))
+    assert ctl._gpu_ids(0) == ()  # a CPU run reserves none
+    ctl.run = replace(ctl.run, scaling=replace(ctl.run.scaling, gpus_per_worker=1.0))
+    assert ctl._gpu_ids(0) is None

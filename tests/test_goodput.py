@@ -13,7 +13,7 @@ from elastic.metrics import MetricsLog
 from elastic.plot import ettr, marks, plot
 from elastic.progress import ProgressPrinter, goodput
 from elastic.result import Result
-from elastic.supervisor.tracking import Incidents, union_s
+from elastic.supervisor.tracking import Incidents, Progress, union_s
 from elastic.testing.simulated import ManualClock
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,7 +40,7 @@ def test_an_open_failure_costs_until_now_and_a_resize_costs_nothing():
     assert inc.close_past(60, generation=1, world_size=2) == [] and inc.restoring is False  # resumed, not recovered
     clock.sleep(1.0)
     recs = inc.close_past(61, generation=1, world_size=2)
-    assert [(r["failure"], r["cost_s"], r["seconds"], r["lost_steps"]) for r in recs] == [
+    assert [(r.failure, r.cost_s, r.seconds, r.lost_steps) for r in recs] == [
         (False, 6.0, 5.0, 5), (True, 4.0, 3.0, 5)]
     clock.sleep(4.0)
     assert inc.lost_s(first_step) == pytest.approx(4.0) and inc.ettr(first_step) == pytest.approx(16 / 20)
@@ -48,10 +48,10 @@ def test_an_open_failure_costs_until_now_and_a_resize_costs_nothing():
 
 
 def test_the_progress_line_shows_ettr_failure_costs_and_standbys():
-    p = {"state": "running", "step": 120, "loss": 0.5, "steps_per_s": 9.0, "world_size": 4, "generation": 3,
-         "failures": 3, "failure_cost_s": [0.4, 2.1, 0.3], "ettr": 0.9712, "standbys": 1}
+    p = Progress(state="running", step=120, loss=0.5, steps_per_s=9.0, world_size=4, generation=3,
+                 failures=3, failure_cost_s=(0.4, 2.1, 0.3), ettr=0.9712, standbys=1)
     assert goodput(p) == "ETTR 0.97 · 3 failures (median 0.4 s, max 2.1 s) · standbys 1"
-    assert goodput({"failures": 1, "standbys": 0}) == "1 failure · standbys 0"  # before the first step
+    assert goodput(Progress(failures=1, standbys=0)) == "1 failure · standbys 0"  # before the first step
     out = io.StringIO()
     ProgressPrinter(out=out).progress(p, force=True)
     assert out.getvalue().rstrip().endswith("gen 3  ETTR 0.97 · 3 failures (median 0.4 s, max 2.1 s) · standbys 1")

@@ -222,8 +222,10 @@ def test_a_started_group_runs_and_each_event_arrives_once(group):
 
     eventually(lambda: poll(ids) and restored(rank0), "rank 0 says where generation 0 restored from")
     for _ in range(5):
-        poll(ids)
+        last = poll(ids)
     assert len(restored(rank0)) == 1 and all(len(restored(w)) <= 1 for w in ids), dict(poll.events)
+    # The same fact as a typed field, in every answer of this generation (what the controller reads).
+    assert last[rank0].restored is not None and last[rank0].restored.generation == 0, last[rank0]
 
 
 def test_running_workers_leave_at_a_step_boundary_when_asked_and_take_a_new_generation(group):

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from elastic import TrainState
 from elastic.checkpoint import Checkpointer, CheckpointStore
+from elastic.protocol import Restored
 from elastic.worker.vote import PauseRequested
 from worker_threads import make_services, ok, run_generation
 
@@ -90,6 +91,7 @@ def test_every_rank_restores_its_own_memory_when_all_hold_the_newest_step(tmp_pa
     got = ok(run_generation(services, fn, generation=1))
     for r in (0, 1):
         assert restored_event(services, r)["source"] == "memory"
+        assert services[r].board.get().restored == Restored(generation=1, step=5)  # what polls carry
         assert got[r][0] == 5
         assert all(torch.equal(got[r][1][k], held[r][k]) for k in held[r])
 
@@ -170,6 +172,7 @@ def test_checkpoints_commit_at_the_interval_and_the_end_of_the_run(tmp_path):
     assert store.verify() == []
     committed = [e["step"] for s in services for e in s.board.take_events() if e["event"] == "checkpoint_committed"]
     assert sorted(committed) == [4, 8, 10]  # reported once, by the coordinator
+    assert max(s.board.get().committed_step for s in services) == 10  # the typed field polls carry
 
 
 def test_a_corrupt_newest_checkpoint_does_not_beat_newer_memory(tmp_path):

@@ -34,6 +34,7 @@ from elastic.result import Result
 from elastic.retry import redact
 from elastic.supervisor.controller import Controller
 from elastic.supervisor.states import Failed, Stopped
+from elastic.supervisor.tracking import Progress
 from elastic.supervisor.worker_group import RayWorkerGroup
 from elastic.worker.devices import backend_for
 
@@ -136,7 +137,7 @@ class SupervisorActor:
             checkpoint = None
         return Result(ok=ok, exit_code=exit_code, error=error, metrics=dict(c.progress.metrics),
                       steps=c.progress.step, seconds=time.time() - t0, failures=c.failures,
-                      recoveries=list(c.recoveries), checkpoint=checkpoint, uri=self.uri,
+                      recoveries=[r.as_dict() for r in c.recoveries], checkpoint=checkpoint, uri=self.uri,
                       events=list(self.events.events), stopped=stopped, ettr=c.progress.ettr, lost_s=c.progress.lost_s)
 
     def request_stop(self, signum: int) -> None:
@@ -154,14 +155,14 @@ class SupervisorActor:
         self.group.shutdown()
         self.store = None
 
-    def progress(self) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    def progress(self) -> tuple[Progress, list[dict[str, Any]], list[dict[str, Any]]]:
         """(the progress snapshot, events recorded since the last call, per-step metrics records
         since the last call)."""
         evs = self.events.since(self._cursor)
         self._cursor = self.events.count
         recs = self.metrics.since(self._metrics_cursor)
         self._metrics_cursor = self.metrics.count
-        return vars(self.controller.progress).copy(), evs, recs
+        return self.controller.progress, evs, recs  # frozen: the controller replaces it as a whole
 
     def _keepalive(self) -> None:
         while not self._done.wait(HEARTBEAT_EVERY_S):

@@ -15,13 +15,13 @@ from typing import Any, Callable, Protocol
 
 from elastic.config import RunConfig
 from elastic.events import Event
-from elastic.protocol import Assignment, ErrorSignature, PollFailure, WorkerPoll, WorkerState
+from elastic.protocol import Assignment, AssignmentMode, ErrorSignature, PollFailure, WorkerPoll, WorkerState
 from elastic.supervisor import policy as pol
 from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Policy, Remove, Resize, ResizeReason,
                                           Restart, Retry, WaitForWorkers)
 from elastic.supervisor.states import (Failed, Finished, Resizing, Restarting, Running, Starting, State,
                                        StateType, Stopped, Stopping)
-from elastic.supervisor.tracking import Incidents, Progress, StepRate
+from elastic.supervisor.tracking import Incidents, Progress, Recovery, StepRate
 from elastic.supervisor.worker_group import WorkerGroup
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Controller:
         self.consecutive_failures = 0
         self._last_error: tuple[int, ErrorSignature | None] = (-2, None)
         """(generation, the error every rank raised in it) of the last failed generation (policy.shared_error)."""
-        self.recoveries: list[dict[str, Any]] = []
+        self.recoveries: list[Recovery] = []
         self.progress = Progress()
         self._incidents = Incidents(clock)
         self._rate = StepRate(clock)
@@ -71,7 +71,9 @@ class Controller:
         self.abort_reason: str | None = None
         """Set (from another thread) when the run must end at once (its location was taken over)."""
         self.committed_step = -1
-        """The newest step a checkpoint of this run committed (from the workers' events)."""
+        """The newest step a checkpoint of this run committed (WorkerPoll.committed_step)."""
+        self._restored_in: dict[int, int] = {}
+        """worker id -> the generation whose WorkerPoll.restored the incidents were told of last."""
         self.newest_step = 0
         """The newest step any worker reported (parked ones included: they hold it)."""
         self.storage_step: Callable[[], int] | None = None
@@ -108,7 +110,7 @@ class Controller:
         }[state.type]
         nxt = handler(state)
         if nxt.type is not state.type:
-            self.progress.state = nxt.type.label
+            self._show(state=nxt.type.label)
             log.info("supervisor: %s -> %s", state.type.label, nxt.type.label)
         return nxt
 
@@ -189,7 +191,7 @@ class Controller:
         self._failure_times.append(self.clock())
         self.failures += 1
         self.consecutive_failures += 1
-        self.progress.failures = self.failures
+        self._show(failures=self.failures)
         self._incidents.start(state.reason, is_failure=True, step_before=self.progress.step)
         survivors, _lost = self._quiesce(set(state.failed_workers), state.reason)
         d = self.policy.after_failure(self.run, self.failures, self.consecutive_failures, state.reason,
@@ -387,13 +389,14 @@ class Controller:
         self._failure_times.append(self.clock())
         self.failures += 1
         self.consecutive_failures += 1
-        self.progress.failures = self.failures
+        self._show(failures=self.failures)
         self._incidents.start(f"worker(s) lost while the next group was formed", is_failure=True,
                               step_before=self.progress.step)
         for wid in wids:
             self._drop(wid, "lost while the next group was formed")
 
-    def _build(self, members: list[int], *, reason: str, mode: str = "train") -> Running | Restarting:
+    def _build(self, members: list[int], *, reason: str,
+               mode: AssignmentMode = AssignmentMode.TRAIN) -> Running | Restarting:
         t0 = self.clock()
         self._lost_nodes = []
         self.generation += 1
@@ -439,21 +442,21 @@ class Controller:
             self.members = [w for w in self.members if w not in refused]
             self._rank_of = {w: r for r, w in enumerate(self.members)}
             return Restarting(reason="worker lost while the group was built", failed_workers=(), since=self.clock())
-        self.progress.world_size = len(self.members)
-        self.progress.generation = g
+        self._show(world_size=len(self.members), generation=g)
         if self._first_built_at is None:
             self._first_built_at = self.clock()
         self._rate.reset()
         return Running(generation=g)
 
-    def _gpu_ids(self, wid: int) -> tuple[str, ...]:
-        """A promoted standby's GPUs come from its reservation (it waits for it to be placed)."""
+    def _gpu_ids(self, wid: int) -> tuple[str, ...] | None:
+        """A promoted standby's GPUs come from its reservation (it waits for it to be placed); None
+        when it was not placed in time (Assignment.gpu_ids: the worker cannot train, it is lost)."""
         if self.run.scaling.gpus_per_worker <= 0:
             return ()
         try:
             return self.group.gpu_ids(wid, self._failure.poll_timeout_s + self.policy.assignment_slack_s)
-        except Exception:  # noqa: BLE001 - not placed in time: the worker cannot train, it is lost
-            return ("unplaced",)
+        except Exception:  # noqa: BLE001 - not placed in time
+            return None
 
     def _keep_standbys(self) -> None:
         """Keep the standby pool on every node that hosts ranks, sized by the policy from the
@@ -527,7 +530,7 @@ class Controller:
         """The run ends unfinished: have the survivors commit the newest state they hold, so that
         `elastic resume` starts from it rather than from an older periodic checkpoint. Bounded."""
         f = self._failure
-        self._build(survivors, reason="final checkpoint", mode="save")
+        self._build(survivors, reason="final checkpoint", mode=AssignmentMode.SAVE)
         deadline = self.clock() + (timeout_s if timeout_s is not None else self.policy.final_save_timeout(self.run))
         while self.clock() < deadline:
             polls = self.group.poll(self.members, f.poll_timeout_s)
@@ -542,60 +545,69 @@ class Controller:
         self._last_polls.update(polls)
         answers = {w: p for w, p in polls.items() if isinstance(p, WorkerPoll)}
         self._forward_events(answers)
+        self._take_facts(answers)
         if self.metrics is not None:
             self.metrics.extend([{"step": step, "time": t, **m} for p in answers.values() for step, t, m in p.records])
         self.newest_step = max([self.newest_step, *(p.step for p in answers.values())])
         steps = [p.step for p in answers.values()
                  if p.generation == self.generation and p.state in (WorkerState.RUNNING, WorkerState.FINISHED)]
         if self.members and (p := answers.get(self.members[0])) is not None and p.metrics:
-            self.progress.metrics = p.metrics
-            self.progress.loss = p.metrics.get("loss")
-        self.progress.standbys = len(self.group.standbys())
+            self._show(metrics=dict(p.metrics), loss=p.metrics.get("loss"))
+        self._show(standbys=len(self.group.standbys()))
         if not steps:
             self._account()
             return
         step = max(steps)
         if self._first_step_at is None and self._first_built_at is not None and step > self.progress.step:
             self._first_step_at = self.clock()
-        self.progress.steps_per_s = self._rate.observe(step)
+        steps_per_s = self._rate.observe(step)
         closed = self._close_incidents(step)
-        self.progress.recoveries = len(self.recoveries)
-        self.progress.step = step if self._incidents.open or closed else max(self.progress.step, step)
+        self._show(steps_per_s=steps_per_s, recoveries=len(self.recoveries),
+                   step=step if self._incidents.open or closed else max(self.progress.step, step))
 
-    def _close_incidents(self, step: int | None = None, *, finished: bool = False) -> list[dict[str, Any]]:
+    def _close_incidents(self, step: int | None = None, *, finished: bool = False) -> list[Recovery]:
         """Close the incidents the group has stepped beyond (all of them when the run finished) and
         emit their records."""
         closed = self._incidents.close_past(self.progress.step if step is None else step, generation=self.generation,
                                             world_size=len(self.members), finished=finished)
         self._account()
+        ettr = None if self.progress.ettr is None else round(self.progress.ettr, 4)
+        closed = [replace(rec, ettr=ettr) for rec in closed]
         for rec in closed:
-            rec["ettr"] = None if self.progress.ettr is None else round(self.progress.ettr, 4)
             self.recoveries.append(rec)
-            self.events.emit(Event.RECOVERED if rec["failure"] else Event.RESIZED, **rec)
-            if rec["failure"]:
+            self.events.emit(Event.RECOVERED if rec.failure else Event.RESIZED, **rec.as_dict())
+            if rec.failure:
                 self.consecutive_failures = 0
-                self.progress.failure_cost_s.append(rec["cost_s"])
+                self._show(failure_cost_s=(*self.progress.failure_cost_s, rec.cost_s))
         return closed
 
     def _account(self) -> None:
         """The run's goodput so far, for progress: the time its failures cost and its ETTR."""
         if self._first_step_at is not None:  # the time before the first step is start-up, not lost
-            self.progress.lost_s = round(self._incidents.lost_s(self._first_step_at), 4)
-            self.progress.ettr = self._incidents.ettr(self._first_step_at)
+            self._show(lost_s=round(self._incidents.lost_s(self._first_step_at), 4),
+                       ettr=self._incidents.ettr(self._first_step_at))
+
+    def _show(self, **changes: Any) -> None:
+        """Replace the progress snapshot (the driver reads it from another thread)."""
+        self.progress = replace(self.progress, **changes)
 
     def _forward_events(self, answers: dict[int, WorkerPoll]) -> None:
-        """Workers' events go to the log with who sent them; a `restored` of this generation tells
-        the open incidents where the group restarted from."""
+        """Workers' events go to the log with who sent them."""
         rank_of = self._rank_of
         for wid, poll in answers.items():
             info = self.group.infos.get(wid)
             for ev in poll.events:
-                ev = {**ev, "worker": wid, "rank": rank_of.get(wid), "pid": info.pid if info else None}
-                self.events.record(ev)
-                if ev["event"] == Event.CHECKPOINT_COMMITTED:
-                    self.committed_step = max(self.committed_step, int(ev.get("step") or -1))
-                if ev["event"] == Event.RESTORED and ev.get("generation") == self.generation:
-                    self._incidents.restored(int(ev.get("step") or 0), int(ev.get("lost_steps") or 0))
+                self.events.record({**ev, "worker": wid, "rank": rank_of.get(wid), "pid": info.pid if info else None})
+
+    def _take_facts(self, answers: dict[int, WorkerPoll]) -> None:
+        """What the workers' typed fields say: the newest committed step, and where each rank of this
+        generation restored from (told to the open incidents once per rank and generation)."""
+        for wid, poll in answers.items():
+            self.committed_step = max(self.committed_step, poll.committed_step)
+            r = poll.restored
+            if r is not None and r.generation == self.generation and self._restored_in.get(wid) != r.generation:
+                self._restored_in[wid] = r.generation
+                self._incidents.restored(r.step, r.lost_steps)
 
     def _drop(self, wid: int, reason: str) -> None:
         info = self.group.infos.get(wid)

@@ -7,6 +7,7 @@ Each piece has one job; the controller feeds them what the workers answered.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -15,9 +16,10 @@ STEP_RATE_WINDOW_S = 1.0
 """The training rate (steps/s) shown in progress lines is measured over windows of this length."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Progress:
-    """What the driver shows: a snapshot, copied on each progress call."""
+    """What the driver shows: a snapshot the controller replaces as a whole (dataclasses.replace), so
+    that the driver's progress call, from another thread, never sees half of an update."""
 
     state: str = "starting"
     step: int = 0
@@ -34,7 +36,7 @@ class Progress:
     no failure cost (see Incidents.ettr); None before the first step."""
     lost_s: float = 0.0
     """Seconds the failures cost so far, overlapping ones counted once (the open ones up to now)."""
-    failure_cost_s: list[float] = field(default_factory=list)
+    failure_cost_s: tuple[float, ...] = ()
     """What each recovered failure cost, in order: seconds from the failure to a step beyond the
     newest step before it."""
     standbys: int = 0
@@ -61,6 +63,28 @@ class StepRate:
             self.value = (step - s0) / (now - t0)
             self._mark = (now, step)
         return self.value
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """A closed incident: a failure recovered from, or a resize done (the `recovered`/`resized` event's
+    fields; Result.recoveries holds them as dicts)."""
+
+    reason: str
+    seconds: float
+    """From the incident to the group's first step past the state it restored."""
+    lost_steps: int
+    generation: int
+    world_size: int
+    failure: bool
+    """A failure (counted against max_failures), not a resize."""
+    cost_s: float
+    """From the incident to the first step beyond the newest step before it."""
+    ettr: float | None = None
+    """The run's ETTR when it closed."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -131,7 +155,7 @@ class Incidents:
             inc.lost_steps = max(inc.lost_steps, lost_steps)
 
     def close_past(self, step: int, *, generation: int, world_size: int,
-                   finished: bool = False) -> list[dict[str, Any]]:
+                   finished: bool = False) -> list[Recovery]:
         """The group completed `step`: close every incident it stepped beyond (all of them once the
         run `finished`: a failure at its last step has no step beyond); their records (`seconds`: to
         the first step past the restored state; `cost_s`: to this step)."""
@@ -144,7 +168,7 @@ class Incidents:
                 and (finished or step > max(i.newest_before, i.restored_step or 0))]
         self.open = [i for i in self.open if i not in done]
         self._lost += [(i.since, now) for i in done if i.is_failure]
-        return [{"reason": i.reason, "seconds": round(i.resumed_s or 0.0, 4),
-                 "lost_steps": max(i.lost_steps, i.step_before - (i.restored_step or 0)),
-                 "generation": generation, "world_size": world_size, "failure": i.is_failure,
-                 "cost_s": round(now - i.since, 4)} for i in done]
+        return [Recovery(reason=i.reason, seconds=round(i.resumed_s or 0.0, 4),
+                         lost_steps=max(i.lost_steps, i.step_before - (i.restored_step or 0)),
+                         generation=generation, world_size=world_size, failure=i.is_failure,
+                         cost_s=round(now - i.since, 4)) for i in done]

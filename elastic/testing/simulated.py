@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from elastic.protocol import Assignment, ParkReason, PollFailure, WorkerInfo, WorkerPoll, WorkerState
+from elastic.protocol import Assignment, ParkReason, PollFailure, Restored, WorkerInfo, WorkerPoll, WorkerState
 
 
 class ManualClock:
@@ -46,6 +46,7 @@ class SimulatedGroup:
         self._state: dict[int, WorkerState] = {}
         self._park: dict[int, ParkReason] = {}
         self._events: dict[int, list[dict[str, Any]]] = {}
+        self._restored: dict[int, Restored] = {}  # what a worker restored in its latest generation
         self.step = 0
         self.dead: set[int] = set()
         self.removed_nodes: set[int] = set()
@@ -102,6 +103,7 @@ class SimulatedGroup:
             g = assignments[first].generation
             self._events[first] = [{"event": "restored", "step": self.step, "generation": g, "source": "memory",
                                     "lost_steps": 0, "time": time.time()}]
+            self._restored[first] = Restored(generation=g, step=self.step)
         return [w for w in assignments if w in self.dead]
 
     def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | PollFailure]:
@@ -129,12 +131,13 @@ class SimulatedGroup:
                 out[w] = PollFailure.DEAD
                 continue
             events = self._events.pop(w, None)
-            key = (self._state.get(w, WorkerState.IDLE), self._gen.get(w, -1), self.step, self._park.get(w))
+            key = (self._state.get(w, WorkerState.IDLE), self._gen.get(w, -1), self.step, self._park.get(w),
+                   self._restored.get(w))
             poll = self._cache.get(key)
             if poll is None or events:
                 poll = WorkerPoll(state=key[0], generation=key[1], step=self.step, progress_age_s=0.0,
                                   waiting_in_collective_s=None, metrics={"loss": 1.0}, events=events or [],
-                                  park_reason=key[3])
+                                  park_reason=key[3], restored=key[4])
                 if not events:
                     if len(self._cache) > 64:
                         self._cache.clear()

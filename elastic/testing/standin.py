@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from elastic.protocol import Assignment, ParkReason, WorkerInfo, WorkerPoll, WorkerState
+from elastic.protocol import Assignment, ParkReason, Restored, WorkerInfo, WorkerPoll, WorkerState
 from elastic.worker.status import StatusBoard
 
 STEP_S = 0.05
@@ -44,8 +44,9 @@ class StandInWorker:
         if a.rank == 0:
             from elastic.events import Event
 
-            self.board.emit(Event.RESTORED, step=max(0, self.board.get().step), source="memory",
-                            generation=a.generation, lost_steps=0)
+            step = max(0, self.board.get().step)
+            self.board.update(restored=Restored(generation=a.generation, step=step))
+            self.board.emit(Event.RESTORED, step=step, source="memory", generation=a.generation, lost_steps=0)
         self._thread = threading.Thread(target=self._train, args=(self._stop,), daemon=True)
         self._thread.start()
 
@@ -60,7 +61,8 @@ class StandInWorker:
         unsent = self.board.unsent(*ack)
         return WorkerPoll(state=st.state, generation=st.generation, step=st.step,
                           progress_age_s=time.monotonic() - st.last_progress, waiting_in_collective_s=None,
-                          events=unsent.events, event_seq=unsent.event_seq, park_reason=st.park_reason)
+                          events=unsent.events, event_seq=unsent.event_seq, park_reason=st.park_reason,
+                          committed_step=st.committed_step, restored=st.restored)
 
     def watch(self, version: int, step: int, timeout_s: float, ack: tuple[int, int] = (0, 0)) -> tuple[int, WorkerPoll]:
         version = self.board.wait_change(version, step, timeout_s)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from elastic import tree
 from elastic.errors import ConfigError, WorkerGroupError
 from elastic.events import Event
+from elastic.protocol import Restored
 from elastic.train_state import TrainState
 from elastic.worker import fsdp
 from elastic.worker.groups import ProcessGroups
@@ -98,8 +99,10 @@ class Restorer:
 
     def _restored(self, state: TrainState, source: str, last_committed: int) -> bool:
         s = self.s
-        s.board.progress(state.step)
-        s.board.emit(Event.RESTORED, step=state.step, source=source, generation=self.groups.generation,
-                     lost_steps=max(0, last_committed - state.step))
+        restored = Restored(generation=self.groups.generation, step=state.step,
+                            lost_steps=max(0, last_committed - state.step))
+        s.board.progress(state.step, restored=restored)
+        s.board.emit(Event.RESTORED, step=state.step, source=source, generation=restored.generation,
+                     lost_steps=restored.lost_steps)
         reseed(s.seed, state.step, self.groups.rank)
         return source != "fresh"

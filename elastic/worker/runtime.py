@@ -27,7 +27,8 @@ from elastic.worker import failures
 from elastic.worker.devices import device_for, torch_env
 from elastic.worker.generation import Generation
 from elastic.worker.groups import ProcessGroups, connect
-from elastic.protocol import Assignment, FailureKind, ParkReason, WorkerError, WorkerPoll, WorkerState
+from elastic.protocol import (Assignment, AssignmentMode, FailureKind, ParkReason, WorkerError, WorkerPoll,
+                              WorkerState)
 from elastic.worker.seeding import reseed
 from elastic.worker.services import Services
 from elastic.worker.vote import PauseRequested
@@ -72,6 +73,7 @@ class WorkerRuntime:
             waiting_in_collective_s=None if waiting is None else now - waiting, metrics=dict(st.metrics),
             events=unsent.events, failure=st.failure, preempted=self.s.notice.is_set(), park_reason=st.park_reason,
             records=unsent.records, event_seq=unsent.event_seq, record_seq=unsent.record_seq,
+            committed_step=st.committed_step, restored=st.restored,
         )
 
     def request_pause(self) -> None:
@@ -104,7 +106,7 @@ class WorkerRuntime:
             gen = Generation(groups, device, s, local_rank=a.local_rank, local_world_size=a.local_world_size,
                              node_id=a.node_id)
             ctx_mod.set_context(ctx_mod.WorkerContext(gen))
-            if a.mode == "save":
+            if a.mode is AssignmentMode.SAVE:
                 gen.save_newest()
             else:
                 reseed(s.seed, 0, 0)  # same model init on every rank and in every run
@@ -151,6 +153,8 @@ class WorkerRuntime:
         gpus = self.run.scaling.gpus_per_worker
         if gpus <= 0:
             return torch.device("cpu")
+        if a.gpu_ids is None:
+            raise RuntimeError("this worker's GPU reservation was not placed in time: it cannot train")
         if a.gpu_ids:
             # A promoted standby: its GPUs were reserved by another actor, and CUDA is not initialized
             # in this process yet (the warm-up is CPU only), so it can still choose what it sees.

@@ -88,6 +88,7 @@ class Saver:
         return False
 
     def _on_commit(self, info: Any) -> None:
+        self.s.board.committed(info.step)
         self.s.board.emit(Event.CHECKPOINT_COMMITTED, step=info.step,
                           seconds=round(getattr(info, "seconds", 0.0) or 0.0, 4), bytes=info.bytes,
                           world_size=info.world_size, uri=info.uri)

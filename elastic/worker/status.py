@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from elastic.events import Event, make
-from elastic.protocol import ParkReason, WorkerError, WorkerState
+from elastic.protocol import ParkReason, Restored, WorkerError, WorkerState
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,10 @@ class Status:
     park_reason: ParkReason | None = None
     last_progress: float = field(default_factory=time.monotonic)
     """Monotonic time of the last commit (or of the generation's start)."""
+    committed_step: int = -1
+    """The newest step a checkpoint this worker took part in committed (-1: none yet)."""
+    restored: Restored | None = None
+    """Where this worker's latest generation restarted from."""
 
 
 MAX_RECORDS = 100_000
@@ -95,8 +99,8 @@ class StatusBoard:
             return self.version
 
     def progress(self, step: int, metrics: dict[str, float] | None = None, *, merge: bool = False,
-                 record: bool = False) -> None:
-        """A step was committed (or restored): progress is measured from now. `record`: keep this
+                 record: bool = False, restored: Restored | None = None) -> None:
+        """A step was committed (or `restored`): progress is measured from now. `record`: keep this
         step's metrics for the run's metrics stream (rank 0 does)."""
         with self._lock:
             s = self._status
@@ -109,7 +113,17 @@ class StatusBoard:
                         self._records.popleft()
                         self._record_seq += 1
                     self._records.append((step, time.time(), fresh))
-            self._status = dataclasses.replace(s, step=step, metrics=new, last_progress=time.monotonic())
+            self._status = dataclasses.replace(s, step=step, metrics=new, last_progress=time.monotonic(),
+                                               restored=restored or s.restored)
+            if restored is not None:
+                self._bump()
+
+    def committed(self, step: int) -> None:
+        """A checkpoint of `step` committed (the supervisor hears it at once)."""
+        with self._lock:
+            self._status = dataclasses.replace(self._status,
+                                               committed_step=max(self._status.committed_step, step))
+            self._bump()
 
     def emit(self, event: Event, **fields: Any) -> None:
         with self._lock:
