@@ -92,7 +92,8 @@ def _configs(args: argparse.Namespace, base: dict[str, Any] | None = None) -> di
 
 
 def _trainer(fn: Callable, entry: str, args: argparse.Namespace, cfg: dict[str, Any],
-             train_loop_config: dict[str, Any], name: str | None = None, seed: int | None = None) -> Any:
+             train_loop_config: dict[str, Any], name: str | None = None, seed: int | None = None,
+             policy: Any = None) -> Any:
     from elastic.trainer import ElasticTrainer
 
     run = cfg["run"]
@@ -103,7 +104,7 @@ def _trainer(fn: Callable, entry: str, args: argparse.Namespace, cfg: dict[str, 
         seed=run.get("seed", seed if seed is not None else defaults.seed),
         progress_interval_s=run.get("progress_interval_s", defaults.progress_interval_s),
         stop_timeout_s=run.get("stop_timeout_s", defaults.stop_timeout_s), address=args.address, entrypoint=entry,
-        callbacks=_callbacks(args))
+        callbacks=_callbacks(args), policy=policy)
 
 
 def _callbacks(args: argparse.Namespace) -> list[Any]:
@@ -130,6 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from elastic.storage import normalize_uri
     from elastic.storage_cmds import open_location
+    from elastic.supervisor.policy import stored_policy
     from elastic.trainer import load_spec
 
     open_location(args.uri)
@@ -142,6 +144,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise ConfigError("elastic resume URI takes its location from URI: drop --checkpoint-uri")
     spec = {**spec, "checkpoint": {**spec["checkpoint"], "uri": normalize_uri(args.uri)}}
     cfg = _configs(args, spec)
+    policy = stored_policy(spec.get("policy"), where=redact(args.uri), default=args.default_policy)
     loop_config = {**spec["train_loop_config"], **parse_config_pairs(args.config)}
     entry = args.entrypoint or spec["entrypoint"]
     if args.entrypoint is None:
@@ -149,7 +152,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     named = "" if args.entrypoint else f" as named in {redact(args.uri)}/run.json"
     print(f"[elastic] resume runs {entry} (sha256 {_sha256(entry)[:12]}){named}", file=sys.stderr, flush=True)
     fn = load_entrypoint(entry)
-    trainer = _trainer(fn, entry, args, cfg, loop_config, name=spec.get("name", "elastic"), seed=spec.get("seed", 0))
+    trainer = _trainer(fn, entry, args, cfg, loop_config, name=spec.get("name", "elastic"), seed=spec.get("seed", 0),
+                       policy=policy)
     return _finish(trainer.fit(raise_on_failure=False, quiet=args.quiet))
 
 
@@ -225,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-entrypoint", action="store_true",
                    help="run the entry file named in URI/run.json even though no run of yours on this machine "
                         "was started with it (run.json is written by whoever can write URI)")
+    p.add_argument("--default-policy", action="store_true",
+                   help="continue a run started with a policy of your own (ElasticTrainer(policy=...)) under "
+                        "elastic's DefaultPolicy; run.json names the policy, but resume never imports it")
     p.set_defaults(func=cmd_resume)
     p = sub.add_parser("ls", help="list checkpoints at a location")
     p.add_argument("uri")

@@ -37,6 +37,8 @@ from elastic.errors import ConfigError, StorageUnavailableError, TrainingFailedE
 from elastic.progress import ProgressPrinter
 from elastic.result import Result
 from elastic.storage import normalize_uri, resolve
+from elastic.supervisor.decisions import Policy
+from elastic.supervisor.policy import policy_spec
 
 RUN_SPEC_FILE = "run.json"
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -88,6 +90,7 @@ class ElasticTrainer:
         address: str | None = None,
         entrypoint: str | None = None,
         callbacks: Sequence[Callback] | None = None,
+        policy: Policy | None = None,
     ):
         if not callable(train_fn):
             raise ConfigError(f"train_fn must be callable, got {type(train_fn).__name__}")
@@ -95,7 +98,10 @@ class ElasticTrainer:
         uri = normalize_uri(checkpoint.uri) if checkpoint.uri else _default_uri(name)
         self.run = RunConfig(name=name, scaling=scaling or ScalingConfig(), checkpoint=replace(checkpoint, uri=uri),
                              failure=failure or FailureConfig(), train_loop_config=dict(train_loop_config or {}),
-                             progress_interval_s=progress_interval_s, stop_timeout_s=stop_timeout_s, seed=seed)
+                             progress_interval_s=progress_interval_s, stop_timeout_s=stop_timeout_s, seed=seed,
+                             policy=policy)
+        if policy is not None:
+            _shippable(type(policy))  # a policy class from a plain file travels by value, as train_fn does
         self.train_fn = _shippable(train_fn)
         self.uri = uri
         self.address = address
@@ -178,7 +184,8 @@ class ElasticTrainer:
                 "name": self.run.name, "seed": self.run.seed,
                 "train_loop_config": self.run.train_loop_config,
                 "scaling": asdict(self.run.scaling), "checkpoint": checkpoint,
-                "failure": asdict(self.run.failure), "stop_timeout_s": self.run.stop_timeout_s}
+                "failure": asdict(self.run.failure), "stop_timeout_s": self.run.stop_timeout_s,
+                "policy": policy_spec(self.run.policy)}
         data = json.dumps(spec, indent=2, default=str).encode()
         retry.call(retry.STORAGE_WRITE, lambda: storage.write_bytes(fs, f"{root}/{RUN_SPEC_FILE}", data),
                    op="write run spec", uri=self.uri)

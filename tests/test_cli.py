@@ -189,3 +189,53 @@ def test_resume_runs_no_entry_file_that_run_json_alone_names(tmp_path, monkeypat
     assert p.returncode == 0 and started == [entry, entry] and marker.exists(), p.stderr
     evil.write_text(evil.read_text() + "# changed\n")  # another content at the same path: not trusted
     assert not trusted.is_trusted(entry, hashlib.sha256(evil.read_bytes()).hexdigest())
+
+
+class SlowToShrink:
+    """A user's policy: elastic's decisions with a longer settle (a stand-in; only its name matters here)."""
+
+    def __getattr__(self, name):
+        from elastic.supervisor.policy import DefaultPolicy
+
+        return getattr(DefaultPolicy(settle_s=30.0), name)
+
+
+def test_a_run_records_its_policy_and_resume_never_imports_a_users_policy_from_run_json(tmp_path, monkeypatch):
+    """ElasticTrainer(policy=...) records the policy's class in run.json. `elastic resume` rebuilds
+    elastic's DefaultPolicy (with its fields), but refuses, in one line naming the fix, to continue a
+    run whose policy was the user's own, unless --default-policy says to go on without it."""
+    import json
+
+    from elastic import CheckpointConfig, cli
+    from elastic.result import Result
+    from elastic.supervisor.policy import DefaultPolicy
+    from elastic.trainer import ElasticTrainer
+
+    monkeypatch.setenv("ELASTIC_HOME", str(tmp_path / "home"))
+    entry_file = tmp_path / "train.py"
+    entry_file.write_text("def train(config):\n    pass\n")
+    entry, uri = f"{entry_file}:train", str(tmp_path / "run")
+    given = []  # the policies handed to a trainer (a stand-in: no Ray here)
+    monkeypatch.setattr(cli, "_trainer", lambda *a, policy=None, **k: given.append(policy) or type(
+        "T", (), {"fit": lambda self, **kw: Result(ok=True, exit_code=0, error=None, metrics={}, steps=0,
+                                                   seconds=0.0, failures=0, recoveries=[], checkpoint=None,
+                                                   uri=uri)})())
+
+    def spec(policy):
+        trainer = ElasticTrainer(lambda c: None, checkpoint=CheckpointConfig(uri=uri), entrypoint=entry, policy=policy)
+        assert trainer.run.policy is policy
+        trainer._write_spec()
+        return json.loads((tmp_path / "run" / "run.json").read_text())["policy"]
+
+    assert spec(None)["class"] == "elastic.supervisor.policy.DefaultPolicy"
+    assert spec(DefaultPolicy(standby_miss=0.05))["fields"]["standby_miss"] == 0.05
+    p = elastic_cli_here("resume", uri)
+    assert p.returncode == 0 and given[-1] == DefaultPolicy(standby_miss=0.05), p.stderr
+
+    assert spec(SlowToShrink()) == {"class": "test_cli.SlowToShrink"}
+    p = elastic_cli_here("resume", uri)
+    assert_one_line_error(p, 2, "test_cli.SlowToShrink", "ElasticTrainer(..., policy=SlowToShrink(...))",
+                          "--default-policy")
+    assert len(given) == 1, "a refused resume started a run"
+    p = elastic_cli_here("resume", uri, "--default-policy")
+    assert p.returncode == 0 and given[-1] is None, p.stderr

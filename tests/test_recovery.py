@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 import elastic
+from elastic.supervisor.decisions import Fail
+from elastic.supervisor.policy import DefaultPolicy
 from conftest import assert_models_equal, final_model
 from elastic.chaos.faults import fired, fired_at
 from elastic.worker.priority import can_restore
@@ -15,7 +17,8 @@ pytestmark = pytest.mark.timeout(180)
 STEPS = 40
 
 
-def _fit(uri, workers=2, faults=(), marker_dir="/tmp", max_failures=3, spares=0, step_sleep=0.0, **failure_kw):
+def _fit(uri, workers=2, faults=(), marker_dir="/tmp", max_failures=3, spares=0, step_sleep=0.0, policy=None,
+         **failure_kw):
     return elastic.ElasticTrainer(
         jobs.train,
         train_loop_config={"steps": STEPS, "faults": list(faults), "marker_dir": str(marker_dir),
@@ -24,6 +27,7 @@ def _fit(uri, workers=2, faults=(), marker_dir="/tmp", max_failures=3, spares=0,
         checkpoint=elastic.CheckpointConfig(uri=str(uri), every_n_steps=10, keep_last=2),
         failure=elastic.FailureConfig(max_failures=max_failures, **{"collective_timeout_s": 8, "poll_timeout_s": 2,
                                                                     **failure_kw}),
+        policy=policy,
     ).fit(raise_on_failure=False, quiet=True)
 
 
@@ -127,6 +131,20 @@ def test_failure_budget_exceeded_ends_with_error_and_checkpoint(ray_local, tmp_p
     # The survivor's newest state (step 22) was made durable before the run ended, not just the
     # periodic checkpoint at step 20.
     assert r.checkpoint is not None and r.checkpoint.step == 22
+
+
+class NoRetries(DefaultPolicy):
+    """A user's policy: elastic's decisions, but the first failure ends the run (with a final save)."""
+
+    def after_failure(self, run, failures, consecutive, reason, repeated=()):
+        return Fail(error=f"NoRetries ends the run: {reason}", exit_code=1, final_save=True)
+
+
+def test_a_policy_passed_to_the_trainer_decides_in_the_supervisor(ray_local, tmp_path):
+    faults = [{"kind": "sigkill", "step": 22, "rank": 1}]
+    r = _fit(tmp_path / "run", 2, faults=faults, marker_dir=tmp_path, max_failures=3, policy=NoRetries())
+    assert not r.ok and r.exit_code == 1 and r.error.startswith("NoRetries ends the run: "), r.error
+    assert r.failures == 1 and r.checkpoint is not None and r.checkpoint.step == 22
 
 
 def test_sigterm_is_a_graceful_leave_not_a_failure(ray_local, tmp_path):
