@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 from elastic import retry, storage, tree
 from elastic.checkpoint import CheckpointStore
 from elastic.checkpoint.layout import COMMITTED
+from elastic.checkpoint.loading import open_step
 from elastic.errors import ConfigError, ElasticError, NoCheckpointError, StorageUnavailableError
 from elastic.events import EVENTS_FILE, Event, format_event, parse_lines, read_events, read_lines
 
@@ -139,7 +140,7 @@ def cmd_inspect(uri: str, step: int | None = None, *, out: TextIO | None = None)
     def run() -> int:
         cs = _store_with_run(uri)
         s = _pick_step(cs, step)
-        manifest, md = cs._open(s)
+        manifest, md = open_step(cs, s)
         print(retry.redact(f"checkpoint {cs.step_uri(s)}"), file=out)
         print(f"  step {manifest.step}, world size {manifest.world_size}, committed "
               f"{_when(manifest.time)}, {_size(manifest.bytes)}, saved in "
@@ -184,7 +185,7 @@ def cmd_verify(uri: str, step: int | None = None, *, out: TextIO | None = None) 
             raise NoCheckpointError(f"no committed checkpoint under {cs.uri}")
         bad = 0
         for s in steps:
-            problems = cs._verify_if_committed(s) if step is None else cs.verify(s)
+            problems = cs.verify_committed(s) if step is None else cs.verify(s)
             for p in problems:
                 print(retry.redact(f"corrupt: {p}"), file=out)
             print(f"step {s}: {'CORRUPT' if problems else 'ok'}", file=out)

@@ -14,7 +14,9 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 
-def _is_stateful(obj: Any) -> bool:
+def is_stateful(obj: Any) -> bool:
+    """Whether `obj` keeps its own state (state_dict() and load_state_dict()): an LR scheduler, a
+    data iterator's position. Such values of `extra` are saved through their state_dict()."""
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
@@ -35,7 +37,7 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         optimizers = [self.optimizer] if self.optimizer is not None else []
         model_sd, optim_sd = get_state_dict(self.model, optimizers)
-        extra = {k: (v.state_dict() if _is_stateful(v) else v) for k, v in self.extra.items()}
+        extra = {k: (v.state_dict() if is_stateful(v) else v) for k, v in self.extra.items()}
         return {"model": model_sd, "optim": optim_sd, "step": int(self.step), "extra": extra}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -49,7 +51,7 @@ class TrainState:
         self.step = int(sd["step"])
         for key, value in sd.get("extra", {}).items():
             current = self.extra.get(key)
-            if _is_stateful(current):
+            if is_stateful(current):
                 current.load_state_dict(value)
             elif isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor):
                 current.copy_(value)

@@ -197,10 +197,10 @@ def test_uri_forms(tmp_path) -> None:
 def test_shard_larger_than_the_write_behind_window_round_trips(tmp_path) -> None:
     """A shard of several write-behind windows (the disk write of each is started while the next is
     serialized): every byte is in the file, checksummed, and loads back equal."""
-    from elastic.checkpoint import dcp_io
+    from elastic.checkpoint import dcp_write
     from elastic.checkpoint.layout import CHECKSUM, checksum
 
-    n = (2 * dcp_io._WRITE_BEHIND + 12345) // 4
+    n = (2 * dcp_write._WRITE_BEHIND + 12345) // 4
     state = {"model": {"w": torch.randn(n, generator=torch.Generator().manual_seed(3)), "b": torch.ones(7)},
              "step": 5}
     uri = str(tmp_path / "ck")
@@ -209,7 +209,7 @@ def test_shard_larger_than_the_write_behind_window_round_trips(tmp_path) -> None
     assert cs.verify(5) == []
     (shard,) = shard_files(cs, 5)
     data = cs.fs.cat_file(shard)
-    assert len(data) > 2 * dcp_io._WRITE_BEHIND
+    assert len(data) > 2 * dcp_write._WRITE_BEHIND
     entry = cs.read_manifest(5).files[shard.rsplit("/", 1)[-1]]
     assert (entry.size, entry.checksum) == (len(data), checksum(data, CHECKSUM))
     fresh = {"model": {"w": torch.zeros(n), "b": torch.zeros(7)}, "step": 0}

@@ -252,7 +252,7 @@ def test_events_survive_a_lost_answer_and_come_once():
     (a long poll the supervisor stopped waiting for at a rebuild) loses nothing, and an answer that
     comes late or twice is not delivered twice."""
     from elastic.events import Event
-    from elastic.supervisor.worker_group import Inbox
+    from elastic.supervisor.watches import Inbox
     from elastic.protocol import WorkerPoll, WorkerState
     from elastic.worker.status import StatusBoard
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -68,25 +69,13 @@ def train(config: dict) -> None:
     if ctx.generation > 0:
         maybe_inject(faults, step=REBUILD, rank=ctx.rank, marker_dir=marker_dir)
     ctx.restore(state)
-    # torch's environment agrees with the context in every generation (a torchrun-style library
-    # reading RANK/WORLD_SIZE finds the same place): a mismatch is a bug, raised as one.
-    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    want = {"RANK": str(ctx.rank), "WORLD_SIZE": str(ctx.world_size), "LOCAL_RANK": str(ctx.local_rank),
-            "LOCAL_WORLD_SIZE": str(ctx.local_world_size)}
-    if env != want:
-        raise AssertionError(f"torch's environment {env} disagrees with the context {want}")
+    _check_environment(ctx)
     if fsdp and ctx.generation > 0:  # what a sharded restore held in host memory, for the tests
         st = ctx.stats()
         ctx.report({"restore_host_bytes": st["restore_host_bytes"], "shard_bytes": st["shard_bytes"]})
     ddp = model if fsdp else ctx.prepare_model(model)
     sampler = elastic.ElasticSampler(num_samples=N_SAMPLES, global_batch_size=config.get("global_batch", 48), seed=3)
-    loader_workers = config.get("loader_workers")
-    batches = None
-    if loader_workers is not None:  # the same batches through a DataLoader with worker processes
-        loader = ctx.data_loader(torch.utils.data.TensorDataset(x, y), global_batch_size=sampler.global_batch_size,
-                                 seed=3, steps=config["steps"], num_workers=loader_workers,
-                                 prefetch_factor=2 if loader_workers else None)
-        batches = iter(loader)
+    batch = _batches(ctx, config, sampler, x, y)
     trips = set(config.get("trips", []))
     step_sleep = config.get("step_sleep", 0.0)
     first = ctx.generation > 0
@@ -97,11 +86,7 @@ def train(config: dict) -> None:
             first = False
             maybe_inject(faults, step=FIRST_STEP, rank=ctx.rank, marker_dir=marker_dir)
         maybe_inject(faults, step=state.step, rank=ctx.rank, marker_dir=marker_dir)
-        if batches is not None:
-            xb, yb = next(batches)
-        else:
-            idx = sampler.indices(step=state.step, rank=ctx.rank, world_size=ctx.world_size)
-            xb, yb = x[idx], y[idx]
+        xb, yb = batch(state.step)
         loss = F.cross_entropy(ddp(xb), yb, reduction="sum") * sampler.loss_scale(ctx.world_size)
         opt.zero_grad()
         loss.backward()
@@ -109,3 +94,31 @@ def train(config: dict) -> None:
         if step_sleep:
             time.sleep(step_sleep)
         ctx.commit(state, metrics={"loss": loss.item() / ctx.world_size})
+
+
+def _check_environment(ctx: elastic.WorkerContext) -> None:
+    """torch's environment agrees with the context in every generation (a torchrun-style library
+    reading RANK/WORLD_SIZE finds the same place): a mismatch is a bug, raised as one."""
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    want = {"RANK": str(ctx.rank), "WORLD_SIZE": str(ctx.world_size), "LOCAL_RANK": str(ctx.local_rank),
+            "LOCAL_WORLD_SIZE": str(ctx.local_world_size)}
+    if env != want:
+        raise AssertionError(f"torch's environment {env} disagrees with the context {want}")
+
+
+def _batches(ctx: elastic.WorkerContext, config: dict, sampler: elastic.ElasticSampler, x: torch.Tensor,
+             y: torch.Tensor) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """step -> this rank's batch: indexed through the sampler, or (config loader_workers) the same
+    batches through a DataLoader with worker processes."""
+    loader_workers = config.get("loader_workers")
+    if loader_workers is None:
+        def indexed(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            idx = sampler.indices(step=step, rank=ctx.rank, world_size=ctx.world_size)
+            return x[idx], y[idx]
+
+        return indexed
+    loader = ctx.data_loader(torch.utils.data.TensorDataset(x, y), global_batch_size=sampler.global_batch_size,
+                             seed=3, steps=config["steps"], num_workers=loader_workers,
+                             prefetch_factor=2 if loader_workers else None)
+    batches = iter(loader)
+    return lambda _step: next(batches)

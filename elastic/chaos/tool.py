@@ -72,19 +72,7 @@ def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("k
               sleep: Callable[[float], None] = time.sleep, poll_s: float = 0.2, wait_s: float = 10.0) -> ChaosReport:
     """Inject up to `max_faults` faults into the live run at `uri` within `duration_s`; see module doc.
     ConfigError when no run appears at `uri` within `wait_s` (or it is not a run's location)."""
-    try:
-        kinds = [ExternalKind(f) for f in faults]
-    except ValueError as exc:
-        raise ValueError(f"{exc}: use {', '.join(WORKER_KINDS)}") from None
-    for k in kinds:
-        if k not in TOOL_KINDS:
-            raise ValueError(f"fault {k.value!r} is not injectable by this tool: use {', '.join(WORKER_KINDS)}")
-    require_duration("mtbf", mtbf_s)
-    require_duration("duration", duration_s)
-    if max_faults < 0:
-        raise ValueError("max_faults must be >= 0")
-    if wait_s < 0:
-        raise ValueError("wait must be >= 0")
+    kinds = _checked_kinds(faults, mtbf_s, duration_s, max_faults, wait_s)
     _wait_for_run(uri, wait_s, clock=clock, sleep=sleep, poll_s=poll_s)
     seed = seed if seed is not None else random.randrange(2**31)
     rng = random.Random(seed)
@@ -99,17 +87,9 @@ def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("k
         out(report.summary())
         return report
     while True:
-        now = clock()
-        events = _read(uri)
-        ended = [e["event"] for e in events if e["event"] in ENDED]
-        if ended:
-            report.ended_by = ended[-1]
-            break
-        if len(report.actions) >= max_faults:
-            report.ended_by = "max_faults"
-            break
-        if now - t0 >= duration_s:
-            report.ended_by = "duration"
+        now, events = clock(), _read(uri)
+        report.ended_by = _ended_by(events, len(report.actions), max_faults, now - t0, duration_s)
+        if report.ended_by:
             break
         if now < next_at:
             sleep(min(poll_s, next_at - now))
@@ -122,24 +102,65 @@ def run_chaos(uri: str, mtbf_s: float, faults: list[str] | tuple[str, ...] = ("k
         if (ended_why := _require_lease(lease, uri)) is not None:
             report.ended_by = ended_why
             break
-        victim = rng.choice(members)
-        kind = rng.choice(kinds)
-        hit = [victim]
-        if kind is ExternalKind.NODE_WORKERS:
-            hit = [m for m in members if m.get("node_id") == victim.get("node_id")] or hit
-        try:
-            inflict(kind, Target(pid=int(victim["pid"]), pids=tuple(int(m["pid"]) for m in hit)))
-        except ProcessLookupError:
+        action = _strike(rng, kinds, members, generation, lambda: clock() - t0)
+        if action is None:  # its process was gone already
             sleep(poll_s)
             continue
-        action = {"time": round(clock() - t0, 3), "kind": kind.value, "pids": [int(m["pid"]) for m in hit],
-                  "ranks": [m["rank"] for m in hit], "generation": generation}
         report.actions.append(action)
-        out(f"chaos: t={action['time']:.2f}s {kind.value} pid={','.join(map(str, action['pids']))} "
+        out(f"chaos: t={action['time']:.2f}s {action['kind']} pid={','.join(map(str, action['pids']))} "
             f"rank={','.join(map(str, action['ranks']))} generation={generation}")
         next_at = clock() + rng.expovariate(1.0 / mtbf_s)
     out(report.summary())
     return report
+
+
+def _checked_kinds(faults: list[str] | tuple[str, ...], mtbf_s: float, duration_s: float, max_faults: int,
+                   wait_s: float) -> list[ExternalKind]:
+    """The fault kinds named, once the session's settings are checked (ValueError saying what to use)."""
+    try:
+        kinds = [ExternalKind(f) for f in faults]
+    except ValueError as exc:
+        raise ValueError(f"{exc}: use {', '.join(WORKER_KINDS)}") from None
+    for k in kinds:
+        if k not in TOOL_KINDS:
+            raise ValueError(f"fault {k.value!r} is not injectable by this tool: use {', '.join(WORKER_KINDS)}")
+    require_duration("mtbf", mtbf_s)
+    require_duration("duration", duration_s)
+    if max_faults < 0:
+        raise ValueError("max_faults must be >= 0")
+    if wait_s < 0:
+        raise ValueError("wait must be >= 0")
+    return kinds
+
+
+def _ended_by(events: list[dict], injected: int, max_faults: int, elapsed: float, duration_s: float) -> str:
+    """Why the session ends now: the run ended (its last ending event), max_faults, duration; ""
+    while it goes on."""
+    ended = [e["event"] for e in events if e["event"] in ENDED]
+    if ended:
+        return ended[-1]
+    if injected >= max_faults:
+        return "max_faults"
+    if elapsed >= duration_s:
+        return "duration"
+    return ""
+
+
+def _strike(rng: random.Random, kinds: list[ExternalKind], members: list[dict], generation: int,
+            elapsed: Callable[[], float]) -> dict | None:
+    """Inflict a fault drawn at random on a member drawn at random (a `node` fault: on every member
+    on its node); the action for the report, or None when the process was gone already."""
+    victim = rng.choice(members)
+    kind = rng.choice(kinds)
+    hit = [victim]
+    if kind is ExternalKind.NODE_WORKERS:
+        hit = [m for m in members if m.get("node_id") == victim.get("node_id")] or hit
+    try:
+        inflict(kind, Target(pid=int(victim["pid"]), pids=tuple(int(m["pid"]) for m in hit)))
+    except ProcessLookupError:
+        return None
+    return {"time": round(elapsed(), 3), "kind": kind.value, "pids": [int(m["pid"]) for m in hit],
+            "ranks": [m["rank"] for m in hit], "generation": generation}
 
 
 def _require_lease(lease: Lease, uri: str) -> str | None:

@@ -3,6 +3,10 @@
 Needs no process group: the supervisor and the CLI use it directly, and Checkpointer uses it for
 loading and for the coordinator's commit. A step directory is committed iff its manifest.json
 parses; anything else is partial and is never listed as committed nor loaded.
+
+This module holds listing, verifying and committing; deleting under the lease is in
+elastic.checkpoint.retention and loading in elastic.checkpoint.loading (the store's methods for
+them delegate there).
 """
 
 from __future__ import annotations
@@ -13,21 +17,30 @@ from collections.abc import Callable
 from typing import Any
 
 import fsspec
-import torch
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from elastic import retry, storage
-from elastic.checkpoint import dcp_io
+from elastic.checkpoint import dcp_read, loading, retention
 from elastic.checkpoint.layout import (
     CHECKPOINTS_DIR, COMMITTED, CORRUPT, DCP_METADATA, MANIFEST, PARTIAL, CheckpointInfo,
     Manifest, hasher, parse_step_dirname, step_dirname,
 )  # fmt: skip
-from elastic.checkpoint.state import apply_values, check_tensors_match, split_state
 from elastic.errors import CheckpointCorruptError, LeaseLostError, NoCheckpointError
 
 log = logging.getLogger(__name__)
 _CHUNK = 8 << 20
+
+
+def _checksum_file(fs: fsspec.AbstractFileSystem, path: str, algo: str) -> tuple[int, int]:
+    """(size, checksum) of a whole file, read in chunks."""
+    def run() -> tuple[int, int]:
+        h, size = hasher(algo), 0
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+        return size, int(h.intdigest())
+
+    return retry.call(retry.STORAGE_READ, run, op="read", uri=path)
 
 
 class CheckpointStore:
@@ -48,9 +61,6 @@ class CheckpointStore:
     def step_uri(self, step: int) -> str:
         return f"{self.uri}/{CHECKPOINTS_DIR}/{step_dirname(step)}"
 
-    def _call(self, policy: retry.RetryPolicy, fn: Any, op: str, where: str | None = None) -> Any:
-        return retry.call(policy, fn, op=op, uri=where or self.uri)
-
     # -- reading --------------------------------------------------------------------------
     def _ls(self, path: str) -> list[dict[str, Any]]:
         def ls() -> list[dict[str, Any]]:
@@ -62,7 +72,7 @@ class CheckpointStore:
                     raise
                 return []
 
-        return self._call(retry.STORAGE_LIST, ls, "list")
+        return retry.call(retry.STORAGE_LIST, ls, op="list", uri=self.uri)
 
     def _step_dirs(self) -> list[tuple[int, str]]:
         out = []
@@ -77,7 +87,7 @@ class CheckpointStore:
         """
         path = storage.join(self.step_path(step), MANIFEST)
         try:
-            data = self._call(retry.STORAGE_READ, lambda: self.fs.cat_file(path), "read manifest")
+            data = retry.call(retry.STORAGE_READ, lambda: self.fs.cat_file(path), op="read manifest", uri=self.uri)
         except FileNotFoundError:
             return None
         return Manifest.from_json(data, self.step_uri(step))
@@ -141,22 +151,11 @@ class CheckpointStore:
                     for name, entry in sorted(manifest.files.items()) if listed.get(name) != entry.size]
         if not problems:
             try:
-                dcp_io.read_verified(self.fs, self.step_path(step), DCP_METADATA, manifest.files, self.step_uri(step),
-                                     manifest.checksum)
+                dcp_read.read_verified(self.fs, self.step_path(step), DCP_METADATA, manifest.files, self.step_uri(step),
+                                       manifest.checksum)
             except CheckpointCorruptError as exc:
                 problems.append(str(exc))
         return problems
-
-    def _checksum_file(self, path: str, algo: str) -> tuple[int, int]:
-        def run() -> tuple[int, int]:
-            h, size = hasher(algo), 0
-            with self.fs.open(path, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    h.update(chunk)
-                    size += len(chunk)
-            return size, int(h.intdigest())
-
-        return self._call(retry.STORAGE_READ, run, "read", path)
 
     def verify(self, step: int | None = None) -> list[str]:
         """Problems of one committed step (or of every committed step): [] when all is well.
@@ -164,7 +163,7 @@ class CheckpointStore:
         Each problem names the file (URL) and what is wrong: missing, short, checksum mismatch.
         """
         if step is None:
-            return [p for s, _ in self._step_dirs() for p in self._verify_if_committed(s)]
+            return [p for s, _ in self._step_dirs() for p in self.verify_committed(s)]
         manifest = self.read_manifest(step)
         if manifest is None:
             raise NoCheckpointError(f"no committed checkpoint at {self.step_uri(step)}")
@@ -181,7 +180,7 @@ class CheckpointStore:
                 problems.append(f"{where}: {listed[name]} bytes, manifest says {entry.size}")
             else:
                 try:
-                    _, got = self._checksum_file(storage.join(self.step_path(step), name), manifest.checksum)
+                    _, got = _checksum_file(self.fs, storage.join(self.step_path(step), name), manifest.checksum)
                 except FileNotFoundError:
                     problems.append(f"{where}: missing")
                     continue
@@ -191,7 +190,9 @@ class CheckpointStore:
                     )
         return problems
 
-    def _verify_if_committed(self, step: int) -> list[str]:
+    def verify_committed(self, step: int) -> list[str]:
+        """Problems of `step` if it is committed (a torn manifest is one); [] when all is well or when
+        it is not committed (a partial step is no checkpoint to verify)."""
         try:
             return self.verify(step)
         except NoCheckpointError:
@@ -199,16 +200,7 @@ class CheckpointStore:
         except CheckpointCorruptError as exc:
             return [str(exc)]
 
-    # -- cleaning -------------------------------------------------------------------------
-    def _rm_dir(self, path: str) -> None:
-        def rm() -> None:
-            try:
-                self.fs.rm(path, recursive=True)
-            except FileNotFoundError:
-                pass
-
-        self._call(retry.STORAGE_LIST, rm, "delete", path)
-
+    # -- cleaning (elastic.checkpoint.retention) -------------------------------------------
     def clean_partial(self, *, token: int = 0, fence: Callable[[], None] | None = None) -> list[str]:
         """Delete uncommitted step directories; the URLs removed.
 
@@ -216,39 +208,14 @@ class CheckpointStore:
         `fence` (raises when this run lost the location) is called before each deletion, and a
         step that got a manifest meanwhile is kept.
         """
-        removed = []
-        for info in self.list():
-            if info.status != COMMITTED and self._rm_step(info.step, token, fence, partial=True):
-                removed.append(info.uri)
-        return removed
+        return retention.clean_partial(self, token=token, fence=fence)
 
     def retain(self, keep_last: int, newest: int, *, token: int = 0,
                fence: Callable[[], None] | None = None) -> list[str]:
         """After committing `newest`: drop committed steps beyond the newest `keep_last` and
         partial ones older than `newest` (abandoned saves). keep_last <= 0 keeps everything.
         Fenced like clean_partial(); a manifest of a newer lease than `token` is never removed."""
-        infos = self.list()
-        committed = [i for i in infos if i.status == COMMITTED]
-        doomed = committed[:-keep_last] if keep_last > 0 else []
-        if doomed:
-            # The newest step that verifies is never deleted, even when newer ones are corrupt.
-            good = self.latest_verified()
-            doomed = [i for i in doomed if good is None or i.step != good.step]
-        doomed += [i for i in infos if i.status != COMMITTED and i.step < newest]
-        return [i.uri for i in doomed if self._rm_step(i.step, token, fence, partial=i.status != COMMITTED)]
-
-    def _rm_step(self, step: int, token: int, fence: Callable[[], None] | None, *, partial: bool) -> bool:
-        """Delete a step directory after re-checking, right before, that it is still ours to delete."""
-        if fence is not None:
-            fence()
-        try:
-            manifest = self.read_manifest(step)
-        except CheckpointCorruptError:
-            manifest = None
-        if manifest is not None and (partial or manifest.lease > token):
-            return False  # committed meanwhile, or by a newer owner of the location
-        self._rm_dir(self.step_path(step))
-        return True
+        return retention.retain(self, keep_last, newest, token=token, fence=fence)
 
     # -- commit (coordinator) -------------------------------------------------------------
     def uncommit(self, step: int, *, token: int = 0) -> None:
@@ -268,7 +235,7 @@ class CheckpointStore:
             if self.fs.exists(path):
                 self.fs.rm(path)
 
-        self._call(retry.STORAGE_WRITE, rm, "uncommit", self.step_uri(step))
+        retry.call(retry.STORAGE_WRITE, rm, op="uncommit", uri=self.step_uri(step))
 
     def commit(self, manifest: Manifest, metadata: bytes, *, fence: Callable[[], None] | None = None) -> None:
         """Commit a step whose shards are durable: its DCP .metadata, then its manifest, created
@@ -284,8 +251,8 @@ class CheckpointStore:
             fence()
         path = storage.join(self.step_path(step), MANIFEST)
         data = manifest.to_json()
-        if self._call(retry.STORAGE_WRITE, lambda: storage.create_bytes(self.fs, path, data), "commit",
-                      self.step_uri(step)):
+        if retry.call(retry.STORAGE_WRITE, lambda: storage.create_bytes(self.fs, path, data), op="commit",
+                      uri=self.step_uri(step)):
             return
         try:
             existing = self.read_manifest(step)
@@ -302,26 +269,12 @@ class CheckpointStore:
         durable) for the manifest, the commit; plain (fsynced) for what the manifest vouches for."""
         path = storage.join(self.step_path(step), name)
         write = storage.write_bytes if atomic else storage.write_durable
-        self._call(
-            retry.STORAGE_WRITE, lambda: write(self.fs, path, data), "write",
-            f"{self.step_uri(step)}/{name}",
+        retry.call(
+            retry.STORAGE_WRITE, lambda: write(self.fs, path, data), op="write",
+            uri=f"{self.step_uri(step)}/{name}",
         )  # fmt: skip
 
-    # -- loading --------------------------------------------------------------------------
-    def _open(self, step: int) -> tuple[Manifest, Any]:
-        where = self.step_uri(step)
-        manifest = self.read_manifest(step)
-        if manifest is None:
-            raise NoCheckpointError(f"no committed checkpoint at {where}")
-        path = self.step_path(step)
-        raw = dcp_io.read_verified(self.fs, path, DCP_METADATA, manifest.files, where, manifest.checksum)
-        return manifest, dcp_io.load_metadata(raw, where)
-
-    def _reader(self, step: int, manifest: Manifest, md: Any) -> dcp_io.VerifyingReader:
-        return dcp_io.VerifyingReader(
-            self.fs, self.step_path(step), manifest.files, md, self.step_uri(step), manifest.checksum
-        )
-
+    # -- loading (elastic.checkpoint.loading) -----------------------------------------------
     def load_into(
         self, state: dict[str, Any], step: int | None = None, *, fallback: bool | None = None
     ) -> CheckpointInfo | None:
@@ -331,67 +284,11 @@ class CheckpointStore:
         warning and try the next older committed step (at or below `step`); `skipped` in the
         result lists the steps passed over. None when there is no committed checkpoint at all.
         """
-        if fallback is None:
-            fallback = step is None
-        committed = [i for i in self.list() if i.status == COMMITTED]
-        if step is not None:
-            if not any(i.step == step for i in committed):
-                raise NoCheckpointError(f"no committed checkpoint at {self.step_uri(step)}")
-            committed = [i for i in committed if (i.step <= step if fallback else i.step == step)]
-        tensors, _ = split_state(state)
-        skipped: list[int] = []
-        errors: list[str] = []
-        for info in reversed(committed):
-            try:
-                manifest, md = self._open(info.step)
-                check_tensors_match(tensors, md, info.uri)
-                apply_values(state, manifest.values, info.uri, check_only=True)
-                dcp_io.run_load(tensors, self._reader(info.step, manifest, md),
-                                dcp_io.default_load_planner())  # fmt: skip
-                apply_values(state, manifest.values, info.uri)
-                return dataclasses.replace(info, skipped=tuple(skipped))
-            except CheckpointCorruptError as exc:
-                if not fallback:
-                    raise
-                log.warning("skipping checkpoint step %d, falling back to an older one: %s",
-                            info.step, exc)  # fmt: skip
-                skipped.append(info.step)
-                errors.append(str(exc))
-        if not committed:
-            return None
-        raise CheckpointCorruptError(
-            f"every committed checkpoint under {self.uri} failed verification "
-            f"({'; '.join(errors)}); the state may be partly overwritten: start from scratch or "
-            "restore the files"
-        )
+        return loading.load_into(self, state, step, fallback=fallback)
 
     def load_full(self, step: int | None = None) -> dict[str, Any]:
         """The whole state of `step` (default: newest committed) as one nested dict.
 
         World-size independent (shards are merged); verified like load(); no fallback.
         """
-        if step is None:
-            latest = self.latest()
-            if latest is None:
-                raise NoCheckpointError(f"no committed checkpoint under {self.uri}")
-            step = latest.step
-        manifest, md = self._open(step)
-        # Every tensor the metadata lists, whole (DCP merges the shards into it), under its flat
-        # name; then nested along the paths DCP recorded at save time.
-        flat = {fqn: torch.empty(m.size, dtype=m.properties.dtype) for fqn, m in md.state_dict_metadata.items()
-                if isinstance(m, TensorStorageMetadata)}
-        dcp_io.run_load(flat, self._reader(step, manifest, md), DefaultLoadPlanner(flatten_state_dict=False))
-        state: dict[str, Any] = {}
-        paths = md.planner_data or {}
-        for fqn, tensor in flat.items():
-            path = paths.get(fqn) or tuple(fqn.split("."))
-            parent = state
-            for key in path[:-1]:
-                parent = parent.setdefault(key, {})
-            parent[path[-1]] = tensor
-        for path, value in manifest.values:
-            parent = state
-            for key in path[:-1]:
-                parent = parent.setdefault(key, {})
-            parent[path[-1]] = value
-        return state
+        return loading.load_full(self, step)

@@ -12,12 +12,17 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from elastic.protocol import Assignment, ParkReason, Restored, WorkerInfo, WorkerPoll, WorkerState
 from elastic.worker.status import StatusBoard
+
+if TYPE_CHECKING:
+    from elastic.supervisor.controller import Controller
+    from elastic.supervisor.worker_group import RayWorkerGroup
+    from elastic.testing.simulated import NullEvents
 
 STEP_S = 0.05
 
@@ -106,8 +111,6 @@ def measure(n: int, *, window_s: float = 5.0, kill: bool = True, ray_pids: tuple
     """Run the real controller and RayWorkerGroup over `n` stand-ins on the connected Ray cluster:
     the supervisor's cycle time and CPU (and Ray's: `ray_pids`) over `window_s` while nothing
     fails, then the time from SIGKILL of one stand-in to the supervisor's failure decision."""
-    import signal
-
     from elastic.config import FailureConfig, RunConfig, ScalingConfig
     from elastic.supervisor.controller import Controller
     from elastic.testing.simulated import NullEvents
@@ -137,28 +140,44 @@ def measure(n: int, *, window_s: float = 5.0, kill: bool = True, ray_pids: tuple
         out["start_s"] = time.monotonic() - t0
         for _ in range(int(2 / run.failure.poll_interval_s)):  # settle: every watch armed and answered
             state = ctl.transition(state)
-        cycles: list[float] = []
-        pids = [group.infos[w].pid for w in ctl.members]
-        cpu0, ray0, ins0 = _self_cpu_s(), sum(_cpu_s(p) for p in ray_pids), sum(_cpu_s(p) for p in pids)
-        w0 = time.monotonic()
-        while time.monotonic() - w0 < window_s:
-            c0, s0 = time.perf_counter(), slept[0]
-            state = ctl.transition(state)
-            cycles.append(time.perf_counter() - c0 - (slept[0] - s0))
-        wall = time.monotonic() - w0
-        out["cycle_ms_median"] = sorted(cycles)[len(cycles) // 2] * 1e3
-        out["cycle_ms_p95"] = sorted(cycles)[int(len(cycles) * 0.95)] * 1e3
-        out["supervisor_cores"] = (_self_cpu_s() - cpu0) / wall
-        out["ray_cores"] = (sum(_cpu_s(p) for p in ray_pids) - ray0) / wall
-        out["standin_cores"] = (sum(_cpu_s(p) for p in pids) - ins0) / wall
+        state = _steady(ctl, state, group, window_s, ray_pids, slept, out)
         if kill:
-            victim = ctl.members[len(ctl.members) // 2]
-            before = events.first.get("worker_failed")
-            t_kill = time.perf_counter()
-            os.kill(group.infos[victim].pid, signal.SIGKILL)
-            while events.first.get("worker_failed", before) is before and time.perf_counter() - t_kill < 30:
-                state = ctl.transition(state)
-            out["detect_s"] = events.first.get("worker_failed", float("nan")) - t_kill
+            _detect(ctl, state, group, events, out)
     finally:
         group.shutdown()
     return out
+
+
+def _steady(ctl: Controller, state: Any, group: RayWorkerGroup, window_s: float, ray_pids: tuple[int, ...],
+            slept: list[float], out: dict[str, Any]) -> Any:
+    """Step the controller for `window_s` while nothing fails: its cycle time (without the time it
+    slept) and the cores used by the supervisor, Ray and the stand-ins, into `out`; the state."""
+    cycles: list[float] = []
+    pids = [group.infos[w].pid for w in ctl.members]
+    cpu0, ray0, ins0 = _self_cpu_s(), sum(_cpu_s(p) for p in ray_pids), sum(_cpu_s(p) for p in pids)
+    w0 = time.monotonic()
+    while time.monotonic() - w0 < window_s:
+        c0, s0 = time.perf_counter(), slept[0]
+        state = ctl.transition(state)
+        cycles.append(time.perf_counter() - c0 - (slept[0] - s0))
+    wall = time.monotonic() - w0
+    out["cycle_ms_median"] = sorted(cycles)[len(cycles) // 2] * 1e3
+    out["cycle_ms_p95"] = sorted(cycles)[int(len(cycles) * 0.95)] * 1e3
+    out["supervisor_cores"] = (_self_cpu_s() - cpu0) / wall
+    out["ray_cores"] = (sum(_cpu_s(p) for p in ray_pids) - ray0) / wall
+    out["standin_cores"] = (sum(_cpu_s(p) for p in pids) - ins0) / wall
+    return state
+
+
+def _detect(ctl: Controller, state: Any, group: RayWorkerGroup, events: NullEvents, out: dict[str, Any]) -> None:
+    """SIGKILL one stand-in and step the controller until it decides the worker failed (at most
+    30 s): the seconds that took, into `out` (nan if it never did)."""
+    import signal
+
+    victim = ctl.members[len(ctl.members) // 2]
+    before = events.first.get("worker_failed")
+    t_kill = time.perf_counter()
+    os.kill(group.infos[victim].pid, signal.SIGKILL)
+    while events.first.get("worker_failed", before) is before and time.perf_counter() - t_kill < 30:
+        state = ctl.transition(state)
+    out["detect_s"] = events.first.get("worker_failed", float("nan")) - t_kill

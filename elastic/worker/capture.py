@@ -23,7 +23,7 @@ import torch
 
 from elastic import tree
 from elastic.checkpoint.state import split_state
-from elastic.train_state import TrainState, _is_stateful
+from elastic.train_state import TrainState, is_stateful
 from elastic.tree import Path
 from elastic.worker.fsdp import is_sharded, local_chunk
 
@@ -149,7 +149,7 @@ class CapturePlan:
     def _extra(self) -> tuple[list[tuple[Path, torch.Tensor]], list[tuple[Path, Any]]]:
         if not self.state.extra:
             return [], [(("extra",), {})]  # an empty dict is a value of its own (it must round-trip)
-        extra = {k: (v.state_dict() if _is_stateful(v) else v) for k, v in self.state.extra.items()}
+        extra = {k: (v.state_dict() if is_stateful(v) else v) for k, v in self.state.extra.items()}
         tensors, values = split_state({"extra": extra})
         return tree.tensor_leaves(tensors), values
 
