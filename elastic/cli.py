@@ -96,15 +96,13 @@ def _trainer(fn: Callable, entry: str, args: argparse.Namespace, cfg: dict[str, 
              policy: Any = None) -> Any:
     from elastic.trainer import ElasticTrainer
 
-    run = cfg["run"]
-    defaults = RunConfig()
+    # Only what is given is passed: the defaults are RunConfig's (ElasticTrainer's keywords read them).
+    run = {**({"seed": seed} if seed is not None else {}), **cfg["run"]}
+    run["name"] = run.get("name") or name or Path(entry.rsplit(":", 1)[0]).stem
     return ElasticTrainer(
         fn, train_loop_config=train_loop_config, scaling=cfg["scaling"], checkpoint=cfg["checkpoint"],
-        failure=cfg["failure"], name=run.get("name") or name or Path(entry.rsplit(":", 1)[0]).stem,
-        seed=run.get("seed", seed if seed is not None else defaults.seed),
-        progress_interval_s=run.get("progress_interval_s", defaults.progress_interval_s),
-        stop_timeout_s=run.get("stop_timeout_s", defaults.stop_timeout_s), address=args.address, entrypoint=entry,
-        callbacks=_callbacks(args), policy=policy)
+        failure=cfg["failure"], **run, address=args.address, entrypoint=entry, callbacks=_callbacks(args),
+        policy=policy)
 
 
 def _callbacks(args: argparse.Namespace) -> list[Any]:
@@ -129,7 +127,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from elastic.storage import normalize_uri
     from elastic.storage_cmds import open_location
     from elastic.supervisor.policy import stored_policy
     from elastic.trainer import load_spec
@@ -142,7 +139,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     # The run continues where it is pointed at: URI, not the location it was first started in.
     if cli_options.given(args, CheckpointConfig).get("uri") is not None:
         raise ConfigError("elastic resume URI takes its location from URI: drop --checkpoint-uri")
-    spec = {**spec, "checkpoint": {**spec["checkpoint"], "uri": normalize_uri(args.uri)}}
+    spec = {**spec, "checkpoint": {**spec["checkpoint"], "uri": args.uri}}
     cfg = _configs(args, spec)
     policy = stored_policy(spec.get("policy"), where=redact(args.uri), default=args.default_policy)
     loop_config = {**spec["train_loop_config"], **parse_config_pairs(args.config)}

@@ -29,7 +29,7 @@ NEGATED = {(CheckpointConfig, "async_save"): "--sync-checkpoints",
            (FailureConfig, "live_snapshots"): "--copy-snapshots"}
 # Fields with no flag: set through code or another option.
 SKIPPED = {(RunConfig, "scaling"), (RunConfig, "checkpoint"), (RunConfig, "failure"),
-           (RunConfig, "train_loop_config"), (RunConfig, "policy")}
+           (RunConfig, "train_loop_config"), (RunConfig, "policy"), (RunConfig, "location")}
 
 CONFIGS = (ScalingConfig, CheckpointConfig, FailureConfig, RunConfig)
 

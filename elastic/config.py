@@ -5,17 +5,32 @@ Each field says what it controls; each validation error says what to change.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from elastic.errors import ConfigError
+from elastic.storage import RunLocation
 from elastic.supervisor.decisions import Policy
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def default(config: type, name: str) -> Any:
+    """The default of field `name` of a config dataclass: what other modules use instead of
+    restating it (ElasticTrainer's keywords, Checkpointer's, the CLI's)."""
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            break
+    raise AttributeError(f"{config.__name__} has no field {name!r} with a default")
 
 
 MAX_DURATION_S = 1e8
@@ -208,7 +223,26 @@ class RunConfig:
     policy: Policy | None = None
     """What the supervisor decides on failures, preemptions and room to grow: any object that
     satisfies elastic.supervisor.decisions.Policy (None: elastic.supervisor.policy.DefaultPolicy())."""
+    location: RunLocation | None = None
+    """Where the run lives (checkpoints, events, lease), normalized and opened once
+    (elastic.storage.RunLocation); every actor reads it from here. None: made from checkpoint.uri
+    (and None while that is None too); when given, checkpoint.uri is set to its URI."""
 
     def __post_init__(self) -> None:
+        self._settle_location()
         require_duration("progress_interval_s", self.progress_interval_s)
         require_duration("stop_timeout_s", self.stop_timeout_s)
+
+    def _settle_location(self) -> None:
+        """One location: made from checkpoint.uri when not given, and checkpoint.uri its URI."""
+        uri, loc = self.checkpoint.uri, self.location
+        if uri is None and loc is None:
+            return
+        if loc is None:
+            loc = RunLocation.of(uri)  # type: ignore[arg-type]
+        elif uri is not None and (named := RunLocation.of(uri)) != loc:
+            raise ConfigError(f"checkpoint.uri ({named!r}) and location ({loc!r}) name different places: give one "
+                              "of them")
+        object.__setattr__(self, "location", loc)
+        if uri != loc.uri:
+            object.__setattr__(self, "checkpoint", replace(self.checkpoint, uri=loc.uri))

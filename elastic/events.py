@@ -18,6 +18,7 @@ from typing import Any
 
 from elastic import jsonlog
 from elastic.jsonlog import JsonLinesLog
+from elastic.storage import RunLocation
 
 EVENTS_NAME = "events"
 EVENTS_FILE = f"{EVENTS_NAME}.jsonl"
@@ -106,8 +107,9 @@ MEMORY_EVENTS = 10_000
 class EventLog(JsonLinesLog):
     """URI/events.jsonl (or its segments on object stores): see elastic.jsonlog."""
 
-    def __init__(self, uri: str, *, flush_interval_s: float = 1.0, fs: Any = None, append: bool | None = None):
-        super().__init__(uri, EVENTS_NAME, flush_interval_s=flush_interval_s, fs=fs, append=append,
+    def __init__(self, where: str | RunLocation, *, flush_interval_s: float = 1.0, fs: Any = None,
+                 append: bool | None = None):
+        super().__init__(where, EVENTS_NAME, flush_interval_s=flush_interval_s, fs=fs, append=append,
                          keep=MEMORY_EVENTS)
 
     @property

@@ -21,7 +21,7 @@ from typing import Any
 
 from elastic import retry
 from elastic.retry import RetryPolicy
-from elastic.storage import resolve
+from elastic.storage import RunLocation, resolve
 
 SEGMENT_LINES = 1_000
 """On object stores, lines per segment file (the most a flush rewrites)."""
@@ -34,13 +34,14 @@ log = logging.getLogger(__name__)
 
 
 class JsonLinesLog:
-    def __init__(self, uri: str, name: str, *, flush_interval_s: float = 1.0, fs: Any = None,
+    def __init__(self, where: str | RunLocation, name: str, *, flush_interval_s: float = 1.0, fs: Any = None,
                  append: bool | None = None, keep: int = 0):
         """`append`: whether the store can append (None: local disk and memory can, through any
         fault-injecting wrapper; object stores cannot). `keep`: records kept in memory (`recent`)."""
-        resolved, root = resolve(uri)
-        self.fs = fs if fs is not None else resolved
-        self.uri = uri
+        location = RunLocation.of(where)
+        root = location.root
+        self.fs = fs if fs is not None else location.fs
+        self.uri = location.uri
         self.name = name
         self.path = f"{root}/{name}.jsonl"
         self.segments = f"{root}/{name}"

@@ -92,12 +92,13 @@ class Lease:
     """The lease of one location. `clock` is monotonic (ages are measured here, never from another
     host's clock); `sleep` is what acquire() waits with. One object remembers what it has seen."""
 
-    def __init__(self, uri: str, *, fs: Any = None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
-        self.uri = storage.normalize_uri(uri)
-        resolved, root = storage.resolve(self.uri)
-        self.fs = fs if fs is not None else resolved
-        self.dir = storage.join(root, LEASE_DIR)
+    def __init__(self, where: str | storage.RunLocation, *, fs: Any = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        """`where`: the run's location or its URI; `fs` replaces its filesystem (fault injection)."""
+        location = storage.RunLocation.of(where)
+        self.uri = location.uri
+        self.fs = fs if fs is not None else location.fs
+        self.dir = location.path(LEASE_DIR)
         self.clock, self.sleep = clock, sleep
         self.lost_reason: str | None = None
         """Set (by Renewer) when the lease can no longer be kept: every check() then fails with it."""

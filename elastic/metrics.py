@@ -12,6 +12,7 @@ from typing import Any
 
 from elastic import jsonlog
 from elastic.events import parse_lines
+from elastic.storage import RunLocation
 
 METRICS_NAME = "metrics"
 MEMORY_METRICS = 10_000
@@ -19,8 +20,8 @@ MEMORY_METRICS = 10_000
 
 
 class MetricsLog(jsonlog.JsonLinesLog):
-    def __init__(self, uri: str, **kw: Any):
-        super().__init__(uri, METRICS_NAME, keep=MEMORY_METRICS, **kw)
+    def __init__(self, where: str | RunLocation, **kw: Any):
+        super().__init__(where, METRICS_NAME, keep=MEMORY_METRICS, **kw)
 
 
 def read_metrics(uri: str) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
-"""Where bytes live: URI parsing and validation on top of fsspec, plus small storage helpers.
+"""Where bytes live: a run's location (RunLocation) on top of fsspec, plus small storage helpers.
 
-Local paths go to fsspec's local filesystem; every URL goes through `fsspec.core.url_to_fs`.
-Chained URLs work too (`faulty::memory://run`, the fault-injecting wrapper used by tests).
+A location is normalized and opened in one place, RunLocation.of: local paths go to fsspec's local
+filesystem; every URL goes through `fsspec.core.url_to_fs`. Chained URLs work too
+(`faulty::memory://run`, the fault-injecting wrapper used by tests).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import posixpath
 import threading
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -19,6 +21,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from elastic.errors import ConfigError
+from elastic.retry import redact
 
 # Lazily imported on first use: the fault-injecting wrapper (elastic/checkpoint/faulty_fs.py).
 fsspec.register_implementation(
@@ -33,9 +36,9 @@ def normalize_uri(uri: str) -> str:
     return uri.rstrip("/")
 
 
-def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, root path inside it) for a URI; ConfigError for a scheme fsspec does not know."""
-    uri = normalize_uri(uri)
+def _open(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, root path inside it) for a normalized URI; ConfigError for a scheme fsspec does
+    not know."""
     schemes = [part.split("://", 1)[0] for part in uri.split("::") if part]
     known = fsspec.available_protocols()
     for scheme in schemes:
@@ -49,6 +52,55 @@ def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     except (ImportError, ValueError) as exc:
         raise ConfigError(f"cannot open storage {uri!r}: {exc}") from None
     return fs, path.rstrip("/") or "/"
+
+
+@dataclass(frozen=True, slots=True)
+class RunLocation:
+    """Where one run lives: its URI, normalized once, the fsspec filesystem opened for it (with the
+    options the URL carries) and the root path inside that filesystem.
+
+    Made once on the driver (RunLocation.of) and carried in RunConfig.location. It pickles as its
+    URI: a Ray actor that receives it opens the filesystem once, in its own process (fsspec reuses
+    the instance for the same URL and options). repr() redacts credentials in the URI.
+    """
+
+    uri: str
+    """The normalized URI: file://ABSPATH for a plain path, a URL without its trailing slash."""
+    root: str
+    """The run's directory inside `fs`."""
+    fs: fsspec.AbstractFileSystem = field(compare=False, repr=False)
+    """The filesystem the URI names."""
+
+    @classmethod
+    def of(cls, where: "str | os.PathLike[str] | RunLocation") -> RunLocation:
+        """The location of a path or URL (a RunLocation is returned as it is); ConfigError for a
+        scheme fsspec does not know."""
+        if isinstance(where, RunLocation):
+            return where
+        uri = normalize_uri(os.fspath(where))
+        fs, root = _open(uri)
+        return cls(uri=uri, root=root, fs=fs)
+
+    def path(self, *parts: str) -> str:
+        """A path under the run's root, inside `fs`."""
+        return join(self.root, *parts)
+
+    @property
+    def shown(self) -> str:
+        """The URI as it may be printed or logged (credentials redacted)."""
+        return redact(self.uri)
+
+    def __repr__(self) -> str:
+        return f"RunLocation({self.shown!r})"
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (RunLocation.of, (self.uri,))
+
+
+def resolve(uri: "str | RunLocation") -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, root path inside it) for a URI; ConfigError for a scheme fsspec does not know."""
+    loc = RunLocation.of(uri)
+    return loc.fs, loc.root
 
 
 def join(*parts: str) -> str:

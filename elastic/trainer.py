@@ -32,11 +32,11 @@ from elastic import lease as lease_mod
 from elastic.cluster import connection_problem, ensure_ray
 from elastic import retry, storage, trusted
 from elastic.callbacks import Callback, Callbacks
-from elastic.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from elastic.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, default
 from elastic.errors import ConfigError, StorageUnavailableError, TrainingFailedError
 from elastic.progress import ProgressPrinter
 from elastic.result import Result
-from elastic.storage import normalize_uri, resolve
+from elastic.storage import RunLocation, resolve
 from elastic.supervisor.decisions import Policy
 from elastic.supervisor.policy import policy_spec
 
@@ -44,13 +44,15 @@ RUN_SPEC_FILE = "run.json"
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-def _default_uri(name: str) -> str:
-    return normalize_uri(os.path.join(tempfile.gettempdir(), "elastic-runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+def _default_location(name: str) -> RunLocation:
+    """CheckpointConfig.uri None: a fresh local directory under the system temp dir."""
+    return RunLocation.of(os.path.join(tempfile.gettempdir(), "elastic-runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
-def check_storage(uri: str) -> None:
+def check_storage(where: str | RunLocation) -> None:
     """Fail fast, before any actor starts, on a location that cannot work."""
-    fs, root = resolve(uri)
+    loc = RunLocation.of(where)
+    fs, root, uri = loc.fs, loc.root, loc.uri
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     if "memory" in protocols:
         raise ConfigError(f"{retry.redact(uri)!r}: memory:// lives inside one process and workers are separate "
@@ -83,10 +85,10 @@ class ElasticTrainer:
         scaling: ScalingConfig | None = None,
         checkpoint: CheckpointConfig | None = None,
         failure: FailureConfig | None = None,
-        name: str = "elastic",
-        seed: int = 0,
-        progress_interval_s: float = 5.0,
-        stop_timeout_s: float = 20.0,
+        name: str = default(RunConfig, "name"),
+        seed: int = default(RunConfig, "seed"),
+        progress_interval_s: float = default(RunConfig, "progress_interval_s"),
+        stop_timeout_s: float = default(RunConfig, "stop_timeout_s"),
         address: str | None = None,
         entrypoint: str | None = None,
         callbacks: Sequence[Callback] | None = None,
@@ -95,27 +97,29 @@ class ElasticTrainer:
         if not callable(train_fn):
             raise ConfigError(f"train_fn must be callable, got {type(train_fn).__name__}")
         checkpoint = checkpoint or CheckpointConfig()
-        uri = normalize_uri(checkpoint.uri) if checkpoint.uri else _default_uri(name)
-        self.run = RunConfig(name=name, scaling=scaling or ScalingConfig(), checkpoint=replace(checkpoint, uri=uri),
+        location = RunLocation.of(checkpoint.uri) if checkpoint.uri else _default_location(name)
+        self.run = RunConfig(name=name, scaling=scaling or ScalingConfig(), checkpoint=replace(checkpoint, uri=None),
                              failure=failure or FailureConfig(), train_loop_config=dict(train_loop_config or {}),
                              progress_interval_s=progress_interval_s, stop_timeout_s=stop_timeout_s, seed=seed,
-                             policy=policy)
+                             policy=policy, location=location)
         if policy is not None:
             _shippable(type(policy))  # a policy class from a plain file travels by value, as train_fn does
         self.train_fn = _shippable(train_fn)
-        self.uri = uri
+        self.location = location
+        self.uri = location.uri
+        """The normalized URI of the run's location (self.location.uri)."""
         self.address = address
         self.entrypoint = entrypoint
         self.callbacks = list(callbacks or [])
 
     def fit(self, *, raise_on_failure: bool = True, quiet: bool = False) -> Result:
         self._callbacks = Callbacks(self.callbacks)
-        lease = lease_mod.Lease(self.uri)
+        lease = lease_mod.Lease(self.location)
         owner = lease.acquire(lease_mod.this_process(self.run.name))  # before anything else is written
         sup_box: list[Any] = []
         renewer = lease_mod.Renewer(lease, owner, on_lost=lambda why: [s.abort.remote(why) for s in sup_box]).start()
         try:
-            check_storage(self.uri)
+            check_storage(self.location)
             self._write_spec()
             ensure_ray(self.address, self.run)
             result = self._drive(owner, sup_box, quiet)
@@ -138,7 +142,7 @@ class ElasticTrainer:
         # worker node must never take the supervisor with it.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         sup = RemoteSupervisor.options(num_cpus=0, max_concurrency=4, max_restarts=0,
-                                       scheduling_strategy=here).remote(self.train_fn, self.run, self.uri, owner)
+                                       scheduling_strategy=here).remote(self.train_fn, self.run, owner)
         sup_box.append(sup)
         signals = _Signals(sup, quiet, self.run.stop_timeout_s)
         done_ref = sup.run.remote()
@@ -177,7 +181,7 @@ class ElasticTrainer:
         also recorded on this machine (elastic.trusted): run.json alone is never trusted to name code."""
         if self.entrypoint is None:
             return
-        fs, root = resolve(self.uri)
+        fs, root = self.location.fs, self.location.root
         entry, digest = resolve_entrypoint(self.entrypoint)
         checkpoint = {k: v for k, v in asdict(self.run.checkpoint).items() if k != "uri"}
         spec = {"entrypoint": entry, "entrypoint_sha256": digest, "host": socket.gethostname(),

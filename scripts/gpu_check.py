@@ -96,7 +96,7 @@ def rank_main(slot: int, sc: Scenario, cmds: Any, results: Any, run_dir: str) ->
         torch.cuda.set_device(torch.device(device))
     run = RunConfig(checkpoint=CheckpointConfig(uri=run_dir, every_n_steps=10),
                     failure=FailureConfig(collective_timeout_s=sc.timeout_s))
-    services = Services(run, run_dir)
+    services = Services(run)
     while True:
         cmd = cmds.get()
         if cmd is None:

@@ -52,7 +52,7 @@ def _ray_group() -> RayWorkerGroup:
 
     run = RunConfig(scaling=ScalingConfig(min_workers=1, max_workers=CAPACITY, cpus_per_worker=2.0),
                     failure=FailureConfig(liveness_interval_s=1.0, poll_timeout_s=POLL_TIMEOUT_S))
-    return RayWorkerGroup(lambda _c: None, run, "memory://conformance", worker_cls=RemoteStandIn)
+    return RayWorkerGroup(lambda _c: None, run, worker_cls=RemoteStandIn)
 
 
 def _sigkill(group: Any, wid: int) -> None:

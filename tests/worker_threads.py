@@ -22,7 +22,7 @@ from elastic.worker.services import Services
 def make_services(uri: str, n: int, **checkpoint: Any) -> list[Services]:
     run = RunConfig(checkpoint=CheckpointConfig(uri=uri, **{"every_n_steps": 0, **checkpoint}),
                     failure=FailureConfig(collective_timeout_s=20))
-    return [Services(run, uri) for _ in range(n)]
+    return [Services(run) for _ in range(n)]
 
 
 def run_generation(services: list[Services], fn: Callable[[Generation], Any], *, generation: int = 0,

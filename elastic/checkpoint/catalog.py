@@ -46,13 +46,14 @@ def _checksum_file(fs: fsspec.AbstractFileSystem, path: str, algo: str) -> tuple
 class CheckpointStore:
     """The checkpoints of one run (URI/checkpoints/step_*)."""
 
-    def __init__(self, uri: str, *, fs: fsspec.AbstractFileSystem | None = None) -> None:
-        """`fs` replaces the filesystem resolved from `uri` (tests pass a fault-injecting one)."""
-        self.uri = storage.normalize_uri(uri)
-        resolved_fs, root = storage.resolve(self.uri)
-        self.fs = fs if fs is not None else resolved_fs
-        self.root = root
-        self.dir = storage.join(root, CHECKPOINTS_DIR)
+    def __init__(self, where: str | storage.RunLocation, *, fs: fsspec.AbstractFileSystem | None = None) -> None:
+        """`where`: the run's location or its URI. `fs` replaces the location's filesystem (tests
+        pass a fault-injecting one)."""
+        self.location = storage.RunLocation.of(where)
+        self.uri = self.location.uri
+        self.fs = fs if fs is not None else self.location.fs
+        self.root = self.location.root
+        self.dir = storage.join(self.root, CHECKPOINTS_DIR)
 
     # -- naming ---------------------------------------------------------------------------
     def step_path(self, step: int) -> str:

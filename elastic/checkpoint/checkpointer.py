@@ -31,8 +31,10 @@ from elastic.checkpoint.layout import (
 from elastic.checkpoint.shards import EntriesSavePlanner, Shards
 from elastic.checkpoint.state import split_state
 from elastic.collectives import CollectiveClock, Collectives
+from elastic.config import CheckpointConfig, default
 from elastic.errors import CheckpointError, ConfigError, LeaseLostError, StorageError, WorkerGroupError
 from elastic.hostbuf import HostBuffers
+from elastic.storage import RunLocation
 
 log = logging.getLogger(__name__)
 COORDINATOR = 0
@@ -64,16 +66,20 @@ class Checkpointer:
 
     def __init__(
         self,
-        uri: str,
+        where: str | RunLocation | CheckpointStore,
         *,
-        keep_last: int = 3,
-        async_save: bool = True,
-        when_busy: Literal["wait", "skip"] = "wait",
-        commit_timeout_s: float = 300.0,
+        keep_last: int = default(CheckpointConfig, "keep_last"),
+        async_save: bool = default(CheckpointConfig, "async_save"),
+        when_busy: Literal["wait", "skip"] = default(CheckpointConfig, "when_busy"),
+        commit_timeout_s: float = default(CheckpointConfig, "commit_timeout_s"),
         fs: Any = None,
         lease: Any = None,
     ) -> None:
         """
+        where: the run's location, its URI, or the process's CheckpointStore of it (then shared:
+            one store per process).
+        The options mean what CheckpointConfig's fields of the same names say, and are validated
+        there (ConfigError).
         keep_last: committed checkpoints to keep (older ones are deleted after each commit);
             0 keeps all.
         async_save: write in the background; save() returns once tensors are copied to host.
@@ -81,18 +87,19 @@ class Checkpointer:
             "skip" this one (decided collectively: all ranks skip together).
         commit_timeout_s: how long the coordinator waits for every rank's shard (and other ranks
             for the verdict) before abandoning the save.
-        fs: a filesystem object replacing the one resolved from `uri` (fault injection in tests).
+        fs: a filesystem object replacing the location's (fault injection in tests; not with a store).
         lease: (elastic.lease.Lease, token) or (Lease, token, owner) of the run that owns `uri`: the
             coordinator commits only while the lease holds (Lease.check), records the token in the
             manifest, never replaces a manifest of a newer token, and fences retention the same way.
         """
-        if when_busy not in ("wait", "skip"):
-            raise ConfigError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
-        if keep_last < 0:
-            raise ConfigError(f"keep_last must be >= 0 (0 keeps all), got {keep_last}")
-        if commit_timeout_s <= 0:
-            raise ConfigError("commit_timeout_s must be > 0")
-        self.store = CheckpointStore(uri, fs=fs)
+        CheckpointConfig(keep_last=keep_last, async_save=async_save, when_busy=when_busy,
+                         commit_timeout_s=commit_timeout_s)  # validates them
+        if isinstance(where, CheckpointStore):
+            if fs is not None:
+                raise ConfigError("pass fs= to the CheckpointStore, not to a Checkpointer built on it")
+            self.store = where
+        else:
+            self.store = CheckpointStore(where, fs=fs)
         self.keep_last = keep_last
         self.async_save = async_save
         self.when_busy = when_busy

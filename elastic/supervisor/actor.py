@@ -28,7 +28,7 @@ from elastic.checkpoint import CheckpointStore
 from elastic.config import RunConfig
 from elastic.events import Event, EventLog
 from elastic.metrics import MetricsLog
-from elastic.errors import LeaseLostError, exit_code_of
+from elastic.errors import ConfigError, LeaseLostError, exit_code_of
 from elastic.lease import Lease, LeaseRecord, pid_alive
 from elastic.result import Result
 from elastic.retry import redact
@@ -64,18 +64,22 @@ def bind_store(host: str, timeout_s: float) -> tuple[dist.TCPStore, socket.socke
 
 
 class SupervisorActor:
-    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, uri: str, owner: LeaseRecord | None = None):
+    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, owner: LeaseRecord | None = None):
+        """`run.location` is where the run lives; `owner` the lease the driver took on it."""
+        if run.location is None:
+            raise ConfigError("the supervisor needs the run's location: set RunConfig.location or checkpoint.uri")
         self.run_config = run
-        self.uri = uri
+        self.location = run.location
         self.owner = owner
-        self.events = EventLog(uri)
-        self.metrics = MetricsLog(uri)
+        self.checkpoints = CheckpointStore(self.location)
+        self.events = EventLog(self.location)
+        self.metrics = MetricsLog(self.location)
         host = ray.util.get_node_ip_address()
         # The store outlives every rank and every generation; each generation uses its own prefix
         # under the run's secret one.
         self.store, self._listener = bind_store(host, run.failure.collective_timeout_s)
         backend = backend_for(run.scaling.gpus_per_worker, run.scaling.backend)
-        self.group = RayWorkerGroup(fn, run, uri, lease_token=owner.token if owner else 0)
+        self.group = RayWorkerGroup(fn, run, lease_token=owner.token if owner else 0)
         self.controller = Controller(run, self.group, self.events, (host, self.store.port), backend=backend,
                                      store_prefix=new_store_prefix(), metrics=self.metrics)
         self._cursor = 0
@@ -87,7 +91,7 @@ class SupervisorActor:
         """Raises when this run no longer holds its location (checked before each deletion)."""
         if self.owner is None:
             return None
-        lease, token, owner = Lease(self.uri), self.owner.token, self.owner.owner
+        lease, token, owner = Lease(self.location), self.owner.token, self.owner.owner
 
         def fence() -> None:
             reason = lease.check(token, owner)
@@ -103,13 +107,13 @@ class SupervisorActor:
         try:
             if self.owner is not None:
                 threading.Thread(target=self._watch_driver, name="elastic-driver-watch", daemon=True).start()
-            store = CheckpointStore(self.uri)
+            store = self.checkpoints
             removed = store.clean_partial(token=self.owner.token if self.owner else 0, fence=self._fence())
             latest = store.latest_verified()
             c.committed_step = latest.step if latest else -1
-            c.storage_step = lambda: getattr(CheckpointStore(self.uri).latest_verified(), "step", -1)
+            c.storage_step = lambda: getattr(store.latest_verified(), "step", -1)
             sc = self.run_config.scaling
-            self.events.emit(Event.RUN_STARTED, name=self.run_config.name, uri=redact(self.uri),
+            self.events.emit(Event.RUN_STARTED, name=self.run_config.name, uri=self.location.shown,
                              supervisor_pid=os.getpid(), supervisor_node_id=ray.get_runtime_context().get_node_id(),
                              min_workers=sc.min_workers, max_workers=sc.max_workers,
                              resume_from_step=latest.step if latest else None, cleaned_partial=removed)
@@ -132,12 +136,12 @@ class SupervisorActor:
         self.events.close()
         self.metrics.close()
         try:
-            checkpoint = CheckpointStore(self.uri).latest_verified()
+            checkpoint = self.checkpoints.latest_verified()
         except Exception:  # noqa: BLE001 - the result must reach the driver whatever storage does
             checkpoint = None
         return Result(ok=ok, exit_code=exit_code, error=error, metrics=dict(c.progress.metrics),
                       steps=c.progress.step, seconds=time.time() - t0, failures=c.failures,
-                      recoveries=[r.as_dict() for r in c.recoveries], checkpoint=checkpoint, uri=self.uri,
+                      recoveries=[r.as_dict() for r in c.recoveries], checkpoint=checkpoint, uri=self.location.uri,
                       events=list(self.events.events), stopped=stopped, ettr=c.progress.ettr, lost_s=c.progress.lost_s)
 
     def request_stop(self, signum: int) -> None:

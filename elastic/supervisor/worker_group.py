@@ -87,8 +87,7 @@ def _tell(method: str) -> Callable[[RayWorkerGroup, list[int]], None]:
 
 
 class RayWorkerGroup:
-    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, uri: str, *, lease_token: int = 0,
-                 worker_cls: Any = None):
+    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, *, lease_token: int = 0, worker_cls: Any = None):
         """`worker_cls`: the actor class (default elastic's worker; the scale harness passes
         stand-ins that speak the same protocol without torch)."""
         from elastic.worker.actor import RemoteWorker
@@ -103,7 +102,6 @@ class RayWorkerGroup:
         # Serialized once; each actor gets the reference boxed and fetches it itself (WorkerActor).
         self._fn_ref = ray.put(fn)
         self._run = run
-        self._uri = uri
         self._lease_token = lease_token
         self._actors: dict[int, Any] = {}
         self._info_refs: dict[int, ray.ObjectRef] = {}
@@ -112,7 +110,7 @@ class RayWorkerGroup:
         self._watches = Watches(self._actors, run.failure.liveness_interval_s)
         # A standby reserves nothing: it becomes a worker by taking a reservation of the resources
         # a worker needs, on its own node.
-        self._standbys = StandbyPool(worker_cls, opts, run, ([self._fn_ref], run, uri, True, lease_token))
+        self._standbys = StandbyPool(worker_cls, opts, run, ([self._fn_ref], run, True, lease_token))
 
     def request(self, n: int, *, background: bool = False) -> list[int]:
         """Ask for n more workers; `background`: others are training meanwhile, so these start at
@@ -121,7 +119,7 @@ class RayWorkerGroup:
         for _ in range(n):
             wid = self._next_id
             self._next_id += 1
-            actor = self._cls.remote([self._fn_ref], self._run, self._uri, background, self._lease_token)
+            actor = self._cls.remote([self._fn_ref], self._run, background, self._lease_token)
             self._actors[wid] = actor
             self._info_refs[wid] = actor.info.remote()
             ids.append(wid)

@@ -28,7 +28,7 @@ STEP_S = 0.05
 
 
 class StandInWorker:
-    def __init__(self, fn_box: list[Any], run: Any, uri: str, background: bool = False, lease_token: int = 0):
+    def __init__(self, fn_box: list[Any], run: Any, background: bool = False, lease_token: int = 0):
         self.board = StatusBoard()
         self._gen = -1
         self._stop = threading.Event()
@@ -120,7 +120,7 @@ def measure(n: int, *, window_s: float = 5.0, kill: bool = True, ray_pids: tuple
     run = RunConfig(scaling=ScalingConfig(min_workers=1, max_workers=n, cpus_per_worker=0.0001, standby_per_node=0,
                                           placement_timeout_s=start_timeout_s),
                     failure=FailureConfig(max_failures=1, poll_timeout_s=poll_timeout_s, liveness_interval_s=liveness_s))
-    group = RayWorkerGroup(lambda _c: None, run, "memory://standins", worker_cls=RemoteStandIn)
+    group = RayWorkerGroup(lambda _c: None, run, worker_cls=RemoteStandIn)
     events = NullEvents(watch=("group_built", "worker_failed", "group_failed"))
     slept = [0.0]
 

@@ -26,8 +26,7 @@ supervisor and driver are gone, perhaps with the Ray node that would have told i
 
 
 class WorkerActor:
-    def __init__(self, fn_box: list[ray.ObjectRef], run: RunConfig, uri: str, background: bool = False,
-                 lease_token: int = 0):
+    def __init__(self, fn_box: list[ray.ObjectRef], run: RunConfig, background: bool = False, lease_token: int = 0):
         # A worker started while others train (a spare, a replacement that joins later) pays its
         # start-up (torch import, warm-up: seconds of CPU) at idle priority, so that it does not
         # slow the training ranks it shares cores with. This module imports no torch for that
@@ -38,7 +37,7 @@ class WorkerActor:
 
             # Bounded: a supervisor that died meanwhile must fail this start, not park it.
             fn: Callable[[dict], Any] = ray.get(fn_box[0], timeout=FN_FETCH_TIMEOUT_S)
-            self._rt: WorkerRuntime = WorkerRuntime(fn, run, uri, lease_token)
+            self._rt: WorkerRuntime = WorkerRuntime(fn, run, lease_token)
             # A spot VM gets SIGTERM before it is reclaimed: turn it into a graceful leave at the next
             # step boundary instead of dying mid-step.
             _on_sigterm(self._rt.request_preempt)

@@ -41,10 +41,10 @@ just before it ends; past that the assignment is refused (the supervisor then dr
 
 
 class WorkerRuntime:
-    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, uri: str, lease_token: int = 0):
+    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, lease_token: int = 0):
         self.fn = fn
         self.run = run
-        self.s = Services(run, uri, lease_token=lease_token)
+        self.s = Services(run, lease_token=lease_token)
         self._thread: threading.Thread | None = None
         self._notice_lock = threading.RLock()
 

@@ -12,6 +12,7 @@ import threading
 from elastic.checkpoint import Checkpointer, CheckpointStore
 from elastic.collectives import CollectiveClock
 from elastic.config import RunConfig
+from elastic.errors import ConfigError
 from elastic.lease import Lease
 from elastic.worker.recovery.buddy import BuddyCopies
 from elastic.worker.snapshot import Snapshot
@@ -21,18 +22,22 @@ from elastic.worker.status import StatusBoard
 class Services:
     """Per-process pieces that outlive process-group generations."""
 
-    def __init__(self, run: RunConfig, uri: str, *, board: StatusBoard | None = None, lease_token: int = 0):
+    def __init__(self, run: RunConfig, *, board: StatusBoard | None = None, lease_token: int = 0):
+        """`run.location` is where checkpoints go; `lease_token` (> 0) fences commits by the run's lease."""
+        if run.location is None:
+            raise ConfigError("a worker needs the run's location: set RunConfig.location or checkpoint.uri")
         self.run = run
-        self.uri = uri
+        self.location = run.location
         self.seed = run.seed
         self.snapshot = Snapshot()
         self.clock = CollectiveClock()
         ck = run.checkpoint
         # Commits are fenced by the run's lease: a run that lost its location commits nothing.
-        fence = (Lease(uri), lease_token) if lease_token > 0 else None
-        self.checkpointer = Checkpointer(uri, keep_last=ck.keep_last, async_save=ck.async_save,
+        fence = (Lease(self.location), lease_token) if lease_token > 0 else None
+        self.catalog = CheckpointStore(self.location)
+        """The process's one store of the run's checkpoints (the checkpointer saves through it)."""
+        self.checkpointer = Checkpointer(self.catalog, keep_last=ck.keep_last, async_save=ck.async_save,
                                          when_busy=ck.when_busy, commit_timeout_s=ck.commit_timeout_s, lease=fence)
-        self.catalog = CheckpointStore(uri)
         self.board = board or StatusBoard()
         self.buddy = BuddyCopies()
         self.pause = threading.Event()
