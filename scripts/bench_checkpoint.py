@@ -180,8 +180,7 @@ def step_inflation(state: dict[str, Any], root_parent: str | None) -> float:
         ck = Checkpointer(os.path.join(root, "run"), async_save=True, keep_last=1)
         for r in range(3):
             ck.save(state, step=r + 1, rank=0, world_size=1, pg=None, store=None)
-            job = ck._pending
-            while job is not None and not job.done.is_set():
+            while ck.saving:
                 busy.append(step())
             ck.wait(timeout_s=600)
     finally:
