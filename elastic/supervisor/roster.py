@@ -28,6 +28,8 @@ class Roster:
         self._joined: set[int] = set()
         self._notified: set[int] = set()
         self._next_drain_check = 0.0
+        self.draining: set[str] = set()
+        """The nodes Ray was draining at the last look (no standby is started there)."""
 
     def assign(self, members: list[int]) -> None:
         """These workers, in this order, are the group now (rank = position)."""
@@ -63,7 +65,7 @@ class Roster:
         if ctl.clock() < self._next_drain_check:
             return
         self._next_drain_check = ctl.clock() + ctl.policy.drain_check_interval_s
-        draining = ctl.group.draining_nodes()
+        draining = self.draining = ctl.group.draining_nodes()
         if not draining:
             return
         leaving = [w for w in self.members if w not in self._notified

@@ -60,7 +60,8 @@ class Supply:
 
     def keep_standbys(self) -> None:
         """Keep the standby pool on every node that hosts ranks, sized by the policy from the
-        failure rate seen so far and the standbys' measured start-up."""
+        failure rate seen so far and the standbys' measured start-up. A node being drained gets
+        none: its ranks are leaving, and a standby pinned to it could never be scheduled."""
         ctl = self._ctl
         now = ctl.clock()
         first = ctl.ledger.first_built_at
@@ -69,7 +70,7 @@ class Supply:
         recent = sum(1 for t in ctl.ledger.failure_times if t >= now - window)
         per_node = ctl.policy.standbys_per_node(ctl.run, failures_in_window=recent, window_s=window,
                                                 startup_s=ctl.group.standby_startup_s())
-        ctl.group.ensure_standbys(ctl.roster.nodes(), per_node=per_node)
+        ctl.group.ensure_standbys(ctl.roster.nodes() - ctl.roster.draining, per_node=per_node)
 
     def promote(self, *, missing: int) -> list[int]:
         """Promote ready standbys on the nodes of lost workers (each such node has a worker's
