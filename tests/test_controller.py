@@ -219,6 +219,21 @@ def test_draining_node_is_a_graceful_leave():
     assert 1 in g.killed and len(ctl.members) == 2
 
 
+def test_no_standby_is_started_on_a_draining_node():
+    from elastic.supervisor.policy import DefaultPolicy
+    from elastic.supervisor.states import Starting
+
+    g = StandbyGroup(capacity=3, steps=30)
+    ctl, events, _ = make(g, min_w=2, max_w=3, policy=DefaultPolicy(standby_after_s=0.0))
+    g.draining.add("node1")  # draining from the start: its rank leaves, and no standby is pinned there
+    state = ctl.transition(Starting())
+    g.capacity = 2
+    while not state.is_terminal():
+        state = ctl.transition(state)
+    assert "node_draining" in events.names() and ctl.failures == 0
+    assert "node1" not in g.standby_of and {"node0", "node2"} <= set(g.standby_of)
+
+
 def test_replacement_continue_goes_on_with_survivors_then_grows_back():
     g = FakeGroup(capacity=3, steps=60)
     g.die_at = {1: 4}

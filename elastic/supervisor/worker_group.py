@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, Protocol
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnschedulableError, RayActorError
 
 from elastic import compat
 from elastic.config import RunConfig
@@ -141,7 +141,9 @@ class RayWorkerGroup:
                 self.infos[wid] = ray.get(ref)
                 newly.append(wid)
                 self._standbys.seen_ready(wid, time.monotonic())
-            except RayActorError:
+            except (RayActorError, ActorUnschedulableError):
+                # Dead before it was ready, or never placed (a standby or replacement pinned to a
+                # node that is draining or gone): not a failure of the run, the worker is forgotten.
                 self._actors.pop(wid, None)
                 self._standbys.forget(wid)
         return newly
