@@ -26,10 +26,10 @@ from chaos_tests import chaos_job
 from elastic.chaos import procs
 from elastic.chaos.external import ExternalKind, Target, inflict
 from elastic.chaos.faults import claim, fired_at
-from elastic.checkpoint import CheckpointStore
-from elastic.checkpoint.layout import COMMITTED
-from elastic.events import live_members, read_events
-from elastic.waiting import wait_until
+from elastic._internal.checkpoint import CheckpointStore
+from elastic._internal.checkpoint.layout import COMMITTED
+from elastic._internal.events import live_members, read_events
+from elastic._internal.waiting import wait_until
 
 SEED_ENV = "CHAOS_SEED"
 ROOT = Path(__file__).resolve().parents[1]

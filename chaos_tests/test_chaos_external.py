@@ -60,7 +60,7 @@ def test_driver_killed_then_elastic_resume(chaos_ray, rules_dir, tmp_path, chaos
 def test_a_final_checkpoint_that_storage_refuses_fails_the_run_with_the_event(chaos_ray, rules_dir, tmp_path):
     """Honest exits: the state that should be durable at the end is not, so the run says so in one
     line, records checkpoint_failed, exits non-zero, and `elastic ls` shows the failed save."""
-    from elastic import storage_cmds
+    from elastic._internal import storage_cmds
     from elastic.chaos.storage import StorageRule, arm
 
     job = harness.Job(root=tmp_path, workers=2, steps=21, every_n=10)  # step 21 is only saved at the end

@@ -13,7 +13,7 @@ import pytest
 
 from chaos_tests import harness
 from elastic.chaos import tool
-from elastic.lease import Lease, this_process
+from elastic._internal.lease import Lease, this_process
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -26,7 +26,7 @@ from chaos_tests.schedules import Schedule, draw
 from elastic.chaos import phases
 from elastic.chaos.external import ExternalKind
 from elastic.chaos.job import FIRST_STEP, REBUILD
-from elastic.supervisor.standby_pool import STANDBY_IDS
+from elastic._internal.supervisor.standby_pool import STANDBY_IDS
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -4,7 +4,7 @@ Driver side: ElasticTrainer and the configs. Worker side (inside the training fu
 get_context(), TrainState, ElasticSampler.
 
 Names load on first use (PEP 562): `import elastic` alone does not import torch, so a worker actor
-can lower its priority before paying torch's import (see elastic.worker.actor), and the CLI's
+can lower its priority before paying torch's import (see elastic._internal.worker.actor), and the CLI's
 storage commands start quickly.
 """
 
@@ -19,11 +19,12 @@ _EXPORTS = {
     "elastic.errors": ("CheckpointCorruptError", "CheckpointError", "CheckpointMismatchError", "ConfigError",
                        "ElasticError", "NoCheckpointError", "PlacementError", "StorageError",
                        "StorageUnavailableError", "TrainingFailedError", "TransientStorageError"),
+    "elastic.policy": ("DefaultPolicy", "Policy"),
     "elastic.result": ("Result",),
     "elastic.sampler": ("ElasticSampler",),
     "elastic.train_state": ("TrainState",),
     "elastic.trainer": ("ElasticTrainer",),
-    "elastic.worker.context": ("WorkerContext", "get_context"),
+    "elastic.context": ("WorkerContext", "get_context"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -49,8 +50,9 @@ if TYPE_CHECKING:
     from elastic.errors import (CheckpointCorruptError, CheckpointError, CheckpointMismatchError, ConfigError,
                                 ElasticError, NoCheckpointError, PlacementError, StorageError,
                                 StorageUnavailableError, TrainingFailedError, TransientStorageError)
+    from elastic.policy import DefaultPolicy, Policy
     from elastic.result import Result
     from elastic.sampler import ElasticSampler
     from elastic.train_state import TrainState
     from elastic.trainer import ElasticTrainer
-    from elastic.worker.context import WorkerContext, get_context
+    from elastic.context import WorkerContext, get_context

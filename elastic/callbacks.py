@@ -2,14 +2,14 @@
 
 - on_step(step, metrics): every committed step's metrics (rank 0's, or the ranks' means for steps
   committed with reduce=True), in order, as they reach the driver (within about a second).
-- on_event(event): every event of the run's log (elastic.events), e.g. a failure or a resize.
+- on_event(event): every event of the run's log (elastic._internal.events), e.g. a failure or a resize.
 - on_end(result): once, with the run's Result, whether it finished or not.
 
 They run on the driver, never on the workers: a slow callback delays what the driver prints,
 not the training. A callback that raises is reported once and not called again; the run goes on.
 
 Built-ins: TensorBoard (needs the `tensorboard` package: `pip install 'elastic[tensorboard]'`)
-and CSV. Every run also writes URI/metrics.jsonl itself (elastic.metrics), with or without these.
+and CSV. Every run also writes URI/metrics.jsonl itself (elastic._internal.metrics), with or without these.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import logging
 import os
 from typing import Any, Sequence, TextIO
 
-from elastic.events import Event
+from elastic._internal.events import Event
 from elastic.result import Result
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class TensorBoard(Callback):
             self.writer.add_scalar("elastic/world_size", event["world_size"], self._step)
         if name in _MEMBERSHIP or name in (Event.RUN_FAILED.value, Event.RUN_STOPPED.value):
             fields = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "time", "members"))
-            self.writer.add_text("elastic/events", f"{name}: {fields}", self._step)
+            self.writer.add_text("elastic/_internal/events", f"{name}: {fields}", self._step)
 
     def on_end(self, result: Result) -> None:
         self.writer.flush()

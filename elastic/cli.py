@@ -15,10 +15,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from elastic import cli_options
+from elastic._internal import cli_options
 from elastic.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from elastic.errors import ConfigError, ElasticError
-from elastic.retry import redact
+from elastic._internal.retry import redact
 
 
 def parse_config_pairs(pairs: list[str]) -> dict[str, Any]:
@@ -118,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     loop_config = parse_config_pairs(args.config)
     cfg = _configs(args)
     if cfg["checkpoint"].uri:
-        from elastic.storage_cmds import open_location
+        from elastic._internal.storage_cmds import open_location
 
         open_location(cfg["checkpoint"].uri)
     fn = load_entrypoint(args.entrypoint)
@@ -127,8 +127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from elastic.storage_cmds import open_location
-    from elastic.supervisor.policy import stored_policy
+    from elastic._internal.storage_cmds import open_location
+    from elastic._internal.supervisor.policy import stored_policy
     from elastic.trainer import load_spec
 
     open_location(args.uri)
@@ -165,9 +165,9 @@ def _sha256(entry: str) -> str:
 
 def _check_stored_entrypoint(args: argparse.Namespace, spec: dict[str, Any]) -> None:
     """run.json lives with the run's data, so it is not trusted to name code: its entry point runs
-    only if this user started a run with that very file on this machine (elastic.trusted), or
+    only if this user started a run with that very file on this machine (elastic._internal.trusted), or
     --trust-entrypoint says so; otherwise one line asks for --entrypoint."""
-    from elastic import trusted
+    from elastic._internal import trusted
 
     entry = spec["entrypoint"]
     path = entry.rsplit(":", 1)[0]
@@ -262,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from elastic.plot import plot
-    from elastic.storage_cmds import open_location
+    from elastic._internal.plot import plot
+    from elastic._internal.storage_cmds import open_location
 
     open_location(args.uri)
     print(redact(plot(args.uri, args.out, args.metric)))
@@ -271,7 +271,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _storage_cmd(name: str, *args: Any, **kwargs: Any) -> int:
-    from elastic import storage_cmds
+    from elastic._internal import storage_cmds
 
     return getattr(storage_cmds, name)(*args, **kwargs)
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from elastic.errors import ConfigError
-from elastic.storage import RunLocation
-from elastic.supervisor.decisions import Policy
+from elastic._internal.storage import RunLocation
+from elastic._internal.supervisor.decisions import Policy
 
 
 def _require(ok: bool, message: str) -> None:
@@ -222,10 +222,10 @@ class RunConfig:
     """Seeds torch on every rank before the training function is entered."""
     policy: Policy | None = None
     """What the supervisor decides on failures, preemptions and room to grow: any object that
-    satisfies elastic.supervisor.decisions.Policy (None: elastic.supervisor.policy.DefaultPolicy())."""
+    satisfies elastic.policy.Policy (None: elastic.policy.DefaultPolicy())."""
     location: RunLocation | None = None
     """Where the run lives (checkpoints, events, lease), normalized and opened once
-    (elastic.storage.RunLocation); every actor reads it from here. None: made from checkpoint.uri
+    (elastic._internal.storage.RunLocation); every actor reads it from here. None: made from checkpoint.uri
     (and None while that is None too); when given, checkpoint.uri is set to its URI."""
 
     def __post_init__(self) -> None:

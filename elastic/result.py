@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from elastic.retry import redact
+from elastic._internal.retry import redact
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Result:
     seconds: float
     failures: int
     recoveries: list[dict[str, Any]]
-    checkpoint: Any  # elastic.checkpoint.CheckpointInfo | None
+    checkpoint: Any  # elastic._internal.checkpoint.CheckpointInfo | None
     uri: str
     events: list[dict[str, Any]] = field(default_factory=list)
     stopped: bool = False

@@ -28,17 +28,17 @@ from typing import Any, Callable, Sequence
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from elastic import lease as lease_mod
-from elastic.cluster import connection_problem, ensure_ray
-from elastic import retry, storage, trusted
+from elastic._internal import lease as lease_mod
+from elastic._internal.cluster import connection_problem, ensure_ray
+from elastic._internal import retry, storage, trusted
 from elastic.callbacks import Callback, Callbacks
 from elastic.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, default
 from elastic.errors import ConfigError, StorageUnavailableError, TrainingFailedError
-from elastic.progress import ProgressPrinter
+from elastic._internal.progress import ProgressPrinter
 from elastic.result import Result
-from elastic.storage import RunLocation, resolve
-from elastic.supervisor.decisions import Policy
-from elastic.supervisor.policy import policy_spec
+from elastic._internal.storage import RunLocation, resolve
+from elastic._internal.supervisor.decisions import Policy
+from elastic._internal.supervisor.policy import policy_spec
 
 RUN_SPEC_FILE = "run.json"
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -135,7 +135,7 @@ class ElasticTrainer:
         return result
 
     def _drive(self, owner: lease_mod.LeaseRecord, sup_box: list[Any], quiet: bool) -> Result:
-        from elastic.supervisor.actor import RemoteSupervisor
+        from elastic._internal.supervisor.actor import RemoteSupervisor
 
         printer = ProgressPrinter(self.run.progress_interval_s)
         # The supervisor lives on the driver's node (normally the head, not a spot node): losing a
@@ -178,7 +178,7 @@ class ElasticTrainer:
     def _write_spec(self) -> None:
         """URI/run.json: what `elastic resume URI` needs to start the same run again (credentials in
         URIs are never stored; the run's location is wherever it is resumed from). The entry file is
-        also recorded on this machine (elastic.trusted): run.json alone is never trusted to name code."""
+        also recorded on this machine (elastic._internal.trusted): run.json alone is never trusted to name code."""
         if self.entrypoint is None:
             return
         fs, root = self.location.fs, self.location.root
@@ -193,7 +193,7 @@ class ElasticTrainer:
         data = json.dumps(spec, indent=2, default=str).encode()
         retry.call(retry.STORAGE_WRITE, lambda: storage.write_bytes(fs, f"{root}/{RUN_SPEC_FILE}", data),
                    op="write run spec", uri=self.uri)
-        trusted.remember(entry, digest)  # what `elastic resume` may run without asking (elastic.trusted)
+        trusted.remember(entry, digest)  # what `elastic resume` may run without asking (elastic._internal.trusted)
 
 
 class _Signals:

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
-from elastic import tree
-from elastic.checkpoint import Checkpointer
+from elastic._internal import tree
+from elastic._internal.checkpoint import Checkpointer
 
 
 def make_state(mb: int) -> dict[str, Any]:

@@ -236,7 +236,7 @@ class NodeKiller(Killer):
 
     def victims(self) -> list[tuple[int, int, Any]]:
         """(rank, pid, node) of every live registered rank whose node is still in the cluster."""
-        from elastic.events import read_events
+        from elastic._internal.events import read_events
 
         where = {m["pid"]: m.get("node_id") for e in read_events(self.uri) if e.get("event") == "group_built"
                  for m in e.get("members", []) if m.get("pid") is not None}
@@ -384,7 +384,7 @@ def run_elastic_nodes(cfg: dict, spares: int, args: argparse.Namespace,
     thread, node removals and additions on this (the main) thread."""
     import ray
 
-    from elastic.events import read_events
+    from elastic._internal.events import read_events
 
     cluster = node_cluster(WORLD + args.spare_nodes)
     box: dict[str, Any] = {}

@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 # -- (a) simulated ---------------------------------------------------------------------------
 def sim_one(n: int, fault: str, per_node: int = 8) -> dict[str, Any]:
     from elastic.config import FailureConfig, RunConfig, ScalingConfig
-    from elastic.supervisor.controller import Controller
+    from elastic._internal.supervisor.controller import Controller
     from elastic.testing.simulated import ManualClock, NullEvents, SimulatedGroup
-    from elastic.supervisor.states import Starting, StateType
+    from elastic._internal.supervisor.states import Starting, StateType
 
     group = SimulatedGroup(n, per_node=per_node)
     clock = ManualClock()
@@ -123,7 +123,7 @@ def part_store(sizes: list[int]) -> list[dict[str, Any]]:
 
     import torch.distributed as dist
 
-    from elastic.supervisor.actor import bind_store
+    from elastic._internal.supervisor.actor import bind_store
 
     rows = []
     for n in sizes:
@@ -169,7 +169,7 @@ def part_store(sizes: list[int]) -> list[dict[str, Any]]:
 
 # -- (d) the event log and the manifest ------------------------------------------------------
 def _log_flushes(uri: str, total: int, every: int, append: bool | None) -> list[tuple[int, float]]:
-    from elastic.events import Event, EventLog
+    from elastic._internal.events import Event, EventLog
 
     log = EventLog(uri, flush_interval_s=1e9, append=append)
     out = []
@@ -188,7 +188,7 @@ def _log_flushes(uri: str, total: int, every: int, append: bool | None) -> list[
 
 
 def part_log(tmp: Path, s3: bool) -> dict[str, Any]:
-    from elastic.checkpoint.layout import FileEntry, Manifest
+    from elastic._internal.checkpoint.layout import FileEntry, Manifest
 
     res: dict[str, Any] = {}
     targets = [("file", f"file://{tmp}/log-file", None, 100_000, 100)]

@@ -240,7 +240,7 @@ def final_params(arm: str, run_dir: str, steps: int) -> str | None:
         sd = torch.load(p) if os.path.exists(p) else None
         model = sd["model"] if sd and sd["step"] == steps else None
     elif arm.startswith("elastic"):
-        from elastic.checkpoint import CheckpointStore
+        from elastic._internal.checkpoint import CheckpointStore
 
         store = CheckpointStore(os.path.join(run_dir, "ckpt"))
         latest = store.latest()

@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
-from elastic.waiting import wait_until  # noqa: E402
+from elastic._internal.waiting import wait_until  # noqa: E402
 
 TARGETS = {"recovery_no_spare_s": 2.0, "recovery_spare_s": 1.0, "lost_steps": 1, "join_pause_s": 1.0}
 

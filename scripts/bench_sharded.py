@@ -194,7 +194,7 @@ def one_run(arm: str, world: int, root: str, i: int, args: argparse.Namespace) -
     run_dir = tempfile.mkdtemp(prefix=f"{arm}_{world}_{i}_", dir=root)
     k = args.kill_step
     faults = {"torchrun-dcp": [1], "buddy": [1], "buddy+spare": [1], "checkpoint": [1, (1 + 1) % world]}.get(arm, [])
-    # (1 + 1) % world: on one node rank r's buddy is rank r+1 (elastic.worker.recovery.reshard.buddies).
+    # (1 + 1) % world: on one node rank r's buddy is rank r+1 (elastic._internal.worker.recovery.reshard.buddies).
     cfg = {"arm": arm, "steps": args.steps, "every": args.every, "run_dir": run_dir, "global_batch": 8,
            "marker_dir": os.path.join(run_dir, "markers"), "model": model_config(vars(args)),
            "faults": [{"kind": "sigkill", "step": k, "rank": r} for r in faults]}

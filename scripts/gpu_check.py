@@ -85,11 +85,11 @@ def rank_main(slot: int, sc: Scenario, cmds: Any, results: Any, run_dir: str) ->
     torch.set_num_threads(1)
     import elastic
     from elastic.config import CheckpointConfig, FailureConfig, RunConfig
-    from elastic.worker.generation import Generation
-    from elastic.worker.groups import connect
-    from elastic.protocol import Assignment
-    from elastic.worker.services import Services
-    from elastic.worker.vote import PauseRequested
+    from elastic._internal.worker.generation import Generation
+    from elastic._internal.worker.groups import connect
+    from elastic._internal.protocol import Assignment
+    from elastic._internal.worker.services import Services
+    from elastic._internal.worker.vote import PauseRequested
 
     device = sc.device_of(slot)
     if device.startswith("cuda"):

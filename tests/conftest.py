@@ -27,7 +27,7 @@ def ray_local():
 
 def final_model(uri: str) -> dict:
     """The model tensors of the newest committed checkpoint at `uri`."""
-    from elastic.checkpoint import CheckpointStore
+    from elastic._internal.checkpoint import CheckpointStore
 
     full = CheckpointStore(uri).load_full()
     return full["model"]

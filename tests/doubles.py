@@ -3,14 +3,14 @@
 FakeGroup's workers advance one step per poll; a test scripts deaths (`die_at`, `dead`), freezes
 (`frozen`), preemption notices, draining nodes and the cluster's capacity. StoppableGroup commits and
 parks when asked to stop; StandbyGroup keeps a standby on every node that hosts workers. Each
-implements the WorkerGroup protocol (elastic.supervisor.worker_group), as the real RayWorkerGroup
+implements the WorkerGroup protocol (elastic._internal.supervisor.worker_group), as the real RayWorkerGroup
 and elastic.testing.simulated.SimulatedGroup do.
 """
 
 from __future__ import annotations
 
-from elastic.protocol import Restored, WorkerInfo, WorkerPoll
-from elastic.supervisor import policy
+from elastic._internal.protocol import Restored, WorkerInfo, WorkerPoll
+from elastic._internal.supervisor import policy
 
 class FakeGroup:
     """Workers that advance one step per poll; tests script deaths, freezes and capacity."""

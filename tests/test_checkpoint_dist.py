@@ -22,9 +22,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from elastic import tree
-from elastic.checkpoint import Checkpointer, CheckpointStore
-from elastic.checkpoint.faulty_fs import Fault, FaultyFileSystem
+from elastic._internal import tree
+from elastic._internal.checkpoint import Checkpointer, CheckpointStore
+from elastic._internal.checkpoint.faulty_fs import Fault, FaultyFileSystem
 
 try:
     from storage_fixtures import assert_state_equal, make_state
@@ -160,7 +160,7 @@ def test_reshard_round_trips_and_fallback(tmp_path: Any) -> None:
 
 def _save_then_lose_peer(rank: int, ws: int, pg: Any, store: Any, raw: Any, uri: str,
                          mode: str) -> dict:  # fmt: skip
-    fs, _ = __import__("elastic.storage", fromlist=["resolve"]).resolve(uri)
+    fs, _ = __import__("elastic._internal.storage", fromlist=["resolve"]).resolve(uri)
     if rank == 1:  # this rank's shard write stalls, so it is killed before the commit
         fs = FaultyFileSystem(fs=fs, faults=[Fault("open_write", kind="latency", latency_s=60)])
     ck = Checkpointer(uri, async_save=True, fs=fs, commit_timeout_s=60 if mode == "cancel" else 2)

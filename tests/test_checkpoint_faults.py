@@ -13,9 +13,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from elastic.checkpoint import Checkpointer, CheckpointStore
-from elastic.checkpoint.faulty_fs import Fault, FaultyFileSystem
-from elastic.checkpoint.layout import DCP_METADATA, MANIFEST, Manifest, FileEntry, crc32
+from elastic._internal.checkpoint import Checkpointer, CheckpointStore
+from elastic._internal.checkpoint.faulty_fs import Fault, FaultyFileSystem
+from elastic._internal.checkpoint.layout import DCP_METADATA, MANIFEST, Manifest, FileEntry, crc32
 from elastic.errors import CheckpointCorruptError, StorageUnavailableError
 
 try:

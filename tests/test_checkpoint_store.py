@@ -14,9 +14,9 @@ import uuid
 import pytest
 import torch
 
-from elastic import storage
-from elastic.checkpoint import Checkpointer, CheckpointStore
-from elastic.checkpoint.layout import MANIFEST
+from elastic._internal import storage
+from elastic._internal.checkpoint import Checkpointer, CheckpointStore
+from elastic._internal.checkpoint.layout import MANIFEST
 from elastic.errors import CheckpointCorruptError, CheckpointMismatchError, NoCheckpointError
 
 try:
@@ -197,8 +197,8 @@ def test_uri_forms(tmp_path) -> None:
 def test_shard_larger_than_the_write_behind_window_round_trips(tmp_path) -> None:
     """A shard of several write-behind windows (the disk write of each is started while the next is
     serialized): every byte is in the file, checksummed, and loads back equal."""
-    from elastic.checkpoint import dcp_write
-    from elastic.checkpoint.layout import CHECKSUM, checksum
+    from elastic._internal.checkpoint import dcp_write
+    from elastic._internal.checkpoint.layout import CHECKSUM, checksum
 
     n = (2 * dcp_write._WRITE_BEHIND + 12345) // 4
     state = {"model": {"w": torch.randn(n, generator=torch.Generator().manual_seed(3)), "b": torch.ones(7)},

@@ -154,7 +154,9 @@ def test_resume_runs_no_entry_file_that_run_json_alone_names(tmp_path, monkeypat
     import hashlib
     import json
 
-    from elastic import cli, trusted
+    from elastic._internal import trusted
+
+    from elastic import cli
     from elastic.result import Result
     from elastic.trainer import ElasticTrainer
 
@@ -195,7 +197,7 @@ class SlowToShrink:
     """A user's policy: elastic's decisions with a longer settle (a stand-in; only its name matters here)."""
 
     def __getattr__(self, name):
-        from elastic.supervisor.policy import DefaultPolicy
+        from elastic.policy import DefaultPolicy
 
         return getattr(DefaultPolicy(settle_s=30.0), name)
 
@@ -208,7 +210,7 @@ def test_a_run_records_its_policy_and_resume_never_imports_a_users_policy_from_r
 
     from elastic import CheckpointConfig, cli
     from elastic.result import Result
-    from elastic.supervisor.policy import DefaultPolicy
+    from elastic.policy import DefaultPolicy
     from elastic.trainer import ElasticTrainer
 
     monkeypatch.setenv("ELASTIC_HOME", str(tmp_path / "home"))
@@ -227,10 +229,18 @@ def test_a_run_records_its_policy_and_resume_never_imports_a_users_policy_from_r
         trainer._write_spec()
         return json.loads((tmp_path / "run" / "run.json").read_text())["policy"]
 
-    assert spec(None)["class"] == "elastic.supervisor.policy.DefaultPolicy"
+    assert spec(None)["class"] == "elastic.policy.DefaultPolicy"  # the public name, not where it lives
     assert spec(DefaultPolicy(standby_miss=0.05))["fields"]["standby_miss"] == 0.05
     p = elastic_cli_here("resume", uri)
     assert p.returncode == 0 and given[-1] == DefaultPolicy(standby_miss=0.05), p.stderr
+    # a run recorded before elastic/_internal/ existed names DefaultPolicy by its old module
+    run_json = tmp_path / "run" / "run.json"
+    doc = json.loads(run_json.read_text())
+    doc["policy"]["class"] = "elastic.supervisor.policy.DefaultPolicy"
+    run_json.write_text(json.dumps(doc))
+    p = elastic_cli_here("resume", uri)
+    assert p.returncode == 0 and given[-1] == DefaultPolicy(standby_miss=0.05), p.stderr
+    given.pop()
 
     assert spec(SlowToShrink()) == {"class": "test_cli.SlowToShrink"}
     p = elastic_cli_here("resume", uri)

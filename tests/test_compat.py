@@ -1,4 +1,4 @@
-"""Every private torch/Ray name elastic uses (elastic.compat.PRIVATE_APIS) still exists and does
+"""Every private torch/Ray name elastic uses (elastic._internal.compat.PRIVATE_APIS) still exists and does
 what elastic needs, so that an upgrade that moves one fails here, by name."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-from elastic import compat
+from elastic._internal import compat
 
 
 CONNECTED_ONLY = {"ray._private.worker.global_worker.gcs_client": "test_draining_nodes_are_read_from_a_live_cluster"}

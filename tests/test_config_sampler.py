@@ -37,7 +37,7 @@ def test_checkpoint_config_validation(kwargs):
 
 
 def test_keep_last_zero_keeps_all_in_the_config_and_the_checkpointer():
-    from elastic.checkpoint import Checkpointer
+    from elastic._internal.checkpoint import Checkpointer
 
     assert elastic.CheckpointConfig(keep_last=0).keep_last == 0
     assert Checkpointer("memory://keep-all", keep_last=0).keep_last == 0

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from elastic.config import FailureConfig, RunConfig, ScalingConfig
-from elastic.supervisor.controller import Controller
-from elastic.supervisor.states import Finished
+from elastic._internal.supervisor.controller import Controller
+from elastic._internal.supervisor.states import Finished
 from elastic.testing.simulated import ManualClock as Clock, NullEvents, SimulatedGroup
 from storage_fixtures import moto_s3  # noqa: F401 - a fixture
 
@@ -73,7 +73,7 @@ def test_event_log_flush_cost_on_s3_does_not_grow_with_the_run(moto_s3):  # noqa
     compared (flushes every 100 events, segments of 1,000), medians of each window."""
     import statistics
 
-    from elastic.events import Event, EventLog
+    from elastic._internal.events import Event, EventLog
 
     log = EventLog("s3://elastic-test/flush-cost", flush_interval_s=1e9)
     times: dict[int, float] = {}

@@ -13,9 +13,9 @@ import pytest
 
 from elastic.config import FailureConfig, RunConfig, ScalingConfig
 from doubles import FakeGroup, StandbyGroup, StoppableGroup
-from elastic.protocol import WorkerPoll
-from elastic.supervisor.controller import Controller
-from elastic.supervisor.states import StateType
+from elastic._internal.protocol import WorkerPoll
+from elastic._internal.supervisor.controller import Controller
+from elastic._internal.supervisor.states import StateType
 from elastic.testing.simulated import ManualClock
 
 pytestmark = pytest.mark.timeout(30)
@@ -53,7 +53,7 @@ def make(group: FakeGroup, *, min_w: int = 2, max_w: int = 2, spares: int = 0, m
 
 
 def run_states(ctl: Controller) -> list[StateType]:
-    from elastic.supervisor.states import Starting
+    from elastic._internal.supervisor.states import Starting
 
     state = Starting()
     seen = [state.type]
@@ -119,7 +119,7 @@ def test_death_without_room_shrinks_then_grows_back():
     g = FakeGroup(capacity=3, steps=60)
     g.die_at = {2: 4}
     ctl, events, clock = make(g, min_w=2, max_w=3)
-    from elastic.supervisor.states import Starting
+    from elastic._internal.supervisor.states import Starting
 
     state = Starting()
     state = ctl.transition(state)  # started with 3
@@ -159,7 +159,7 @@ def test_min_workers_cannot_be_placed_fails_fast_with_resources_named():
 def test_frozen_worker_is_killed_and_replaced():
     g = FakeGroup(capacity=3, steps=30)
     ctl, events, _ = make(g)
-    from elastic.supervisor.states import Starting
+    from elastic._internal.supervisor.states import Starting
 
     state = ctl.transition(Starting())
     state = ctl.transition(state)
@@ -174,7 +174,7 @@ def test_frozen_worker_is_killed_and_replaced():
 def test_preemption_is_a_resize_not_a_failure():
     g = FakeGroup(capacity=3, steps=30)
     ctl, events, _ = make(g, min_w=2, max_w=3)
-    from elastic.supervisor.states import Starting
+    from elastic._internal.supervisor.states import Starting
 
     state = ctl.transition(Starting())
     g.preempted.add(2)
@@ -191,7 +191,7 @@ def test_below_min_waits_bounded_then_fails():
     g = FakeGroup(capacity=2)
     g.die_at = {1: 3}
     ctl, _, clock = make(g, min_w=2, max_w=2)
-    from elastic.supervisor.states import Starting
+    from elastic._internal.supervisor.states import Starting
 
     state = ctl.transition(Starting())
     g.capacity = 1  # no room for a replacement
@@ -205,7 +205,7 @@ def test_below_min_waits_bounded_then_fails():
 def test_draining_node_is_a_graceful_leave():
     g = FakeGroup(capacity=3, steps=30)
     ctl, events, _ = make(g, min_w=2, max_w=3)
-    from elastic.supervisor.states import Starting
+    from elastic._internal.supervisor.states import Starting
 
     state = ctl.transition(Starting())
     g.draining.add("node1")
@@ -220,8 +220,8 @@ def test_draining_node_is_a_graceful_leave():
 
 
 def test_no_standby_is_started_on_a_draining_node():
-    from elastic.supervisor.policy import DefaultPolicy
-    from elastic.supervisor.states import Starting
+    from elastic._internal.supervisor.policy import DefaultPolicy
+    from elastic._internal.supervisor.states import Starting
 
     g = StandbyGroup(capacity=3, steps=30)
     ctl, events, _ = make(g, min_w=2, max_w=3, policy=DefaultPolicy(standby_after_s=0.0))
@@ -262,7 +262,7 @@ def test_peers_parking_before_the_preempted_rank_is_not_a_failure():
     # that got the notice had finished leaving.
     g = FakeGroup(capacity=3, steps=30)
     ctl, events, _ = make(g, min_w=2, max_w=3)
-    from elastic.supervisor.states import Starting
+    from elastic._internal.supervisor.states import Starting
 
     state = ctl.transition(Starting())
     g.preempted.add(2)
@@ -281,7 +281,7 @@ def test_peers_parking_before_the_preempted_rank_is_not_a_failure():
 def test_a_stop_commits_the_newest_step_and_ends_with_128_plus_the_signal(signum, code):
     g = StoppableGroup(capacity=2, steps=50)
     ctl, events, _ = make(g)
-    from elastic.supervisor.states import Starting
+    from elastic._internal.supervisor.states import Starting
 
     state = ctl.transition(Starting())
     for _ in range(5):
@@ -299,7 +299,7 @@ def test_a_stop_that_cannot_commit_in_time_says_so():
     g = StoppableGroup(capacity=2, steps=50)
     g.request_stop = lambda wids: None  # workers that never reach a step boundary
     ctl, events, _ = make(g)
-    from elastic.supervisor.states import Starting
+    from elastic._internal.supervisor.states import Starting
 
     state = ctl.transition(Starting())
     state = ctl.transition(state)
@@ -313,7 +313,7 @@ def test_a_stop_that_cannot_commit_in_time_says_so():
 def test_a_dead_worker_is_replaced_by_the_standby_on_its_node_without_waiting_for_a_new_one():
     from dataclasses import replace
 
-    from elastic.supervisor.policy import DefaultPolicy
+    from elastic._internal.supervisor.policy import DefaultPolicy
 
     g = StandbyGroup(capacity=2, steps=30)  # no room for a cold replacement: only the standby can help
     g.die_at = {1: 8}
@@ -330,7 +330,7 @@ def test_a_dead_worker_is_replaced_by_the_standby_on_its_node_without_waiting_fo
 def test_standbys_wait_for_the_first_group_only_and_a_promoted_one_is_replaced_at_once():
     from dataclasses import replace
 
-    from elastic.supervisor.policy import DefaultPolicy
+    from elastic._internal.supervisor.policy import DefaultPolicy
 
     g = StandbyGroup(capacity=2, steps=400)
     g.die_at = {1: 200}
@@ -382,7 +382,7 @@ def test_a_failing_run_takes_in_the_other_ranks_last_events_first():
     """The answer that decides a failure (rank 1: the final checkpoint was not committed) can come
     before the one carrying another rank's event about it (rank 0, the coordinator, emitted
     checkpoint_failed just before failing too): the run ends only once it has both."""
-    from elastic.protocol import FailureKind, WorkerError
+    from elastic._internal.protocol import FailureKind, WorkerError
 
     g = FakeGroup(capacity=2, steps=50)
     ctl, events, _ = make(g)
@@ -414,7 +414,7 @@ def test_the_same_user_error_on_every_rank_in_two_generations_ends_the_run_at_on
     """A deterministic bug (an optimizer built before FSDP2 sharding: `KeyError: 0` on every rank at
     the first commit) used to burn the whole failure budget. Every generation's ranks fail at the
     same step here: the second such generation ends the run, naming the user's frame in one line."""
-    from elastic.protocol import ErrorSignature, FailureKind, WorkerError
+    from elastic._internal.protocol import ErrorSignature, FailureKind, WorkerError
 
     g = FakeGroup(capacity=4, steps=50)
     ctl, events, _ = make(g, max_failures=10)
@@ -451,7 +451,7 @@ def test_a_stop_past_its_deadline_fences_the_workers_before_it_declares_and_repo
         g.request_stop = lambda wids: None  # still saving when the deadline passes
         ctl, events, _ = make(g)
         ctl.storage_step = lambda v=on_storage: v
-        from elastic.supervisor.states import Starting
+        from elastic._internal.supervisor.states import Starting
 
         state = ctl.transition(Starting())
         state = ctl.transition(state)
@@ -585,7 +585,7 @@ def test_a_failure_costs_until_a_step_beyond_the_newest_before_it_and_overlaps_c
 def test_progress_counts_the_ready_standbys_through_a_promotion():
     from dataclasses import replace
 
-    from elastic.supervisor.policy import DefaultPolicy
+    from elastic._internal.supervisor.policy import DefaultPolicy
 
     g = StandbyGroup(capacity=2, steps=30)
     g.die_at = {1: 8}
@@ -609,7 +609,7 @@ class PlainReasons:
     carry the plain string."""
 
     def __init__(self) -> None:
-        from elastic.supervisor.policy import DefaultPolicy
+        from elastic._internal.supervisor.policy import DefaultPolicy
 
         self.inner = DefaultPolicy()
 
@@ -619,15 +619,15 @@ class PlainReasons:
     def running(self, run, h, v):
         from dataclasses import replace
 
-        from elastic.supervisor.decisions import Resize
+        from elastic._internal.supervisor.decisions import Resize
 
         d = self.inner.running(run, h, v)
         return replace(d, reason=d.reason.value) if isinstance(d, Resize) else d
 
 
 def test_the_controller_asks_the_policy_its_run_names_and_holds_it_in_one_place():
-    from elastic.supervisor.decisions import Fail
-    from elastic.supervisor.policy import DefaultPolicy
+    from elastic._internal.supervisor.decisions import Fail
+    from elastic._internal.supervisor.policy import DefaultPolicy
 
     ctl, _, _ = make(FakeGroup(capacity=2))
     assert isinstance(ctl.policy, DefaultPolicy) and ctl.policy is ctl.run.policy  # none named: elastic's
@@ -645,8 +645,8 @@ def test_the_controller_asks_the_policy_its_run_names_and_holds_it_in_one_place(
 
 @pytest.mark.parametrize("policy", [None, PlainReasons()], ids=["default", "plain-string-reasons"])
 def test_a_grow_is_a_resize_whose_events_carry_the_string_grow(policy):
-    from elastic.supervisor.decisions import ResizeReason
-    from elastic.supervisor.states import Starting
+    from elastic._internal.supervisor.decisions import ResizeReason
+    from elastic._internal.supervisor.states import Starting
 
     g = FakeGroup(capacity=2, steps=40)
     ctl, events, _ = make(g, min_w=2, max_w=3, policy=policy)
@@ -666,7 +666,7 @@ def test_a_grow_is_a_resize_whose_events_carry_the_string_grow(policy):
 
 
 def test_committed_and_restored_steps_reach_the_controller_as_typed_fields_not_parsed_from_events():
-    from elastic.protocol import Restored
+    from elastic._internal.protocol import Restored
 
     g = FakeGroup(capacity=2)
     ctl, events, _ = make(g)
@@ -694,7 +694,7 @@ def test_committed_and_restored_steps_reach_the_controller_as_typed_fields_not_p
 
 
 def test_a_final_save_is_an_assignment_in_save_mode_and_an_unplaced_reservation_is_none():
-    from elastic.protocol import Assignment, AssignmentMode
+    from elastic._internal.protocol import Assignment, AssignmentMode
 
     a = Assignment(generation=0, rank=0, world_size=1, store_host="h", store_port=1, backend="gloo",
                    collective_timeout_s=1.0, mode="save")  # the value is accepted: held as the member

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from elastic.worker.ddp import ExactDDP, layout
+from elastic._internal.worker.ddp import ExactDDP, layout
 
 pytestmark = pytest.mark.timeout(120)
 

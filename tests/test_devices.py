@@ -7,7 +7,7 @@ import torch
 
 from elastic.config import ScalingConfig
 from elastic.errors import ConfigError
-from elastic.worker.devices import backend_for, cuda_index, device_for, torch_env
+from elastic._internal.worker.devices import backend_for, cuda_index, device_for, torch_env
 
 pytestmark = pytest.mark.timeout(30)
 

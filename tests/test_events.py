@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from elastic.events import Event, EventLog, format_event, live_members, markdown, read_events
+from elastic._internal.events import Event, EventLog, format_event, live_members, markdown, read_events
 
 pytestmark = pytest.mark.timeout(30)
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ def test_the_readme_lists_exactly_the_declared_events():
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"<!-- events -->\n(.*?)\n<!-- /events -->", readme, re.S)
     assert block, "README.md lost its events block"
-    assert block.group(1) == markdown(), "README events differ from elastic/events.py: paste events.markdown()"
+    assert block.group(1) == markdown(), "README events differ from elastic/_internal/events.py: paste events.markdown()"
 
 
 def test_every_event_the_code_emits_is_declared():
@@ -56,7 +56,7 @@ def test_brief_and_full_formats():
 def test_storage_refusing_the_log_never_stops_the_run_and_nothing_is_lost():
     import fsspec
 
-    from elastic.checkpoint.faulty_fs import Fault, FaultyFileSystem
+    from elastic._internal.checkpoint.faulty_fs import Fault, FaultyFileSystem
 
     uri = "memory://events-outage"
     inner = fsspec.filesystem("memory")
@@ -74,7 +74,7 @@ def test_object_store_flushes_rewrite_only_the_open_segment(monkeypatch):
     """The cost of a flush must not grow with the run: past SEGMENT_LINES a new segment starts."""
     import fsspec
 
-    from elastic import jsonlog
+    from elastic._internal import jsonlog
 
     monkeypatch.setattr(jsonlog, "SEGMENT_LINES", 10)
     uri = "memory://events-segments"
@@ -92,6 +92,6 @@ def test_credentials_never_reach_the_log():
     log = EventLog(uri)
     log.emit(Event.RUN_STARTED, uri="s3://AKIDUSER:topsecret@bucket/run", name="x")
     log.emit(Event.CHECKPOINT_FAILED, step=3, reason="put https://b.s3/x?X-Amz-Signature=abc123&y=1 failed")
-    text = "\n".join(ev_line for ev_line in __import__("elastic.events", fromlist=["read_lines"]).read_lines(uri))
+    text = "\n".join(ev_line for ev_line in __import__("elastic._internal.events", fromlist=["read_lines"]).read_lines(uri))
     assert "topsecret" not in text and "abc123" not in text and "***" in text
     assert "topsecret" not in json.dumps(log.events)

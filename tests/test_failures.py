@@ -6,8 +6,8 @@ import pytest
 import torch.distributed as dist
 
 from elastic.errors import CheckpointMismatchError, ConfigError, WorkerGroupError
-from elastic.protocol import FailureKind
-from elastic.worker.failures import GROUP_FAILURE_TEXT, classify, matches_group_failure_text
+from elastic._internal.protocol import FailureKind
+from elastic._internal.worker.failures import GROUP_FAILURE_TEXT, classify, matches_group_failure_text
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -66,7 +66,7 @@ def _user_code_calling_a_library() -> None:
 
 
 def test_the_signature_of_a_user_error_names_the_innermost_frame_of_user_code_and_the_step():
-    from elastic.worker.failures import signature
+    from elastic._internal.worker.failures import signature
 
     try:
         _user_code_calling_a_library()
@@ -84,7 +84,7 @@ def test_the_signature_of_a_user_error_names_the_innermost_frame_of_user_code_an
 def test_one_exit_code_table_the_error_classes_and_a_fatal_worker_error_agree():
     from elastic.errors import (CheckpointCorruptError, CheckpointFailedError, LeaseLostError, NoCheckpointError,
                                 StorageUnavailableError, exit_code_of)
-    from elastic.worker.failures import is_fatal
+    from elastic._internal.worker.failures import is_fatal
 
     for exc, code in [(CheckpointMismatchError("other model"), 2), (ConfigError("bad"), 2), (NoCheckpointError("x"), 2),
                       (StorageUnavailableError("x"), 2), (CheckpointCorruptError("every one failed"), 1),

@@ -109,9 +109,9 @@ def test_an_optimizer_built_before_sharding_is_named_in_one_line_at_restore(tmp_
 
     from elastic.errors import ConfigError
     from elastic.train_state import TrainState
-    from elastic.worker.generation import Generation
-    from elastic.worker.groups import connect
-    from elastic.protocol import Assignment
+    from elastic._internal.worker.generation import Generation
+    from elastic._internal.worker.groups import connect
+    from elastic._internal.protocol import Assignment
     from worker_threads import make_services
 
     s = make_services(f"file://{tmp_path}", 1)[0]

@@ -8,12 +8,12 @@ import io
 
 import pytest
 
-from elastic.events import Event, EventLog, make
-from elastic.metrics import MetricsLog
-from elastic.plot import ettr, marks, plot
-from elastic.progress import ProgressPrinter, goodput
+from elastic._internal.events import Event, EventLog, make
+from elastic._internal.metrics import MetricsLog
+from elastic._internal.plot import ettr, marks, plot
+from elastic._internal.progress import ProgressPrinter, goodput
 from elastic.result import Result
-from elastic.supervisor.tracking import Incidents, Progress, union_s
+from elastic._internal.supervisor.tracking import Incidents, Progress, union_s
 from elastic.testing.simulated import ManualClock
 
 pytestmark = pytest.mark.timeout(60)
@@ -89,8 +89,8 @@ def test_plot_labels_each_failure_with_its_cost_and_titles_the_ettr(tmp_path):
                     recoveries=1, lost_s=3.0, ettr=0.925))
     metrics.close()
     log.close()
-    from elastic.events import read_events
-    from elastic.metrics import read_metrics
+    from elastic._internal.events import read_events
+    from elastic._internal.metrics import read_metrics
 
     records, events = read_metrics(uri), read_events(uri)
     assert marks(records, events)["costs"] == [(12, 3.0)]  # at the step where the failure was seen

@@ -1,4 +1,4 @@
-"""Unit: one owner per run location (elastic.lease), on local disk and on the moto S3 server: the
+"""Unit: one owner per run location (elastic._internal.lease), on local disk and on the moto S3 server: the
 atomic create (and the refusal of stores without one), expiry watched on our own clock, liveness
 checks, and a renewer that loses the lease on a permanent error."""
 
@@ -16,12 +16,12 @@ import fsspec
 import pytest
 from fsspec.implementations.dirfs import DirFileSystem
 
-from elastic import storage
-from elastic.checkpoint import Checkpointer, CheckpointStore
-from elastic.checkpoint.faulty_fs import Fault, FaultyFileSystem
+from elastic._internal import storage
+from elastic._internal.checkpoint import Checkpointer, CheckpointStore
+from elastic._internal.checkpoint.faulty_fs import Fault, FaultyFileSystem
 from elastic.errors import CheckpointError, ConfigError, LeaseLostError, RunLockedError
-from elastic.lease import Lease, Renewer, this_process
-from elastic.waiting import wait_until
+from elastic._internal.lease import Lease, Renewer, this_process
+from elastic._internal.waiting import wait_until
 from storage_fixtures import make_state, moto_s3  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.timeout(60)
@@ -98,7 +98,7 @@ def test_an_expired_lease_is_taken_over_and_the_old_owner_is_fenced(uri):
 
 def test_a_dead_owner_on_this_host_is_taken_over_at_once(tmp_path):
     uri = f"file://{tmp_path}/run"
-    code = ("import sys, os, signal; from elastic.lease import Lease, this_process; "
+    code = ("import sys, os, signal; from elastic._internal.lease import Lease, this_process; "
             f"Lease({uri!r}).acquire(this_process('killed')); os.kill(os.getpid(), signal.SIGKILL)")
     subprocess.run([sys.executable, "-c", code], timeout=30)
     assert Lease(uri).current().name == "killed"

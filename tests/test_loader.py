@@ -15,8 +15,8 @@ from torch.utils.data import TensorDataset
 
 from elastic.errors import ConfigError
 from elastic.sampler import ElasticBatchSampler, ElasticSampler
-from elastic.waiting import wait_until
-from elastic.worker.loader import make_loader
+from elastic._internal.waiting import wait_until
+from elastic._internal.worker.loader import make_loader
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,7 +70,7 @@ def test_loader_processes_die_with_their_rank():
     script = textwrap.dedent("""
         import os, sys, time, torch
         from torch.utils.data import TensorDataset
-        from elastic.worker.loader import make_loader
+        from elastic._internal.worker.loader import make_loader
         ds = TensorDataset(torch.randn(100, 3))
         it = iter(make_loader(ds, global_batch_size=10, start_step=0, rank=0, world_size=1, num_workers=2,
                               persistent_workers=True))
@@ -105,7 +105,7 @@ def _alive(pid: int) -> bool:
 
 def test_a_loader_worker_whose_rank_died_before_its_init_goes_at_once():
     """PR_SET_PDEATHSIG set after the parent already died never fires: the init checks the parent."""
-    script = "from elastic.worker.loader import die_with_parent; die_with_parent(parent=1); print('survived')"
+    script = "from elastic._internal.worker.loader import die_with_parent; die_with_parent(parent=1); print('survived')"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == -signal.SIGKILL and "survived" not in proc.stdout

@@ -8,10 +8,10 @@ import pickle
 
 import pytest
 
-from elastic.checkpoint import Checkpointer, CheckpointStore
+from elastic._internal.checkpoint import Checkpointer, CheckpointStore
 from elastic.config import CheckpointConfig, RunConfig, default
 from elastic.errors import ConfigError
-from elastic.storage import RunLocation
+from elastic._internal.storage import RunLocation
 
 
 def test_local_path_becomes_file_uri(tmp_path, monkeypatch):
@@ -95,7 +95,7 @@ def test_defaults_live_in_the_configs():
 
 
 def test_a_worker_builds_one_store(tmp_path, monkeypatch):
-    from elastic.worker.services import Services
+    from elastic._internal.worker.services import Services
 
     built: list[str] = []
     init = CheckpointStore.__init__
@@ -114,7 +114,7 @@ def test_a_worker_builds_one_store(tmp_path, monkeypatch):
 
 
 def test_a_worker_needs_a_location():
-    from elastic.worker.services import Services
+    from elastic._internal.worker.services import Services
 
     with pytest.raises(ConfigError, match="location"):
         Services(RunConfig())

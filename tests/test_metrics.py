@@ -9,9 +9,9 @@ import torch
 import elastic
 from elastic.callbacks import Callback, Callbacks, TensorBoard
 from elastic.chaos import job as chaos_job
-from elastic.events import read_events
-from elastic.metrics import read_metrics
-from elastic.plot import marks
+from elastic._internal.events import read_events
+from elastic._internal.metrics import read_metrics
+from elastic._internal.plot import marks
 from worker_threads import make_services, ok, run_generation
 
 pytestmark = pytest.mark.timeout(120)

@@ -11,8 +11,8 @@ import time
 import pytest
 import elastic
 from conftest import final_model
-from elastic.events import read_events
-from elastic.waiting import wait_until
+from elastic._internal.events import read_events
+from elastic._internal.waiting import wait_until
 import jobs
 
 pytestmark = pytest.mark.timeout(240)
@@ -135,7 +135,7 @@ def test_supervisor_death_stops_workers_and_run_resumes(cluster, tmp_path):
     assert "exc" in result or not result["r"].ok
     assert stopped_in < 30
     # Everything died: the newest committed checkpoint is where the run continues.
-    latest = elastic.checkpoint.CheckpointStore(uri).latest()
+    latest = elastic._internal.checkpoint.CheckpointStore(uri).latest()
     assert latest is not None
     r = _trainer(uri, latest.step + 10, 2, 2).fit(quiet=True)
     restored = [e for e in r.events if e["event"] == "restored"]

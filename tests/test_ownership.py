@@ -15,9 +15,9 @@ import pytest
 
 import elastic
 from conftest import assert_models_equal, final_model
-from elastic.checkpoint import CheckpointStore
-from elastic.events import read_events
-from elastic.waiting import wait_until
+from elastic._internal.checkpoint import CheckpointStore
+from elastic._internal.events import read_events
+from elastic._internal.waiting import wait_until
 import jobs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 
 from elastic.config import FailureConfig, RunConfig, ScalingConfig
-from elastic.protocol import ErrorSignature, FailureKind, PollFailure, WorkerError, WorkerPoll
-from elastic.supervisor.decisions import (Build, Continue, Fail, Finish, Policy, Remove, Resize, ResizeReason,
+from elastic._internal.protocol import ErrorSignature, FailureKind, PollFailure, WorkerError, WorkerPoll
+from elastic._internal.supervisor.decisions import (Build, Continue, Fail, Finish, Policy, Remove, Resize, ResizeReason,
                                           Restart, Retry, WaitForWorkers)
-from elastic.supervisor.policy import (DefaultPolicy, MembershipView, QuiesceView, RunningView, StartView,
+from elastic._internal.supervisor.policy import (DefaultPolicy, MembershipView, QuiesceView, RunningView, StartView,
                                        classify, shared_error)
 
 pytestmark = pytest.mark.timeout(30)
@@ -229,7 +229,7 @@ def test_the_default_policy_satisfies_the_protocol_and_the_controller_asks_nothi
     import inspect
     from pathlib import Path
 
-    src = (Path(__file__).resolve().parents[1] / "elastic/supervisor/controller.py").read_text()
+    src = (Path(__file__).resolve().parents[1] / "elastic/_internal/supervisor/controller.py").read_text()
     asked = {node.attr for node in ast.walk(ast.parse(src)) if isinstance(node, ast.Attribute)
              and isinstance(node.value, ast.Attribute) and node.value.attr == "policy"
              and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}

@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from elastic.waiting import wait_until
-from elastic.worker.priority import background_priority, can_restore
+from elastic._internal.waiting import wait_until
+from elastic._internal.worker.priority import background_priority, can_restore
 
 pytestmark = pytest.mark.timeout(60)
 needs_restore = pytest.mark.skipif(not can_restore(), reason="this process may not leave SCHED_IDLE (RLIMIT_NICE)")
@@ -20,7 +20,7 @@ needs_restore = pytest.mark.skipif(not can_restore(), reason="this process may n
 def test_the_actor_module_and_the_package_import_no_torch():
     # The worker actor lowers its priority before importing torch: that only helps if loading the
     # actor class (and `import elastic`) does not import torch already. Every exported name resolves.
-    code = ("import sys, elastic, elastic.worker.actor; assert 'torch' not in sys.modules, 'torch imported'; "
+    code = ("import sys, elastic, elastic._internal.worker.actor; assert 'torch' not in sys.modules, 'torch imported'; "
             "[getattr(elastic, n) for n in elastic.__all__]; assert 'torch' in sys.modules")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
     assert p.returncode == 0, p.stderr[-2000:]

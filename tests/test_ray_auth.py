@@ -10,7 +10,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from elastic import cluster
+from elastic._internal import cluster
 from elastic.config import RunConfig
 from elastic.errors import ConfigError
 

@@ -22,7 +22,7 @@ import elastic
 from elastic.chaos import job as chaos_job
 from elastic.chaos import procs
 from elastic.errors import ConfigError
-from elastic.events import read_events
+from elastic._internal.events import read_events
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(240)

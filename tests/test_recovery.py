@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 import elastic
-from elastic.supervisor.decisions import Fail
-from elastic.supervisor.policy import DefaultPolicy
+from elastic._internal.supervisor.decisions import Fail
+from elastic._internal.supervisor.policy import DefaultPolicy
 from conftest import assert_models_equal, final_model
 from elastic.chaos.faults import fired, fired_at
-from elastic.worker.priority import can_restore
+from elastic._internal.worker.priority import can_restore
 import jobs
 
 pytestmark = pytest.mark.timeout(180)

@@ -1,4 +1,4 @@
-"""Credentials never reach a printed line: one URL-parsing redaction (elastic.retry.redact) at every
+"""Credentials never reach a printed line: one URL-parsing redaction (elastic._internal.retry.redact) at every
 point of printing: CLI errors, Result.summary(), the lease's refusal, log records."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from elastic.retry import redact, redact_url
+from elastic._internal.retry import redact, redact_url
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,8 +36,8 @@ def test_redact_url_parses_one_url():
 
 
 def test_result_summary_prints_no_credentials():
-    from elastic.checkpoint.layout import COMMITTED
-    from elastic.checkpoint.catalog import CheckpointInfo
+    from elastic._internal.checkpoint.layout import COMMITTED
+    from elastic._internal.checkpoint.catalog import CheckpointInfo
     from elastic.result import Result
 
     uri = "s3://AKIDUSER:wJalrXUtnFEMI/K7MDENG@bucket/run?sig=sasSIG"
@@ -51,7 +51,7 @@ def test_result_summary_prints_no_credentials():
 
 def test_the_lease_refusal_is_printed_redacted(capsys):
     from elastic.cli import main
-    from elastic.lease import Lease, this_process
+    from elastic._internal.lease import Lease, this_process
 
     uri = "memory://AKIDUSER:wJalrXUtnFEMI/K7MDENG@redaction-bucket/run"
     owner = Lease(uri).acquire(this_process("holder"))
@@ -67,7 +67,7 @@ def test_the_lease_refusal_is_printed_redacted(capsys):
 def test_catalog_log_lines_are_redacted(caplog):
     import fsspec
 
-    from elastic.checkpoint import CheckpointStore
+    from elastic._internal.checkpoint import CheckpointStore
 
     uri = "memory://AKIDUSER:topsecret@redaction-logs/run"
     cs = CheckpointStore(uri)

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from elastic.supervisor.actor import bind_store, new_store_prefix
+from elastic._internal.supervisor.actor import bind_store, new_store_prefix
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -40,7 +40,7 @@ def test_every_run_gets_a_fresh_unguessable_prefix():
 
 
 def _assignment(world: int, rank: int, port: int, **kw):
-    from elastic.protocol import Assignment
+    from elastic._internal.protocol import Assignment
 
     return Assignment(generation=0, rank=rank, world_size=world, store_host="127.0.0.1", store_port=port,
                       backend="gloo", collective_timeout_s=30.0, **kw)
@@ -57,8 +57,8 @@ def test_a_rank_whose_peer_never_arrives_leaves_the_rendezvous_when_told_or_at_i
 
     import torch.distributed as dist
 
-    from elastic.collectives import CollectiveClock
-    from elastic.worker.groups import RendezvousAbandoned, connect
+    from elastic._internal.collectives import CollectiveClock
+    from elastic._internal.worker.groups import RendezvousAbandoned, connect
 
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
     abort = threading.Event()
@@ -81,8 +81,8 @@ def test_a_generation_whose_ranks_all_arrive_trains_with_the_collective_timeout(
     import torch
     import torch.distributed as dist
 
-    from elastic.collectives import CollectiveClock
-    from elastic.worker.groups import connect
+    from elastic._internal.collectives import CollectiveClock
+    from elastic._internal.worker.groups import connect
 
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
     out: dict[int, object] = {}

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from elastic.checkpoint.shards import row_chunks
-from elastic.collectives import CollectiveClock, Collectives
-from elastic.worker.recovery.reshard import Holding, choose, execute, pieces, buddies
+from elastic._internal.checkpoint.shards import row_chunks
+from elastic._internal.collectives import CollectiveClock, Collectives
+from elastic._internal.worker.recovery.reshard import Holding, choose, execute, pieces, buddies
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -109,7 +109,7 @@ def test_buddy_copies_keep_the_previous_copy_until_the_next_exchange_writes_over
     """Two ranks in one process over gloo, each the other's buddy: after the exchanges of steps 1
     and 2 each holds the other's rows at 2 (complete) and, intact, at 1 (previous); release_spare
     keeps the previous copy; the next exchange gives it up before writing into its buffers."""
-    from elastic.worker.recovery.buddy import BuddyCopies
+    from elastic._internal.worker.recovery.buddy import BuddyCopies
 
     store = dist.HashStore()
     shards = {("w",): ((4, 3), (0, 0))}

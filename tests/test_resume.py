@@ -7,7 +7,7 @@ import pytest
 
 import elastic
 from conftest import assert_models_equal, final_model
-from elastic.events import read_events
+from elastic._internal.events import read_events
 import jobs
 
 pytestmark = pytest.mark.timeout(180)

@@ -8,11 +8,11 @@ import threading
 import pytest
 
 import elastic
-from elastic import storage_cmds
-from elastic.checkpoint import CheckpointStore
+from elastic._internal import storage_cmds
+from elastic._internal.checkpoint import CheckpointStore
 from elastic.errors import RunLockedError
-from elastic.events import read_events
-from elastic.waiting import wait_until
+from elastic._internal.events import read_events
+from elastic._internal.waiting import wait_until
 import jobs
 from storage_fixtures import moto_s3  # noqa: F401 - a fixture
 

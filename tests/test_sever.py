@@ -23,9 +23,9 @@ pytestmark = pytest.mark.timeout(90)
 WORKER = textwrap.dedent("""
     import json, os, sys, time
     import torch, torch.distributed as dist
-    from elastic.collectives import CollectiveClock
-    from elastic.worker.groups import connect
-    from elastic.protocol import Assignment
+    from elastic._internal.collectives import CollectiveClock
+    from elastic._internal.worker.groups import connect
+    from elastic._internal.protocol import Assignment
 
     rank, port = int(sys.argv[1]), int(sys.argv[2])
     a = Assignment(generation=0, rank=rank, world_size=3, store_host="127.0.0.1", store_port=port,

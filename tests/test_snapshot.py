@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from elastic import TrainState, tree
-from elastic.checkpoint.state import split_state
-from elastic.worker.capture import CapturePlan
-from elastic.worker.snapshot import Snapshot
+from elastic._internal import tree
+
+from elastic import TrainState
+from elastic._internal.checkpoint.state import split_state
+from elastic._internal.worker.capture import CapturePlan
+from elastic._internal.worker.snapshot import Snapshot
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -238,7 +240,7 @@ def test_a_live_tensor_changed_behind_its_version_counter_is_loud_and_never_used
     snap.capture_items(items.stable, items.volatile, items.values, state.step, live=True)
     assert snap.live and snap.held_step() == 1
     unseen_change(state, how)
-    with caplog.at_level("ERROR", logger="elastic.worker.snapshot"):
+    with caplog.at_level("ERROR", logger="elastic._internal.worker.snapshot"):
         assert snap.held_step() == -1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "model.3.bias" in errors[0] and "version counter" in errors[0], errors
@@ -261,7 +263,7 @@ def test_an_optimizer_that_updates_p_data_is_caught_at_the_next_commit_and_gets_
     state = TrainState(model=model, optimizer=DataSGD(model.parameters()))
     plan = CapturePlan(state)
     snap = Snapshot()
-    with caplog.at_level("ERROR", logger="elastic.worker.snapshot"):
+    with caplog.at_level("ERROR", logger="elastic._internal.worker.snapshot"):
         for step in range(3):
             state.optimizer.zero_grad()
             model(torch.randn(12, 16)).square().mean().backward()

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from elastic import storage_cmds as sc
-from elastic.checkpoint import Checkpointer, CheckpointStore
+from elastic._internal import storage_cmds as sc
+from elastic._internal.checkpoint import Checkpointer, CheckpointStore
 
 try:
     from storage_fixtures import assert_state_equal, make_state

@@ -12,10 +12,10 @@ import pickle
 import fsspec
 import pytest
 
-from elastic import retry
-from elastic.checkpoint.faulty_fs import ENV, Fault, FaultyFileSystem, faults_to_env
+from elastic._internal import retry
+from elastic._internal.checkpoint.faulty_fs import ENV, Fault, FaultyFileSystem, faults_to_env
 from elastic.errors import ConfigError, StorageUnavailableError, TransientStorageError
-from elastic.storage import normalize_uri, resolve
+from elastic._internal.storage import normalize_uri, resolve
 
 pytestmark = pytest.mark.timeout(30)
 POLICY = retry.RetryPolicy(name="t", attempts=4, total_s=60, initial_s=0.5, max_backoff_s=2)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from elastic.metrics import read_metrics
+from elastic._internal.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE, AFTER = ROOT / "examples" / "torchrun_train.py", ROOT / "examples" / "elastic_train.py"

@@ -1,5 +1,5 @@
 """Conformance: every implementation of the WorkerGroup protocol keeps the contract the controller
-relies on (elastic.supervisor.worker_group.WorkerGroup), as fsspec runs every backend through one
+relies on (elastic._internal.supervisor.worker_group.WorkerGroup), as fsspec runs every backend through one
 suite (fsspec/tests/abstract).
 
 The implementations: the real RayWorkerGroup, over stand-in workers (elastic.testing.standin) on a
@@ -24,10 +24,10 @@ import pytest
 
 from doubles import FakeGroup, StandbyGroup, StoppableGroup
 from elastic.config import FailureConfig, RunConfig, ScalingConfig
-from elastic.protocol import Assignment, ParkReason, PollFailure, WorkerInfo, WorkerPoll, WorkerState
-from elastic.supervisor.worker_group import RayWorkerGroup, WorkerGroup
+from elastic._internal.protocol import Assignment, ParkReason, PollFailure, WorkerInfo, WorkerPoll, WorkerState
+from elastic._internal.supervisor.worker_group import RayWorkerGroup, WorkerGroup
 from elastic.testing.simulated import SimulatedGroup
-from elastic.waiting import wait_until
+from elastic._internal.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -154,7 +154,7 @@ def _members(cls: type) -> dict[str, inspect.Signature]:
 
 # -- the protocol itself ---------------------------------------------------------------------------
 def test_the_protocol_declares_every_call_the_controller_makes():
-    tree = ast.parse((ROOT / "elastic/supervisor/controller.py").read_text())
+    tree = ast.parse((ROOT / "elastic/_internal/supervisor/controller.py").read_text())
     called = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
               and isinstance(node.value, ast.Attribute) and node.value.attr == "group"
               and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}

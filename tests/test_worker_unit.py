@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 from elastic import TrainState
-from elastic.checkpoint import Checkpointer, CheckpointStore
-from elastic.protocol import Restored
-from elastic.worker.vote import PauseRequested
+from elastic._internal.checkpoint import Checkpointer, CheckpointStore
+from elastic._internal.protocol import Restored
+from elastic._internal.worker.vote import PauseRequested
 from worker_threads import make_services, ok, run_generation
 
 pytestmark = pytest.mark.timeout(60)
@@ -251,10 +251,10 @@ def test_events_survive_a_lost_answer_and_come_once():
     """Events wait on the worker until the supervisor acknowledges them: an answer lost in flight
     (a long poll the supervisor stopped waiting for at a rebuild) loses nothing, and an answer that
     comes late or twice is not delivered twice."""
-    from elastic.events import Event
-    from elastic.supervisor.watches import Inbox
-    from elastic.protocol import WorkerPoll, WorkerState
-    from elastic.worker.status import StatusBoard
+    from elastic._internal.events import Event
+    from elastic._internal.supervisor.watches import Inbox
+    from elastic._internal.protocol import WorkerPoll, WorkerState
+    from elastic._internal.worker.status import StatusBoard
 
     board, inbox = StatusBoard(), Inbox()
 

@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 
 from elastic.config import CheckpointConfig, FailureConfig, RunConfig
-from elastic.protocol import Assignment
-from elastic.worker.context import WorkerContext, set_context
-from elastic.worker.generation import Generation
-from elastic.worker.groups import connect
-from elastic.worker.services import Services
+from elastic._internal.protocol import Assignment
+from elastic.context import WorkerContext, set_context
+from elastic._internal.worker.generation import Generation
+from elastic._internal.worker.groups import connect
+from elastic._internal.worker.services import Services
 
 
 def make_services(uri: str, n: int, **checkpoint: Any) -> list[Services]:

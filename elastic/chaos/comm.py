@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from elastic.sockets import ESTABLISHED, shut_down, socket_fds, tcp_table
+from elastic._internal.sockets import ESTABLISHED, shut_down, socket_fds, tcp_table
 
 
 def peer_connections(peers: Iterable[int]) -> list[int]:

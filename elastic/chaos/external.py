@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from elastic.chaos import procs
-from elastic.checkpoint.layout import CHECKPOINTS_DIR, step_dirname
-from elastic.storage import join, resolve
+from elastic._internal.checkpoint.layout import CHECKPOINTS_DIR, step_dirname
+from elastic._internal.storage import join, resolve
 
 
 class ExternalKind(str, enum.Enum):

@@ -87,8 +87,8 @@ def _generation_of(ns: str) -> int:
 
 def install() -> None:
     """Wrap the worker's rendezvous and state transfer with the phase hooks (in this process)."""
-    from elastic.worker import groups
-    from elastic.worker.recovery import peer_sync
+    from elastic._internal.worker import groups
+    from elastic._internal.worker.recovery import peer_sync
 
     if getattr(groups.arrive, "_chaos_phases", False):
         return
@@ -102,7 +102,7 @@ def install() -> None:
         maybe_inject("rendezvous", generation=_generation_of(ns), rank=rank)
 
     def broadcast_hooked(snapshot: Any, src: int, ctrl: Any, step: int) -> None:
-        from elastic.worker.context import get_context
+        from elastic.context import get_context
 
         maybe_inject("transfer", generation=get_context().generation, rank=ctrl.rank)
         broadcast_state(snapshot, src, ctrl, step)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from elastic.waiting import wait_until
+from elastic._internal.waiting import wait_until
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 import fsspec
 
 from elastic.chaos.faults import claim
-from elastic.checkpoint.faulty_fs import FaultyFileSystem, raise_injected
+from elastic._internal.checkpoint.faulty_fs import FaultyFileSystem, raise_injected
 
 ENV = "ELASTIC_CHAOS_STORAGE"
 PROTOCOL = "chaosfs"

@@ -27,10 +27,10 @@ from elastic.chaos import procs
 from elastic.chaos.external import SIGNALS, ExternalKind, Target, inflict
 from elastic.config import require_duration
 from elastic.errors import ConfigError, ElasticError
-from elastic.events import ENDED, EVENTS_FILE, live_members, read_events
-from elastic.lease import Lease, pid_alive, same_pid_space
-from elastic.retry import redact
-from elastic.storage_cmds import open_location
+from elastic._internal.events import ENDED, EVENTS_FILE, live_members, read_events
+from elastic._internal.lease import Lease, pid_alive, same_pid_space
+from elastic._internal.retry import redact
+from elastic._internal.storage_cmds import open_location
 
 TOOL_KINDS = (*SIGNALS, ExternalKind.NODE_WORKERS)
 WORKER_KINDS = tuple(k.value for k in TOOL_KINDS)  # kill, segv, sigterm, stop, node

@@ -1,6 +1,6 @@
 """A worker group of N simulated workers, in memory: the control plane's scale harness.
 
-It implements the WorkerGroup protocol the controller drives (elastic.supervisor.worker_group), so
+It implements the WorkerGroup protocol the controller drives (elastic._internal.supervisor.worker_group), so
 the real controller and policies run unchanged against 100, 1,000 or 10,000 "workers" with an
 injected clock, no Ray and no torch (scripts/bench_control_plane.py, tests/test_control_plane.py).
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from elastic.protocol import Assignment, ParkReason, PollFailure, Restored, WorkerInfo, WorkerPoll, WorkerState
+from elastic._internal.protocol import Assignment, ParkReason, PollFailure, Restored, WorkerInfo, WorkerPoll, WorkerState
 
 
 class ManualClock:

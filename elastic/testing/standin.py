@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from elastic.protocol import Assignment, ParkReason, Restored, WorkerInfo, WorkerPoll, WorkerState
-from elastic.worker.status import StatusBoard
+from elastic._internal.protocol import Assignment, ParkReason, Restored, WorkerInfo, WorkerPoll, WorkerState
+from elastic._internal.worker.status import StatusBoard
 
 if TYPE_CHECKING:
-    from elastic.supervisor.controller import Controller
-    from elastic.supervisor.worker_group import RayWorkerGroup
+    from elastic._internal.supervisor.controller import Controller
+    from elastic._internal.supervisor.worker_group import RayWorkerGroup
     from elastic.testing.simulated import NullEvents
 
 STEP_S = 0.05
@@ -47,7 +47,7 @@ class StandInWorker:
         self.board.update(state=WorkerState.RUNNING, generation=a.generation, failure=None, park_reason=None,
                           last_progress=time.monotonic())
         if a.rank == 0:
-            from elastic.events import Event
+            from elastic._internal.events import Event
 
             step = max(0, self.board.get().step)
             self.board.update(restored=Restored(generation=a.generation, step=step))
@@ -112,10 +112,10 @@ def measure(n: int, *, window_s: float = 5.0, kill: bool = True, ray_pids: tuple
     the supervisor's cycle time and CPU (and Ray's: `ray_pids`) over `window_s` while nothing
     fails, then the time from SIGKILL of one stand-in to the supervisor's failure decision."""
     from elastic.config import FailureConfig, RunConfig, ScalingConfig
-    from elastic.supervisor.controller import Controller
+    from elastic._internal.supervisor.controller import Controller
     from elastic.testing.simulated import NullEvents
-    from elastic.supervisor.states import Starting, StateType
-    from elastic.supervisor.worker_group import RayWorkerGroup
+    from elastic._internal.supervisor.states import Starting, StateType
+    from elastic._internal.supervisor.worker_group import RayWorkerGroup
 
     run = RunConfig(scaling=ScalingConfig(min_workers=1, max_workers=n, cpus_per_worker=0.0001, standby_per_node=0,
                                           placement_timeout_s=start_timeout_s),

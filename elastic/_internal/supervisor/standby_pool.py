@@ -1,0 +1,114 @@
+"""Warm standby workers, kept on the nodes that host ranks, so that a dead rank's replacement has
+already imported torch and loaded the training function.
+
+A standby reserves no CPU or GPU: it starts at idle priority next to the training ranks. When it is
+promoted it takes a reservation (a _Slot actor holding a worker's CPUs and GPUs) on its own node, in
+the background, so the reservation never holds the new rank back. Standbys are numbered from
+STANDBY_IDS, apart from workers; a promoted one keeps its number.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from elastic.config import RunConfig
+from elastic._internal.protocol import WorkerInfo
+
+STANDBY_IDS = 1_000_000
+"""Standbys are numbered from here (a promoted one keeps its number)."""
+
+
+class _Slot:
+    """Holds a worker's CPU/GPU reservation for a promoted standby (which reserves none itself)."""
+
+    def gpu_ids(self) -> list[str]:
+        return [str(g) for g in ray.get_gpu_ids()]
+
+
+RemoteSlot = ray.remote(_Slot)
+
+
+class StandbyPool:
+    """The standbys of one worker group: where each runs, when each was asked for and became ready
+    (their median start-up sizes the pool), and the reservations of those promoted."""
+
+    def __init__(self, worker_cls: Any, worker_opts: dict[str, Any], run: RunConfig, args: tuple) -> None:
+        """`worker_opts`: a worker actor's options (a standby has them but reserves nothing);
+        `args`: what each standby actor is constructed with (as a worker, in the background)."""
+        self._cls = worker_cls
+        self._opts = {**worker_opts, "num_cpus": 0, "num_gpus": 0}
+        self._slot_opts = {"num_cpus": run.scaling.cpus_per_worker, "num_gpus": run.scaling.gpus_per_worker,
+                           "max_restarts": 0}
+        self._args = args
+        self.per_node = run.scaling.standby_per_node
+        """How many standbys each node keeps unless told otherwise."""
+        self.nodes: dict[int, str] = {}
+        """Standby wid -> its node (until it is promoted or forgotten)."""
+        self._slots: dict[int, Any] = {}  # promoted standby wid -> its reservation
+        self._started: dict[int, float] = {}  # standby wid -> when it was requested (until ready)
+        self._ready_at: dict[int, float] = {}  # standby wid -> when the group saw it ready
+        self._startups: list[float] = []  # measured standby start-ups, seconds
+        self._next = 0
+
+    def __contains__(self, wid: int) -> bool:
+        return wid in self.nodes
+
+    def start(self, node_ids: set[str], want: int, now: float) -> dict[int, Any]:
+        """Ask for standbys until each of `node_ids` has `want`, ready or starting; the new ones'
+        actors by id."""
+        have: dict[str, int] = {}
+        for node in self.nodes.values():
+            have[node] = have.get(node, 0) + 1
+        new = {}
+        for node in node_ids:
+            for _ in range(want - have.get(node, 0)):
+                here = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+                wid = STANDBY_IDS + self._next  # ids of their own: workers keep 0, 1, 2, ...
+                self._next += 1
+                new[wid] = self._cls.options(**self._opts, scheduling_strategy=here).remote(*self._args)
+                self.nodes[wid] = node
+                self._started[wid] = now
+        return new
+
+    def seen_ready(self, wid: int, now: float) -> None:
+        """The group saw `wid` ready at `now` (its start-up is counted at the next start())."""
+        if wid in self._started:
+            self._ready_at[wid] = now
+
+    def count_startups(self, infos: dict[int, WorkerInfo], now: float) -> None:
+        """Record the start-up (request to ready) of each standby that became ready since."""
+        for wid in [w for w in self.nodes if w in infos and w in self._started]:
+            self._startups.append(self._ready_at.pop(wid, now) - self._started.pop(wid))
+
+    def ready(self, infos: dict[int, WorkerInfo], dead: Callable[[int], bool]) -> dict[str, int]:
+        """node id -> a standby there that is ready to become a worker (and not known to be dead)."""
+        return {node: wid for wid, node in sorted(self.nodes.items()) if wid in infos and not dead(wid)}
+
+    def startup_s(self) -> float | None:
+        """The median start-up of the standbys started so far (request to ready); None before one."""
+        return statistics.median(self._startups) if self._startups else None
+
+    def promote(self, wid: int) -> None:
+        """`wid` becomes a worker: it reserves a worker's resources on its node (in the background)."""
+        node = self.nodes.pop(wid)
+        here = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+        self._slots[wid] = RemoteSlot.options(**self._slot_opts, scheduling_strategy=here).remote()
+
+    def gpu_ids(self, wid: int, timeout_s: float) -> tuple[str, ...]:
+        """The GPUs reserved for a promoted standby (waits for its reservation); () otherwise."""
+        slot = self._slots.get(wid)
+        if slot is None:
+            return ()
+        return tuple(ray.get(slot.gpu_ids.remote(), timeout=timeout_s))
+
+    def forget(self, wid: int) -> Any | None:
+        """Forget `wid` (killed, or dead before it was ready); its reservation, for the caller to end."""
+        self.nodes.pop(wid, None)
+        self._started.pop(wid, None)
+        self._ready_at.pop(wid, None)
+        return self._slots.pop(wid, None)

@@ -1,0 +1,88 @@
+"""Where the next workers come from: requests for more, the newcomers ready to join, the standby
+pool on the members' nodes, and the standbys promoted to replace lost workers.
+
+Supply keeps as many workers asked for as the policy wants, sizes the standby pool from the
+failure rate (policy.standbys_per_node), promotes standbys on the nodes of lost workers (each such
+node has a worker's resources free again) and says when a look for room to grow is due. The
+policy decides how many; the worker group owns the actors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from elastic._internal.supervisor.controller import Controller
+
+
+class Supply:
+    def __init__(self, ctl: Controller):
+        self._ctl = ctl
+        self.lost_nodes: list[str] = []
+        """Nodes of the workers lost since the last group was built (their standbys replace them)."""
+        self._next_grow_check = 0.0
+
+    def grow_due(self) -> bool:
+        """Whether to look for room to grow now. The check is scheduled only while the group is
+        below max_workers: after a shrink the first look for room comes at once."""
+        ctl = self._ctl
+        return len(ctl.roster.members) < (ctl.run.scaling.max_workers or 0) and ctl.clock() >= self._next_grow_check
+
+    def grow_checked(self) -> None:
+        """The policy has looked for room: the next look comes grow_interval_s later."""
+        self._next_grow_check = self._ctl.clock() + self._ctl.run.scaling.grow_interval_s
+
+    def newcomers(self, *, limit: int, exclude: list[int] | None = None) -> list[int]:
+        """Ready workers outside the group (and outside `exclude`), up to `limit`."""
+        if limit <= 0:
+            return []
+        taken = set(self._ctl.roster.members) | set(exclude or [])
+        return [w for w in self._ctl.group.ready() if w not in taken][:limit]
+
+    def top_up(self, *, background: bool = False) -> None:
+        """Keep as many workers requested as the policy wants; `background` when the group trains
+        meanwhile (they start at idle priority)."""
+        ctl = self._ctl
+        n = ctl.policy.to_request(ctl.run, len(set(ctl.group.ready()) | set(ctl.group.pending())))
+        if n > 0:
+            ctl.group.request(n, background=background)
+
+    def standbys_due(self) -> bool:
+        """The run's first start-up is protected from standbys' start-up (a Ray worker process and
+        a torch import) until its first step (+ standby_after_s); after a rebuild, only until the
+        recovery is over (the new group has taken its first step: starting the successor of a
+        promoted standby during the restore slowed it by 1-2 s here), so that the next failure
+        (often soon after the first, on the same spot pool) still finds a warm one."""
+        ctl = self._ctl
+        first = ctl.ledger.first_step_at
+        return (first is not None and ctl.clock() - first >= ctl.policy.standby_after_s
+                and not ctl.ledger.incidents.restoring)
+
+    def keep_standbys(self) -> None:
+        """Keep the standby pool on every node that hosts ranks, sized by the policy from the
+        failure rate seen so far and the standbys' measured start-up. A node being drained gets
+        none: its ranks are leaving, and a standby pinned to it could never be scheduled."""
+        ctl = self._ctl
+        now = ctl.clock()
+        first = ctl.ledger.first_built_at
+        since = now - (first if first is not None else now)
+        window = min(ctl.policy.standby_rate_window_s, since)
+        recent = sum(1 for t in ctl.ledger.failure_times if t >= now - window)
+        per_node = ctl.policy.standbys_per_node(ctl.run, failures_in_window=recent, window_s=window,
+                                                startup_s=ctl.group.standby_startup_s())
+        ctl.group.ensure_standbys(ctl.roster.nodes() - ctl.roster.draining, per_node=per_node)
+
+    def promote(self, *, missing: int) -> list[int]:
+        """Promote ready standbys on the nodes of lost workers (each such node has a worker's
+        resources free again), up to `missing`; their ids."""
+        ctl = self._ctl
+        if missing <= 0 or not self.lost_nodes:
+            return []
+        picks = list(ctl.policy.standbys_to_promote(ctl.run, missing=missing, standbys=ctl.group.standbys(),
+                                                    lost_nodes=self.lost_nodes))
+        for wid in picks:
+            node = ctl.group.infos[wid].node_id if wid in ctl.group.infos else None
+            ctl.group.promote(wid)
+            if node in self.lost_nodes:
+                self.lost_nodes.remove(node)  # that node's free slot is taken now
+        return picks

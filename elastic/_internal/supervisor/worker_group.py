@@ -1,0 +1,261 @@
+"""The resizable set of worker actors, one per rank (plus spares and not-yet-placed requests).
+
+Requests for the workers a run wants but cannot place yet stay queued in Ray: when a node joins
+or a worker's CPU frees up, Ray places them and they show up here as ready. The controller only
+sees worker ids; actors stay behind this class so that tests can swap in a fake group.
+
+This module holds the protocol and the actors' life (request, placement, assignment, kill); how
+the supervisor hears from them is elastic._internal.supervisor.watches, the warm standbys
+elastic._internal.supervisor.standby_pool.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Protocol
+
+import ray
+from ray.exceptions import ActorUnschedulableError, RayActorError
+
+from elastic._internal import compat
+from elastic.config import RunConfig
+from elastic._internal.protocol import Assignment, PollFailure, WorkerInfo, WorkerPoll
+from elastic._internal.supervisor.standby_pool import StandbyPool
+from elastic._internal.supervisor.watches import Watches
+from elastic._internal.worker.devices import NCCL_ENV
+
+
+class WorkerGroup(Protocol):
+    """What the controller drives: workers known by integer ids, never by their actors. Every
+    implementation runs through tests/test_worker_group_conformance.py.
+
+    - request(n) asks for n workers; their ids are new (never reused) and pending() until placed;
+      refresh() collects the newly ready ones into ready() (sorted) and `infos`. A request the
+      cluster has no room for stays queued until room appears.
+    - start(assignments) hands each worker its generation; it returns the ids that did not take it
+      (gone, refused): the controller never builds a group with them.
+    - poll(wids) answers for exactly the ids asked: a WorkerPoll (events delivered once), or a
+      PollFailure (DEAD: gone or killed; UNRESPONSIVE: no answer within timeout_s).
+    - request_pause / request_preempt / request_stop: running workers leave at a step boundary
+      (parked, ParkReason.PAUSE) or finish; kill(wid) ends a worker and forgets it.
+    - Standbys are not workers: ensure_standbys keeps them on nodes, standbys() lists the ready
+      ones (node id -> worker id), promote(wid) makes one a worker (in ready() from then on) and
+      gpu_ids(wid) returns the GPUs its reservation holds (() for every other worker). A group
+      that keeps none returns {} from standbys().
+    """
+
+    infos: dict[int, WorkerInfo]
+    """Worker id -> where it runs, for each ready worker and standby."""
+
+    def request(self, n: int, *, background: bool = False) -> list[int]: ...
+    def refresh(self) -> list[int]: ...
+    def pending(self) -> list[int]: ...
+    def ready(self) -> list[int]: ...
+    def start(self, assignments: dict[int, Assignment], timeout_s: float) -> list[int]: ...
+    def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | PollFailure]: ...
+    def request_pause(self, wids: list[int]) -> None: ...
+    def request_preempt(self, wids: list[int]) -> None: ...
+    def request_stop(self, wids: list[int]) -> None: ...
+    def draining_nodes(self) -> set[str]: ...
+    def ensure_standbys(self, node_ids: set[str], *, per_node: int | None = None) -> None: ...
+    def standbys(self) -> dict[str, int]: ...
+    def standby_startup_s(self) -> float | None: ...
+    def promote(self, wid: int) -> None: ...
+    def gpu_ids(self, wid: int, timeout_s: float) -> tuple[str, ...]: ...
+    def kill(self, wid: int) -> None: ...
+    def placeable(self) -> int: ...
+    def describe_resources(self) -> str: ...
+    def shutdown(self) -> None: ...
+
+
+WORKER_THREADS = 4
+"""Threads of a worker actor: a watch waits in one while start, pause and stop calls use others."""
+
+
+def _tell(method: str) -> Callable[[RayWorkerGroup, list[int]], None]:
+    """A group method that sends `method` to each of the workers named that it still has, without
+    waiting for an answer (request_pause, request_preempt, request_stop)."""
+
+    def tell(self: RayWorkerGroup, wids: list[int]) -> None:
+        for wid in wids:
+            if wid in self._actors:
+                getattr(self._actors[wid], method).remote()
+
+    tell.__name__, tell.__qualname__ = method, f"RayWorkerGroup.{method}"
+    return tell
+
+
+class RayWorkerGroup:
+    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, *, lease_token: int = 0, worker_cls: Any = None):
+        """`worker_cls`: the actor class (default elastic's worker; the scale harness passes
+        stand-ins that speak the same protocol without torch)."""
+        from elastic._internal.worker.actor import RemoteWorker
+
+        worker_cls = worker_cls or RemoteWorker
+        self._need = run.scaling.resources_per_worker
+        # Threaded: a watch (long poll) waits in one thread while start/pause/stop calls go through.
+        opts = {"num_cpus": run.scaling.cpus_per_worker, "num_gpus": run.scaling.gpus_per_worker,
+                "max_restarts": 0, "max_task_retries": 0, "max_concurrency": WORKER_THREADS,
+                "runtime_env": {"env_vars": dict(NCCL_ENV)}}
+        self._cls = worker_cls.options(**opts)
+        # Serialized once; each actor gets the reference boxed and fetches it itself (WorkerActor).
+        self._fn_ref = ray.put(fn)
+        self._run = run
+        self._lease_token = lease_token
+        self._actors: dict[int, Any] = {}
+        self._info_refs: dict[int, ray.ObjectRef] = {}
+        self.infos: dict[int, WorkerInfo] = {}
+        self._next_id = 0
+        self._watches = Watches(self._actors, run.failure.liveness_interval_s)
+        # A standby reserves nothing: it becomes a worker by taking a reservation of the resources
+        # a worker needs, on its own node.
+        self._standbys = StandbyPool(worker_cls, opts, run, ([self._fn_ref], run, True, lease_token))
+
+    def request(self, n: int, *, background: bool = False) -> list[int]:
+        """Ask for n more workers; `background`: others are training meanwhile, so these start at
+        idle CPU priority (elastic._internal.worker.priority)."""
+        ids = []
+        for _ in range(n):
+            wid = self._next_id
+            self._next_id += 1
+            actor = self._cls.remote([self._fn_ref], self._run, background, self._lease_token)
+            self._actors[wid] = actor
+            self._info_refs[wid] = actor.info.remote()
+            ids.append(wid)
+        return ids
+
+    def refresh(self) -> list[int]:
+        """Collect workers that became ready; returns their ids."""
+        if not self._info_refs:
+            return []
+        refs = list(self._info_refs.values())
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        done_set = set(done)
+        newly = []
+        for wid, ref in list(self._info_refs.items()):
+            if ref not in done_set:
+                continue
+            del self._info_refs[wid]
+            try:
+                self.infos[wid] = ray.get(ref)
+                newly.append(wid)
+                self._standbys.seen_ready(wid, time.monotonic())
+            except (RayActorError, ActorUnschedulableError):
+                # Dead before it was ready, or never placed (a standby or replacement pinned to a
+                # node that is draining or gone): not a failure of the run, the worker is forgotten.
+                self._actors.pop(wid, None)
+                self._standbys.forget(wid)
+        return newly
+
+    def pending(self) -> list[int]:
+        return sorted(w for w in self._info_refs if w not in self._standbys)
+
+    def ready(self) -> list[int]:
+        return sorted(w for w in self.infos if w not in self._standbys)
+
+    # -- standbys (elastic._internal.supervisor.standby_pool) -----------------------------------------
+    def ensure_standbys(self, node_ids: set[str], *, per_node: int | None = None) -> None:
+        """Keep `per_node` (default standby_per_node) standbys, ready or starting, on each of these
+        nodes. A standby that died (a kill, an OOM) no longer counts: each ready one keeps a watch
+        outstanding, which Ray fails when it dies, and it is replaced here."""
+        want = self._standbys.per_node if per_node is None else per_node
+        if want <= 0:
+            return
+        now = time.monotonic()
+        self._watches.harvest(now)
+        for wid in [w for w in self._standbys.nodes if w in self.infos]:
+            if self._watches.is_dead(wid):
+                self.kill(wid)  # forget it: its node gets a new one below
+            elif not self._watches.watching(wid) and wid in self._actors:
+                self._watches.watch(wid)
+        self._standbys.count_startups(self.infos, now)
+        for wid, actor in self._standbys.start(node_ids, want, now).items():
+            self._actors[wid] = actor
+            self._info_refs[wid] = actor.info.remote()
+
+    def standbys(self) -> dict[str, int]:
+        """node id -> a standby there that is ready to become a worker (and not known to be dead)."""
+        return self._standbys.ready(self.infos, self._watches.is_dead)
+
+    def standby_startup_s(self) -> float | None:
+        """The median start-up of the standbys started so far (request to ready); None before one."""
+        return self._standbys.startup_s()
+
+    def promote(self, wid: int) -> None:
+        """Make a ready standby a worker: it reserves a worker's resources on its node (placed in
+        the background: the reservation does not hold the worker back)."""
+        self._standbys.promote(wid)
+
+    def gpu_ids(self, wid: int, timeout_s: float) -> tuple[str, ...]:
+        """The GPUs reserved for a promoted standby (waits for its reservation); () otherwise."""
+        return self._standbys.gpu_ids(wid, timeout_s)
+
+    # -- running ------------------------------------------------------------------------------
+    def start(self, assignments: dict[int, Assignment], timeout_s: float) -> list[int]:
+        """Hand each worker its place in a new generation; the ids that did not accept it."""
+        refs = {wid: self._actors[wid].start.remote(a) for wid, a in assignments.items() if wid in self._actors}
+        for wid in refs:
+            self._watches.forget(wid)  # its answers from the previous generation say nothing about this one
+        failed = [wid for wid in assignments if wid not in refs]
+        if refs:
+            ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        for wid, ref in refs.items():
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001 - dead, refused or too slow: the worker is lost
+                failed.append(wid)
+        return failed
+
+    def poll(self, wids: list[int], timeout_s: float) -> dict[int, WorkerPoll | PollFailure]:
+        """What each worker last said. Push before poll: every worker has one watch (a long poll)
+        outstanding, which it answers when it has news and at least every liveness_interval_s;
+        Ray fails it at once when the worker dies. A worker with no answer yet (just started, or
+        assigned a new generation) is asked directly within timeout_s; one whose watch is older
+        than liveness_interval_s + timeout_s / 2 is asked within the other half. Unanswered, it is
+        frozen (UNRESPONSIVE)."""
+        return self._watches.answers(wids, timeout_s)
+
+    request_pause = _tell("request_pause")
+    request_preempt = _tell("request_preempt")
+    request_stop = _tell("request_stop")
+
+    def heartbeat(self) -> None:
+        """Tell every worker without a watch outstanding (spares, standbys, those still starting)
+        that its supervisor lives; a watch tells the others."""
+        for wid, actor in list(self._actors.items()):
+            if not self._watches.watching(wid):
+                actor.heartbeat.remote()
+
+    def draining_nodes(self) -> set[str]:
+        """Ids of nodes Ray is draining (a preemption notice, an autoscaler scale-down)."""
+        return compat.draining_node_ids() or set()
+
+    def kill(self, wid: int) -> None:
+        self._watches.drop(wid)
+        actor = self._actors.pop(wid, None)
+        self._info_refs.pop(wid, None)
+        self.infos.pop(wid, None)
+        slot = self._standbys.forget(wid)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+        if slot is not None:
+            ray.kill(slot, no_restart=True)
+
+    # -- the cluster --------------------------------------------------------------------------
+    def placeable(self) -> int:
+        """How many more workers the cluster could place right now (beyond queued requests and the
+        reservations of promoted standbys not placed yet)."""
+        avail = ray.available_resources()
+        fits = min((math.floor(avail.get(k, 0.0) / v + 1e-9) for k, v in self._need.items() if v > 0), default=10**6)
+        return max(0, fits - len(self.pending()))
+
+    def describe_resources(self) -> str:
+        total = ray.cluster_resources()
+        avail = ray.available_resources()
+        parts = [f"{k}: {avail.get(k, 0):g} free of {total.get(k, 0):g}" for k in self._need]
+        return ", ".join(parts)
+
+    def shutdown(self) -> None:
+        for wid in list(self._actors):
+            self.kill(wid)

@@ -1,0 +1,108 @@
+"""Restoring the newest committed state at the start of a generation (ctx.restore).
+
+Sources, freshest first: this rank's own snapshot, a surviving peer's snapshot (recovery/peer_sync.py;
+for a sharded model the rows the group holds, moved onto its layout by recovery/sharded_state.py),
+the newest durable checkpoint that verifies. Every rank takes the same branch: each decision comes
+from values the group agreed on.
+"""
+
+from __future__ import annotations
+
+from elastic._internal import tree
+from elastic.errors import ConfigError, WorkerGroupError
+from elastic._internal.events import Event
+from elastic._internal.protocol import Restored
+from elastic.train_state import TrainState
+from elastic._internal.worker import fsdp
+from elastic._internal.worker.groups import ProcessGroups
+from elastic._internal.worker.model_prep import ModelPrep
+from elastic._internal.worker.recovery import peer_sync, sharded_state
+from elastic._internal.worker.seeding import reseed
+from elastic._internal.worker.services import Services
+from elastic._internal.worker.snapshotter import Snapshotter
+
+
+class Restorer:
+    """One generation's restore."""
+
+    def __init__(self, groups: ProcessGroups, services: Services, model: ModelPrep, snapshots: Snapshotter):
+        self.groups = groups
+        self.s = services
+        self.model = model
+        self.snapshots = snapshots
+        self.host_bytes = 0
+        """Host memory of the snapshot and buddy buffers when the last restore began (tests read it)."""
+        self.restored_state: TrainState | None = None
+        """The state given to restore() in this generation (where data_loader() starts)."""
+
+    def restore(self, state: TrainState) -> bool:
+        """Load the newest committed state into `state`; False on a fresh run (nothing to load)."""
+        s, ctrl = self.s, self.groups.ctrl
+        self.restored_state = state
+        s.snapshot.wait()
+        if s.snapshot.shards and not self.model.sharded:
+            raise ConfigError("this run's state is sharded (FSDP2): call ctx.prepare_model(model, strategy='fsdp') "
+                              "and build the optimizer before ctx.restore(state)")
+        if self.model.sharded:
+            return self._restore_sharded(state)
+        agreed = peer_sync.agree(s.snapshot.held_step(), s.latest_durable_step(), ctrl,
+                                 last_committed=s.board.get().step)
+        source = "fresh"
+        if agreed.peers_are_freshest:
+            sd, source = peer_sync.newest_state(s.snapshot, agreed, ctrl, like=state.state_dict())
+            # Clones: an optimizer keeps the tensors it is given, and training must never write
+            # into the snapshot it may have to restore from again.
+            state.load_state_dict(tree.map_tensors(sd, lambda _, t: t.clone()))
+            # Loading may have written into the tensors a live snapshot references (the same state
+            # object again: their version counters moved). This rank must still hold the restored
+            # step through the first step after it, or a failure there falls back to storage.
+            if s.snapshot.held_step() != state.step:
+                self.snapshots.capture(state, wait=True, live=self.snapshots.live(state))
+        elif agreed.durable >= 0:
+            source = self._restore_checkpoint(state, agreed.durable)
+        return self._restored(state, source, agreed.last_committed)
+
+    def _restore_sharded(self, state: TrainState) -> bool:
+        """A sharded state: the newest step every rank's rows are held at (own snapshots and buddy
+        copies), moved onto this group's layout; storage only when a rank and its buddy were lost."""
+        fsdp.check_optimizer(state.model, state.optimizer)
+        s = self.s
+        s.buddy.wait()
+        s.buddy.release_spare()  # an exchange cut short will never complete: its memory goes first
+        found, durable, last_committed = sharded_state.agree(self.groups, s, s.latest_durable_step(),
+                                                             s.board.get().step)
+        self.host_bytes = s.snapshot.nbytes + s.buddy.nbytes
+        source = "fresh"
+        if found is not None and found.step >= durable:
+            source = sharded_state.restore(self.groups, s, state, found)
+        elif durable >= 0:
+            source = self._restore_checkpoint(state, durable)
+        if source in ("memory", "buddy"):
+            self.snapshots.capture(state, wait=True)
+        if source != "fresh":
+            # Copies of the old layout go; this group's are exchanged in the background while the
+            # first step runs, as after every snapshot (the next commit waits for it): a failure in
+            # that step finds no buddy copy and falls back to the checkpoint, which is correct.
+            s.buddy.clear()
+            self.snapshots.exchange()
+        return self._restored(state, source, last_committed)
+
+    def _restore_checkpoint(self, state: TrainState, step: int) -> str:
+        """Load the newest checkpoint that verifies (at or below `step`) and snapshot it."""
+        template = state.state_dict()
+        info = self.s.checkpointer.load(template, step=step, fallback=True)
+        if info is None:
+            raise WorkerGroupError(f"checkpoint at step {step} vanished while loading")
+        state.load_state_dict(template)
+        self.snapshots.capture(state, wait=True, live=self.snapshots.live(state))
+        return f"checkpoint:{info.step}"
+
+    def _restored(self, state: TrainState, source: str, last_committed: int) -> bool:
+        s = self.s
+        restored = Restored(generation=self.groups.generation, step=state.step,
+                            lost_steps=max(0, last_committed - state.step))
+        s.board.progress(state.step, restored=restored)
+        s.board.emit(Event.RESTORED, step=state.step, source=source, generation=restored.generation,
+                     lost_steps=restored.lost_steps)
+        reseed(s.seed, state.step, self.groups.rank)
+        return source != "fresh"

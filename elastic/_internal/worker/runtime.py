@@ -1,0 +1,168 @@
+"""The worker process's runtime: takes assignments, runs the training function once per generation
+in a thread, and answers the supervisor's polls.
+
+The training function runs in a thread (as in Ray Train) so that the actor keeps answering polls
+and pause requests while it trains. A generation ends when the function returns (finished), when
+every rank agreed to pause (parked, for a resize or preemption), when the group broke under it
+(parked, a peer died or froze), or when user code raised (failed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+
+from elastic.config import RunConfig
+from elastic._internal.events import Event
+from elastic import context as ctx_mod
+from elastic.errors import exit_code_of
+from elastic._internal.worker import failures
+from elastic._internal.worker.devices import device_for, torch_env
+from elastic._internal.worker.generation import Generation
+from elastic._internal.worker.groups import ProcessGroups, connect
+from elastic._internal.protocol import (Assignment, AssignmentMode, FailureKind, ParkReason, WorkerError, WorkerPoll,
+                              WorkerState)
+from elastic._internal.worker.seeding import reseed
+from elastic._internal.worker.services import Services
+from elastic._internal.worker.vote import PauseRequested
+
+log = logging.getLogger(__name__)
+
+GENERATION_HANDOFF_S = 10.0
+"""A new assignment waits this long for the previous generation's thread, which reports its outcome
+just before it ends; past that the assignment is refused (the supervisor then drops this worker)."""
+
+
+class WorkerRuntime:
+    def __init__(self, fn: Callable[[dict], Any], run: RunConfig, lease_token: int = 0):
+        self.fn = fn
+        self.run = run
+        self.s = Services(run, lease_token=lease_token)
+        self._thread: threading.Thread | None = None
+        self._notice_lock = threading.RLock()
+
+    # -- called from the actor's thread ---------------------------------------------------------
+    def start(self, assignment: Assignment) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=GENERATION_HANDOFF_S)
+            if self._thread.is_alive():
+                raise RuntimeError(f"generation {self.s.board.get().generation} is still running on this worker")
+        self.s.pause.clear()
+        self.s.clock.broken = False
+        self.s.board.update(state=WorkerState.RUNNING, generation=assignment.generation, failure=None,
+                            park_reason=None, last_progress=time.monotonic())
+        self._thread = threading.Thread(target=self._run_generation, args=(assignment,),
+                                        name=f"elastic-gen{assignment.generation}", daemon=True)
+        self._thread.start()
+
+    def poll(self, ack: tuple[int, int] = (0, 0)) -> WorkerPoll:
+        """What this worker says; `ack`: the (event, record) sequence numbers the supervisor has."""
+        st = self.s.board.get()
+        unsent = self.s.board.unsent(*ack)
+        waiting = self.s.clock.waiting_since
+        now = time.monotonic()
+        return WorkerPoll(
+            state=st.state, generation=st.generation, step=st.step, progress_age_s=now - st.last_progress,
+            waiting_in_collective_s=None if waiting is None else now - waiting, metrics=dict(st.metrics),
+            events=unsent.events, failure=st.failure, preempted=self.s.notice.is_set(), park_reason=st.park_reason,
+            records=unsent.records, event_seq=unsent.event_seq, record_seq=unsent.record_seq,
+            committed_step=st.committed_step, restored=st.restored,
+        )
+
+    def request_pause(self) -> None:
+        self.s.pause.set()
+
+    def request_preempt(self) -> None:
+        """A preemption notice: commit at the next agreed boundary and leave; this worker goes."""
+        with self._notice_lock:  # the signal handler and the wakeup-fd reader may both call this
+            if self.s.notice.is_set():
+                return
+            self.s.notice.set()
+        self.s.leave.set()
+        self.s.board.emit(Event.PREEMPTION_NOTICE, pid=os.getpid())
+
+    def request_stop(self) -> None:
+        """The driver is stopping the run: commit at the next agreed boundary and leave."""
+        self.s.leave.set()
+
+    # -- the generation thread ------------------------------------------------------------------
+    def _run_generation(self, a: Assignment) -> None:
+        s = self.s
+        groups: ProcessGroups | None = None
+        gen: Generation | None = None
+        state, park, failure = WorkerState.FAILED, None, None
+        try:
+            device = self._device(a)
+            # torch's view of this rank, as torchrun would give it, refreshed every generation.
+            os.environ.update(torch_env(a.rank, a.world_size, a.local_rank, a.local_world_size))
+            groups = connect(a, s.clock, abort=s.pause)
+            gen = Generation(groups, device, s, local_rank=a.local_rank, local_world_size=a.local_world_size,
+                             node_id=a.node_id)
+            ctx_mod.set_context(ctx_mod.WorkerContext(gen))
+            if a.mode is AssignmentMode.SAVE:
+                gen.save_newest()
+            else:
+                reseed(s.seed, 0, 0)  # same model init on every rank and in every run
+                self.fn(dict(self.run.train_loop_config))
+                gen.finish()
+            state = WorkerState.FINISHED
+        except PauseRequested:
+            state, park = WorkerState.PARKED, ParkReason.PAUSE
+        except BaseException as exc:  # noqa: BLE001 - everything must be reported, nothing may escape
+            state, park, failure = self._failed(exc)
+        finally:
+            if state is not WorkerState.FINISHED:
+                s.checkpointer.cancel_pending()
+            if groups is not None and park is ParkReason.BROKEN:
+                # First: release whatever still waits on a peer that is gone, here (our buddy
+                # exchange, which release() waits for) and in the peers blocked on us. A peer's
+                # release() waiting for its buddy exchange with us while we wait for ours with it
+                # would otherwise hold both until the collective timeout.
+                with contextlib.suppress(Exception):
+                    groups.abort()
+            if gen is not None:
+                gen.release()
+            ctx_mod.set_context(None)
+            if groups is not None:
+                with contextlib.suppress(Exception):
+                    groups.destroy()
+            s.clock.leave()
+            s.board.update(state=state, park_reason=park, failure=failure)
+
+    def _failed(self, exc: BaseException) -> tuple[WorkerState, ParkReason | None, WorkerError]:
+        """How a generation that raised `exc` ends: parked when its group broke, else failed."""
+        kind = failures.classify(exc, group_broken=self.s.clock.broken)
+        if kind is FailureKind.GROUP:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            return WorkerState.PARKED, ParkReason.BROKEN, WorkerError(kind, f"group broke: {type(exc).__name__}: {first}")
+        if kind is FailureKind.FATAL:
+            failure = WorkerError(kind, f"{type(exc).__name__}: {exc}", exit_code=exit_code_of(exc))
+        else:
+            failure = WorkerError(kind, "".join(traceback.format_exception(exc)).strip(),
+                                  signature=failures.signature(exc, step=self.s.board.get().step + 1))
+        return WorkerState.FAILED, None, failure
+
+    def _device(self, a: Assignment) -> torch.device:
+        gpus = self.run.scaling.gpus_per_worker
+        if gpus <= 0:
+            return torch.device("cpu")
+        if a.gpu_ids is None:
+            raise RuntimeError("this worker's GPU reservation was not placed in time: it cannot train")
+        if a.gpu_ids:
+            # A promoted standby: its GPUs were reserved by another actor, and CUDA is not initialized
+            # in this process yet (the warm-up is CPU only), so it can still choose what it sees.
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(a.gpu_ids)
+            device = device_for(gpus, a.gpu_ids)
+        else:
+            import ray  # only here: the worker side runs without Ray too (scripts/gpu_check.py)
+
+            device = device_for(gpus, ray.get_gpu_ids())
+        torch.cuda.set_device(device)
+        return device

@@ -1,0 +1,131 @@
+"""Taking this rank's snapshot of a committed step (snapshot.py holds it), and for a sharded model
+sending its rows to the rank's buddy (recovery/buddy.py).
+
+A snapshot is copied, or references the live tensors (FailureConfig.live_snapshots) when the state
+is replicated, on the CPU, and changed by an optimizer. Live snapshots assume that no collective
+runs between optimizer.step() and ctx.commit(); an optimizer hook notes the training group's
+collective count when the step begins, and the commit checks it did not move.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from elastic.train_state import TrainState
+from elastic._internal.worker.capture import CapturePlan
+from elastic._internal.worker.groups import ProcessGroups
+from elastic._internal.worker.model_prep import ModelPrep
+from elastic._internal.worker.recovery import reshard
+from elastic._internal.worker.services import Services
+
+log = logging.getLogger(__name__)
+
+
+class Snapshotter:
+    """One generation's captures: the capture plan of the state it commits, the optimizer hook, the
+    live-snapshot checks and the buddy exchange."""
+
+    def __init__(self, groups: ProcessGroups, services: Services, model: ModelPrep, *, node_id: str = "?"):
+        self.groups = groups
+        self.s = services
+        self.model = model
+        self.node_id = node_id
+        self._nodes: tuple[str, ...] | None = None
+        self._plan: CapturePlan | None = None
+        self._hooks: list[Any] = []
+        self._seq_at_step: int | None = None
+        """The training group's collective count when optimizer.step() began (live snapshots)."""
+
+    def capture(self, state: TrainState, *, wait: bool = False, live: bool = False) -> None:
+        """Snapshot `state` (stable tensors copied in the background unless `wait`; referenced,
+        not copied, when `live`)."""
+        sharded, rank, world = self.model.sharded, self.groups.rank, self.groups.world_size
+        if sharded:
+            self.s.buddy.wait()  # pace: the previous snapshot's buddy copy has arrived (or failed)
+        items = self._plan_for(state).items()
+        self.s.snapshot.capture_items(items.stable, items.volatile, items.values, state.step, items.shards,
+                                      origin=(rank, world), keep_previous=sharded and world > 1, live=live)
+        if wait:
+            self.s.snapshot.wait()
+
+    def live(self, state: TrainState) -> bool:
+        """Whether this commit's snapshot may reference the live tensors: replicated state on the
+        CPU, changed by an optimizer (whose step the version counters see), live snapshots on, and
+        no change behind the counters seen so far (the snapshot's checksum: copies from then on)."""
+        if self.s.snapshot.violation is not None:
+            self.s.live_snapshots = False
+        return (self.s.live_snapshots and not self.model.sharded and state.optimizer is not None
+                and self._plan_for(state).on_cpu)
+
+    def check_window(self) -> None:
+        """Live snapshots assume no collective runs between optimizer.step() and ctx.commit(): a
+        failure seen there would find the live state changed and this rank's snapshot gone. A loop
+        that runs one (a loss all_reduce for logging, ZeRO) gets copies from now on."""
+        at, self._seq_at_step = self._seq_at_step, None
+        if at is None or not self.s.live_snapshots:
+            return
+        now = self._train_seq()
+        if now is not None and now != at:
+            self.s.live_snapshots = False
+            log.warning("rank %d: collectives ran between optimizer.step() and ctx.commit(); snapshots are "
+                        "copied from now on (a failure there must still find this step's state)", self.groups.rank)
+
+    def exchange(self, *, wait: bool = False) -> None:
+        """Send the newest snapshot's rows to our buddy and take our ward's, in the background."""
+        rank, world = self.groups.rank, self.groups.world_size
+        if world < 2 or self.groups.xfer is None:
+            self.s.snapshot.release_previous()
+            return
+        snap, buddy = self.s.snapshot, self.s.buddy
+        to = reshard.buddies(list(self.nodes()))
+        ward = to.index(rank)  # the rank whose buddy we are
+        which = snap.pin()
+
+        def done() -> None:
+            snap.unpin(which)
+            if buddy.error is None:
+                snap.release_previous()
+
+        buddy.exchange(self.groups.xfer, me=rank, world=world, to=to[rank], frm=ward, step=snap.step,
+                       mine=[(p, t) for p, t in snap.tensors if p in snap.shards], shards=snap.shards,
+                       ready=snap.waiter(), done=done)
+        if wait:
+            buddy.wait()
+
+    def nodes(self) -> tuple[str, ...]:
+        """Every rank's node, in rank order: gathered once per generation on the control plane, at
+        the first commit that needs them (the same one on every rank)."""
+        if self._nodes is None:
+            self._nodes = tuple(self.groups.ctrl.all_gather_json(self.node_id))
+        return self._nodes
+
+    def release(self) -> None:
+        """Remove the optimizer hook and forget the plan (the generation ends)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._plan = None
+
+    def _train_seq(self) -> int | None:
+        """How many collectives the training group has run (c10d counts them), None if unknown."""
+        try:
+            return int(self.groups.train._get_sequence_number_for_group())
+        except Exception:  # noqa: BLE001 - a group without the counter: no check
+            return None
+
+    def _plan_for(self, state: TrainState) -> CapturePlan:
+        """The capture plan of `state` (built at its first commit in this generation), and the hook
+        that notes the training group's collective count when its optimizer steps (live snapshots).
+        No hook waits for a copy: a copied snapshot is complete when the commit returns."""
+        if self._plan is None or self._plan.state is not state:
+            self.release()
+            self._plan = CapturePlan(state)
+            if state.optimizer is not None:
+
+                def before_step(*_: Any) -> None:
+                    if self.s.live_snapshots:
+                        self._seq_at_step = self._train_seq()
+
+                self._hooks.append(state.optimizer.register_step_pre_hook(before_step))
+        return self._plan
