@@ -60,18 +60,9 @@ def plot(uri: str, out: str, metric: str = "loss") -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("elastic plot needs matplotlib: pip install 'elastic[plot]'") from None
-    records = retry.call(retry.STORAGE_READ, lambda: read_metrics(uri), op="read metrics", uri=uri)
-    if not records:
-        raise NoCheckpointError(f"no metrics at {uri} (no metrics.jsonl): the run has committed no step with "
-                                "metrics yet, or the URI is wrong")
-    points = [(r["step"], r[metric]) for r in records if isinstance(r.get(metric), (int, float))]
-    if not points:
-        known = sorted({k for r in records for k in r if k not in ("step", "time")})
-        raise ConfigError(f"no metric {metric!r} at {uri}: it has {', '.join(known) or 'none'}; pass --metric NAME")
-    events = retry.call(retry.STORAGE_READ, lambda: read_events(uri), op="read events", uri=uri)
+    records, points, events = _series(uri, metric)
     m = marks(records, events)
     world = _world_sizes(records, events)
-
     fig, (ax, axw) = plt.subplots(2, 1, sharex=True, figsize=(9, 5.5), gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([s for s, _ in points], [v for _, v in points], lw=1.2, color="tab:blue", label=metric)
     for i, (step, _reason) in enumerate(m["failures"]):
@@ -102,6 +93,21 @@ def plot(uri: str, out: str, metric: str = "loss") -> str:
     lost = f", their costs labelled, ETTR {run_ettr:.3f}" if run_ettr is not None else ""
     return (f"wrote {out}: {metric} over {len(points)} steps, {len(m['failures'])} failures and "
             f"{len(m['resizes'])} recoveries/resizes marked{lost}")
+
+
+def _series(uri: str, metric: str) -> tuple[list[dict[str, Any]], list[tuple[int, float]], list[dict[str, Any]]]:
+    """The run's metric records, the (step, value) points of `metric`, and its events; one line
+    naming the fix when there is nothing to plot."""
+    records = retry.call(retry.STORAGE_READ, lambda: read_metrics(uri), op="read metrics", uri=uri)
+    if not records:
+        raise NoCheckpointError(f"no metrics at {uri} (no metrics.jsonl): the run has committed no step with "
+                                "metrics yet, or the URI is wrong")
+    points = [(r["step"], r[metric]) for r in records if isinstance(r.get(metric), (int, float))]
+    if not points:
+        known = sorted({k for r in records for k in r if k not in ("step", "time")})
+        raise ConfigError(f"no metric {metric!r} at {uri}: it has {', '.join(known) or 'none'}; pass --metric NAME")
+    events = retry.call(retry.STORAGE_READ, lambda: read_events(uri), op="read events", uri=uri)
+    return records, points, events
 
 
 def _world_sizes(records: list[dict[str, Any]], events: list[dict[str, Any]]) -> list[tuple[int, int]]:
