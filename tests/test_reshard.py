@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -105,10 +106,11 @@ def test_executing_a_plan_over_gloo_rebuilds_each_new_ranks_rows_without_a_full_
         assert out[r][1] <= own
 
 
-def test_buddy_copies_keep_the_previous_copy_until_the_next_exchange_writes_over_it():
+def test_a_settled_exchange_gives_the_previous_copy_up_and_the_next_reuses_its_buffers():
     """Two ranks in one process over gloo, each the other's buddy: after the exchanges of steps 1
-    and 2 each holds the other's rows at 2 (complete) and, intact, at 1 (previous); release_spare
-    keeps the previous copy; the next exchange gives it up before writing into its buffers."""
+    and 2 each holds the other's rows at 2; every rank returned from the exchange of 2, so every
+    rank holds 2 and the copy of 1 is given up (release_spare frees its buffers), and the next
+    exchange completes as well."""
     from elastic._internal.worker.recovery.buddy import BuddyCopies
 
     store = dist.HashStore()
@@ -132,15 +134,11 @@ def test_buddy_copies_keep_the_previous_copy_until_the_next_exchange_writes_over
             before = b.nbytes
             b.release_spare()
             seen[r] = {"complete": (b.complete.step, b.complete.tensors[("w",)].clone()),
-                       "previous": (b.previous.step, b.previous.tensors[("w",)].clone()),
-                       "kept": b.nbytes == before}
-            go = threading.Event()
+                       "previous": b.previous, "freed": b.nbytes == before // 2}
             b.exchange(pg, me=r, world=2, to=1 - r, frm=1 - r, step=3, mine=rows(3), shards=shards,
-                       ready=lambda: go.wait(20), done=lambda: None)
-            seen[r]["given_up"] = b.previous is None  # before a byte of step 3 arrived
-            go.set()
+                       ready=lambda: None, done=lambda: None)
             b.wait(20)
-            seen[r]["after"] = (b.complete.step, b.previous.step, b.error)
+            seen[r]["after"] = (b.complete.step, b.previous, b.error)
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 
@@ -151,9 +149,82 @@ def test_buddy_copies_keep_the_previous_copy_until_the_next_exchange_writes_over
         t.join(40)
     assert not errors and len(seen) == 2, errors
     for r in range(2):
-        other = 1 - r
         step, t = seen[r]["complete"]
-        assert step == 2 and torch.equal(t, torch.full((2, 3), 20.0 + other))
-        step, t = seen[r]["previous"]
-        assert step == 1 and torch.equal(t, torch.full((2, 3), 10.0 + other))
-        assert seen[r]["kept"] and seen[r]["given_up"] and seen[r]["after"] == (3, 2, None)
+        assert step == 2 and torch.equal(t, torch.full((2, 3), 20.0 + 1 - r))
+        assert seen[r]["previous"] is None and seen[r]["freed"] and seen[r]["after"] == (3, None, None)
+
+
+class _Killed:
+    """A rank's transfer plane that dies after posting its receives: nothing it sends goes out, and
+    it never reaches the end of the exchange."""
+
+    def __init__(self, inner: Collectives):
+        self.recv = inner.recv
+
+    def send(self, *_: object) -> None:
+        raise RuntimeError("killed")
+
+    def allreduce_max(self, *_: object) -> None:
+        raise RuntimeError("killed")
+
+
+def test_a_rank_killed_during_an_exchange_leaves_one_step_complete_in_memory():
+    """3 ranks in a ring (rank r sends to r + 1), real snapshots and buddy copies over gloo. Step 1 is
+    exchanged everywhere; during the exchange of step 2 rank 1 dies after receiving rank 0's rows and
+    before sending its own. Rank 0's exchange went through on its side, but rank 0 must not give up
+    its own rows of step 1 (only rank 1 held a copy of them) while rank 1's rows of step 2 are lost:
+    the survivors still hold every rank's rows at step 1, and a restore keeps only that step
+    (no more than 3x this rank's rows)."""
+    from elastic._internal.worker.recovery.buddy import BuddyCopies
+    from elastic._internal.worker.recovery.sharded_state import _held, holding
+    from elastic._internal.worker.snapshot import Snapshot
+    from elastic._internal.worker.snapshotter import Snapshotter
+
+    world, shape = 3, (6, 4)
+    shards = {("w",): (shape, (0, 0))}
+    store = dist.HashStore()
+    services = [SimpleNamespace(snapshot=Snapshot(), buddy=BuddyCopies()) for _ in range(world)]
+    errors: list = []
+
+    def rows(o: int, step: int) -> torch.Tensor:
+        a, b = row_chunks(shape[0], world)[o]
+        return torch.full((b - a, shape[1]), float(10 * step + o))
+
+    def rank(r: int) -> None:
+        try:
+            pg = dist.ProcessGroupGloo(dist.PrefixStore("k", store), r, world, timedelta(seconds=3))
+            xfer = Collectives(pg, CollectiveClock())
+            s = services[r]
+            groups = SimpleNamespace(rank=r, world_size=world, xfer=xfer)
+            snaps = Snapshotter(groups, s, model=None)
+            snaps._nodes = ("n",) * world  # one node: rank r's buddy is r + 1
+            for step in (1, 2):
+                s.buddy.wait()
+                s.snapshot.capture_items([], [(("w",), rows(r, step))], [], step, shards, origin=(r, world),
+                                         keep_previous=True)
+                if step == 2 and r == 1:
+                    groups.xfer = _Killed(xfer)
+                snaps.exchange(wait=True)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    ts = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert not errors, errors
+    assert services[1].buddy.error is not None and services[2].buddy.error is not None  # 1 never sent
+    survivors = {0: services[0], 1: services[2]}  # new rank -> what the old rank 0 and 2 hold
+    src = choose([holding(s, new) for new, s in survivors.items()])
+    assert src is not None and src.step == 1, [holding(s, new) for new, s in survivors.items()]
+    shard = rows(0, 1).numel() * rows(0, 1).element_size()
+    for new, s in survivors.items():
+        s.snapshot.keep(src.step)
+        s.buddy.keep(src.step)
+        assert s.snapshot.nbytes + s.buddy.nbytes <= 3 * shard
+        held = _held(s, src)
+        for o, h in src.holder.items():
+            if h == new:
+                assert torch.equal(held[o][("w",)], rows(o, 1)), (new, o)
+

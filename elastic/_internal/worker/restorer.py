@@ -71,6 +71,11 @@ class Restorer:
         s.buddy.release_spare()  # an exchange cut short will never complete: its memory goes first
         found, durable, last_committed = sharded_state.agree(self.groups, s, s.latest_durable_step(),
                                                              s.board.get().step)
+        if found is not None and found.step >= durable:
+            # A failure during an exchange finds both steps held (own rows and buddy copy, the newer
+            # and the older): only the agreed one is read, the other goes before any row moves.
+            s.snapshot.keep(found.step)
+            s.buddy.keep(found.step)
         self.host_bytes = s.snapshot.nbytes + s.buddy.nbytes
         source = "fresh"
         if found is not None and found.step >= durable:

@@ -216,6 +216,23 @@ class Snapshot:
         if prev is not None:
             self.unpin(prev[3])
 
+    def keep(self, step: int) -> None:
+        """Hold only `step` of the newest snapshot and the one before it (a restore agreed on it):
+        the other's set is freed unless a checkpoint still writes from it."""
+        with self._lock:
+            prev = self.previous
+            if prev is None or step not in (self.step, prev[0]) or self.step == prev[0]:
+                return
+            if step == prev[0]:  # back to the older snapshot: it becomes the newest
+                dropped = self._newest
+                self.step, self.tensors, self.values, self._newest = prev[0], list(prev[1].items()), prev[2], prev[3]
+                self.previous = None
+                self._pinned[prev[3]] -= 1  # pinned as `previous`; the newest is held by being newest
+                if self._pinned[dropped] == 0:
+                    self._sets[dropped].release()
+                return
+        self.release_previous()
+
     def unpin(self, which: int) -> None:
         with self._lock:
             self._pinned[which] -= 1

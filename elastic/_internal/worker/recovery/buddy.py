@@ -7,10 +7,16 @@ of the rank whose buddy it is, on a gloo group of its own (the training thread k
 control plane meanwhile; collectives of two threads on one group could interleave differently on
 different ranks). The copy being received goes to a second buffer set: the newest complete copy
 stays intact until the next one has fully arrived, so a failure during the exchange still finds a
-complete copy one step older. That older copy is also kept (`previous`) until the next exchange
-starts writing over it: when two ranks die, their buddies' newest copies may be one step apart (one
-exchange had finished, the other was cut short), and the older step is then the newest one at which
-every lost rank's rows are still held.
+complete copy one step older.
+
+An exchange ends in a collective on that group (`_settle`): a rank that returns from it knows every
+rank received its copy of the new step. Only then is the older step given up, here (`previous`) and
+in the snapshot (the rank's own rows of the step before, which only this rank and its buddy held).
+Without it a rank could drop its older rows as soon as its own send went out, while its buddy died
+before the new copy was whole: that rank's rows would then be held at the new step only, the dead
+rank's at the older step only, and no step would be complete in memory. With it, either some rank
+returned from the collective (then every copy of the new step arrived: the new step is complete
+everywhere) or none did (then every rank still holds the older step, its own rows and its copy).
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ class BuddyCopies:
         self._next = 0
         self.complete: Copy | None = None
         self.previous: Copy | None = None
-        """The copy before `complete`, in the other buffer set, until an exchange writes there."""
+        """The copy before `complete`, in the other buffer set, until every rank is known to hold its
+        copy of `complete`'s step (or an exchange writes there)."""
         self._thread: threading.Thread | None = None
         self.error: str | None = None
         self.bytes_sent = 0
@@ -60,8 +67,9 @@ class BuddyCopies:
                  mine: list[tuple[Path, torch.Tensor]], shards: dict[Path, tuple[tuple[int, ...], tuple[int, ...]]],
                  ready: Callable[[], None], done: Callable[[], None]) -> None:
         """Start sending `mine` (this rank's rows of each sharded tensor, in the agreed order) to rank
-        `to` and receiving rank `frm`'s rows, in the background. `ready()` blocks until `mine` holds
-        the snapshot; `done()` is called when the exchange ended, whatever its outcome."""
+        `to` and receiving rank `frm`'s rows, in the background, then settling with every rank.
+        `ready()` blocks until `mine` holds the snapshot; `done()` is called when the exchange ended,
+        whatever its outcome: `error` is None only when every rank holds its copy of `step`."""
         self.wait()
         self.previous = None  # its buffers are the ones this exchange receives into
         target = self._sets[self._next]
@@ -80,19 +88,44 @@ class BuddyCopies:
                 works += [xfer.send(t, to, tag) for tag, (_, t) in enumerate(mine) if t.numel()]
                 for w in works:
                     w.wait()
+                # Our ward's rows of `step` are whole here; the older copy stays until every rank's are.
                 self.previous = self.complete
                 self.complete = Copy(old_rank=frm, old_world=world, step=step,
                                      tensors={p: dst[p] for p, _ in mine})
                 self.bytes_sent += sum(t.numel() * t.element_size() for _, t in mine)
                 self._next = 1 - self._next  # the next copy goes to the other set
+                self._settle(xfer, step)
+                self.previous = None  # not needed: every rank holds `step` (its buffers are reused)
                 self.error = None
-            except Exception as exc:  # noqa: BLE001 - a broken group: the older copy stays
+            except Exception as exc:  # noqa: BLE001 - a broken group: the older copies stay
                 self.error = f"{type(exc).__name__}: {exc}"
             finally:
                 done()
 
         self._thread = threading.Thread(target=run, name=f"elastic-buddy-{step}", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _settle(xfer: Any, step: int) -> None:
+        """Return once every rank has received its copy of `step` (each enters only then): a MAX
+        allreduce, whose result no rank can have before every rank contributed."""
+        agreed = xfer.allreduce_max([step])[0]
+        if agreed != step:
+            raise RuntimeError(f"buddy exchange of step {step} met one of step {agreed}")
+
+    def keep(self, step: int) -> None:
+        """Free every copy that is not of `step` (a restore agreed on it: the others are never read).
+        `complete` lives in the set the next exchange does not write to, `previous` in the other."""
+        self.wait()
+        if self.previous is not None and self.previous.step != step:
+            self.previous = None
+            self._sets[self._next].release()
+        if self.complete is not None and self.complete.step != step:
+            self.complete = None
+            self._sets[1 - self._next].release()
+            if self.previous is not None:  # the older copy is the one kept: it becomes `complete`
+                self.complete, self.previous = self.previous, None
+                self._next = 1 - self._next
 
     def release_spare(self) -> None:
         """Free the set that does not hold the complete copy, unless it holds the previous one (a
