@@ -43,6 +43,8 @@ class WorkerGroup(Protocol):
       ones (node id -> worker id), promote(wid) makes one a worker (in ready() from then on) and
       gpu_ids(wid) returns the GPUs its reservation holds (() for every other worker). A group
       that keeps none returns {} from standbys().
+    - lost_nodes(node_ids): of these nodes, those the cluster reports dead or no longer lists; every
+      standby there is forgotten at once (its workers are the controller's to drop).
     """
 
     infos: dict[int, WorkerInfo]
@@ -58,6 +60,7 @@ class WorkerGroup(Protocol):
     def request_preempt(self, wids: list[int]) -> None: ...
     def request_stop(self, wids: list[int]) -> None: ...
     def draining_nodes(self) -> set[str]: ...
+    def lost_nodes(self, node_ids: set[str]) -> set[str]: ...
     def ensure_standbys(self, node_ids: set[str], *, per_node: int | None = None) -> None: ...
     def standbys(self) -> dict[str, int]: ...
     def standby_startup_s(self) -> float | None: ...
@@ -175,7 +178,10 @@ class RayWorkerGroup:
             self._info_refs[wid] = actor.info.remote()
 
     def standbys(self) -> dict[str, int]:
-        """node id -> a standby there that is ready to become a worker (and not known to be dead)."""
+        """node id -> a standby there that is ready to become a worker (and not known to be dead:
+        the watches that failed by now are taken in first, so a standby that died with its node a
+        moment ago is not offered for promotion)."""
+        self._watches.harvest(time.monotonic())
         return self._standbys.ready(self.infos, self._watches.is_dead)
 
     def standby_startup_s(self) -> float | None:
@@ -230,6 +236,22 @@ class RayWorkerGroup:
     def draining_nodes(self) -> set[str]:
         """Ids of nodes Ray is draining (a preemption notice, an autoscaler scale-down)."""
         return compat.draining_node_ids() or set()
+
+    def lost_nodes(self, node_ids: set[str]) -> set[str]:
+        """Of these nodes, those Ray's node table reports dead or no longer lists (a whole node lost:
+        a spot VM reclaimed); every standby there is forgotten at once, so that none is promoted.
+        Ray marks a node dead once its health checks fail (health_check_period_ms x
+        health_check_failure_threshold: about 15 s by default; an operator of a spot cluster lowers them)."""
+        if not node_ids:
+            return set()
+        try:
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        except Exception:  # noqa: BLE001 - the node table unreadable: nothing is known lost
+            return set()
+        lost = {n for n in node_ids if n not in alive}
+        for wid in [w for w, node in self._standbys.nodes.items() if node in lost]:
+            self.kill(wid)
+        return lost
 
     def kill(self, wid: int) -> None:
         self._watches.drop(wid)
