@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable, Protocol
 
 import ray
+from ray import cloudpickle
 from ray.exceptions import ActorUnschedulableError, RayActorError
 
 from elastic._internal import compat
@@ -102,8 +103,12 @@ class RayWorkerGroup:
                 "max_restarts": 0, "max_task_retries": 0, "max_concurrency": WORKER_THREADS,
                 "runtime_env": {"env_vars": dict(NCCL_ENV)}}
         self._cls = worker_cls.options(**opts)
-        # Serialized once; each actor gets the reference boxed and fetches it itself (WorkerActor).
-        self._fn_ref = ray.put(fn)
+        # Pickled once, here; each actor gets the bytes boxed and unpickles them itself (WorkerActor).
+        # Not a ray.put reference: every worker that fetched one holds a copy, and Ray may pull a
+        # new actor's copy from a node that was just lost, holding its creation until that node is
+        # declared dead. Bytes travel inside the creation task (or, when large, as an object the
+        # supervisor puts for that one task), so replacements depend on the supervisor's node only.
+        self._fn_box = [cloudpickle.dumps(fn)]
         self._run = run
         self._lease_token = lease_token
         self._actors: dict[int, Any] = {}
@@ -113,7 +118,7 @@ class RayWorkerGroup:
         self._watches = Watches(self._actors, run.failure.liveness_interval_s)
         # A standby reserves nothing: it becomes a worker by taking a reservation of the resources
         # a worker needs, on its own node.
-        self._standbys = StandbyPool(worker_cls, opts, run, ([self._fn_ref], run, True, lease_token))
+        self._standbys = StandbyPool(worker_cls, opts, run, (self._fn_box, run, True, lease_token))
 
     def request(self, n: int, *, background: bool = False) -> list[int]:
         """Ask for n more workers; `background`: others are training meanwhile, so these start at
@@ -122,7 +127,7 @@ class RayWorkerGroup:
         for _ in range(n):
             wid = self._next_id
             self._next_id += 1
-            actor = self._cls.remote([self._fn_ref], self._run, background, self._lease_token)
+            actor = self._cls.remote(self._fn_box, self._run, background, self._lease_token)
             self._actors[wid] = actor
             self._info_refs[wid] = actor.info.remote()
             ids.append(wid)
