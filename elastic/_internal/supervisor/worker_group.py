@@ -73,6 +73,9 @@ class WorkerGroup(Protocol):
     def shutdown(self) -> None: ...
 
 
+NODE_PROBE_S = 0.5
+"""A node none of whose standbys answers a direct question within this is lost whole (lost_nodes)."""
+
 WORKER_THREADS = 4
 """Threads of a worker actor: a watch waits in one while start, pause and stop calls use others."""
 
@@ -243,20 +246,38 @@ class RayWorkerGroup:
         return compat.draining_node_ids() or set()
 
     def lost_nodes(self, node_ids: set[str]) -> set[str]:
-        """Of these nodes, those Ray's node table reports dead or no longer lists (a whole node lost:
-        a spot VM reclaimed); every standby there is forgotten at once, so that none is promoted.
-        Ray marks a node dead once its health checks fail (health_check_period_ms x
-        health_check_failure_threshold: about 15 s by default; an operator of a spot cluster lowers them)."""
+        """Of these nodes, those lost whole (a spot VM reclaimed): Ray's node table reports them dead
+        or no longer lists them, or none of their ready standbys answers a direct question within
+        NODE_PROBE_S (a node's Ray workers exit within a second of its raylet; Ray marks the node
+        dead only once its health checks fail: health_check_period_ms x health_check_failure_threshold,
+        about 15 s by default). Every standby there is forgotten at once, so that none is promoted."""
         if not node_ids:
             return set()
         try:
             alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-        except Exception:  # noqa: BLE001 - the node table unreadable: nothing is known lost
-            return set()
-        lost = {n for n in node_ids if n not in alive}
+        except Exception:  # noqa: BLE001 - the node table unreadable: only the standbys can tell
+            alive = set(node_ids)
+        lost = {n for n in node_ids if n not in alive} | self._silent_nodes(node_ids & alive)
         for wid in [w for w, node in self._standbys.nodes.items() if node in lost]:
             self.kill(wid)
         return lost
+
+    def _silent_nodes(self, node_ids: set[str]) -> set[str]:
+        """Of these nodes, those with ready standbys of which none answers within NODE_PROBE_S."""
+        asked = {wid: node for wid, node in self._standbys.nodes.items()
+                 if node in node_ids and wid in self.infos and wid in self._actors}
+        if not asked:
+            return set()
+        refs = {self._actors[wid].info.remote(): wid for wid in asked if not self._watches.is_dead(wid)}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=NODE_PROBE_S) if refs else ([], [])
+        answered = set()
+        for ref in done:
+            try:
+                ray.get(ref, timeout=0)
+                answered.add(asked[refs[ref]])
+            except Exception:  # noqa: BLE001 - dead: no answer from it
+                pass
+        return set(asked.values()) - answered
 
     def kill(self, wid: int) -> None:
         self._watches.drop(wid)
