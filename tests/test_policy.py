@@ -210,6 +210,9 @@ def test_a_rank_lost_with_its_node_goes_to_a_standby_on_a_live_node_never_one_on
     assert P.standbys_to_promote(r, missing=1, standbys=standbys, lost_nodes=["B"], dead_nodes={"B"}) == (10,)
     # Two ranks lost, one to a kill on A and one with node B: A's standby for A, none is left for B.
     assert P.standbys_to_promote(r, missing=2, standbys=standbys, lost_nodes=["A", "B"], dead_nodes={"B"}) == (10,)
+    # Across nodes only to reach min_workers: a run that may go on smaller does so, without crowding.
+    assert P.standbys_to_promote(run(min_w=1, max_w=2), missing=1, standbys=standbys, lost_nodes=["B"],
+                                 dead_nodes={"B"}) == ()
     # Across nodes only without GPUs (a GPU is not shared), and only when the policy allows it.
     gpu = replace(r, scaling=replace(r.scaling, gpus_per_worker=1))
     assert P.standbys_to_promote(gpu, missing=1, standbys=standbys, lost_nodes=["B"], dead_nodes={"B"}) == ()

@@ -176,9 +176,10 @@ class DefaultPolicy:
     """The pool never grows beyond this many standbys per node (each costs a process's memory)."""
     promote_across_nodes: bool = True
     """A rank lost with its whole node (Ray reports the node dead) is taken over by a standby on a
-    live node, which trains at once while its reservation waits in Ray's queue for room on its
-    node; only for runs without GPUs (a GPU cannot be shared that way). False: such a rank waits for
-    a newcomer (a spare, or a cold replacement)."""
+    live node when the run would otherwise be below min_workers (it could not train at all), which
+    trains at once while its reservation waits in Ray's queue for room on its node; only for runs
+    without GPUs (a GPU cannot be shared that way). False: such a rank waits for a newcomer (a
+    spare, or a cold replacement)."""
     rendezvous_per_rank_s: float = 0.02
     """Added per rank to a generation's rendezvous bound (see rendezvous_timeout_s)."""
     last_words_s: float = 2.0
@@ -315,9 +316,13 @@ class DefaultPolicy:
             wid = standbys.get(node)
             if len(picks) < missing and node not in dead and wid is not None and wid not in picks:
                 picks.append(wid)
-        if self.promote_across_nodes and run.scaling.gpus_per_worker <= 0:
+        # Across nodes only what the run needs to reach min_workers: with fewer it could not train
+        # at all, while at min_workers or more it goes on smaller and grows back without crowding.
+        sc = run.scaling
+        below_min = sc.min_workers - ((sc.max_workers or 0) - missing) - len(picks)
+        if self.promote_across_nodes and sc.gpus_per_worker <= 0 and below_min > 0:
             live = [w for n, w in sorted(standbys.items()) if n not in dead and w not in picks]
-            for _node in [n for n in lost_nodes if n in dead]:
+            for _node in [n for n in lost_nodes if n in dead][:below_min]:
                 if len(picks) < missing and live:
                     picks.append(live.pop(0))
         return tuple(picks)
