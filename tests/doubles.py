@@ -32,6 +32,8 @@ class FakeGroup:
         self.die_at: dict[int, int] = {}  # wid -> step at which it dies
         self.starts: list[tuple[int, int, int]] = []  # (wid, generation, rank)
         self.draining: set[str] = set()
+        self.gone_nodes: set[str] = set()  # nodes the cluster reports dead (a whole node lost)
+        self.node_checks: list[set[str]] = []  # the nodes asked about (lost_nodes), in order
         self.reason: dict[int, str] = {}  # why a parked worker parked: pause | broken
         self.sticky: set[int] = set()
         self.events: dict[int, list[dict]] = {}
@@ -126,6 +128,10 @@ class FakeGroup:
     def draining_nodes(self) -> set[str]:
         return set(self.draining)
 
+    def lost_nodes(self, node_ids: set[str]) -> set[str]:
+        self.node_checks.append(set(node_ids))
+        return set(node_ids) & self.gone_nodes
+
     def kill(self, wid: int) -> None:
         self.killed.append(wid)
         self.infos.pop(wid, None)
@@ -193,6 +199,12 @@ class StandbyGroup(FakeGroup):
 
     def standbys(self) -> dict[str, int]:
         return dict(self.standby_of)
+
+    def lost_nodes(self, node_ids: set[str]) -> set[str]:
+        lost = super().lost_nodes(node_ids)
+        for node in lost & set(self.standby_of):
+            self.kill(self.standby_of.pop(node))  # a standby dies with its node
+        return lost
 
     def promote(self, wid: int) -> None:
         self.standby_of = {n: w for n, w in self.standby_of.items() if w != wid}

@@ -708,3 +708,87 @@ def test_a_final_save_is_an_assignment_in_save_mode_and_an_unplaced_reservation_
     assert ctl._gpu_ids(0) == ()  # a CPU run reserves none
     ctl.run = replace(ctl.run, scaling=replace(ctl.run.scaling, gpus_per_worker=1.0))
     assert ctl._gpu_ids(0) is None
+
+
+def test_every_member_and_standby_of_a_node_ray_reports_dead_is_lost_in_the_same_recovery():
+    """A whole node lost (a spot VM reclaimed): rank 1 is seen dead, Ray reports its node dead, and
+    rank 0 on the same node is dropped with it at once (one failure, one recovery), not found dead
+    later; the node's standby is forgotten, never promoted."""
+    from elastic._internal.protocol import WorkerInfo
+    from elastic._internal.supervisor.policy import DefaultPolicy
+
+    g = StandbyGroup(capacity=6, steps=40)
+    g.die_at = {1: 8}
+    g.gone_nodes = {"nodeX"}
+    refresh = g.refresh
+
+    def colocated() -> list[int]:  # workers 0 and 1 share node X; the others have nodes of their own
+        newly = refresh()
+        for w in newly:
+            if w in (0, 1):
+                g.infos[w] = WorkerInfo(pid=10_000 + w, node_id="nodeX", ip="127.0.0.1")
+        return newly
+
+    x_standbys: set[int] = set()
+    ensure = g.ensure_standbys
+
+    def noting_node_x(node_ids: set[str], *, per_node: int | None = None) -> None:
+        ensure(node_ids, per_node=per_node)
+        if "nodeX" in g.standby_of:
+            x_standbys.add(g.standby_of["nodeX"])
+
+    g.refresh, g.ensure_standbys = colocated, noting_node_x
+    ctl, events, _ = make(g, min_w=1, max_w=3)
+    ctl.run = replace(ctl.run, policy=DefaultPolicy(standby_after_s=0.0, promote_across_nodes=False))
+    assert run_states(ctl)[-1] is StateType.FINISHED
+    lost = {e["worker"]: e["reason"] for e in events.events if e["event"] == "worker_failed"}
+    assert lost[0] == "lost with its node" and 1 in lost
+    assert ctl.failures == 1 and len(ctl.recoveries) == 1  # one recovery for the whole node
+    assert [w for w, gen, _ in g.starts if gen >= 1 and w in (0, 1)] == []
+    assert x_standbys and x_standbys <= set(g.killed) and not x_standbys & set(g.promoted)  # forgotten, not promoted
+    assert {"nodeX"} in g.node_checks
+
+
+def test_a_rank_lost_with_its_node_is_taken_over_by_a_standby_on_a_live_node():
+    """Node 1 is lost whole: its standby died with it, so the live node's standby takes the rank
+    (the fast path of a process kill on a live node, node 1's own standby, stays for kills)."""
+    from elastic._internal.supervisor.policy import DefaultPolicy
+
+    g = StandbyGroup(capacity=2, steps=30)  # no room for a cold replacement
+    g.die_at = {1: 8}
+    g.gone_nodes = {"node1"}
+    ctl, events, _ = make(g)
+    ctl.run = replace(ctl.run, policy=DefaultPolicy(standby_after_s=0.0))
+    assert run_states(ctl)[-1] is StateType.FINISHED
+    assert len(g.promoted) == 1 and g.infos[g.promoted[0]].node_id == "node0"  # the live node's standby
+    assert ctl.failures == 1 and ctl.recoveries[0].world_size == 2
+    assert "lost while its group was built" not in str(events.events)
+
+
+def test_a_rank_promoted_onto_another_ranks_node_hands_over_to_a_newcomer_once_one_is_ready():
+    """After a whole node is lost, the live node's standby took the rank (two ranks on one node): as
+    soon as a replacement is ready on a node of its own, it takes over at a step boundary (a
+    resize, not a failure), so the next node lost does not take both ranks."""
+    from elastic._internal.supervisor.policy import DefaultPolicy
+
+    g = StandbyGroup(capacity=2, steps=60)
+    g.die_at = {1: 8}
+    g.gone_nodes = {"node1"}
+    refresh = g.refresh
+
+    def room_later() -> list[int]:  # a fresh node joins a little after the loss
+        if ctl.failures and ctl.generation >= 1:
+            g.capacity = 6
+        return refresh()
+
+    g.refresh = room_later
+    ctl, events, _ = make(g)
+    ctl.run = replace(ctl.run, policy=DefaultPolicy(standby_after_s=0.0))
+    assert run_states(ctl)[-1] is StateType.FINISHED
+    crowded = g.promoted[0]
+    left = [e for e in events.events if e["event"] == "worker_left"]
+    assert [e["worker"] for e in left] == [crowded] and "newcomer" in left[0]["reason"]
+    last = max(gen for _, gen, _ in g.starts)
+    final = sorted(w for w, gen, _ in g.starts if gen == last)
+    assert crowded not in final and 0 in final and len(final) == 2
+    assert ctl.failures == 1 and not ctl.supply.crowded

@@ -201,6 +201,26 @@ def test_policy_timings_are_validated():
     assert DefaultPolicy(final_save_timeout_s=7).final_save_timeout(run()) == 7
 
 
+def test_a_rank_lost_with_its_node_goes_to_a_standby_on_a_live_node_never_one_on_the_dead_node():
+    r = run(min_w=2, max_w=2)
+    standbys = {"A": 10, "B": 11}
+    # A process killed on a live node: that node's own standby (the fast path).
+    assert P.standbys_to_promote(r, missing=1, standbys=standbys, lost_nodes=["B"]) == (11,)
+    # Node B lost whole: its standby died with it, whatever its watch says yet; A's takes over.
+    assert P.standbys_to_promote(r, missing=1, standbys=standbys, lost_nodes=["B"], dead_nodes={"B"}) == (10,)
+    # Two ranks lost, one to a kill on A and one with node B: A's standby for A, none is left for B.
+    assert P.standbys_to_promote(r, missing=2, standbys=standbys, lost_nodes=["A", "B"], dead_nodes={"B"}) == (10,)
+    # Across nodes only to reach min_workers: a run that may go on smaller does so, without crowding.
+    assert P.standbys_to_promote(run(min_w=1, max_w=2), missing=1, standbys=standbys, lost_nodes=["B"],
+                                 dead_nodes={"B"}) == ()
+    # Across nodes only without GPUs (a GPU is not shared), and only when the policy allows it.
+    gpu = replace(r, scaling=replace(r.scaling, gpus_per_worker=1))
+    assert P.standbys_to_promote(gpu, missing=1, standbys=standbys, lost_nodes=["B"], dead_nodes={"B"}) == ()
+    assert DefaultPolicy(promote_across_nodes=False).standbys_to_promote(
+        r, missing=1, standbys=standbys, lost_nodes=["B"], dead_nodes={"B"}) == ()
+
+
+
 def test_the_standby_pool_covers_the_failures_expected_during_one_start_up():
     from elastic.config import RunConfig, ScalingConfig
 
@@ -220,7 +240,7 @@ def test_the_standby_pool_covers_the_failures_expected_during_one_start_up():
 def test_resize_reasons_are_an_enum_whose_values_are_the_strings_events_carry():
     import json
 
-    assert {r.value for r in ResizeReason} == {"grow", "preemption"}
+    assert {r.value for r in ResizeReason} == {"grow", "preemption", "spread"}
     assert ResizeReason.GROW == "grow" and f"{ResizeReason.GROW}" == "grow" and json.dumps(ResizeReason.GROW) == '"grow"'
 
 

@@ -296,6 +296,10 @@ def test_standbys_wait_on_their_nodes_and_a_promoted_one_becomes_a_worker(group,
     g.ensure_standbys(nodes, per_node=1)
     g.refresh()
     assert g.standbys() == standbys  # kept, not added to
+    # A live node whose standby answers is not lost; its standby is kept.
+    assert g.lost_nodes(nodes) == set() and g.standbys() == standbys
+    if isinstance(g, RayWorkerGroup):  # a node Ray's node table does not list is lost
+        assert g.lost_nodes({"0" * 56}) == {"0" * 56}
     startup = g.standby_startup_s()
     assert startup is None or startup >= 0
 

@@ -50,7 +50,7 @@ class Event(str, enum.Enum):
                     ("generation", "reason", "errors"), True)
     WORKER_FAILED = ("worker_failed", "a worker was removed as failed (counts against max_failures)",
                      ("worker", "rank", "pid", "node_id", "reason", "error"), True)
-    WORKER_LEFT = ("worker_left", "a worker left gracefully (preemption): not a failure",
+    WORKER_LEFT = ("worker_left", "a worker left gracefully (preemption, or handing a crowded node over): not a failure",
                    ("worker", "rank", "pid", "node_id", "reason"), True)
     WAITING_FOR_WORKERS = ("waiting_for_workers", "fewer than min_workers are available: waiting (bounded)",
                            ("have", "need"), True)

@@ -173,6 +173,9 @@ class SimulatedGroup:
     def draining_nodes(self) -> set[str]:
         return set()
 
+    def lost_nodes(self, node_ids: set[str]) -> set[str]:
+        return {n for n in node_ids if n in {f"node{k:05d}" for k in self.removed_nodes}}
+
     def kill(self, wid: int) -> None:
         self.infos.pop(wid, None)
         self.dead.add(wid)

@@ -163,8 +163,9 @@ class Controller:
         polls = self.poll(self.members, self.run.failure.poll_timeout_s)
         h = pol.classify(polls, self.run.failure)
         grow_due = self.supply.grow_due()
+        crowded = tuple(w for w in self.members if w in self.supply.crowded)
         view = pol.RunningView(members=tuple(self.members), newcomers=len(self.supply.newcomers(limit=1)),
-                               grow_due=grow_due)
+                               grow_due=grow_due, crowded=crowded)
         d = self.policy.running(self.run, h, view)
         if grow_due:
             self.supply.grow_checked()
@@ -180,7 +181,7 @@ class Controller:
             return Restarting(reason=d.reason, failed_workers=d.lost, since=self.clock())
         if isinstance(d, Resize):
             reason = ResizeReason(d.reason)  # a policy written before the enum gives its value
-            if reason is ResizeReason.GROW:
+            if reason in (ResizeReason.GROW, ResizeReason.SPREAD):
                 self.group.request_pause(self.members)
             return Resizing(reason=reason, leaving_workers=d.leaving, since=self.clock())
         assert isinstance(d, Continue)
@@ -211,9 +212,12 @@ class Controller:
         survivors, lost = self.formation.quiesce(set(), f"lost during {reason}")
         if lost:
             return Restarting(reason=f"worker lost during {reason}", failed_workers=(), since=self.clock())
+        why = ("handed over to a newcomer on a node of its own" if state.reason is ResizeReason.SPREAD
+               else "preemption notice")
         for wid in state.leaving_workers:
             if wid in survivors:
                 survivors.remove(wid)
-                self.roster.emit(Event.WORKER_LEFT, wid, reason="preemption notice")
+                self.roster.emit(Event.WORKER_LEFT, wid, reason=why)
+                self.supply.crowded.discard(wid)
                 self.group.kill(wid)
         return self.formation.rebuild(survivors, reason=reason)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Protocol
+from typing import TYPE_CHECKING, Collection, Mapping, Protocol
 
 if TYPE_CHECKING:
     from elastic.config import RunConfig
@@ -23,6 +23,7 @@ class ResizeReason(str, enum.Enum):
 
     GROW = "grow"  # ready workers beyond the group, and room for them below max_workers
     PREEMPTION = "preemption"  # ranks leave after a preemption notice (a draining node, SIGTERM)
+    SPREAD = "spread"  # a rank promoted onto another rank's node hands over to a newcomer with a node slot
 
     def __str__(self) -> str:
         return self.value
@@ -158,8 +159,9 @@ class Policy(Protocol):
         ...
 
     def standbys_to_promote(self, run: RunConfig, *, missing: int, standbys: Mapping[str, int],
-                            lost_nodes: list[str]) -> tuple[int, ...]:
-        """Standbys (node id -> worker id) to turn into workers for the next group."""
+                            lost_nodes: list[str], dead_nodes: Collection[str] = ()) -> tuple[int, ...]:
+        """Standbys (node id -> worker id) to turn into workers for the next group; `dead_nodes`:
+        those of `lost_nodes` Ray reports dead (given only when there are any)."""
         ...
 
     def rendezvous_timeout_s(self, run: RunConfig, world_size: int) -> float:

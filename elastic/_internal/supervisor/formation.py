@@ -33,8 +33,13 @@ class Formation:
         members = ctl.roster.members
         lost = [w for w in members if w in known_lost]
         alive = [w for w in members if w not in known_lost]
+        mates = ctl.supply.node_mates(lost, alive)  # lost with the same node, at once
+        alive = [w for w in alive if w not in mates]
         for wid in lost:
             ctl.roster.drop(wid, reason)
+        for wid in mates:
+            ctl.roster.drop(wid, "lost with its node")
+        lost += mates
         ctl.group.request_pause(alive)
         f = ctl.run.failure
         t0 = ctl.clock()
@@ -49,8 +54,10 @@ class Formation:
             d = ctl.policy.quiesce(ctl.run, pol.QuiesceView(
                 polls=polls, since_first_park_s=None if first_park is None else now - first_park, waited_s=now - t0))
             if isinstance(d, Remove):
-                for wid in d.workers:
-                    ctl.roster.drop(wid, d.label)
+                gone = [w for w in d.workers if w in alive]
+                mates = ctl.supply.node_mates(gone, [w for w in alive if w not in gone])
+                for wid in gone + mates:
+                    ctl.roster.drop(wid, d.label if wid in gone else "lost with its node")
                     lost.append(wid)
                     alive.remove(wid)
                 continue
@@ -122,6 +129,7 @@ class Formation:
                 or (isinstance(p, WorkerPoll) and p.state == WorkerState.FAILED)]
         if not gone:
             return
+        gone += ctl.supply.node_mates(gone, [w for w in members if w not in gone])
         for wid in gone:
             members.remove(wid)
             if wid in survivors:
@@ -155,6 +163,7 @@ class Formation:
             # pause (never after a timeout), and the next group is formed without it.
             ctl.events.emit(Event.GROUP_FAILED, generation=g, reason="a member was lost while the group was built",
                             errors={})
+            refused += ctl.supply.node_mates(refused, [w for w in roster.members if w not in refused])
             for wid in refused:
                 roster.drop(wid, "lost while its group was built")
             roster.assign([w for w in roster.members if w not in refused])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from elastic.config import FailureConfig, RunConfig
 from elastic.errors import ConfigError
@@ -109,6 +109,10 @@ class RunningView:
     """Ready workers that are not members (spares, replacements placed late)."""
     grow_due: bool
     """grow_interval_s passed since the last look for room."""
+    crowded: tuple[int, ...] = ()
+    """Members promoted onto another rank's node when theirs was lost whole (promote_across_nodes),
+    whose reservation waits: they hand over to a newcomer once one is ready, so that the next node
+    lost does not take two ranks."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,12 @@ class DefaultPolicy:
     On this 2-core machine (start-up 2.5-4 s): a failure every 8 s keeps 2, every 30 s keeps 1."""
     standby_max_per_node: int = 4
     """The pool never grows beyond this many standbys per node (each costs a process's memory)."""
+    promote_across_nodes: bool = True
+    """A rank lost with its whole node (Ray reports the node dead) is taken over by a standby on a
+    live node when the run would otherwise be below min_workers (it could not train at all), which
+    trains at once while its reservation waits in Ray's queue for room on its node; only for runs
+    without GPUs (a GPU cannot be shared that way). False: such a rank waits for a newcomer (a
+    spare, or a cold replacement)."""
     rendezvous_per_rank_s: float = 0.02
     """Added per rank to a generation's rendezvous bound (see rendezvous_timeout_s)."""
     last_words_s: float = 2.0
@@ -218,6 +228,8 @@ class DefaultPolicy:
             return Resize(reason=ResizeReason.PREEMPTION, leaving=h.preempted)
         if v.grow_due and len(v.members) < (run.scaling.max_workers or 0) and v.newcomers > 0:
             return Resize(reason=ResizeReason.GROW)
+        if v.crowded and v.newcomers > 0:
+            return Resize(reason=ResizeReason.SPREAD, leaving=v.crowded[:v.newcomers])
         return Continue()
 
     def to_request(self, run: RunConfig, have: int) -> int:
@@ -293,14 +305,26 @@ class DefaultPolicy:
                           "`elastic resume URI`", exit_code=1, final_save=True)
 
     def standbys_to_promote(self, run: RunConfig, *, missing: int, standbys: Mapping[str, int],
-                            lost_nodes: list[str]) -> tuple[int, ...]:
+                            lost_nodes: list[str], dead_nodes: Collection[str] = ()) -> tuple[int, ...]:
         """Standbys to turn into workers for the next group: those on the nodes of the workers just
-        lost (each such node has a worker's resources free again), up to the number missing."""
+        lost (each such node has a worker's resources free again), up to the number missing. Never
+        one on a node Ray reports dead (`dead_nodes`: it died with it, whatever its watch says yet);
+        a rank lost with its node goes to a standby on a live node (promote_across_nodes)."""
+        dead = set(dead_nodes)
         picks: list[int] = []
         for node in lost_nodes:
             wid = standbys.get(node)
-            if len(picks) < missing and wid is not None and wid not in picks:
+            if len(picks) < missing and node not in dead and wid is not None and wid not in picks:
                 picks.append(wid)
+        # Across nodes only what the run needs to reach min_workers: with fewer it could not train
+        # at all, while at min_workers or more it goes on smaller and grows back without crowding.
+        sc = run.scaling
+        below_min = sc.min_workers - ((sc.max_workers or 0) - missing) - len(picks)
+        if self.promote_across_nodes and sc.gpus_per_worker <= 0 and below_min > 0:
+            live = [w for n, w in sorted(standbys.items()) if n not in dead and w not in picks]
+            for _node in [n for n in lost_nodes if n in dead][:below_min]:
+                if len(picks) < missing and live:
+                    picks.append(live.pop(0))
         return tuple(picks)
 
     def rendezvous_timeout_s(self, run: RunConfig, world_size: int) -> float:

@@ -53,6 +53,7 @@ class Roster:
         info = ctl.group.infos.get(wid)
         if info is not None:
             ctl.supply.lost_nodes.append(info.node_id)
+        ctl.supply.crowded.discard(wid)
         last = ctl.ledger.last_polls.get(wid)
         error = last.error if isinstance(last, WorkerPoll) and last.error else None
         self.emit(Event.WORKER_FAILED, wid, reason=reason, error=error)

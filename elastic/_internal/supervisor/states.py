@@ -5,7 +5,7 @@ per state holding that state's payload.
         │          │  ▲
         │          ▼  │
         │      RESTARTING (a worker died, froze, hung or raised: counts against max_failures)
-        │      RESIZING   (nodes joined, or a preemption notice: does not count)
+        │      RESIZING   (nodes joined, a preemption notice, a crowded rank hands over: does not count)
         ▼          │
       FAILED ◀─────┘ (budget spent, user error, below min_workers too long, location taken over)
 

@@ -20,6 +20,11 @@ class Supply:
         self._ctl = ctl
         self.lost_nodes: list[str] = []
         """Nodes of the workers lost since the last group was built (their standbys replace them)."""
+        self.dead_nodes: set[str] = set()
+        """Nodes Ray reported dead or gone (a whole node lost): no standby there is promoted."""
+        self.crowded: set[int] = set()
+        """Standbys promoted onto another rank's node (their own was lost whole): they hand over to a
+        newcomer once one is ready (ResizeReason.SPREAD)."""
         self._next_grow_check = 0.0
 
     def grow_due(self) -> bool:
@@ -41,9 +46,10 @@ class Supply:
 
     def top_up(self, *, background: bool = False) -> None:
         """Keep as many workers requested as the policy wants; `background` when the group trains
-        meanwhile (they start at idle priority)."""
+        meanwhile (they start at idle priority). A crowded member (promoted onto another rank's
+        node) does not count: a newcomer is asked for to take its place."""
         ctl = self._ctl
-        n = ctl.policy.to_request(ctl.run, len(set(ctl.group.ready()) | set(ctl.group.pending())))
+        n = ctl.policy.to_request(ctl.run, len((set(ctl.group.ready()) | set(ctl.group.pending())) - self.crowded))
         if n > 0:
             ctl.group.request(n, background=background)
 
@@ -72,17 +78,37 @@ class Supply:
                                                 startup_s=ctl.group.standby_startup_s())
         ctl.group.ensure_standbys(ctl.roster.nodes() - ctl.roster.draining, per_node=per_node)
 
+    def node_mates(self, lost: list[int], others: list[int]) -> list[int]:
+        """The workers of `others` that were lost with a node of a worker in `lost`: one look at
+        Ray's node table for the nodes of `lost` (while their infos are still known). A whole node
+        lost is every member and every standby there, lost in the same recovery rather than found
+        one by one (the group forgets that node's standbys at once)."""
+        ctl = self._ctl
+        infos = ctl.group.infos
+        nodes = {i.node_id for w in lost if (i := infos.get(w)) is not None}
+        if not nodes:
+            return []
+        self.dead_nodes |= ctl.group.lost_nodes(nodes)
+        return [w for w in others if (i := infos.get(w)) is not None and i.node_id in self.dead_nodes]
+
     def promote(self, *, missing: int) -> list[int]:
         """Promote ready standbys on the nodes of lost workers (each such node has a worker's
-        resources free again), up to `missing`; their ids."""
+        resources free again), up to `missing`; their ids. A node Ray reports dead has none to
+        give: its ranks go to standbys on live nodes (DefaultPolicy.promote_across_nodes)."""
         ctl = self._ctl
         if missing <= 0 or not self.lost_nodes:
             return []
+        dead = [n for n in self.lost_nodes if n in self.dead_nodes]
+        # A policy written before dead_nodes existed is only asked the old question.
+        extra = {"dead_nodes": frozenset(dead)} if dead else {}
         picks = list(ctl.policy.standbys_to_promote(ctl.run, missing=missing, standbys=ctl.group.standbys(),
-                                                    lost_nodes=self.lost_nodes))
+                                                    lost_nodes=self.lost_nodes, **extra))
         for wid in picks:
             node = ctl.group.infos[wid].node_id if wid in ctl.group.infos else None
             ctl.group.promote(wid)
             if node in self.lost_nodes:
                 self.lost_nodes.remove(node)  # that node's free slot is taken now
+            elif dead:
+                self.lost_nodes.remove(dead.pop(0))  # taken over from a live node
+                self.crowded.add(wid)
         return picks

@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable, Protocol
 
 import ray
+from ray import cloudpickle
 from ray.exceptions import ActorUnschedulableError, RayActorError
 
 from elastic._internal import compat
@@ -43,6 +44,8 @@ class WorkerGroup(Protocol):
       ones (node id -> worker id), promote(wid) makes one a worker (in ready() from then on) and
       gpu_ids(wid) returns the GPUs its reservation holds (() for every other worker). A group
       that keeps none returns {} from standbys().
+    - lost_nodes(node_ids): of these nodes, those the cluster reports dead or no longer lists; every
+      standby there is forgotten at once (its workers are the controller's to drop).
     """
 
     infos: dict[int, WorkerInfo]
@@ -58,6 +61,7 @@ class WorkerGroup(Protocol):
     def request_preempt(self, wids: list[int]) -> None: ...
     def request_stop(self, wids: list[int]) -> None: ...
     def draining_nodes(self) -> set[str]: ...
+    def lost_nodes(self, node_ids: set[str]) -> set[str]: ...
     def ensure_standbys(self, node_ids: set[str], *, per_node: int | None = None) -> None: ...
     def standbys(self) -> dict[str, int]: ...
     def standby_startup_s(self) -> float | None: ...
@@ -68,6 +72,9 @@ class WorkerGroup(Protocol):
     def describe_resources(self) -> str: ...
     def shutdown(self) -> None: ...
 
+
+NODE_PROBE_S = 0.5
+"""A node none of whose standbys answers a direct question within this is lost whole (lost_nodes)."""
 
 WORKER_THREADS = 4
 """Threads of a worker actor: a watch waits in one while start, pause and stop calls use others."""
@@ -99,8 +106,12 @@ class RayWorkerGroup:
                 "max_restarts": 0, "max_task_retries": 0, "max_concurrency": WORKER_THREADS,
                 "runtime_env": {"env_vars": dict(NCCL_ENV)}}
         self._cls = worker_cls.options(**opts)
-        # Serialized once; each actor gets the reference boxed and fetches it itself (WorkerActor).
-        self._fn_ref = ray.put(fn)
+        # Pickled once, here; each actor gets the bytes boxed and unpickles them itself (WorkerActor).
+        # Not a ray.put reference: every worker that fetched one holds a copy, and Ray may pull a
+        # new actor's copy from a node that was just lost, holding its creation until that node is
+        # declared dead. Bytes travel inside the creation task (or, when large, as an object the
+        # supervisor puts for that one task), so replacements depend on the supervisor's node only.
+        self._fn_box = [cloudpickle.dumps(fn)]
         self._run = run
         self._lease_token = lease_token
         self._actors: dict[int, Any] = {}
@@ -110,7 +121,7 @@ class RayWorkerGroup:
         self._watches = Watches(self._actors, run.failure.liveness_interval_s)
         # A standby reserves nothing: it becomes a worker by taking a reservation of the resources
         # a worker needs, on its own node.
-        self._standbys = StandbyPool(worker_cls, opts, run, ([self._fn_ref], run, True, lease_token))
+        self._standbys = StandbyPool(worker_cls, opts, run, (self._fn_box, run, True, lease_token))
 
     def request(self, n: int, *, background: bool = False) -> list[int]:
         """Ask for n more workers; `background`: others are training meanwhile, so these start at
@@ -119,7 +130,7 @@ class RayWorkerGroup:
         for _ in range(n):
             wid = self._next_id
             self._next_id += 1
-            actor = self._cls.remote([self._fn_ref], self._run, background, self._lease_token)
+            actor = self._cls.remote(self._fn_box, self._run, background, self._lease_token)
             self._actors[wid] = actor
             self._info_refs[wid] = actor.info.remote()
             ids.append(wid)
@@ -175,7 +186,10 @@ class RayWorkerGroup:
             self._info_refs[wid] = actor.info.remote()
 
     def standbys(self) -> dict[str, int]:
-        """node id -> a standby there that is ready to become a worker (and not known to be dead)."""
+        """node id -> a standby there that is ready to become a worker (and not known to be dead:
+        the watches that failed by now are taken in first, so a standby that died with its node a
+        moment ago is not offered for promotion)."""
+        self._watches.harvest(time.monotonic())
         return self._standbys.ready(self.infos, self._watches.is_dead)
 
     def standby_startup_s(self) -> float | None:
@@ -230,6 +244,40 @@ class RayWorkerGroup:
     def draining_nodes(self) -> set[str]:
         """Ids of nodes Ray is draining (a preemption notice, an autoscaler scale-down)."""
         return compat.draining_node_ids() or set()
+
+    def lost_nodes(self, node_ids: set[str]) -> set[str]:
+        """Of these nodes, those lost whole (a spot VM reclaimed): Ray's node table reports them dead
+        or no longer lists them, or none of their ready standbys answers a direct question within
+        NODE_PROBE_S (a node's Ray workers exit within a second of its raylet; Ray marks the node
+        dead only once its health checks fail: health_check_period_ms x health_check_failure_threshold,
+        about 15 s by default). Every standby there is forgotten at once, so that none is promoted."""
+        if not node_ids:
+            return set()
+        try:
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        except Exception:  # noqa: BLE001 - the node table unreadable: only the standbys can tell
+            alive = set(node_ids)
+        lost = {n for n in node_ids if n not in alive} | self._silent_nodes(node_ids & alive)
+        for wid in [w for w, node in self._standbys.nodes.items() if node in lost]:
+            self.kill(wid)
+        return lost
+
+    def _silent_nodes(self, node_ids: set[str]) -> set[str]:
+        """Of these nodes, those with ready standbys of which none answers within NODE_PROBE_S."""
+        asked = {wid: node for wid, node in self._standbys.nodes.items()
+                 if node in node_ids and wid in self.infos and wid in self._actors}
+        if not asked:
+            return set()
+        refs = {self._actors[wid].info.remote(): wid for wid in asked if not self._watches.is_dead(wid)}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=NODE_PROBE_S) if refs else ([], [])
+        answered = set()
+        for ref in done:
+            try:
+                ray.get(ref, timeout=0)
+                answered.add(asked[refs[ref]])
+            except Exception:  # noqa: BLE001 - dead: no answer from it
+                pass
+        return set(asked.values()) - answered
 
     def kill(self, wid: int) -> None:
         self._watches.drop(wid)

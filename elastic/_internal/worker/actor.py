@@ -25,18 +25,28 @@ ORPHAN_TIMEOUT_S = 15.0
 supervisor and driver are gone, perhaps with the Ray node that would have told it."""
 
 
+def _unbox(boxed: bytes | ray.ObjectRef) -> Callable[[dict], Any]:
+    """The training function: its pickled bytes (what RayWorkerGroup sends), or a reference to it
+    (bounded: a supervisor that died meanwhile must fail this start, not park it)."""
+    if isinstance(boxed, bytes):
+        from ray import cloudpickle
+
+        return cloudpickle.loads(boxed)
+    return ray.get(boxed, timeout=FN_FETCH_TIMEOUT_S)
+
+
 class WorkerActor:
-    def __init__(self, fn_box: list[ray.ObjectRef], run: RunConfig, background: bool = False, lease_token: int = 0):
+    def __init__(self, fn_box: list[bytes | ray.ObjectRef], run: RunConfig, background: bool = False,
+                 lease_token: int = 0):
         # A worker started while others train (a spare, a replacement that joins later) pays its
         # start-up (torch import, warm-up: seconds of CPU) at idle priority, so that it does not
         # slow the training ranks it shares cores with. This module imports no torch for that
-        # reason, and the training function comes boxed (Ray does not resolve a reference inside a
-        # list): unpickling it imports the user's module, and with it torch, inside the block.
+        # reason, and the training function comes boxed, pickled (RayWorkerGroup): unpickling it
+        # imports the user's module, and with it torch, inside the block.
         with background_priority(background) as lowered:
             from elastic._internal.worker.runtime import WorkerRuntime
 
-            # Bounded: a supervisor that died meanwhile must fail this start, not park it.
-            fn: Callable[[dict], Any] = ray.get(fn_box[0], timeout=FN_FETCH_TIMEOUT_S)
+            fn: Callable[[dict], Any] = _unbox(fn_box[0])
             self._rt: WorkerRuntime = WorkerRuntime(fn, run, lease_token)
             # A spot VM gets SIGTERM before it is reclaimed: turn it into a graceful leave at the next
             # step boundary instead of dying mid-step.
