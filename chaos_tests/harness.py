@@ -215,10 +215,13 @@ class Chaos(threading.Thread):
 
 
 def idle_standbys(events: list[dict]) -> list[procs.Proc]:
-    """Worker processes (below this one) that are ready and in no group: standbys whose watch is
-    outstanding (a process still starting is titled `ray::WorkerActor.__init__`)."""
+    """Worker processes (below this one) that are ready and in no group: standbys. A process still
+    starting is titled `ray::WorkerActor.__init__`; a ready one `ray::WorkerActor` or the method it
+    runs now (`.watch`, or `.heartbeat`/`.info` for a moment: a threaded actor's title follows its
+    latest call, so waiting for `.watch` alone can miss a ready standby for good)."""
     members = {m["pid"] for e in events if e["event"] == "group_built" for m in e["members"]}
-    return [p for p in procs.actor_processes("WorkerActor") if p.pid not in members and p.title.endswith(".watch")]
+    return [p for p in procs.actor_processes("WorkerActor")
+            if p.pid not in members and not p.title.endswith(".__init__")]
 
 
 # -- running ----------------------------------------------------------------------------------

@@ -73,6 +73,14 @@ class WorkerGroup(Protocol):
     def shutdown(self) -> None: ...
 
 
+def _own_node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - not connected to Ray: no node of its own
+        return None
+
+
 NODE_PROBE_S = 0.5
 """A node none of whose standbys answers a direct question within this is lost whole (lost_nodes)."""
 
@@ -263,7 +271,10 @@ class RayWorkerGroup:
         return lost
 
     def _silent_nodes(self, node_ids: set[str]) -> set[str]:
-        """Of these nodes, those with ready standbys of which none answers within NODE_PROBE_S."""
+        """Of these nodes, those with ready standbys of which none answers within NODE_PROBE_S. The
+        node this supervisor runs on is alive by definition: a standby there that is slow to answer
+        (2 busy cores) must never make its node's healthy ranks count as lost."""
+        node_ids = node_ids - {_own_node_id()}
         asked = {wid: node for wid, node in self._standbys.nodes.items()
                  if node in node_ids and wid in self.infos and wid in self._actors}
         if not asked:
