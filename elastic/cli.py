@@ -128,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from elastic._internal.storage_cmds import open_location
-    from elastic._internal.supervisor.policy import stored_policy
+    from elastic._internal.supervisor.policy_record import stored_policy
     from elastic.trainer import load_spec
 
     open_location(args.uri)

@@ -38,7 +38,7 @@ from elastic._internal.progress import ProgressPrinter
 from elastic.result import Result
 from elastic._internal.storage import RunLocation, resolve
 from elastic._internal.supervisor.decisions import Policy
-from elastic._internal.supervisor.policy import policy_spec
+from elastic._internal.supervisor.policy_record import policy_spec
 
 RUN_SPEC_FILE = "run.json"
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}

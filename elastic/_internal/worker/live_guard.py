@@ -134,6 +134,12 @@ class LiveGuard:
             return False
         return True
 
+    def require(self, step: int, *, live: bool) -> None:
+        """A live snapshot is read only while it holds its step (loud, never silently wrong)."""
+        if live and not self.intact(step):
+            raise RuntimeError(f"the live snapshot of step {step} no longer holds it: "
+                               f"{self.violation or 'its tensors changed since the commit'}")
+
     def forget(self) -> None:
         """No live capture to check (a copy was taken, or a state loaded)."""
         self._versions, self._samples = [], None

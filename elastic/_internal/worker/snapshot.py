@@ -166,12 +166,6 @@ class Snapshot:
                     dst.copy_(src)
         self.copy_s += time.perf_counter() - t0
 
-    def _check_live(self) -> None:
-        """A live snapshot is read only while it holds its step (loud, never silently wrong)."""
-        if self.live and not self._guard.intact(self.step):
-            raise RuntimeError(f"the live snapshot of step {self.step} no longer holds it: "
-                               f"{self.violation or 'its tensors changed since the commit'}")
-
     def _free_set(self) -> int:
         """The set the next capture writes to: the newest one if nothing holds it, else an idle one
         (one more is added when every set is held)."""
@@ -251,7 +245,7 @@ class Snapshot:
     def checkpoint_state(self) -> dict[str, Any]:
         """The state to checkpoint, reading from the buffers (a CUDA copy may still be filling them:
         the writer waits with waiter()); sharded entries as Shards of this rank's rows."""
-        self._check_live()
+        self._guard.require(self.step, live=self.live)
         return tree.build([*((p, Shards(self.shards[p][0], [(self.shards[p][1], t)]) if p in self.shards else t)
                              for p, t in self.tensors), *self.values])
 
@@ -261,7 +255,7 @@ class Snapshot:
         if self.empty:
             raise RuntimeError("no snapshot taken yet")
         self.wait()
-        self._check_live()
+        self._guard.require(self.step, live=self.live)
         sd = tree.build([*self.tensors, *self.values])
         return like_template(like, sd) if like is not None else sd
 
