@@ -749,6 +749,24 @@ def test_every_member_and_standby_of_a_node_ray_reports_dead_is_lost_in_the_same
     assert {"nodeX"} in g.node_checks
 
 
+def test_a_node_called_lost_once_is_not_lost_for_good():
+    """The group calls a node lost on Ray's word or on a probe of its standbys, which a slow standby
+    can fail: the next look at that node decides again, and a later failure on another node never
+    takes the members of a node called lost before."""
+    from elastic._internal.protocol import WorkerInfo
+
+    g = FakeGroup(capacity=4)
+    ctl, _, _ = make(g)
+    for w, node in ((0, "nodeX"), (1, "nodeX"), (2, "nodeY"), (3, "nodeX")):
+        g.infos[w] = WorkerInfo(pid=10_000 + w, node_id=node, ip="127.0.0.1")
+    g.gone_nodes = {"nodeX"}
+    assert ctl.supply.node_mates([1], [0, 2]) == [0]
+    assert ctl.supply.dead_nodes == {"nodeX"}
+    g.gone_nodes = set()  # it answers now: it was alive all along
+    assert ctl.supply.node_mates([2], [3]) == []  # a loss on node Y takes nobody on node X
+    assert ctl.supply.node_mates([1], [3]) == [] and ctl.supply.dead_nodes == set()
+
+
 def test_a_rank_lost_with_its_node_is_taken_over_by_a_standby_on_a_live_node():
     """Node 1 is lost whole: its standby died with it, so the live node's standby takes the rank
     (the fast path of a process kill on a live node, node 1's own standby, stays for kills)."""

@@ -88,8 +88,11 @@ class Supply:
         nodes = {i.node_id for w in lost if (i := infos.get(w)) is not None}
         if not nodes:
             return []
-        self.dead_nodes |= ctl.group.lost_nodes(nodes)
-        return [w for w in others if (i := infos.get(w)) is not None and i.node_id in self.dead_nodes]
+        found = ctl.group.lost_nodes(nodes)
+        # The latest look at these nodes decides: a node the group once called lost (a standby that
+        # was slow to answer the probe) is not lost for good, and only this look's nodes take mates.
+        self.dead_nodes = (self.dead_nodes - nodes) | found
+        return [w for w in others if (i := infos.get(w)) is not None and i.node_id in found]
 
     def promote(self, *, missing: int) -> list[int]:
         """Promote ready standbys on the nodes of lost workers (each such node has a worker's
