@@ -115,3 +115,16 @@ def test_executing_a_replica_heal_over_gloo_gives_the_new_rank_its_replicas_rows
             a, b = layout.rows(t.shape[0], r)
             assert torch.equal(got, t[a:b]), r
     assert out[1][1] > 0 and out[0][1] == out[2][1] == out[3][1] == 0  # only the new rank received
+
+
+@pytest.mark.parametrize("previous,members,want", [
+    ([0, 1, 2, 3], [0, 1, 3, 4], [0, 1, 4, 3]),  # rank 2 replaced: rank 3 stays rank 3
+    ([0, 1], [1, 2], [2, 1]),  # rank 0 replaced
+    ([0, 1, 2], [0, 2], [0, 2]),  # a smaller group: as given
+    ([0, 1], [1, 0], [1, 0]),  # the same members: as given
+    ([], [3, 4], [3, 4]),
+])
+def test_at_the_same_world_size_survivors_keep_their_ranks_and_newcomers_fill_the_gaps(previous, members, want):
+    from elastic._internal.supervisor.roster import keep_places
+
+    assert keep_places(previous, members) == want
