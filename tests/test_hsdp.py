@@ -73,10 +73,18 @@ def test_two_nodes_one_rank_each_a_killed_rank_is_healed_from_its_replica(cluste
     print(f"recovery: {rec['seconds']:.2f}s (cost {rec['cost_s']:.2f}s)")
 
 
-@pytest.mark.slow  # ~40 s: two 4-rank runs
-def test_two_nodes_two_ranks_each_a_killed_rank_is_healed_from_its_replica(cluster, tmp_path):
+@pytest.mark.slow  # ~70 s: two 4-rank runs, then both resumed
+def test_two_nodes_two_ranks_each_a_killed_rank_is_healed_from_its_replica_and_dcp_reshards(cluster, tmp_path):
     rec = _kill_and_check(tmp_path, 4, 1, rank=2)
     print(f"recovery: {rec['seconds']:.2f}s (cost {rec['cost_s']:.2f}s)")
+    # The checkpoints hold each column's rows once (DCP drops the replicas' copies); resuming at
+    # another mesh (2 x 1: one rank per node, unsharded) reshards them through DCP.
+    more = _trainer(tmp_path / "run", 2, cpus=2, steps=STEPS + 10).fit(raise_on_failure=False, quiet=True)
+    assert more.ok, more.error
+    assert [e["source"] for e in more.events if e["event"] == "restored"] == [f"checkpoint:{STEPS}"] * 2
+    cont = _trainer(tmp_path / "ref", 4, cpus=1, steps=STEPS + 10).fit(raise_on_failure=False, quiet=True)
+    assert cont.ok, cont.error
+    assert model_diff(final_model(str(tmp_path / "run")), final_model(str(tmp_path / "ref"))) <= 1e-4
 
 
 @pytest.mark.slow  # ~60 s
