@@ -1,9 +1,10 @@
 """FSDP2 over a generation's training group: which modules to shard, and the mesh to shard them on.
 
 `fully_shard` is applied to each block (the modules the user names, or a default) and then to the
-root, on a one-dimensional DeviceMesh built from the generation's training group (gloo on CPU, NCCL
-on GPUs), or on HSDP's two-dimensional one (hsdp.py). Every rank then holds rows of each parameter (dimension 0, split as torch.chunk splits
-it) and the same rows of its optimizer state, as DTensors.
+root, on a one-dimensional DeviceMesh built from the generation's training group (gloo on CPU,
+NCCL on GPUs), or on HSDP's two-dimensional one (hsdp.py). Every rank then holds rows of each
+parameter (dimension 0, split as torch.chunk splits it) and the same rows of its optimizer state,
+as DTensors.
 """
 
 from __future__ import annotations

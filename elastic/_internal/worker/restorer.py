@@ -41,8 +41,8 @@ class Restorer:
         self.restored_state = state
         s.snapshot.wait()
         if s.snapshot.shards and not self.model.sharded:
-            raise ConfigError("this run's state is sharded (FSDP2): call ctx.prepare_model(model, strategy='fsdp' or 'hsdp') "
-                              "and build the optimizer before ctx.restore(state)")
+            raise ConfigError("this run's state is sharded (FSDP2): call ctx.prepare_model(model, "
+                              "strategy='fsdp' or 'hsdp') and build the optimizer before ctx.restore(state)")
         if self.model.sharded:
             return self._restore_sharded(state)
         agreed = peer_sync.agree(s.snapshot.held_step(), s.latest_durable_step(), ctrl,
