@@ -105,7 +105,7 @@ def test_a_lost_node_leaves_one_fsdp_dimension_and_its_return_makes_hsdp_again(c
                       interval_s=0.1)
     c.remove_node(other)  # from the main thread: Cluster installs signal handlers
     assert wait_until(lambda: built()[-1]["world_size"] == 2, timeout_s=60, interval_s=0.1)
-    back = c.add_node(num_cpus=2)
+    c.add_node(num_cpus=2)  # the node returns (a fresh one: the fixture's shutdown removes it)
     c.wait_for_nodes()
     t.join(timeout=150)
     r = result["r"]
@@ -117,4 +117,3 @@ def test_a_lost_node_leaves_one_fsdp_dimension_and_its_return_makes_hsdp_again(c
     # rows come from the ranks holding the same column (replica). Never a storage read.
     assert sources and set(sources) <= {"memory", "replica"} and "replica" in sources, sources
     assert model_diff(final_model(str(tmp_path / "ref")), final_model(uri)) <= 1e-4
-    globals()["_back"] = back  # the fixture's `other` is gone; the module ends here
