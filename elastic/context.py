@@ -124,6 +124,11 @@ class WorkerContext:
         strategy="fsdp": shards the model in place with FSDP2 (`fully_shard` on each of
         `shard_modules`, modules or module types, default the model's blocks, then the root) and
         returns it. Build the optimizer after this, then call restore(state).
+        strategy="hsdp": the same on a two-dimensional mesh, dimension 0 ("replicate") across the
+        Ray nodes and dimension 1 ("shard") over the ranks within a node, when there are two or more
+        nodes holding the same number of ranks; otherwise (one node, or uneven nodes after a loss)
+        one FSDP dimension over every rank, logged once. A lost rank's rows come back from its live
+        replica on another node (no buddy copy, no storage read).
         """
         return self._gen.prepare_model(model, strategy=strategy, shard_modules=shard_modules, **ddp_kwargs)
 

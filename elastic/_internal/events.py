@@ -35,7 +35,8 @@ class Event(str, enum.Enum):
     GROUP_BUILT = ("group_built", "a new generation of the process group was formed",
                    ("generation", "world_size", "reason", "seconds", "members"), True)
     RESTORED = ("restored", "a rank loaded the newest committed state (source: fresh, memory, "
-                "peer:R or checkpoint:STEP)", ("step", "source", "generation", "lost_steps", "worker", "rank", "pid"),
+                "peer:R, buddy, replica or checkpoint:STEP)",
+                ("step", "source", "generation", "lost_steps", "worker", "rank", "pid"),
                 True)
     CHECKPOINT_COMMITTED = ("checkpoint_committed", "a durable checkpoint was committed",
                             ("step", "seconds", "bytes", "world_size", "uri", "worker", "rank", "pid"), True)

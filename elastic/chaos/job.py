@@ -4,7 +4,7 @@ suites, and a safe target for practising failures with `elastic chaos`:
     elastic run "$(python -c 'import elastic.chaos.job as j; print(j.__file__)')":train \\
         --min-workers 2 --checkpoint-uri /tmp/runs/practice --config steps=5000 --config step_sleep=0.05
 
-config: steps, lr, width, dropout, global_batch, step_sleep, strategy (ddp | fsdp), loader_workers (read
+config: steps, lr, width, dropout, global_batch, step_sleep, strategy (ddp | fsdp | hsdp), loader_workers (read
 batches through ctx.data_loader with this many worker processes instead of indexing), faults [{kind, step, rank}] (faults a
 rank inflicts on itself, see faults.py; at step REBUILD one fires as a rebuilt group restores, at
 FIRST_STEP at the first step a rebuilt group takes),
@@ -59,9 +59,10 @@ def train(config: dict) -> None:
     ctx = elastic.get_context()
     x, y = make_data()
     model = make_model(config.get("width", 32), config.get("dropout", 0.1))
-    fsdp = config.get("strategy", "ddp") == "fsdp"
+    strategy = config.get("strategy", "ddp")
+    fsdp = strategy in ("fsdp", "hsdp")
     if fsdp:  # FSDP2 shards the model in place: the optimizer is built over the sharded parameters
-        model = ctx.prepare_model(model, strategy="fsdp")
+        model = ctx.prepare_model(model, strategy=strategy)
     opt = torch.optim.SGD(model.parameters(), lr=config.get("lr", 0.05), momentum=0.9)
     state = elastic.TrainState(model=model, optimizer=opt)
     faults = parse_faults(config.get("faults", []))

@@ -32,8 +32,8 @@ class Roster:
         """The nodes Ray was draining at the last look (no standby is started there)."""
 
     def assign(self, members: list[int]) -> None:
-        """These workers, in this order, are the group now (rank = position)."""
-        self.members = list(members)
+        """These workers are the group now (rank = position in keep_places' order)."""
+        self.members = keep_places(self.members, members)
         self.rank_of = {w: r for r, w in enumerate(self.members)}
 
     def join(self, wid: int, **fields: Any) -> None:
@@ -94,3 +94,16 @@ class Roster:
         info = self._ctl.group.infos.get(wid)
         return {"worker": wid, "rank": self.rank_of.get(wid), "pid": info.pid if info else None,
                 "node_id": info.node_id if info else None}
+
+
+def keep_places(previous: list[int], members: list[int]) -> list[int]:
+    """The rank order of a new group: at the same world size, a member that was in the previous group
+    keeps its rank and newcomers take the ranks the lost ones left, in order; otherwise `members` as
+    given. A rank's data and, under HSDP, which ranks share a node then stay as they were: the
+    gradient sums add the same numbers in the same order, and a run with a replaced rank stays
+    bitwise equal to one without failures (and a sharded model moves only the newcomers' rows)."""
+    if len(previous) != len(members) or set(previous) == set(members):
+        return list(members)
+    mine = set(members)
+    newcomers = iter([w for w in members if w not in set(previous)])
+    return [w if w in mine else next(newcomers) for w in previous]

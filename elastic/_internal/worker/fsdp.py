@@ -1,9 +1,10 @@
 """FSDP2 over a generation's training group: which modules to shard, and the mesh to shard them on.
 
 `fully_shard` is applied to each block (the modules the user names, or a default) and then to the
-root, on a one-dimensional DeviceMesh built from the generation's training group (gloo on CPU, NCCL
-on GPUs). Every rank then holds rows of each parameter (dimension 0, split as torch.chunk splits
-it) and the same rows of its optimizer state, as DTensors.
+root, on a one-dimensional DeviceMesh built from the generation's training group (gloo on CPU,
+NCCL on GPUs), or on HSDP's two-dimensional one (hsdp.py). Every rank then holds rows of each
+parameter (dimension 0, split as torch.chunk splits it) and the same rows of its optimizer state,
+as DTensors.
 """
 
 from __future__ import annotations
@@ -31,13 +32,19 @@ def default_blocks(model: nn.Module) -> list[nn.Module]:
     return [c for c in model.children() if any(True for _ in c.parameters())]
 
 
-def shard(model: nn.Module, train_group: Any, device: torch.device,
-          shard_modules: Iterable[nn.Module] | Iterable[type] | None = None) -> nn.Module:
-    """Apply FSDP2 to `model` in place (blocks, then the root) over `train_group`; returns it."""
+def flat_mesh(train_group: Any, device: torch.device) -> Any:
+    """A one-dimensional DeviceMesh over the whole training group."""
     from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh.from_group(train_group, device.type)
+
+
+def shard(model: nn.Module, mesh: Any, device: torch.device,
+          shard_modules: Iterable[nn.Module] | Iterable[type] | None = None) -> nn.Module:
+    """Apply FSDP2 to `model` in place (blocks, then the root) on `mesh` (a 2-D mesh is HSDP);
+    returns it."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = DeviceMesh.from_group(train_group, device.type)
     model.to(device)
     if shard_modules is None:
         blocks = default_blocks(model)

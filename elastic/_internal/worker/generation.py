@@ -37,8 +37,8 @@ class Generation:
         self.s = services
         self.local_rank = local_rank
         self.local_world_size = local_world_size
-        self._model = ModelPrep(groups, device, services.clock)
-        self._snapshots = Snapshotter(groups, services, self._model, node_id=node_id or "?")
+        self._model = ModelPrep(groups, device, services.clock, node_id=node_id or "?")
+        self._snapshots = Snapshotter(groups, services, self._model)
         self._vote = PauseVote(groups)
         self._saver = Saver(groups, services, self._model)
         self._restorer = Restorer(groups, services, self._model, self._snapshots)

@@ -11,38 +11,66 @@ import torch
 
 from elastic._internal.collectives import CollectiveClock
 from elastic.errors import ConfigError
-from elastic._internal.worker import fsdp
+from elastic._internal.worker import fsdp, hsdp
 from elastic._internal.worker.ddp import ExactDDP
 from elastic._internal.worker.groups import ProcessGroups
+from elastic._internal.worker.recovery.reshard import Layout
+
+STRATEGIES = ("ddp", "fsdp", "hsdp")
 
 
 class ModelPrep:
-    """One generation's model: wrapped in ExactDDP or sharded with FSDP2."""
+    """One generation's model: wrapped in ExactDDP or sharded with FSDP2 (one mesh dimension or HSDP's two)."""
 
-    def __init__(self, groups: ProcessGroups, device: torch.device, clock: CollectiveClock):
+    def __init__(self, groups: ProcessGroups, device: torch.device, clock: CollectiveClock, *, node_id: str = "?"):
         self.groups = groups
         self.device = device
         self._clock = clock
+        self.node_id = node_id
+        self._nodes: tuple[str, ...] | None = None
         self.sharded = False
-        """The model was sharded with FSDP2 (prepare(strategy="fsdp")): buddy copies, resharding."""
+        """The model was sharded with FSDP2 (strategy "fsdp" or "hsdp"): snapshots of rows, resharding."""
+        self.layout = Layout.flat(groups.world_size)
+        """Which rows of each sharded tensor each rank holds (HSDP: by its column of the mesh)."""
+        self.replicated = False
+        """HSDP on two or more nodes: every rank's rows are also held by a replica (no buddy copies)."""
         self._ddp: ExactDDP | None = None
+
+    def nodes(self) -> tuple[str, ...]:
+        """Every rank's node, in rank order: gathered once per generation on the control plane, at
+        the first call (a collective: every rank makes it at the same point)."""
+        if self._nodes is None:
+            self._nodes = tuple(self.groups.ctrl.all_gather_json(self.node_id))
+        return self._nodes
 
     def prepare(self, model: torch.nn.Module, strategy: str = "ddp", shard_modules: Any = None,
                 **ddp_kwargs: Any) -> torch.nn.Module:
         """Move `model` to this rank's device and make it data parallel over the training group:
         "ddp": wrapped in ExactDDP (ddp.py), whose bucket layout is a pure function of the model;
-        "fsdp": sharded in place with FSDP2 (fsdp.py), per block then the root."""
-        if strategy == "fsdp":
-            fsdp.shard(model, self.groups.train, self.device, shard_modules)
+        "fsdp": sharded in place with FSDP2 (fsdp.py), per block then the root;
+        "hsdp": the same on a (node, rank within node) mesh (hsdp.py) when the nodes are even."""
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")
+        if strategy in ("fsdp", "hsdp"):
+            fsdp.shard(model, self._mesh(strategy), self.device, shard_modules)
             self.sharded = True
-            if self.groups.world_size > 1:
-                self.groups.open_transfer_plane()
+            if self.groups.world_size > 1 and not self.replicated:
+                self.groups.open_transfer_plane()  # for the buddy copies
             return model
-        if strategy != "ddp":
-            raise ConfigError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
         model.to(self.device)
         self._ddp = ExactDDP(model, process_group=self.groups.train, clock=self._clock, **ddp_kwargs)
         return self._ddp
+
+    def _mesh(self, strategy: str) -> Any:
+        """The DeviceMesh to shard on; sets `layout` and `replicated`."""
+        g = self.groups
+        if strategy == "hsdp" and g.world_size > 1 and g.is_default:  # the mesh's groups come from new_group
+            plan = hsdp.plan_mesh(self.nodes())
+            hsdp.say_fallback(plan)
+            if plan.hsdp:
+                self.layout, self.replicated = plan.layout, True
+                return hsdp.build_mesh(plan, g.rank, self.device, g.timeout_s, g.gloo_sockets)
+        return fsdp.flat_mesh(g.train, self.device)
 
     def release(self) -> None:
         """The wrapper holds the process group: drop it before the group is destroyed."""

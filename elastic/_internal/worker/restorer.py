@@ -41,8 +41,8 @@ class Restorer:
         self.restored_state = state
         s.snapshot.wait()
         if s.snapshot.shards and not self.model.sharded:
-            raise ConfigError("this run's state is sharded (FSDP2): call ctx.prepare_model(model, strategy='fsdp') "
-                              "and build the optimizer before ctx.restore(state)")
+            raise ConfigError("this run's state is sharded (FSDP2): call ctx.prepare_model(model, "
+                              "strategy='fsdp' or 'hsdp') and build the optimizer before ctx.restore(state)")
         if self.model.sharded:
             return self._restore_sharded(state)
         agreed = peer_sync.agree(s.snapshot.held_step(), s.latest_durable_step(), ctrl,
@@ -79,10 +79,10 @@ class Restorer:
         self.host_bytes = s.snapshot.nbytes + s.buddy.nbytes
         source = "fresh"
         if found is not None and found.step >= durable:
-            source = sharded_state.restore(self.groups, s, state, found)
+            source = sharded_state.restore(self.groups, s, state, found, self.model.layout, self.model.replicated)
         elif durable >= 0:
             source = self._restore_checkpoint(state, durable)
-        if source in ("memory", "buddy"):
+        if source in ("memory", "buddy", "replica"):
             self.snapshots.capture(state, wait=True)
         if source != "fresh":
             # Copies of the old layout go; this group's are exchanged in the background while the

@@ -1,5 +1,7 @@
 """Taking this rank's snapshot of a committed step (snapshot.py holds it), and for a sharded model
-sending its rows to the rank's buddy (recovery/buddy.py).
+sending its rows to the rank's buddy (recovery/buddy.py). Under HSDP on several nodes a rank's rows
+are held by its replicas too: no buddy copy; each rank keeps its snapshot of the step before the
+newest instead (its replicas may be a step behind when one of them is lost).
 
 A snapshot is copied, or references the live tensors (FailureConfig.live_snapshots) when the state
 is replicated, on the CPU, and changed by an optimizer. Live snapshots assume that no collective
@@ -26,11 +28,10 @@ class Snapshotter:
     """One generation's captures: the capture plan of the state it commits, the optimizer hook, the
     live-snapshot checks and the buddy exchange."""
 
-    def __init__(self, groups: ProcessGroups, services: Services, model: ModelPrep, *, node_id: str = "?"):
+    def __init__(self, groups: ProcessGroups, services: Services, model: ModelPrep):
         self.groups = groups
         self.s = services
         self.model = model
-        self.node_id = node_id
         self._nodes: tuple[str, ...] | None = None
         self._plan: CapturePlan | None = None
         self._hooks: list[Any] = []
@@ -43,9 +44,15 @@ class Snapshotter:
         sharded, rank, world = self.model.sharded, self.groups.rank, self.groups.world_size
         if sharded:
             self.s.buddy.wait()  # pace: the previous snapshot's buddy copy has arrived (or failed)
+        if sharded and self.model.replicated:
+            self.s.snapshot.release_previous()  # HSDP keeps one older step: the newest becomes it
+        # A sharded snapshot's rows are named by their place in the layout: its rank for FSDP, its
+        # column for HSDP (the same rows as every replica's: recovery finds them at any of them).
+        layout = self.model.layout if sharded else None
+        origin = (layout.coords[rank], layout.shards) if layout is not None else (rank, world)
         items = self._plan_for(state).items()
         self.s.snapshot.capture_items(items.stable, items.volatile, items.values, state.step, items.shards,
-                                      origin=(rank, world), keep_previous=sharded and world > 1, live=live)
+                                      origin=origin, keep_previous=sharded and world > 1, live=live)
         if wait:
             self.s.snapshot.wait()
 
@@ -74,6 +81,8 @@ class Snapshotter:
     def exchange(self, *, wait: bool = False) -> None:
         """Send the newest snapshot's rows to our buddy and take our ward's, in the background."""
         rank, world = self.groups.rank, self.groups.world_size
+        if self.model is not None and self.model.replicated:
+            return  # HSDP: the replicas hold our rows; the older snapshot goes at the next capture
         if world < 2 or self.groups.xfer is None:
             self.s.snapshot.release_previous()
             return
@@ -94,10 +103,9 @@ class Snapshotter:
             buddy.wait()
 
     def nodes(self) -> tuple[str, ...]:
-        """Every rank's node, in rank order: gathered once per generation on the control plane, at
-        the first commit that needs them (the same one on every rank)."""
+        """Every rank's node, in rank order (ModelPrep gathers them once per generation)."""
         if self._nodes is None:
-            self._nodes = tuple(self.groups.ctrl.all_gather_json(self.node_id))
+            self._nodes = self.model.nodes()
         return self._nodes
 
     def release(self) -> None:

@@ -1,7 +1,8 @@
 """Restoring and finally saving a sharded (FSDP2) state from what the group holds in memory.
 
 A rank of a sharded model holds its own rows (its snapshot, taken as old rank o of an old world W0)
-and a copy of one other rank's rows (buddy.py). `restore` rebuilds the newest complete step onto the
+and a copy of one other rank's rows (buddy.py); under HSDP o is its shard coordinate and its replicas
+hold the same rows, with no buddy copy. `restore` rebuilds the newest complete step onto the
 new group's layout with reshard.py's plan, no storage read; `checkpoint_state` gives what this rank
 writes of the newest complete step, each chunk by one of its holders, the lost ranks' chunks from
 their buddies' copies. Both fall back to the newest durable checkpoint only when some rank and its
@@ -71,9 +72,11 @@ def _own_values(s: Any, step: int) -> tuple[dict[Path, torch.Tensor], list[tuple
     return None
 
 
-def restore(groups: Any, s: Any, state: Any, source: reshard.Source) -> str:
-    """Load source.step into `state` (already sharded for the new group) from the members' memory;
-    'memory' when every row was local, else 'buddy'."""
+def restore(groups: Any, s: Any, state: Any, source: reshard.Source, layout: reshard.Layout | None = None,
+            hsdp: bool = False) -> str:
+    """Load source.step into `state` (already sharded for the new group, as `layout` says; default
+    one run of rows per rank) from the members' memory; the source's name (label())."""
+    layout = layout or reshard.Layout.flat(groups.world_size)
     template = state.state_dict()
     sharded, replicated = [], []
     for path, t in tree.tensor_leaves(template):
@@ -81,10 +84,9 @@ def restore(groups: Any, s: Any, state: Any, source: reshard.Source) -> str:
     rows = [t.shape[0] for _, t in sharded]
     targets = [local_chunk(t)[0] for _, t in sharded]
     held = _held(s, source)
-    plan = reshard.pieces(rows, source, groups.world_size)
+    plan = reshard.pieces(rows, source, layout)
     held_lists = {o: [tensors[p] for p, _ in sharded] for o, tensors in held.items()}
-    received = reshard.execute(plan, groups.rank, held_lists, targets, source.old_world, groups.world_size, rows,
-                               groups.ctrl)
+    reshard.execute(plan, groups.rank, held_lists, targets, source.old_world, layout, rows, groups.ctrl)
     # Replicated tensors (a step counter per parameter, unsharded buffers) and the values come from a
     # member whose own snapshot is at this step: all ranks had the same.
     h0 = source.values_from
@@ -110,8 +112,19 @@ def restore(groups: Any, s: Any, state: Any, source: reshard.Source) -> str:
     values = [(tuple(p), v) for p, v in header["values"]]
     sd = tree.build([*tree.tensor_leaves(template), *values])
     state.load_state_dict(like_template(template, sd))
-    moved = received > 0 or any(p.src != p.dst for p in plan)
-    return "buddy" if moved else "memory"
+    return label(plan, source, hsdp)
+
+
+def label(plan: list[reshard.Piece], source: reshard.Source, replicated: bool) -> str:
+    """'memory': every rank had its rows; 'replica': some came from a replica's own rows (HSDP:
+    the new layout is replicated, or the old one was); else 'buddy' (some came from another rank)."""
+    moved = [p for p in plan if p.src != p.dst]
+    if not moved:
+        return "memory"
+    had_replicas = replicated or any(len(o) > 1 for o in source.owners.values())
+    if had_replicas and all(p.src in source.owners.get(p.old_rank, ()) for p in moved):
+        return "replica"
+    return "buddy"
 
 
 def checkpoint_state(groups: Any, s: Any, source: reshard.Source) -> dict[str, Any]:
