@@ -8,9 +8,10 @@ standby, an idle standby, a survivor lost while the rebuild waits) run with -m c
 
 The phase kills are deterministic: the rank that dies does it to itself at that phase
 (elastic.chaos.phases: hooks in the worker's rendezvous and state transfer, installed by this
-module's Ray setup hook; elastic.chaos.job: REBUILD and FIRST_STEP). With 2 ranks, the survivor of
-the first kill is rank 0 of the next group and the newcomer rank 1: the second victim is always the
-newcomer, so the survivor always holds the newest state.
+module's Ray setup hook; elastic.chaos.job: REBUILD and FIRST_STEP). With 2 ranks, rank 1 dies first;
+at the same world size a survivor keeps its rank (roster.keep_places), so the survivor stays rank 0 and
+the newcomer takes rank 1: the second victim is always the newcomer, so the survivor always holds the
+newest state.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from elastic._internal.supervisor.standby_pool import STANDBY_IDS
 pytestmark = pytest.mark.timeout(150)
 
 FIRST_KILL = 20
-"""The step at which rank 0 dies in the phase tests (its survivor is rank 0 of generation 1)."""
+"""The step at which rank 1 dies in the phase tests (its survivor stays rank 0 in generation 1)."""
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_kill_during_the_group_build(churn_ray, tmp_path, phase):
     """The newcomer of generation 1 dies before it checks in on the rendezvous store (`arrive`: the
     survivor waits in groups.arrive and must leave it when paused), or right after every rank did
     (`rendezvous`: the survivor is inside gloo's address exchange, bounded by the detection bound)."""
-    job = _job(tmp_path, faults=[{"kind": "sigkill", "step": FIRST_KILL, "rank": 0}])
+    job = _job(tmp_path, faults=[{"kind": "sigkill", "step": FIRST_KILL, "rank": 1}])
     phases.arm([phases.PhaseFault(phase, 1, 1, str(job.marker_dir))], churn_ray, tmp_path.name)
     try:
         out = _run(tmp_path, job, markers=2)
@@ -108,7 +109,7 @@ def test_kill_during_the_group_build(churn_ray, tmp_path, phase):
 @pytest.mark.chaos_full
 def test_kill_during_the_state_transfer(churn_ray, tmp_path):
     """The newcomer of generation 1 dies as the survivor sends it the newest state."""
-    job = _job(tmp_path, faults=[{"kind": "sigkill", "step": FIRST_KILL, "rank": 0}])
+    job = _job(tmp_path, faults=[{"kind": "sigkill", "step": FIRST_KILL, "rank": 1}])
     phases.arm([phases.PhaseFault("transfer", 1, 1, str(job.marker_dir))], churn_ray, tmp_path.name)
     try:
         out = _run(tmp_path, job, markers=2)
@@ -122,7 +123,7 @@ def test_kill_during_the_state_transfer(churn_ray, tmp_path):
 @pytest.mark.chaos_full
 def test_kill_at_the_first_step_after_a_recovery(churn_ray, tmp_path):
     """The newcomer of generation 1 dies at the first step its group takes."""
-    job = _job(tmp_path, faults=[{"kind": "sigkill", "step": FIRST_KILL, "rank": 0},
+    job = _job(tmp_path, faults=[{"kind": "sigkill", "step": FIRST_KILL, "rank": 1},
                                  {"kind": "sigkill", "step": FIRST_STEP, "rank": 1}])
     out = _run(tmp_path, job, markers=2)
     gens = {e["generation"] for e in out.events if e["event"] == "group_built"}
@@ -131,10 +132,10 @@ def test_kill_at_the_first_step_after_a_recovery(churn_ray, tmp_path):
 
 @pytest.mark.chaos_full
 def test_kill_of_a_just_promoted_standby(churn_ray, tmp_path):
-    """Rank 0 is killed once a standby is ready; the standby promoted in its place dies as its
-    group restores (before its first step)."""
+    """Rank 1 is killed once a standby is ready; the standby promoted in its place (rank 1 again)
+    dies as its group restores (before its first step)."""
     job = _job(tmp_path, faults=[{"kind": "sigkill", "step": REBUILD, "rank": 1}], trips=[10])
-    out = _run(tmp_path, job, [Action(ExternalKind.KILL, Trigger("standby", 10), rank=0)], markers=2)
+    out = _run(tmp_path, job, [Action(ExternalKind.KILL, Trigger("standby", 10), rank=1)], markers=2)
     newcomer = _member(out.events, 1, 1)
     assert newcomer["worker"] >= STANDBY_IDS, f"generation 1's newcomer was not a promoted standby: {newcomer}"
 
