@@ -24,7 +24,7 @@ def ray_runtime_env(rules_dir: str) -> dict:
     from elastic.chaos.storage import ENV
 
     return {"env_vars": {"OMP_NUM_THREADS": "1", ENV: rules_dir},
-            "worker_process_setup_hook": "elastic.chaos.storage.register"}
+            "worker_process_setup_hook": "elastic.chaos.hooks.storage"}
 
 
 def node_cluster(workers: int, rules_dir: str):

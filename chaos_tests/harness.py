@@ -115,7 +115,7 @@ class Trigger:
     """When an external fault acts: `trip` (the job reached step `value`), `commit` (a checkpoint
     at step >= value committed), `time` (`value` s after the first group was built), `after` (an
     event named in `value` appeared after the previous fault), `standby` (an idle standby is ready,
-    and the job reached step `value` when not None)."""
+    not one an earlier action hit, and the job reached step `value` when not None)."""
 
     kind: str
     value: Any
@@ -156,6 +156,11 @@ class Chaos(threading.Thread):
         return wait_until(cond, timeout_s=max(0.0, self.deadline - time.monotonic()), interval_s=0.02,
                           sleep=self.stop.wait)
 
+    def _idle_standbys(self) -> list[procs.Proc]:
+        """The idle standbys not hit by an earlier action (a killed one may linger a moment)."""
+        hit = {entry["pid"] for entry in self.log}
+        return [p for p in idle_standbys(self._events()) if p.pid not in hit]
+
     def _trigger(self, t: Trigger, since: float) -> bool:
         if t.kind == "now":
             return True
@@ -172,7 +177,7 @@ class Chaos(threading.Thread):
         if t.kind == "standby":
             if t.value is not None and not self._trigger(Trigger("trip", t.value), since):
                 return False
-            return bool(self._wait(lambda: idle_standbys(self._events())))
+            return bool(self._wait(self._idle_standbys))
         if t.kind == "after":
             names = (t.value,) if isinstance(t.value, str) else tuple(t.value)
             return bool(self._wait(lambda: any(e["event"] in names and e["time"] > since for e in self._events())))
@@ -188,7 +193,7 @@ class Chaos(threading.Thread):
                 target = Target(cluster=self.cluster, driver=self.driver, num_cpus=a.num_cpus, uri=self.job.uri)
                 rank = None
                 if a.standby:
-                    idle = self._wait(lambda: idle_standbys(self._events())) or []
+                    idle = self._wait(self._idle_standbys) or []
                     if not idle:
                         self.error = f"action {i} ({a.kind.value}): no idle standby"
                         return
@@ -218,8 +223,13 @@ def idle_standbys(events: list[dict]) -> list[procs.Proc]:
     """Worker processes (below this one) that are ready and in no group: standbys. A process still
     starting is titled `ray::WorkerActor.__init__`; a ready one `ray::WorkerActor` or the method it
     runs now (`.watch`, or `.heartbeat`/`.info` for a moment: a threaded actor's title follows its
-    latest call, so waiting for `.watch` alone can miss a ready standby for good)."""
-    members = {m["pid"] for e in events if e["event"] == "group_built" for m in e["members"]}
+    latest call, so waiting for `.watch` alone can miss a ready standby for good). None before a
+    group_built event is in `events`: the supervisor writes its events out every second, and the
+    first group's ranks, ready a moment before, would look like standbys until then."""
+    built = [e for e in events if e["event"] == "group_built"]
+    if not built:
+        return []
+    members = {m["pid"] for e in built for m in e["members"]}
     return [p for p in procs.actor_processes("WorkerActor")
             if p.pid not in members and not p.title.endswith(".__init__")]
 

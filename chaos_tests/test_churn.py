@@ -45,7 +45,7 @@ def churn_ray(rules_dir, tmp_path_factory):
     phase_dir = tmp_path_factory.mktemp("phase-rules")
     env = ray_runtime_env(str(rules_dir))
     env["env_vars"][phases.ENV] = str(phase_dir)
-    env["worker_process_setup_hook"] = "elastic.chaos.phases.setup"
+    env["worker_process_setup_hook"] = "elastic.chaos.hooks.phases"
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=env)
@@ -130,12 +130,19 @@ def test_kill_at_the_first_step_after_a_recovery(churn_ray, tmp_path):
     assert max(gens) >= 2, gens
 
 
+STANDBY_STEPS = 400
+"""Steps of the standby tests (≈ 15 s at step_sleep 0.03): a standby's start-up (request to ready)
+takes ≈ 3.3 s after the first step on 2 busy cores, a refill as long again, and the run must
+outlive both with steps to spare for the recovery that follows. The kills wait for a standby to be
+ready (Trigger("standby")), never for a step."""
+
+
 @pytest.mark.chaos_full
 def test_kill_of_a_just_promoted_standby(churn_ray, tmp_path):
-    """Rank 1 is killed once a standby is ready; the standby promoted in its place (rank 1 again)
-    dies as its group restores (before its first step)."""
-    job = _job(tmp_path, faults=[{"kind": "sigkill", "step": REBUILD, "rank": 1}], trips=[10])
-    out = _run(tmp_path, job, [Action(ExternalKind.KILL, Trigger("standby", 10), rank=1)], markers=2)
+    """Rank 1 is killed once a standby is ready; the standby promoted in its place (rank 1 again:
+    the survivor keeps rank 0) dies as its group restores (before its first step)."""
+    job = _job(tmp_path, steps=STANDBY_STEPS, faults=[{"kind": "sigkill", "step": REBUILD, "rank": 1}])
+    out = _run(tmp_path, job, [Action(ExternalKind.KILL, Trigger("standby", None), rank=1)], markers=2)
     newcomer = _member(out.events, 1, 1)
     assert newcomer["worker"] >= STANDBY_IDS, f"generation 1's newcomer was not a promoted standby: {newcomer}"
 
@@ -144,10 +151,11 @@ def test_kill_of_a_just_promoted_standby(churn_ray, tmp_path):
 def test_kill_of_an_idle_standby_then_of_a_rank(churn_ray, tmp_path):
     """An idle standby is killed while the group trains; it is replaced, and a later kill of a rank
     is recovered by the new standby."""
-    job = _job(tmp_path, steps=150, trips=[10, 40])
-    actions = [Action(ExternalKind.KILL, Trigger("standby", 10), standby=True),
-               # Waits until a standby is ready again: only a replaced standby satisfies it.
-               Action(ExternalKind.KILL, Trigger("standby", 40), rank=1)]
+    job = _job(tmp_path, steps=STANDBY_STEPS)
+    actions = [Action(ExternalKind.KILL, Trigger("standby", None), standby=True),
+               # Waits until a standby is ready again: the killed one no longer counts (Chaos skips
+               # the processes it has hit), so only its replacement satisfies it.
+               Action(ExternalKind.KILL, Trigger("standby", None), rank=1)]
     out = _run(tmp_path, job, actions, markers=2)
     killed = out.chaos.log[0]["pid"]
     events = out.events

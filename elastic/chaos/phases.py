@@ -13,8 +13,9 @@ cannot land inside the group's rendezvous or inside the state transfer. These ph
 Rules are JSON files in the directory named by ELASTIC_CHAOS_PHASES, re-read at every phase (so a
 test arms them per run without restarting Ray). Each fires at most once per run, through the same
 O_EXCL marker as every other fault (`fault-phase-{phase}-gen{G}-rank{R}`). Worker processes learn
-the hooks through Ray's `worker_process_setup_hook="elastic.chaos.phases.setup"`, which also
-registers the chaos filesystem (elastic.chaos.storage).
+the hooks through Ray's `worker_process_setup_hook="elastic.chaos.hooks.phases"`, which also
+registers the chaos filesystem, and installs them once the worker imports what they wrap (a setup
+hook must not import torch: elastic.chaos.hooks).
 """
 
 from __future__ import annotations
@@ -113,9 +114,7 @@ def install() -> None:
 
 
 def setup() -> None:
-    """Ray's worker setup hook for phase faults: the chaos filesystem, and the hooks when armed."""
-    from elastic.chaos import storage
+    """Ray's worker setup hook for phase faults (kept for callers: elastic.chaos.hooks.phases)."""
+    from elastic.chaos import hooks
 
-    storage.register()
-    if os.environ.get(ENV):
-        install()
+    hooks.phases()

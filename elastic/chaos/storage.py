@@ -8,7 +8,8 @@ Rules live in JSON files under the directory named by ELASTIC_CHAOS_STORAGE (set
 starts so that every Ray process inherits it) and are re-read whenever a filesystem is built, so a
 test can arm new rules for each run without restarting Ray. Rules match paths by substring: key them
 to the run's directory. Worker processes learn the protocol through Ray's
-`worker_process_setup_hook="elastic.chaos.storage.register"`.
+`worker_process_setup_hook="elastic.chaos.hooks.storage"` (which does not import this module:
+it imports torch).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Any
 import fsspec
 
 from elastic.chaos.faults import claim
+from elastic.chaos.hooks import PROTOCOL
 from elastic._internal.checkpoint.faulty_fs import FaultyFileSystem, raise_injected
 
 ENV = "ELASTIC_CHAOS_STORAGE"
-PROTOCOL = "chaosfs"
 
 
 @dataclass(frozen=True)
