@@ -228,3 +228,61 @@ def test_a_rank_killed_during_an_exchange_leaves_one_step_complete_in_memory():
             if h == new:
                 assert torch.equal(held[o][("w",)], rows(o, 1)), (new, o)
 
+
+
+class _Work:
+    def __init__(self, gate: threading.Event):
+        self.gate = gate
+
+    def wait(self) -> None:
+        self.gate.wait(10)
+
+
+class _NeverEnding:
+    """A transfer plane whose sends never end until `gate` opens (gloo's send to a receiver that
+    died mid-transfer: it waits out the group's timeout, whatever happens to the connection)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def recv(self, t: torch.Tensor, *_: object) -> _Work:
+        t.fill_(99.0)
+        return _Work(_done())
+
+    def send(self, *_: object) -> _Work:
+        return _Work(self.gate)
+
+    def allreduce_max(self, values: list) -> list:
+        return values
+
+
+def _done() -> threading.Event:
+    e = threading.Event()
+    e.set()
+    return e
+
+
+def test_an_exchange_the_group_broke_under_is_left_behind_and_changes_nothing_later():
+    """abandon() returns within its grace, calls done() once, keeps the complete copy, and the
+    thread left behind changes nothing when its send finally ends."""
+    import time
+
+    from elastic._internal.worker.recovery.buddy import BuddyCopies
+
+    shards = {("w",): ((4, 3), (0, 0))}
+    b, plane, calls = BuddyCopies(), _NeverEnding(), []
+    plane.gate.set()  # step 1 goes through
+    b.exchange(plane, me=0, world=2, to=1, frm=1, step=1, mine=[(("w",), torch.ones(2, 3))], shards=shards,
+               ready=lambda: None, done=lambda: calls.append(1))
+    b.wait(5)
+    assert b.complete is not None and b.complete.step == 1 and calls == [1]
+    plane.gate.clear()
+    b.exchange(plane, me=0, world=2, to=1, frm=1, step=2, mine=[(("w",), torch.ones(2, 3))], shards=shards,
+               ready=lambda: None, done=lambda: calls.append(2))
+    t0 = time.monotonic()
+    assert b.abandon(0.05) and time.monotonic() - t0 < 1.0
+    assert calls == [1, 2] and b.error and b.complete.step == 1
+    b.wait()  # nothing in flight any more: returns at once
+    plane.gate.set()  # the send left behind ends now
+    time.sleep(0.2)
+    assert calls == [1, 2] and b.complete.step == 1 and b.previous is None and b.error

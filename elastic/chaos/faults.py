@@ -36,16 +36,21 @@ class Fault:
     kind: FaultKind
     step: int
     rank: int
+    inside: str | None = None
+    """None: at the top of the step; "all_gather" / "reduce_scatter": inside the step's first FSDP2
+    collective of that kind (elastic.chaos.inside)."""
 
     @property
     def marker(self) -> str:
-        return f"fault-{self.kind.value}-step{self.step}-rank{self.rank}"
+        where = f"-in-{self.inside}" if self.inside else ""
+        return f"fault-{self.kind.value}-step{self.step}-rank{self.rank}{where}"
 
 
 def parse_faults(specs: Iterable[dict | Fault]) -> list[Fault]:
     out = []
     for s in specs:
-        out.append(s if isinstance(s, Fault) else Fault(FaultKind(s["kind"]), int(s["step"]), int(s["rank"])))
+        out.append(s if isinstance(s, Fault) else Fault(FaultKind(s["kind"]), int(s["step"]), int(s["rank"]),
+                                                        s.get("inside")))
     return out
 
 
@@ -59,7 +64,11 @@ def maybe_inject(faults: Iterable[Fault], *, step: int, rank: int, marker_dir: s
     for fault in faults:
         if fault.step != step or fault.rank != rank:
             continue
-        if claim(marker_dir, fault.marker):
+        if fault.inside is not None:
+            from elastic.chaos import inside  # imports torch.distributed: only where asked for
+
+            inside.arm(fault.inside, lambda f=fault: claim(marker_dir, f.marker) and inflict(f.kind))
+        elif claim(marker_dir, fault.marker):
             inflict(fault.kind)
 
 

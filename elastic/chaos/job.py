@@ -8,7 +8,8 @@ config: steps, lr, width, dropout, global_batch, step_sleep, strategy (ddp | fsd
 batches through ctx.data_loader with this many worker processes instead of indexing), faults [{kind, step, rank}] (faults a
 rank inflicts on itself, see faults.py; at step REBUILD one fires as a rebuilt group restores, at
 FIRST_STEP at the first step a rebuilt group takes),
-trips [step] (the first rank to reach each step creates `trip-step{s}` in marker_dir, for
+note_exits (a rank whose step raises writes `left-gen{G}-rank{R}` with the time into marker_dir: when
+each survivor got out of a broken collective), trips [step] (the first rank to reach each step creates `trip-step{s}` in marker_dir, for
 external faults to wait on), marker_dir.
 """
 
@@ -77,6 +78,18 @@ def train(config: dict) -> None:
     ddp = model if fsdp else ctx.prepare_model(model)
     sampler = elastic.ElasticSampler(num_samples=N_SAMPLES, global_batch_size=config.get("global_batch", 48), seed=3)
     batch = _batches(ctx, config, sampler, x, y)
+    try:
+        _loop(ctx, config, state, faults, ddp, opt, lambda step: (*batch(step), sampler.loss_scale(ctx.world_size)))
+    except BaseException:
+        if config.get("note_exits"):
+            with open(os.path.join(marker_dir, f"left-gen{ctx.generation}-rank{ctx.rank}"), "w") as f:
+                f.write(f"{os.getpid()} {time.time()}\n")
+        raise
+
+
+def _loop(ctx: elastic.WorkerContext, config: dict, state: elastic.TrainState, faults: list, ddp: nn.Module,
+          opt: torch.optim.Optimizer, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+    marker_dir = config.get("marker_dir", "/tmp")
     trips = set(config.get("trips", []))
     step_sleep = config.get("step_sleep", 0.0)
     first = ctx.generation > 0
@@ -87,8 +100,8 @@ def train(config: dict) -> None:
             first = False
             maybe_inject(faults, step=FIRST_STEP, rank=ctx.rank, marker_dir=marker_dir)
         maybe_inject(faults, step=state.step, rank=ctx.rank, marker_dir=marker_dir)
-        xb, yb = batch(state.step)
-        loss = F.cross_entropy(ddp(xb), yb, reduction="sum") * sampler.loss_scale(ctx.world_size)
+        xb, yb, scale = batch(state.step)
+        loss = F.cross_entropy(ddp(xb), yb, reduction="sum") * scale
         opt.zero_grad()
         loss.backward()
         opt.step()

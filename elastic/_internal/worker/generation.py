@@ -29,6 +29,12 @@ from elastic._internal.worker.snapshotter import Snapshotter
 from elastic._internal.worker.vote import PauseVote
 
 
+BUDDY_GRACE_S = 0.2
+"""How long a rank leaving a broken generation waits for its buddy exchange in flight before it
+leaves it behind (BuddyCopies.abandon): far below the supervisor's poll timeout, after which a rank
+still in the old group is declared stuck."""
+
+
 class Generation:
     def __init__(self, groups: ProcessGroups, device: torch.device, services: Services, *,
                  local_rank: int = 0, local_world_size: int = 1, node_id: str = ""):
@@ -105,11 +111,13 @@ class Generation:
         """Make the newest state any rank holds durable (the run is ending, finished or not)."""
         self._saver.save_newest()
 
-    def release(self) -> None:
+    def release(self, *, broken: bool = False) -> None:
         # The wrapper holds the process group: drop it before the group is destroyed. A copy still
         # in flight completes (its sources no longer change) before anyone reads the snapshot.
         self._model.release()
         self._vote.forget()
         self._snapshots.release()
         self.s.snapshot.wait()
+        if broken:  # a buddy exchange in flight cannot succeed now, and may never end by itself
+            self.s.buddy.abandon(BUDDY_GRACE_S)
         self.s.buddy.wait(self.groups.timeout_s + 5)

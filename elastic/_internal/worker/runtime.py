@@ -128,7 +128,7 @@ class WorkerRuntime:
                 with contextlib.suppress(Exception):
                     groups.abort()
             if gen is not None:
-                gen.release()
+                gen.release(broken=park is ParkReason.BROKEN)
             ctx_mod.set_context(None)
             if groups is not None:
                 with contextlib.suppress(Exception):

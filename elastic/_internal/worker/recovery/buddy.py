@@ -51,6 +51,9 @@ class BuddyCopies:
         """The copy before `complete`, in the other buffer set, until every rank is known to hold its
         copy of `complete`'s step (or an exchange writes there)."""
         self._thread: threading.Thread | None = None
+        self._done: Callable[[], None] | None = None
+        # Guards the outcome of an exchange against abandon(): a thread left behind changes nothing.
+        self._lock = threading.Lock()
         self.error: str | None = None
         self.bytes_sent = 0
 
@@ -82,28 +85,69 @@ class BuddyCopies:
         dst = target.reserve(recv_specs)
 
         def run() -> None:
+            me_ = threading.current_thread()
             try:
                 ready()
                 works = [xfer.recv(dst[path], frm, tag) for tag, (path, _) in enumerate(mine) if dst[path].numel()]
                 works += [xfer.send(t, to, tag) for tag, (_, t) in enumerate(mine) if t.numel()]
                 for w in works:
                     w.wait()
-                # Our ward's rows of `step` are whole here; the older copy stays until every rank's are.
-                self.previous = self.complete
-                self.complete = Copy(old_rank=frm, old_world=world, step=step,
-                                     tensors={p: dst[p] for p, _ in mine})
-                self.bytes_sent += sum(t.numel() * t.element_size() for _, t in mine)
-                self._next = 1 - self._next  # the next copy goes to the other set
+                with self._lock:
+                    if self._thread is not me_:
+                        return  # abandoned: the group broke, the older copies stay
+                    # Our ward's rows of `step` are whole here; the older copy stays until every rank's are.
+                    self.previous = self.complete
+                    self.complete = Copy(old_rank=frm, old_world=world, step=step,
+                                         tensors={p: dst[p] for p, _ in mine})
+                    self.bytes_sent += sum(t.numel() * t.element_size() for _, t in mine)
+                    self._next = 1 - self._next  # the next copy goes to the other set
                 self._settle(xfer, step)
-                self.previous = None  # not needed: every rank holds `step` (its buffers are reused)
-                self.error = None
+                with self._lock:
+                    if self._thread is me_:
+                        self.previous = None  # not needed: every rank holds `step` (its buffers are reused)
+                        self.error = None
             except Exception as exc:  # noqa: BLE001 - a broken group: the older copies stay
-                self.error = f"{type(exc).__name__}: {exc}"
+                with self._lock:
+                    if self._thread is me_:
+                        self.error = f"{type(exc).__name__}: {exc}"
             finally:
-                done()
+                self._finish(me_)
 
+        self._done = done
         self._thread = threading.Thread(target=run, name=f"elastic-buddy-{step}", daemon=True)
         self._thread.start()
+
+    def _finish(self, thread: threading.Thread) -> None:
+        """Call the exchange's done() once: from its thread, or from abandon() (never both)."""
+        with self._lock:
+            if self._thread is not thread or self._done is None:
+                return
+            done, self._done = self._done, None
+        done()
+
+    def abandon(self, grace_s: float) -> bool:
+        """The group broke: give the exchange in flight `grace_s` to end, then leave its thread behind
+        (whether it was). It can no longer succeed (its settle needs every rank), but it can wait
+        for much longer: gloo never fails a send whose receiver died mid-transfer (it waits out the
+        group's timeout, while the connection is already gone, so severing it does not help either),
+        and a survivor held here is declared stuck and replaced. What it received goes to buffers
+        dropped here; `complete` (and `previous`) stay as they were, and nothing it does later
+        counts."""
+        t = self._thread
+        if t is None:
+            return False
+        t.join(grace_s)
+        with self._lock:
+            if not t.is_alive() or self._thread is not t:
+                return False
+            if self.previous is None:  # the set it receives into (while it lives) is not ours any more
+                self._sets[self._next] = HostBuffers()
+            self.error = "abandoned: the group broke during the exchange"
+            done, self._done = self._done, None
+            self._thread = None
+        if done is not None:
+            done()
+        return True
 
     @staticmethod
     def _settle(xfer: Any, step: int) -> None:
