@@ -482,8 +482,15 @@ def analyze(rows: list, kills: list[dict], arm: str, events: list[dict], steps: 
     done = max((s for s, *_ in rows), default=0)
     train_s = rows[-1][1] - rows[0][1] if len(rows) > 1 else float("nan")
     costs, lost = [], []
+    # SIGTERM to an elastic rank: it trains on to the next agreed boundary, commits and leaves (its
+    # worker_left event). The cost counts from the notice to a step beyond the newest step completed
+    # before it left, so the wait for its successor is counted, not hidden by the steps it still took.
+    left = sorted(e["time"] for e in events if e.get("event") == "worker_left"
+                  and e.get("reason") == "preemption notice")
     for k in kills:
         cut = k.get("gone", k["time"])  # --fault node: the victim trained on until its process exited
+        if k.get("fault") == "term" and arm.startswith("elastic"):
+            cut = next((t for t in left if t >= k["time"]), cut)
         before = [r for r in rows if r[1] <= cut]
         if not before:
             continue

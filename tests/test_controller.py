@@ -187,6 +187,25 @@ def test_preemption_is_a_resize_not_a_failure():
     assert "worker_left" in events.names()
 
 
+def test_a_rank_preempted_alone_hands_over_to_its_nodes_standby():
+    """SIGTERM to one rank's process (not a draining node): its node's warm standby takes the rank in
+    the next group, no cold newcomer (measured: 3.5 s per notice in bench_churn --fault term)."""
+    from elastic._internal.supervisor.policy import DefaultPolicy
+    from elastic._internal.supervisor.states import Starting
+
+    g = StandbyGroup(capacity=2, steps=60)  # no room for a cold newcomer: only the standby can help
+    ctl, events, _ = make(g, policy=DefaultPolicy(standby_after_s=0.0))
+    state = ctl.transition(Starting())
+    while not g.standby_of:
+        state = ctl.transition(state)
+    g.preempted.add(1)
+    while not state.is_terminal():
+        state = ctl.transition(state)
+    assert state.type is StateType.FINISHED and ctl.failures == 0 and 1 in g.killed
+    assert len(g.promoted) == 1 and g.infos[g.promoted[0]].node_id == "node1"  # the leaving rank's node
+    assert g.promoted[0] in [w for w, gen, _ in g.starts if gen == 1]
+
+
 def test_below_min_waits_bounded_then_fails():
     g = FakeGroup(capacity=2)
     g.die_at = {1: 3}

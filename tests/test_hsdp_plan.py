@@ -4,7 +4,6 @@ plan is the same on every rank."""
 
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
 
 import pytest
@@ -16,6 +15,7 @@ from elastic._internal.collectives import CollectiveClock, Collectives
 from elastic._internal.worker.hsdp import plan_mesh
 from elastic._internal.worker.recovery.reshard import Holding, Layout, choose, execute, pieces
 from elastic._internal.worker.recovery.sharded_state import label
+from worker_threads import in_threads
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -105,11 +105,7 @@ def test_executing_a_replica_heal_over_gloo_gives_the_new_rank_its_replicas_rows
                    for t, (a, b) in ((t, layout.rows(t.shape[0], r)) for t in full)]
         out[r] = (targets, execute(plan, r, held[r], targets, 2, layout, rows, Collectives(pg, CollectiveClock())))
 
-    ts = [threading.Thread(target=rank, args=(r,)) for r in range(4)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(30)
+    in_threads(4, rank, 30)
     for r in range(4):
         for t, got in zip(full, out[r][0]):
             a, b = layout.rows(t.shape[0], r)

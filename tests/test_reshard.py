@@ -14,6 +14,7 @@ import torch.distributed as dist
 from elastic._internal.checkpoint.shards import row_chunks
 from elastic._internal.collectives import CollectiveClock, Collectives
 from elastic._internal.worker.recovery.reshard import Holding, choose, execute, pieces, buddies
+from worker_threads import in_threads
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,11 +91,7 @@ def test_executing_a_plan_over_gloo_rebuilds_each_new_ranks_rows_without_a_full_
                    for t, (a, b) in ((t, row_chunks(t.shape[0], 2)[r]) for t in full)]
         out[r] = (targets, execute(plan, r, held[r], targets, 3, 2, rows, Collectives(pg, CollectiveClock())))
 
-    ts = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(30)
+    in_threads(2, rank, 30)
     for r in range(2):
         for t, got in zip(full, out[r][0]):
             a, b = row_chunks(t.shape[0], 2)[r]
@@ -142,11 +139,7 @@ def test_a_settled_exchange_gives_the_previous_copy_up_and_the_next_reuses_its_b
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 
-    ts = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(40)
+    in_threads(2, rank, 40)
     assert not errors and len(seen) == 2, errors
     for r in range(2):
         step, t = seen[r]["complete"]
@@ -208,11 +201,7 @@ def test_a_rank_killed_during_an_exchange_leaves_one_step_complete_in_memory():
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 
-    ts = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(30)
+    in_threads(world, rank, 30)
     assert not errors, errors
     assert services[1].buddy.error is not None and services[2].buddy.error is not None  # 1 never sent
     survivors = {0: services[0], 1: services[2]}  # new rank -> what the old rank 0 and 2 hold

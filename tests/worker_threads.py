@@ -50,13 +50,19 @@ def run_generation(services: list[Services], fn: Callable[[Generation], Any], *,
             if gen is not None:
                 gen.release()
 
+    in_threads(n, rank, timeout_s)
+    return results
+
+
+def in_threads(n: int, rank: Callable[[int], Any], timeout_s: float = 30.0) -> None:
+    """Run rank(r) for r in range(n), one thread each (ranks of a group in one process), and fail
+    the test if one is still running after timeout_s (a hung collective, not a hung suite)."""
     threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout_s)
     assert not any(t.is_alive() for t in threads), f"ranks did not finish within {timeout_s}s"
-    return results
 
 
 def ok(results: list[Any]) -> list[Any]:

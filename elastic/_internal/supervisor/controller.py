@@ -219,5 +219,7 @@ class Controller:
                 survivors.remove(wid)
                 self.roster.emit(Event.WORKER_LEFT, wid, reason=why)
                 self.supply.crowded.discard(wid)
+                if state.reason is ResizeReason.PREEMPTION:
+                    self.supply.vacated(wid)
                 self.group.kill(wid)
         return self.formation.rebuild(survivors, reason=reason)

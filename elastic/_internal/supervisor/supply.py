@@ -94,6 +94,14 @@ class Supply:
         self.dead_nodes = (self.dead_nodes - nodes) | found
         return [w for w in others if (i := infos.get(w)) is not None and i.node_id in found]
 
+    def vacated(self, wid: int) -> None:
+        """A member left on a preemption notice to its own process (SIGTERM): its node has a worker's
+        resources free again, for that node's standby, as after a loss; a cold start there would
+        cost seconds. Not when Ray is draining the node: its standbys go with it."""
+        info = self._ctl.group.infos.get(wid)
+        if info is not None and info.node_id not in self._ctl.roster.draining:
+            self.lost_nodes.append(info.node_id)
+
     def promote(self, *, missing: int) -> list[int]:
         """Promote ready standbys on the nodes of lost workers (each such node has a worker's
         resources free again), up to `missing`; their ids. A node Ray reports dead has none to
