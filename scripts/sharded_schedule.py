@@ -17,10 +17,12 @@ import statistics
 import tempfile
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import bench_churn as ch
 import bench_common as bc
+from bench_recovery import breakdown
 
 ETTR_TARGET = 0.85
 """Issue 26: HSDP at 4 ranks under a mean gap of 30 s."""
@@ -49,11 +51,23 @@ def run_one(arm: str, world: int, root: str, label: str, plan: list[tuple[float,
     sources = recovered_from(events)
     out = {"arm": arm, "world": world, "label": label, "ok": info.get("ok", info.get("rc") == 0),
            "error": info.get("error") or info.get("rc"), "kills": killer.kills, "sources": dict(sources),
-           "steps": [(s, t, g) for s, t, g, _, _ in rows], **a}
+           "steps": [(s, t, g) for s, t, g, _, _ in rows], "phases": phases(rows, killer.kills, events), **a}
     print(f"  {arm:13} w={world} {label:6} {a['done']}/{steps} steps in {a['train_s']:.1f}s; {len(killer.kills)} kills; "
           f"costs {', '.join(f'{c:.2f}' for c in a['costs']) or '—'}; lost {a['lost']}; fallbacks {a['fallbacks']}"
           + (f"; recoveries from {dict(sources)}" if sources else "")
           + ("" if out["ok"] else f"; FAILED {out['error']}"), flush=True)
+    return out
+
+
+def phases(rows: list, kills: list[dict], events: list[dict]) -> list[dict]:
+    """Per kill of an elastic rank: the supervisor's phases (bench_recovery.breakdown: detect, rebuild,
+    transfer, first step) up to the first step rank 0 logged in a later generation."""
+    out = []
+    for k in kills:
+        before = [r for r in rows if r[1] <= k["time"]]
+        nxt = next((r for r in rows if r[1] > k["time"] and before and r[2] != before[-1][2]), None)
+        if nxt is not None and events:
+            out.append(breakdown(events, SimpleNamespace(kill_time=k["time"], first_new_time=nxt[1]), k["pid"]))
     return out
 
 
@@ -109,6 +123,12 @@ def report(runs: list[dict], args: argparse.Namespace, params: int) -> list[str]
                                                            for (w, a), r in free.items()))
     lines.append("ETTR = failure-free time ÷ time under the schedule (first to last step, same arm, same invocation); "
                  "cost = kill → a completed step beyond the newest step before it (seconds)")
+    for r in runs:
+        ph = {k: [p[k] for p in r["phases"] if isinstance(p.get(k), float)] for k in ("detect", "rebuild", "transfer",
+                                                                                         "first")}
+        if any(ph.values()):
+            lines.append(f"  {r['arm']} {r['label']}: per kill, median seconds: "
+                         + ", ".join(f"{k} {ch.fmt(statistics.median(v) if v else None)}" for k, v in ph.items()))
     hs = [r["ettr"] for r in runs if r["arm"] == "hsdp" and r["label"] != "free" and r["world"] == 4]
     if hs:
         ok = all(e is not None and e >= ETTR_TARGET for e in hs)
