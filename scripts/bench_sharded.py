@@ -14,6 +14,10 @@ checkpoint every C steps in every arm. Per world size (--ranks):
   buddy+spare   the same with one warm spare (spares=1)
   checkpoint    elastic, rank 1 and its buddy SIGKILLed together at step K: the rows exist only in
                 the step-C·⌊K/C⌋ checkpoint: the durable-checkpoint path (resharded DCP load)
+  hsdp          elastic, strategy="hsdp" on a fresh two-node ray.cluster_utils.Cluster (sharded_ray:
+                world/2 ranks per node, so the mesh is 2 nodes × world/2 shards), rank 1 SIGKILLed at
+                step K: its rows come back from its live replica on the other node (restore source
+                "replica": no buddy copy, no storage read); its node's standby replaces it
 
 Recovery = kill → first step completed by the next group (rank 0's step log, bench_common);
 lost = completed steps recomputed. Step time = median of steady-state steps (no group change, no
@@ -21,9 +25,19 @@ checkpoint step). Host memory per rank: peak RSS of each rank's process at the e
 its snapshot + buddy buffers vs its shard (ctx.stats()); for the buddy arm the host memory the
 restore held, as a multiple of the shard (the issue's bound: ≤ 3×).
 
+--schedule (opt-in; sharded_schedule): instead of the one-kill arms, --schedule-arms (elastic, hsdp,
+torchrun-dcp; default elastic and hsdp) each run --schedule-steps steps failure-free and then under
+bench_churn's seeded failure schedule (SIGKILL of a random live rank at exponential gaps of mean --gap
+s, the same kill times for every arm; one run per --seeds): ETTR, per-failure cost median / max,
+steps lost, checkpoint fallbacks, where each recovery's lost rows came from.
+
 Quick:  python scripts/bench_sharded.py --ranks 2 --reps 1
-Full:   python scripts/bench_sharded.py --ranks 2 4 --reps 2     (≈ 25 min on 2 cores)
-Writes bench_out/sharded.json and bench_out/sharded.png (--out-dir).
+Full:   python scripts/bench_sharded.py --ranks 2 4 --reps 3     (issue 26: ≥ 3 runs per cell)
+HSDP:   python scripts/bench_sharded.py --ranks 2 4 --reps 3 --arms elastic hsdp
+Churn:  python scripts/bench_sharded.py --schedule --ranks 4 --gap 30 --seeds 0 1
+Smoke:  add --d-model 128 --layers 2 --steps 24 (--schedule-steps 60 --gap 8)
+Writes sharded.json, sharded.txt, sharded.png (--schedule: sharded_schedule.json/.txt/.png) under
+--out-dir (default bench_out).
 """
 
 from __future__ import annotations
@@ -33,12 +47,15 @@ import time
 T_START = time.time()  # a torchrun worker's process start, before torch is imported
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -47,10 +64,12 @@ sys.path.insert(0, HERE)
 import bench_common as bc  # noqa: E402
 import demo_lm as lm  # noqa: E402
 from bench_recovery import breakdown  # noqa: E402
+from sharded_ray import RaySession  # noqa: E402
+from sharded_report import report  # noqa: E402
 
-TARGETS = {"buddy_spare_s": 1.0, "buddy_s": 2.5, "vs_checkpoint": 3.0, "lost_steps": 1, "step_ratio": 1.10,
-           "restore_host_x_shard": 3.0}
-ARMS = ["fsdp", "torchrun-dcp", "elastic", "buddy", "buddy+spare", "checkpoint"]
+ARMS = ["fsdp", "torchrun-dcp", "elastic", "buddy", "buddy+spare", "checkpoint", "hsdp"]
+SCHEDULE_ARMS = ["elastic", "hsdp", "torchrun-dcp"]
+TORCHRUN_ARMS = ("fsdp", "torchrun-dcp")
 MEM_LOG = "mem.log"
 
 
@@ -96,6 +115,7 @@ def torch_worker(cfg: dict) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    bc.register_pid(cfg["run_dir"], rank, gen)  # a failure schedule's victims (sharded_schedule)
     mesh = init_device_mesh("cpu", (world,))
     t_setup = time.time()
     data, sampler = _data(cfg)
@@ -113,8 +133,7 @@ def torch_worker(cfg: dict) -> None:
         sd = {"model": msd, "optim": osd}
         dcp.load(sd, checkpoint_id=str(root / f"step_{step}"))
         set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    t_restored = time.time()
-    bc.write_phase(cfg["run_dir"], gen, rank, T_START, t_setup, t_restored)
+    bc.write_phase(cfg["run_dir"], gen, rank, T_START, t_setup, time.time())
     faults, log = parse_faults(cfg["faults"]), bc.StepLog(cfg["run_dir"], rank == 0)
     while step < cfg["steps"]:
         maybe_inject(faults, step=step, rank=rank, marker_dir=cfg["marker_dir"])
@@ -148,8 +167,9 @@ def elastic_worker(cfg: dict) -> None:
     t_enter = time.time()
     torch.set_num_threads(1)
     ctx = elastic.get_context()
+    bc.register_pid(cfg["run_dir"], ctx.rank, ctx.generation)  # a failure schedule's victims (sharded_schedule)
     data, sampler = _data(cfg)
-    model = ctx.prepare_model(lm.make_model(cfg["model"]), strategy="fsdp")
+    model = ctx.prepare_model(lm.make_model(cfg["model"]), strategy=cfg["strategy"])
     opt = _optimizer(model)
     state = elastic.TrainState(model=model, optimizer=opt)
     t_setup = time.time()
@@ -176,7 +196,7 @@ def elastic_worker(cfg: dict) -> None:
              buddy_bytes=st["buddy_bytes"], shard_bytes=st["shard_bytes"], blocked_s=st["snapshot_blocked_s"], at="end")
 
 
-def run_elastic(cfg: dict, world: int, spares: int) -> dict:
+def run_elastic(cfg: dict, world: int, spares: int, max_failures: int = 3) -> dict:
     import elastic
 
     t0 = time.time()
@@ -184,25 +204,53 @@ def run_elastic(cfg: dict, world: int, spares: int) -> dict:
         elastic_worker, train_loop_config=cfg, name="sharded",
         scaling=elastic.ScalingConfig(min_workers=world, max_workers=world, spares=spares),
         checkpoint=elastic.CheckpointConfig(uri=os.path.join(cfg["run_dir"], "ckpt"), every_n_steps=cfg["every"]),
-        failure=elastic.FailureConfig(max_failures=3)).fit(quiet=True, raise_on_failure=False)
+        failure=elastic.FailureConfig(max_failures=max_failures)).fit(quiet=True, raise_on_failure=False)
     sources = sorted({e.get("source") for e in r.events if e["event"] == "restored" and e.get("generation", 0) > 0})
     return {"ok": r.ok, "error": r.error, "total_s": time.time() - t0, "restored_from": sources, "events": r.events}
 
 
-# -- driver ----------------------------------------------------------------------------------------
-def one_run(arm: str, world: int, root: str, i: int, args: argparse.Namespace) -> dict:
-    run_dir = tempfile.mkdtemp(prefix=f"{arm}_{world}_{i}_", dir=root)
-    k = args.kill_step
-    faults = {"torchrun-dcp": [1], "buddy": [1], "buddy+spare": [1], "checkpoint": [1, (1 + 1) % world]}.get(arm, [])
-    # (1 + 1) % world: on one node rank r's buddy is rank r+1 (elastic._internal.worker.recovery.reshard.buddies).
-    cfg = {"arm": arm, "steps": args.steps, "every": args.every, "run_dir": run_dir, "global_batch": 8,
-           "marker_dir": os.path.join(run_dir, "markers"), "model": model_config(vars(args)),
-           "faults": [{"kind": "sigkill", "step": k, "rank": r} for r in faults]}
-    if arm in ("fsdp", "torchrun-dcp"):
-        info = bc.run_torchrun(__file__, cfg, world=world, restarts=3 if faults else 0, fresh_store=True,
-                               timeout=args.timeout)
+def job_config(arm: str, world: int, run_dir: str, args: argparse.Namespace, steps: int, kills: list[int]) -> dict:
+    """One run's train_loop_config (torchrun: its cfg.json); `kills`: ranks that SIGKILL themselves at
+    --kill-step."""
+    return {"arm": arm, "steps": steps, "every": args.every, "run_dir": run_dir, "global_batch": 8,
+            "strategy": "hsdp" if arm.startswith("hsdp") else "fsdp",
+            "marker_dir": os.path.join(run_dir, "markers"), "model": model_config(vars(args)),
+            "faults": [{"kind": "sigkill", "step": args.kill_step, "rank": r} for r in kills]}
+
+
+def launch(arm: str, cfg: dict, world: int, args: argparse.Namespace, session: RaySession, *,
+           restarts: int, max_failures: int) -> dict:
+    """Run one job of `arm` to its end: torchrun (up to `restarts` restarts), or elastic on the Ray the
+    arm needs (hsdp: a fresh two-node Cluster; the others: the local instance)."""
+    if arm in TORCHRUN_ARMS:
+        return bc.run_torchrun(__file__, cfg, world=world, restarts=restarts, fresh_store=True, timeout=args.timeout)
+    if arm.startswith("hsdp"):
+        session.two_nodes(world)
     else:
-        info = run_elastic(cfg, world, spares=1 if arm == "buddy+spare" else 0)
+        session.local()
+    # A run past --timeout is interrupted (SIGINT: KeyboardInterrupt in fit) and its Ray torn down, so
+    # that no stuck actor of it outlives the run; the benchmark goes on with the next run.
+    watchdog = threading.Timer(args.timeout, os.kill, args=(os.getpid(), signal.SIGINT))
+    watchdog.start()
+    t0 = time.time()
+    try:
+        return run_elastic(cfg, world, spares=1 if arm.endswith("+spare") else 0, max_failures=max_failures)
+    except KeyboardInterrupt:
+        session.close()
+        return {"ok": False, "error": f"timed out after {args.timeout:.0f} s", "total_s": time.time() - t0}
+    finally:
+        watchdog.cancel()
+
+
+# -- driver ----------------------------------------------------------------------------------------
+def one_run(arm: str, world: int, root: str, i: int, args: argparse.Namespace, session: RaySession) -> dict:
+    run_dir = tempfile.mkdtemp(prefix=f"{arm}_{world}_{i}_", dir=root)
+    faults = {"torchrun-dcp": [1], "buddy": [1], "buddy+spare": [1], "checkpoint": [1, (1 + 1) % world],
+              "hsdp": [1]}.get(arm, [])
+    # (1 + 1) % world: on one node rank r's buddy is rank r+1 (elastic._internal.worker.recovery.reshard.buddies).
+    # hsdp: rank 1 has a live replica on the other node whichever node it is on.
+    cfg = job_config(arm, world, run_dir, args, args.steps, faults)
+    info = launch(arm, cfg, world, args, session, restarts=3 if faults else 0, max_failures=3)
     a = bc.analyze_run(run_dir, cfg["marker_dir"])
     recs = [{**r.__dict__, **bc.phase_breakdown(run_dir, r)} for r in a.recoveries][:1]  # 2 kills: one recovery
     if recs and "events" in info:  # elastic: the supervisor's phases (detect, rebuild, transfer, first step)
@@ -228,6 +276,50 @@ def one_run(arm: str, world: int, root: str, i: int, args: argparse.Namespace) -
 
 
 def main() -> None:
+    args = parse_args()
+    if args.torchrun_worker:
+        torch_worker(json.loads(Path(args.torchrun_worker).read_text()))
+        return
+    params = sum(t.numel() for t in lm.make_model(model_config(vars(args))).parameters())
+    print(f"model: {params / 1e6:.1f} M parameters, AdamW; ranks {args.ranks}; "
+          + (f"failure schedule, arms {args.schedule_arms}" if args.schedule else f"{args.reps} runs per cell"),
+          flush=True)
+    from ray import cloudpickle
+
+    for module in (bc, lm):  # plain files, not installed: the workers get them by value
+        cloudpickle.register_pickle_by_value(module)
+    root = tempfile.mkdtemp(prefix="bench_sharded_")
+    before = bc.machine_note()
+    runs: list[dict] = []
+    session = RaySession(local_cpus=max(args.ranks) + 1)
+    try:
+        if args.schedule:
+            import sharded_schedule
+
+            runs = sharded_schedule.run(args, root, functools.partial(schedule_launch, args=args, session=session))
+        else:
+            for world in args.ranks:
+                for rep in range(args.reps):  # arms interleaved: a slow minute of the machine hits them all
+                    for arm in args.arms:
+                        runs.append(one_run(arm, world, root, rep, args, session))
+    finally:
+        session.close()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    if args.schedule:
+        sharded_schedule.write(runs, args, params, before)
+    else:
+        report(runs, args, before, params)
+
+
+def schedule_launch(arm: str, world: int, run_dir: str, faulted: bool, *, args: argparse.Namespace,
+                    session: RaySession) -> dict:
+    """One --schedule run (sharded_schedule.Launch): no self-inflicted kill, restarts unbounded."""
+    cfg = job_config(arm, world, run_dir, args, args.schedule_steps, [])
+    return launch(arm, cfg, world, args, session, restarts=1000 if faulted else 0, max_failures=-1)
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--torchrun-worker", help=argparse.SUPPRESS)
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
@@ -238,120 +330,16 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--d-model", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--timeout", type=float, default=300.0, help="bound on one torchrun job")
+    ap.add_argument("--timeout", type=float, default=300.0, help="bound on one job (torchrun or elastic)")
     ap.add_argument("--keep", action="store_true", help="keep run directories")
     ap.add_argument("--out-dir", default="bench_out")
-    args = ap.parse_args()
-    if args.torchrun_worker:
-        torch_worker(json.loads(Path(args.torchrun_worker).read_text()))
-        return
-    params = sum(t.numel() for t in lm.make_model(model_config(vars(args))).parameters())
-    print(f"model: {params / 1e6:.1f} M parameters, AdamW; ranks {args.ranks}; {args.reps} runs per cell", flush=True)
-    import ray
-    from ray import cloudpickle
-
-    for module in (bc, lm):  # plain files, not installed: the workers get them by value
-        cloudpickle.register_pickle_by_value(module)
-    root = tempfile.mkdtemp(prefix="bench_sharded_")
-    before = bc.machine_note()
-    runs: list[dict] = []
-    ray.init(num_cpus=max(args.ranks) + 1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    try:
-        for world in args.ranks:
-            for rep in range(args.reps):  # arms interleaved: a slow minute of the machine hits them all
-                for arm in args.arms:
-                    runs.append(one_run(arm, world, root, rep, args))
-    finally:
-        ray.shutdown()
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-    report(runs, args, before, params)
-
-
-# -- report ----------------------------------------------------------------------------------------
-def summarize(runs: list[dict]) -> dict[str, Any]:
-    recs = [r["recoveries"][0] for r in runs if r["recoveries"]]
-    pooled = [t for r in runs for t in r["step_times"]]
-    end = [m for r in runs for m in r["mem"] if m.get("at") != "restore"]
-    restore = [m for r in runs for m in r["mem"] if m.get("at") == "restore" and m.get("shard_bytes")]
-    return {"runs": len(runs), "finished": sum(r["finished"] for r in runs), "step_s": bc.med(pooled),
-            "recovery_s": [x["seconds"] for x in recs], "lost": [x["lost_steps"] for x in recs],
-            "restart_s": [x["restart"] for x in recs if x["restart"] is not None],
-            "restore_s": [x["restore"] for x in recs if x["restore"] is not None],
-            "stall_s": [s for r in runs for s in r["ckpt_stalls"]],
-            "peak_rss_mb": [m["peak_rss"] / 2**20 for m in end],
-            "copies_x_shard": [(m["snapshot_bytes"] + m["buddy_bytes"]) / m["shard_bytes"] for m in end
-                               if m.get("shard_bytes")],
-            "shard_mb": [m["shard_bytes"] / 2**20 for m in end if m.get("shard_bytes")],
-            "restore_x_shard": [m["restore_host_bytes"] / m["shard_bytes"] for m in restore],
-            "restored_from": sorted({s for r in runs for s in r.get("restored_from", [])})}
-
-
-def report(runs: list[dict], args: argparse.Namespace, before: dict, params: int) -> None:
-    S = {(w, a): summarize([r for r in runs if r["world"] == w and r["arm"] == a]) for w in args.ranks for a in args.arms}
-    print(f"\n{params / 1e6:.1f} M-parameter LM under FSDP2, C={args.every}, kill at step {args.kill_step}; "
-          "median (min–max) over runs; seconds, MiB")
-    rows = []
-    for (w, a), s in S.items():
-        base = S.get((w, "fsdp"), {}).get("step_s")
-        rows.append([w, a, f"{s['finished']}/{s['runs']}", f"{s['step_s']:.3f}" if s["step_s"] else "—",
-                     f"{s['step_s'] / base:.2f}×" if s["step_s"] and base else "—",
-                     bc.spread(s["recovery_s"], "{:.2f}"), bc.spread(s["restart_s"], "{:.2f}"),
-                     bc.spread(s["restore_s"], "{:.2f}"), bc.spread(s["lost"], "{:.0f}"),
-                     ",".join(s["restored_from"]) or "—", bc.spread(s["stall_s"], "{:.2f}"),
-                     bc.spread(s["peak_rss_mb"], "{:.0f}"), bc.spread(s["shard_mb"], "{:.0f}"),
-                     bc.spread(s["copies_x_shard"], "{:.2f}"),
-                     f"{max(s['restore_x_shard']):.2f}" if s["restore_x_shard"] else "—"])
-    bc.print_table(["ranks", "arm", "finished", "step s", "÷ FSDP2", "recovery", "restart", "restore", "lost",
-                    "restored from", "ckpt stall", "peak RSS/rank", "shard", "copies ÷ shard",
-                    "restore mem ÷ shard (max)"], rows)
-    print("  restart = kill → every rank of the new group is in the training code; restore = → state loaded;"
-          " copies = snapshot + buddy buffers at the end")
-    verdicts = targets(S, args)
-    print("\nTargets (from this run):")
-    for v in verdicts:
-        print(f"  {bc.check(v['ok'])} {v['what']}: {v['got']}")
-    out = Path(args.out_dir)
-    bc.write_json(out / "sharded.json", {"machine_before": before, "machine_after": bc.machine_note(),
-                                         "params": params, "args": vars(args), "targets": verdicts,
-                                         "summary": {f"{w}/{a}": s for (w, a), s in S.items()}, "runs": runs})
-    plotted = plot(runs, out / "sharded.png")
-    print(f"\nwrote {out / 'sharded.json'}" + (f" and {out / 'sharded.png'}" if plotted else "")
-          + f"; load average before/after: {before['loadavg_1_5_15']} / {bc.machine_note()['loadavg_1_5_15']}")
-
-
-def targets(S: dict, args: argparse.Namespace) -> list[dict]:
-    m = lambda w, a, k: bc.med(S[(w, a)][k]) if (w, a) in S and S[(w, a)][k] else None  # noqa: E731
-    out = []
-    for w in args.ranks:
-        for arm, key in (("buddy+spare", "buddy_spare_s"), ("buddy", "buddy_s")):
-            r = m(w, arm, "recovery_s")
-            out.append({"what": f"{w} ranks: {arm} recovery ≤ {TARGETS[key]:g} s", "got": "—" if r is None else f"{r:.2f} s",
-                        "ok": None if r is None else r <= TARGETS[key]})
-        b, c, t = m(w, "buddy", "recovery_s"), m(w, "checkpoint", "recovery_s"), m(w, "torchrun-dcp", "recovery_s")
-        out.append({"what": f"{w} ranks: buddy path ≥ {TARGETS['vs_checkpoint']:g}× faster than the checkpoint path",
-                    "ok": None if not (b and c) else c / b >= TARGETS["vs_checkpoint"],
-                    "got": "—" if not (b and c) else f"{c / b:.1f}× ({b:.2f} s vs {c:.2f} s; torchrun + DCP "
-                                                     f"{'—' if t is None else f'{t:.2f} s'})"})
-        lost = [x for a in ("buddy", "buddy+spare") if (w, a) in S for x in S[(w, a)]["lost"]]
-        out.append({"what": f"{w} ranks: buddy path lost work ≤ 1 step", "ok": None if not lost else max(lost) <= 1,
-                    "got": f"max {max(lost) if lost else '—'}"})
-        e, f = S.get((w, "elastic"), {}).get("step_s"), S.get((w, "fsdp"), {}).get("step_s")
-        out.append({"what": f"{w} ranks: steady state ≤ {TARGETS['step_ratio']:.2f}× plain FSDP2",
-                    "ok": None if not (e and f) else e / f <= TARGETS["step_ratio"],
-                    "got": "—" if not (e and f) else f"{e / f:.2f}× ({e:.3f} s vs {f:.3f} s)"})
-        x = max(S[(w, "buddy")]["restore_x_shard"], default=None) if (w, "buddy") in S else None
-        out.append({"what": f"{w} ranks: host memory during a buddy restore ≤ {TARGETS['restore_host_x_shard']:g}× the shard",
-                    # + 1e-3: the snapshot also holds the replicated per-parameter step counters (~1e-5)
-                    "ok": None if x is None else x <= TARGETS["restore_host_x_shard"] + 1e-3,
-                    "got": "—" if x is None else f"{x:.2f}×"})
-    return out
-
-
-def plot(runs: list[dict], path: Path) -> bool:
-    panels = [(f"{w} ranks; × = SIGKILL", [r for r in runs if r["world"] == w]) for w in sorted({r["world"] for r in runs})]
-    return bc.plot_step_panels(panels, path, origin=lambda r: r["steps"][0][1], xlabel="seconds since the first step")
+    g = ap.add_argument_group("failure schedule (--schedule: instead of the one-kill arms)")
+    g.add_argument("--schedule", action="store_true", help="run the schedule arms under a seeded failure schedule")
+    g.add_argument("--schedule-arms", nargs="+", default=["elastic", "hsdp"], choices=SCHEDULE_ARMS)
+    g.add_argument("--schedule-steps", type=int, default=200, help="steps per schedule run")
+    g.add_argument("--gap", type=float, default=30.0, help="mean seconds between failures")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0])
+    return ap.parse_args()
 
 
 if __name__ == "__main__":
