@@ -149,7 +149,9 @@ def elastic_worker(cfg: dict) -> None:
     torch.set_num_threads(1)
     ctx = elastic.get_context()
     data, sampler = _data(cfg)
-    model = ctx.prepare_model(lm.make_model(cfg["model"]), strategy="fsdp")
+    with ctx.skip_init_if_restoring():  # a recovery's restore overwrites the weights: don't draw them
+        model = lm.make_model(cfg["model"])
+    model = ctx.prepare_model(model, strategy="fsdp")
     opt = _optimizer(model)
     state = elastic.TrainState(model=model, optimizer=opt)
     t_setup = time.time()
