@@ -1,18 +1,23 @@
-"""Unit: skip_init_if_restoring, without Ray. The first generation initialises its model exactly as
-without it; a generation whose restore will load (every rank agrees) skips torch.nn.init on its own
-thread only, and still ends with the restored state."""
+"""Unit: what a recovering generation no longer computes, without Ray. skip_init_if_restoring: the
+first generation initialises its model exactly as without it; a generation whose restore will load
+(every rank agrees) skips torch.nn.init on its own thread only, and still ends with the restored
+state. The optimizer state a sharded restore needs is made on meta tensors, as torch's step makes it."""
 
 from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from elastic.context import get_context
 from elastic._internal.worker.generation import Generation
 from elastic.train_state import TrainState
-from elastic._internal.worker import init_skip
+from elastic._internal import tree
+from elastic._internal.worker import fsdp, init_skip
 from elastic._internal.worker.services import Services
 from worker_threads import make_services, ok, run_generation
 
@@ -80,3 +85,36 @@ def test_a_recovery_skips_init_and_restores_what_the_first_generation_committed(
     for r in range(2):
         assert second[r]["skipped"] and second[r]["calls"] == 6
         assert all(torch.equal(first[0]["end"][k], v) for k, v in second[r]["restored"].items())
+
+
+@pytest.fixture
+def world_of_one():
+    """A one-rank default group for FSDP2's mesh (the thread harness's groups are not registered)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield DeviceMesh.from_group(dist.group.WORLD, "cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("make_opt", [lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.01),
+                                      lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)])
+def test_optimizer_state_made_on_meta_is_torchs_zero_step_state(world_of_one, make_opt):
+    """The state dict after init_optimizer_state equals the one torch's get_state_dict makes by a
+    real step at lr 0 (paths, DTensor layouts, values), parameters included."""
+    out = []
+    for fast in (False, True):
+        model = fsdp.shard(build(), world_of_one, torch.device("cpu"))
+        opt = make_opt(model.parameters())
+        if fast:
+            fsdp.init_optimizer_state(opt)
+            assert opt.state  # made here, not by get_state_dict's step
+        out.append(TrainState(model=model, optimizer=opt).state_dict())
+
+    def leaves(sd: dict) -> list:
+        return [(p, type(t), t.shape, t.dtype, getattr(t, "placements", None),
+                 t.full_tensor() if fsdp.is_sharded(t) else t) for p, t in tree.tensor_leaves(sd)]
+
+    a, b = leaves(out[0]), leaves(out[1])
+    assert [x[:5] for x in a] == [x[:5] for x in b] and any(x[4] for x in b)
+    assert all(torch.equal(x[5], y[5]) for x, y in zip(a, b))

@@ -97,6 +97,8 @@ class Restorer:
             s.buddy.keep(found.step)
         self.host_bytes = s.snapshot.nbytes + s.buddy.nbytes
         source = "fresh"
+        if (found is not None and found.step >= durable) or durable >= 0:
+            fsdp.init_optimizer_state(state.optimizer)  # what state_dict() would make by a real step
         if found is not None and found.step >= durable:
             source = sharded_state.restore(self.groups, s, state, found, self.model.layout, self.model.replicated)
         elif durable >= 0:
