@@ -118,3 +118,20 @@ def test_optimizer_state_made_on_meta_is_torchs_zero_step_state(world_of_one, ma
     a, b = leaves(out[0]), leaves(out[1])
     assert [x[:5] for x in a] == [x[:5] for x in b] and any(x[4] for x in b)
     assert all(torch.equal(x[5], y[5]) for x, y in zip(a, b))
+
+
+class _NeedsValues(torch.optim.SGD):
+    """Reads a gradient's value in its step: it cannot step on meta tensors (raises midway)."""
+
+    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
+        for g in self.param_groups:
+            for p in g["params"]:
+                self.state[p]["buf"] = torch.zeros_like(p)
+                float(p.grad.sum())
+
+
+def test_an_optimizer_that_cannot_step_on_meta_is_left_to_torchs_step(world_of_one):
+    model = fsdp.shard(build(), world_of_one, torch.device("cpu"))
+    opt = _NeedsValues(model.parameters(), lr=0.1)
+    fsdp.init_optimizer_state(opt)
+    assert not opt.state  # no partial state: get_state_dict's own step makes all of it

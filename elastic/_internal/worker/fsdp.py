@@ -105,20 +105,22 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer | None) -> None:
     rows = {id(p): (p.to_local() if is_sharded(p) else p) for p in params}
     meta = {id(p): torch.empty_like(rows[id(p)], device="meta") for p in params}
     saved = [g["params"] for g in optimizer.param_groups]
+    stepped = False
     try:
         for g in optimizer.param_groups:
             g["params"] = [meta[id(p)] for p in g["params"]]
         for t in meta.values():
             t.grad = torch.empty_like(t)
         optimizer.step()
+        stepped = True
     except Exception:  # noqa: BLE001 - this optimizer needs real values: torch's step will run
         pass
     finally:
         for g, ps in zip(optimizer.param_groups, saved):
             g["params"] = ps
     made = {id(p): optimizer.state.pop(meta[id(p)], {}) for p in params}
-    optimizer.state.clear()
-    if all(not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape == rows[id(p)].shape
+    optimizer.state.clear()  # a step cut short leaves some parameters' state only: none is kept
+    if stepped and all(not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape == rows[id(p)].shape
            for p in params for v in made[id(p)].values()):
         for p in params:
             if made[id(p)]:
