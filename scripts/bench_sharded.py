@@ -169,7 +169,9 @@ def elastic_worker(cfg: dict) -> None:
     ctx = elastic.get_context()
     bc.register_pid(cfg["run_dir"], ctx.rank, ctx.generation)  # a failure schedule's victims (sharded_schedule)
     data, sampler = _data(cfg)
-    model = ctx.prepare_model(lm.make_model(cfg["model"]), strategy=cfg["strategy"])
+    with ctx.skip_init_if_restoring():  # a recovery's restore overwrites the weights: don't draw them
+        model = lm.make_model(cfg["model"])
+    model = ctx.prepare_model(model, strategy=cfg["strategy"])
     opt = _optimizer(model)
     state = elastic.TrainState(model=model, optimizer=opt)
     t_setup = time.time()

@@ -139,7 +139,9 @@ def train(config: dict) -> None:
     torch.set_num_threads(1)
     ctx = elastic.get_context()
     train_data, held_out = split(config)
-    model = ctx.prepare_model(make_model(config), strategy="fsdp")  # shard first: AdamW holds only our rows
+    with ctx.skip_init_if_restoring():  # a recovery restores the weights: no need to draw them first
+        model = make_model(config)
+    model = ctx.prepare_model(model, strategy="fsdp")  # shard first: AdamW holds only our rows
     opt = torch.optim.AdamW(model.parameters(), lr=config.get("lr", 3e-3), weight_decay=0.01)
     state = elastic.TrainState(model=model, optimizer=opt)
     ctx.restore(state)

@@ -38,9 +38,13 @@ def reference(ray_local, tmp_path_factory):
 
 
 def test_a_killed_rank_comes_back_from_its_buddy_and_the_model_ends_equal(reference, tmp_path):
-    r = _fit(tmp_path / "run", 2, faults=[{"kind": "sigkill", "step": 17, "rank": 1}], marker_dir=tmp_path)
+    """The recovery builds its model inside skip_init_if_restoring (the reference run initialises it:
+    generation 0 must init exactly as without it), and still ends equal."""
+    r = _fit(tmp_path / "run", 2, faults=[{"kind": "sigkill", "step": 17, "rank": 1}], marker_dir=tmp_path,
+             skip_init=True)
     assert r.ok, r.error
     assert fired(tmp_path) == ["fault-sigkill-step17-rank1"] and r.failures == 1
+    assert r.metrics["init_skipped"] == 1.0  # the recovery built its model without initialising it
     built = [e for e in r.events if e["event"] == "group_built"]
     survivor = {m["rank"]: m["pid"] for m in built[0]["members"]}[0]
     assert survivor in [m["pid"] for m in built[1]["members"]]  # the survivor kept its process

@@ -15,6 +15,7 @@ external faults to wait on), marker_dir.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -59,7 +60,9 @@ def train(config: dict) -> None:
     torch.set_num_threads(1)
     ctx = elastic.get_context()
     x, y = make_data()
-    model = make_model(config.get("width", 32), config.get("dropout", 0.1))
+    # skip_init: a generation that will restore builds the model without drawing its weights.
+    with ctx.skip_init_if_restoring() if config.get("skip_init") else contextlib.nullcontext(False) as skipped:
+        model = make_model(config.get("width", 32), config.get("dropout", 0.1))
     strategy = config.get("strategy", "ddp")
     fsdp = strategy in ("fsdp", "hsdp")
     if fsdp:  # FSDP2 shards the model in place: the optimizer is built over the sharded parameters
@@ -74,7 +77,8 @@ def train(config: dict) -> None:
     _check_environment(ctx)
     if fsdp and ctx.generation > 0:  # what a sharded restore held in host memory, for the tests
         st = ctx.stats()
-        ctx.report({"restore_host_bytes": st["restore_host_bytes"], "shard_bytes": st["shard_bytes"]})
+        ctx.report({"restore_host_bytes": st["restore_host_bytes"], "shard_bytes": st["shard_bytes"],
+                    "init_skipped": float(skipped)})
     ddp = model if fsdp else ctx.prepare_model(model)
     sampler = elastic.ElasticSampler(num_samples=N_SAMPLES, global_batch_size=config.get("global_batch", 48), seed=3)
     batch = _batches(ctx, config, sampler, x, y)

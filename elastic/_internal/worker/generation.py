@@ -14,11 +14,14 @@ Generation through the small interface it declares (context.GenerationView).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from elastic.train_state import TrainState
+from elastic._internal.worker import init_skip
 from elastic._internal.worker.committer import Committer
 from elastic._internal.worker.groups import ProcessGroups
 from elastic._internal.worker.model_prep import ModelPrep
@@ -49,6 +52,8 @@ class Generation:
         self._saver = Saver(groups, services, self._model)
         self._restorer = Restorer(groups, services, self._model, self._snapshots)
         self._committer = Committer(groups, services, self._model, self._snapshots, self._vote, self._saver)
+        self.init_skipped_calls = 0
+        """How many torch.nn.init calls skip_init_if_restoring skipped (tests read it)."""
 
     @property
     def rank(self) -> int:
@@ -76,6 +81,18 @@ class Generation:
     # -- what the training function calls (through WorkerContext) ------------------------------
     def restore(self, state: TrainState) -> bool:
         return self._restorer.restore(state)
+
+    @contextlib.contextmanager
+    def skip_init_if_restoring(self) -> Iterator[bool]:
+        """Within the block, torch.nn.init does nothing on this thread when restore() will load a
+        state (agreed by every rank: a collective); yields whether it skips (init_skip.py)."""
+        if not self._restorer.will_load():
+            yield False
+            return
+        with init_skip.skipping() as skipped:
+            self._restorer.init_skipped = True
+            yield True
+        self.init_skipped_calls = skipped.calls
 
     def prepare_model(self, model: torch.nn.Module, strategy: str = "ddp", shard_modules: Any = None,
                       **ddp_kwargs: Any) -> torch.nn.Module:

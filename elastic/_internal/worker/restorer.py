@@ -16,7 +16,7 @@ from elastic.train_state import TrainState
 from elastic._internal.worker import fsdp
 from elastic._internal.worker.groups import ProcessGroups
 from elastic._internal.worker.model_prep import ModelPrep
-from elastic._internal.worker.recovery import peer_sync, sharded_state
+from elastic._internal.worker.recovery import peer_sync, reshard, sharded_state
 from elastic._internal.worker.seeding import reseed
 from elastic._internal.worker.services import Services
 from elastic._internal.worker.snapshotter import Snapshotter
@@ -34,6 +34,25 @@ class Restorer:
         """Host memory of the snapshot and buddy buffers when the last restore began (tests read it)."""
         self.restored_state: TrainState | None = None
         """The state given to restore() in this generation (where data_loader() starts)."""
+        self.init_skipped = False
+        """The model was built without initialising its weights (skip_init_if_restoring)."""
+
+    def will_load(self) -> bool:
+        """Whether restore() will load a state (from memory or storage) rather than start fresh, as
+        every rank agrees: the same test restore() makes, on what each rank holds now (a collective
+        on the control plane: every rank calls it at the same point). Holdings only grow until
+        restore() runs, so a True here is a load there."""
+        s = self.s
+        s.snapshot.wait()
+        s.buddy.wait()
+        mine = [sharded_state.holding(s, self.groups.rank).to_json(), s.snapshot.held_step(),
+                bool(s.snapshot.shards), s.latest_durable_step()]
+        docs = self.groups.ctrl.all_gather_json(mine)
+        if max(d[3] for d in docs) >= 0:
+            return True
+        if any(d[2] for d in docs):  # sharded: complete only when every old rank's rows are held
+            return reshard.choose([reshard.Holding.from_json(d[0]) for d in docs]) is not None
+        return max(d[1] for d in docs) >= 0
 
     def restore(self, state: TrainState) -> bool:
         """Load the newest committed state into `state`; False on a fresh run (nothing to load)."""
@@ -78,19 +97,35 @@ class Restorer:
             s.buddy.keep(found.step)
         self.host_bytes = s.snapshot.nbytes + s.buddy.nbytes
         source = "fresh"
+        if (found is not None and found.step >= durable) or durable >= 0:
+            fsdp.init_optimizer_state(state.optimizer)  # what state_dict() would make by a real step
         if found is not None and found.step >= durable:
             source = sharded_state.restore(self.groups, s, state, found, self.model.layout, self.model.replicated)
         elif durable >= 0:
             source = self._restore_checkpoint(state, durable)
-        if source in ("memory", "buddy", "replica"):
+        if source in ("memory", "buddy", "replica") and not self._snapshot_in_place(found):
             self.snapshots.capture(state, wait=True)
         if source != "fresh":
-            # Copies of the old layout go; this group's are exchanged in the background while the
-            # first step runs, as after every snapshot (the next commit waits for it): a failure in
-            # that step finds no buddy copy and falls back to the checkpoint, which is correct.
-            s.buddy.clear()
-            self.snapshots.exchange()
+            # Copies of the old layout go, but a survivor's copy still in place stays (its ward's
+            # rows of this step, at the same world size); the others are exchanged in the background
+            # while the first step runs, as after every snapshot (the next commit waits for it). A
+            # failure in that step finds only the copies kept: memory if they cover every rank,
+            # else the checkpoint, which is correct.
+            kept = frozenset()
+            if found is not None and found.step >= durable and not self.model.replicated:
+                kept = sharded_state.copies_in_place(found, self.model.layout,
+                                                     reshard.buddies(list(self.snapshots.nodes())))
+            if self.groups.rank not in kept:
+                s.buddy.clear()
+            self.snapshots.exchange(in_place=kept)
         return self._restored(state, source, last_committed)
+
+    def _snapshot_in_place(self, found: reshard.Source | None) -> bool:
+        """This rank's snapshot already is the restored state (a survivor in its old place, same
+        layout): its rows, replicated tensors and values of found.step. No copy needed."""
+        snap, layout, rank = self.s.snapshot, self.model.layout, self.groups.rank
+        return (found is not None and not self.model.replicated and snap.step == found.step
+                and snap.origin == (layout.coords[rank], layout.shards) and found.old_world == layout.shards)
 
     def _restore_checkpoint(self, state: TrainState, step: int) -> str:
         """Load the newest checkpoint that verifies (at or below `step`) and snapshot it."""
@@ -104,6 +139,9 @@ class Restorer:
 
     def _restored(self, state: TrainState, source: str, last_committed: int) -> bool:
         s = self.s
+        if source == "fresh" and self.init_skipped:  # will_load() said otherwise: never train on garbage
+            raise WorkerGroupError("the model was built without initialising its weights (a restore was agreed), "
+                                   "but there was no state to restore: the next generation builds it afresh")
         restored = Restored(generation=self.groups.generation, step=state.step,
                             lost_steps=max(0, last_committed - state.step))
         s.board.progress(state.step, restored=restored)

@@ -78,8 +78,9 @@ class Snapshotter:
             log.warning("rank %d: collectives ran between optimizer.step() and ctx.commit(); snapshots are "
                         "copied from now on (a failure there must still find this step's state)", self.groups.rank)
 
-    def exchange(self, *, wait: bool = False) -> None:
-        """Send the newest snapshot's rows to our buddy and take our ward's, in the background."""
+    def exchange(self, *, wait: bool = False, in_place: frozenset[int] = frozenset()) -> None:
+        """Send the newest snapshot's rows to our buddy and take our ward's, in the background.
+        `in_place`: the ranks that already hold their ward's rows of this step (nothing goes to them)."""
         rank, world = self.groups.rank, self.groups.world_size
         if self.model is not None and self.model.replicated:
             return  # HSDP: the replicas hold our rows; the older snapshot goes at the next capture
@@ -98,7 +99,7 @@ class Snapshotter:
 
         buddy.exchange(self.groups.xfer, me=rank, world=world, to=to[rank], frm=ward, step=snap.step,
                        mine=[(p, t) for p, t in snap.tensors if p in snap.shards], shards=snap.shards,
-                       ready=snap.waiter(), done=done)
+                       ready=snap.waiter(), done=done, send=to[rank] not in in_place, recv=rank not in in_place)
         if wait:
             buddy.wait()
 

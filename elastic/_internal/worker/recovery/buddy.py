@@ -68,39 +68,36 @@ class BuddyCopies:
 
     def exchange(self, xfer: Any, *, me: int, world: int, to: int, frm: int, step: int,
                  mine: list[tuple[Path, torch.Tensor]], shards: dict[Path, tuple[tuple[int, ...], tuple[int, ...]]],
-                 ready: Callable[[], None], done: Callable[[], None]) -> None:
+                 ready: Callable[[], None], done: Callable[[], None], send: bool = True, recv: bool = True) -> None:
         """Start sending `mine` (this rank's rows of each sharded tensor, in the agreed order) to rank
         `to` and receiving rank `frm`'s rows, in the background, then settling with every rank.
         `ready()` blocks until `mine` holds the snapshot; `done()` is called when the exchange ended,
-        whatever its outcome: `error` is None only when every rank holds its copy of `step`."""
+        whatever its outcome: `error` is None only when every rank holds its copy of `step`.
+        send=False: `to` already holds these rows; recv=False: `complete` already is `frm`'s rows of
+        `step` (a survivor in its old place after a restore): only the newcomers' copies move."""
         self.wait()
         self.previous = None  # its buffers are the ones this exchange receives into
-        target = self._sets[self._next]
-        # Where rank `frm`'s rows of each tensor go: shaped by the layout every rank knows.
-        recv_specs = []
-        for path, t in mine:
-            shape, _ = shards[path]
-            a, b = row_chunks(shape[0], world)[frm]
-            recv_specs.append((path, torch.empty((b - a, *shape[1:]), dtype=t.dtype, device="meta")))
-        dst = target.reserve(recv_specs)
+        dst = self._reserve(mine, shards, world, frm) if recv else {}
 
         def run() -> None:
             me_ = threading.current_thread()
             try:
                 ready()
-                works = [xfer.recv(dst[path], frm, tag) for tag, (path, _) in enumerate(mine) if dst[path].numel()]
-                works += [xfer.send(t, to, tag) for tag, (_, t) in enumerate(mine) if t.numel()]
+                works = [xfer.recv(dst[path], frm, tag) for tag, (path, _) in enumerate(mine)
+                         if recv and dst[path].numel()]
+                works += [xfer.send(t, to, tag) for tag, (_, t) in enumerate(mine) if send and t.numel()]
                 for w in works:
                     w.wait()
                 with self._lock:
                     if self._thread is not me_:
                         return  # abandoned: the group broke, the older copies stay
-                    # Our ward's rows of `step` are whole here; the older copy stays until every rank's are.
-                    self.previous = self.complete
-                    self.complete = Copy(old_rank=frm, old_world=world, step=step,
-                                         tensors={p: dst[p] for p, _ in mine})
-                    self.bytes_sent += sum(t.numel() * t.element_size() for _, t in mine)
-                    self._next = 1 - self._next  # the next copy goes to the other set
+                    if recv:  # our ward's rows of `step` are whole here; the older copy stays until every rank's are
+                        self.previous = self.complete
+                        self.complete = Copy(old_rank=frm, old_world=world, step=step,
+                                             tensors={p: dst[p] for p, _ in mine})
+                        self._next = 1 - self._next  # the next copy goes to the other set
+                    if send:
+                        self.bytes_sent += sum(t.numel() * t.element_size() for _, t in mine)
                 self._settle(xfer, step)
                 with self._lock:
                     if self._thread is me_:
@@ -116,6 +113,17 @@ class BuddyCopies:
         self._done = done
         self._thread = threading.Thread(target=run, name=f"elastic-buddy-{step}", daemon=True)
         self._thread.start()
+
+    def _reserve(self, mine: list[tuple[Path, torch.Tensor]],
+                 shards: dict[Path, tuple[tuple[int, ...], tuple[int, ...]]], world: int, frm: int) -> dict:
+        """Buffers for rank `frm`'s rows of each tensor, in the set the next copy goes to: shaped by
+        the layout every rank knows."""
+        recv_specs = []
+        for path, t in mine:
+            shape, _ = shards[path]
+            a, b = row_chunks(shape[0], world)[frm]
+            recv_specs.append((path, torch.empty((b - a, *shape[1:]), dtype=t.dtype, device="meta")))
+        return self._sets[self._next].reserve(recv_specs)
 
     def _finish(self, thread: threading.Thread) -> None:
         """Call the exchange's done() once: from its thread, or from abandon() (never both)."""

@@ -115,6 +115,20 @@ def restore(groups: Any, s: Any, state: Any, source: reshard.Source, layout: res
     return label(plan, source, hsdp)
 
 
+def copies_in_place(source: reshard.Source, layout: reshard.Layout, buddy: list[int]) -> frozenset[int]:
+    """The new ranks that already hold, as their buddy copy, their ward's rows of source.step in the
+    new layout (`buddy[r]`: the rank that keeps r's copy): survivors in their old places, at the
+    same world size. Their copies stay; the exchange after the restore sends only the others'."""
+    if layout != reshard.Layout.flat(source.old_world):
+        return frozenset()  # other rows now (or HSDP's replicas): every copy is new
+    out = set()
+    for r in range(len(buddy)):
+        ward = buddy.index(r)
+        if r in source.holders.get(ward, ()) and r not in source.owners.get(ward, ()):
+            out.add(r)
+    return frozenset(out)
+
+
 def label(plan: list[reshard.Piece], source: reshard.Source, replicated: bool) -> str:
     """'memory': every rank had its rows; 'replica': some came from a replica's own rows (HSDP:
     the new layout is replicated, or the old one was); else 'buddy' (some came from another rank)."""

@@ -1,0 +1,62 @@
+"""Unit: after a restore at the same world size, a survivor in its old place keeps its buddy copy,
+and the exchange moves only the newcomers' copies (without Ray or a model)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from elastic._internal.collectives import CollectiveClock, Collectives
+from elastic._internal.worker.recovery.buddy import BuddyCopies
+from elastic._internal.worker.recovery.reshard import Holding, Layout, buddies, choose
+from elastic._internal.worker.recovery.sharded_state import copies_in_place
+from worker_threads import in_threads
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_only_the_newcomers_ward_copies_move():
+    """3 ranks, rank 1 lost and replaced in its place: ranks 0 and 2 still hold their wards' rows
+    (buddies [1, 2, 0]: rank 0 keeps rank 2's, rank 2 keeps rank 1's); only rank 1's copy of rank
+    0's rows is new. At another world size every copy is new."""
+    to = buddies(["a"] * 3)
+    assert to == [1, 2, 0]
+    src = choose([Holding(0, 3, ((0, 5), (2, 5))), Holding(1, 0, ()), Holding(2, 3, ((2, 5), (1, 5)))])
+    assert copies_in_place(src, Layout.flat(3), to) == {0, 2}
+    two = choose([Holding(0, 3, ((0, 5), (2, 5))), Holding(1, 3, ((2, 5), (1, 5)))])
+    assert copies_in_place(two, Layout.flat(2), buddies(["a"] * 2)) == frozenset()
+
+
+def test_an_exchange_with_a_copy_in_place_sends_one_way_and_keeps_it():
+    """2 ranks after the full exchange of step 4; rank 1 then loses its copy (a newcomer): the
+    exchange of the same step with rank 0's copy in place sends rank 0's rows only; rank 0's copy
+    is the same object, and rank 1 sends nothing."""
+    store = dist.HashStore()
+    shards = {("w",): ((4, 3), (0, 0))}
+    seen: dict = {}
+
+    def rank(r: int) -> None:
+        pg = Collectives(dist.ProcessGroupGloo(dist.PrefixStore("c", store), r, 2, timedelta(seconds=20)),
+                         CollectiveClock())
+        b = BuddyCopies()
+        mine = [(("w",), torch.full((2, 3), float(40 + r)))]
+        b.exchange(pg, me=r, world=2, to=1 - r, frm=1 - r, step=4, mine=mine, shards=shards,
+                   ready=lambda: None, done=lambda: None)
+        b.wait(20)
+        if r == 1:
+            b.clear()
+        before, sent = b.complete, b.bytes_sent
+        b.exchange(pg, me=r, world=2, to=1 - r, frm=1 - r, step=4, mine=mine, shards=shards,
+                   ready=lambda: None, done=lambda: None, send=r == 0, recv=r == 1)
+        b.wait(20)
+        seen[r] = (before, b.complete, b.bytes_sent - sent, b.error)
+
+    in_threads(2, rank, 40)
+    before, after, sent, error = seen[0]
+    assert after is before and sent == 24 and error is None
+    before, after, sent, error = seen[1]
+    assert before is None and after.step == 4 and torch.equal(after.tensors[("w",)], torch.full((2, 3), 40.0))
+    assert sent == 0 and error is None
