@@ -67,7 +67,8 @@ from bench_recovery import breakdown  # noqa: E402
 from sharded_ray import RaySession  # noqa: E402
 from sharded_report import report  # noqa: E402
 
-ARMS = ["fsdp", "torchrun-dcp", "elastic", "buddy", "buddy+spare", "checkpoint", "hsdp"]
+ARMS = ["fsdp", "torchrun-dcp", "elastic", "overlap", "buddy", "buddy+spare", "checkpoint", "hsdp"]
+"""overlap: elastic with FailureConfig(buddy_overlap=True), no failure (its steady state and memory)."""
 SCHEDULE_ARMS = ["elastic", "hsdp", "torchrun-dcp"]
 TORCHRUN_ARMS = ("fsdp", "torchrun-dcp")
 MEM_LOG = "mem.log"
@@ -206,7 +207,8 @@ def run_elastic(cfg: dict, world: int, spares: int, max_failures: int = 3) -> di
         elastic_worker, train_loop_config=cfg, name="sharded",
         scaling=elastic.ScalingConfig(min_workers=world, max_workers=world, spares=spares),
         checkpoint=elastic.CheckpointConfig(uri=os.path.join(cfg["run_dir"], "ckpt"), every_n_steps=cfg["every"]),
-        failure=elastic.FailureConfig(max_failures=max_failures)).fit(quiet=True, raise_on_failure=False)
+        failure=elastic.FailureConfig(max_failures=max_failures, buddy_overlap=cfg["arm"] == "overlap"),
+    ).fit(quiet=True, raise_on_failure=False)
     sources = sorted({e.get("source") for e in r.events if e["event"] == "restored" and e.get("generation", 0) > 0})
     return {"ok": r.ok, "error": r.error, "total_s": time.time() - t0, "restored_from": sources, "events": r.events}
 

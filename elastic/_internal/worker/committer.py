@@ -41,16 +41,13 @@ class Committer:
         # background while training goes on, so it always gets a copy.
         captured = live or due or state.step % s.run.failure.snapshot_every_n_steps == 0
         if captured:
-            self.snapshots.capture(state, live=live and not due)
+            self.snapshots.take(state, live=live and not due)
         if metrics and reduce:
             metrics = self._mean(metrics)
         pause, preempt = self.vote.next(s.pause.is_set(), s.leave.is_set())
         # Leaving the group (pause, preemption) always snapshots: the next group restores from it.
         if (preempt or pause) and not captured:
-            self.snapshots.capture(state)
-            captured = True
-        if captured and self.model.sharded:
-            self.snapshots.exchange()
+            self.snapshots.take(state)
         if due or preempt:
             self.saver.save_from_snapshot(state.step, wait=preempt)  # a failure is reported, and we leave
         # Keys reported earlier stay, updated ones change; rank 0's go to the run's metrics stream.

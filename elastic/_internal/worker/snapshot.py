@@ -203,12 +203,14 @@ class Snapshot:
             self._pinned[self._newest] += 1
             return self._newest
 
-    def release_previous(self) -> None:
-        """The newest snapshot is safe elsewhere too (its buddy copy arrived): the one before it goes."""
+    def release_previous(self, *, keep_buffers: bool = False) -> None:
+        """The newest snapshot is safe elsewhere too (its buddy copy arrived): the one before it goes.
+        keep_buffers: its set keeps its memory for the next capture (which needs one then anyway:
+        a fresh 146 MB allocation costs about 8x the copy into it here)."""
         with self._lock:
             prev, self.previous = self.previous, None
         if prev is not None:
-            self.unpin(prev[3])
+            self.unpin(prev[3], keep_buffers=keep_buffers)
 
     def keep(self, step: int) -> None:
         """Hold only `step` of the newest snapshot and the one before it (a restore agreed on it):
@@ -227,10 +229,10 @@ class Snapshot:
                 return
         self.release_previous()
 
-    def unpin(self, which: int) -> None:
+    def unpin(self, which: int, *, keep_buffers: bool = False) -> None:
         with self._lock:
             self._pinned[which] -= 1
-            if self._pinned[which] == 0 and which != self._newest:
+            if self._pinned[which] == 0 and which != self._newest and not keep_buffers:
                 self._sets[which].release()
 
     # -- reading ----------------------------------------------------------------------------

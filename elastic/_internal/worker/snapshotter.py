@@ -3,6 +3,13 @@ sending its rows to the rank's buddy (recovery/buddy.py). Under HSDP on several 
 are held by its replicas too: no buddy copy; each rank keeps its snapshot of the step before the
 newest instead (its replicas may be a step behind when one of them is lost).
 
+A sharded model's exchange runs inside ctx.commit() by default (FailureConfig.buddy_overlap off,
+state on the CPU): the rank sends its live rows, which nothing changes while the commit runs, and
+copies them into its snapshot only once every rank holds its copy of the step. The snapshot of the
+step before is then what a failure during the exchange rolls back to, and its buffers take the new
+copy: host copies are 3x the shard (snapshot, buddy copy, the copy being received). Overlapped, the
+new snapshot is taken first and sent in the background while the next step runs: 4x.
+
 A snapshot is copied, or references the live tensors (FailureConfig.live_snapshots) when the state
 is replicated, on the CPU, and changed by an optimizer. Live snapshots assume that no collective
 runs between optimizer.step() and ctx.commit(); an optimizer hook notes the training group's
@@ -15,13 +22,19 @@ import logging
 from typing import Any
 
 from elastic.train_state import TrainState
-from elastic._internal.worker.capture import CapturePlan
+from elastic._internal.worker.capture import CapturePlan, Items
 from elastic._internal.worker.groups import ProcessGroups
 from elastic._internal.worker.model_prep import ModelPrep
 from elastic._internal.worker.recovery import reshard
 from elastic._internal.worker.services import Services
 
 log = logging.getLogger(__name__)
+
+INLINE_GRACE_S = 0.5
+"""How long a commit's inline buddy exchange may go on once the supervisor asked this rank to pause
+(a peer was lost, or the group grows) before it is left behind: a send to a rank that died
+mid-transfer never fails by itself. Above a healthy exchange's time (0.1 s for 146 MB here), so a
+growing group does not give up a step for it."""
 
 
 class Snapshotter:
@@ -38,23 +51,40 @@ class Snapshotter:
         self._seq_at_step: int | None = None
         """The training group's collective count when optimizer.step() began (live snapshots)."""
 
+    def take(self, state: TrainState, *, live: bool = False) -> None:
+        """A commit's snapshot of `state`, and for a sharded model its buddy copy: inline (the
+        exchange first, from the live rows, then the copy) or overlapped (see the module's doc)."""
+        if self._inline(state):
+            self.take_inline(self._plan_for(state).items(), state.step)
+            return
+        self.capture(state, live=live)
+        if self.model.sharded:
+            self.exchange()
+
     def capture(self, state: TrainState, *, wait: bool = False, live: bool = False) -> None:
         """Snapshot `state` (stable tensors copied in the background unless `wait`; referenced,
         not copied, when `live`)."""
+        self._capture(self._plan_for(state).items(), state.step, live=live)
+        if wait:
+            self.s.snapshot.wait()
+
+    def _capture(self, items: Items, step: int, *, live: bool = False, keep_previous: bool | None = None) -> None:
+        """keep_previous: the snapshot before stays until release_previous() (by default for a
+        sharded model on several ranks: until the new one's buddy copy arrived)."""
         sharded, rank, world = self.model.sharded, self.groups.rank, self.groups.world_size
         if sharded:
             self.s.buddy.wait()  # pace: the previous snapshot's buddy copy has arrived (or failed)
         if sharded and self.model.replicated:
-            self.s.snapshot.release_previous()  # HSDP keeps one older step: the newest becomes it
+            # HSDP keeps one older step: the newest becomes it, the older one's buffers take the copy
+            self.s.snapshot.release_previous(keep_buffers=True)
         # A sharded snapshot's rows are named by their place in the layout: its rank for FSDP, its
         # column for HSDP (the same rows as every replica's: recovery finds them at any of them).
         layout = self.model.layout if sharded else None
         origin = (layout.coords[rank], layout.shards) if layout is not None else (rank, world)
-        items = self._plan_for(state).items()
-        self.s.snapshot.capture_items(items.stable, items.volatile, items.values, state.step, items.shards,
-                                      origin=origin, keep_previous=sharded and world > 1, live=live)
-        if wait:
-            self.s.snapshot.wait()
+        if keep_previous is None:
+            keep_previous = sharded and world > 1
+        self.s.snapshot.capture_items(items.stable, items.volatile, items.values, step, items.shards,
+                                      origin=origin, keep_previous=keep_previous, live=live)
 
     def live(self, state: TrainState) -> bool:
         """Whether this commit's snapshot may reference the live tensors: replicated state on the
@@ -95,13 +125,37 @@ class Snapshotter:
         def done() -> None:
             snap.unpin(which)
             if buddy.error is None:
-                snap.release_previous()
+                snap.release_previous(keep_buffers=True)  # the next capture's buffers
 
         buddy.exchange(self.groups.xfer, me=rank, world=world, to=to[rank], frm=ward, step=snap.step,
                        mine=[(p, t) for p, t in snap.tensors if p in snap.shards], shards=snap.shards,
                        ready=snap.waiter(), done=done, send=to[rank] not in in_place, recv=rank not in in_place)
         if wait:
             buddy.wait()
+
+    def _inline(self, state: TrainState) -> bool:
+        """Whether this commit's exchange runs inline: a sharded model without replicas, on several
+        ranks, its state on the CPU (gloo sends host memory), buddy_overlap off."""
+        return (self.model.sharded and not self.model.replicated and self.groups.world_size > 1
+                and self.groups.xfer is not None and not self.s.run.failure.buddy_overlap
+                and self._plan_for(state).on_cpu)
+
+    def take_inline(self, items: Items, step: int) -> None:
+        """Send this rank's live rows of `step` to its buddy and take its ward's, then snapshot the
+        step into the buffers of the one before (nothing else holds it any more). The training
+        thread waits, so the live rows are the step's throughout. If the exchange fails, the step
+        is snapshotted beside the one before (what an overlapped exchange would hold): a restore
+        finds one step held everywhere, the newer one if every copy of it arrived."""
+        rank, world, buddy = self.groups.rank, self.groups.world_size, self.s.buddy
+        to = reshard.buddies(list(self.nodes()))
+        mine = [(p, t.contiguous()) for p, t in [*items.volatile, *items.stable] if p in items.shards]
+        buddy.exchange(self.groups.xfer, me=rank, world=world, to=to[rank], frm=to.index(rank), step=step,
+                       mine=mine, shards=items.shards, ready=lambda: None, done=lambda: None)
+        with self.s.clock.timing():  # waiting on peers: this rank is not the one to blame
+            settled = buddy.finish(self.s.pause, INLINE_GRACE_S)
+        if settled:  # the step before is not needed any more (nor one a failed exchange left)
+            self.s.snapshot.release_previous(keep_buffers=True)
+        self._capture(items, step, keep_previous=not settled)
 
     def nodes(self) -> tuple[str, ...]:
         """Every rank's node, in rank order (ModelPrep gathers them once per generation)."""

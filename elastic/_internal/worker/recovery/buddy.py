@@ -66,6 +66,18 @@ class BuddyCopies:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
+    def finish(self, stop: threading.Event, grace_s: float) -> bool:
+        """Wait for the exchange in flight (an inline one: the training thread waits); once `stop`
+        is set, give it `grace_s` more, then leave it behind (abandon). True when every rank holds
+        its copy of the exchange's step."""
+        t = self._thread
+        while t is not None and t.is_alive():
+            t.join(0.02)
+            if stop.is_set():
+                self.abandon(grace_s)
+                break
+        return self.error is None
+
     def exchange(self, xfer: Any, *, me: int, world: int, to: int, frm: int, step: int,
                  mine: list[tuple[Path, torch.Tensor]], shards: dict[Path, tuple[tuple[int, ...], tuple[int, ...]]],
                  ready: Callable[[], None], done: Callable[[], None], send: bool = True, recv: bool = True) -> None:
