@@ -37,13 +37,17 @@ def reference(ray_local, tmp_path_factory):
     return refs
 
 
-def test_a_killed_rank_comes_back_from_its_buddy_and_the_model_ends_equal(reference, tmp_path):
+@pytest.mark.parametrize("inside", [None, "buddy_exchange"], ids=["step-start", "in-buddy-exchange"])
+def test_a_killed_rank_comes_back_from_its_buddy_and_the_model_ends_equal(reference, tmp_path, inside):
     """The recovery builds its model inside skip_init_if_restoring (the reference run initialises it:
-    generation 0 must init exactly as without it), and still ends equal."""
-    r = _fit(tmp_path / "run", 2, faults=[{"kind": "sigkill", "step": 17, "rank": 1}], marker_dir=tmp_path,
-             skip_init=True)
+    generation 0 must init exactly as without it), and still ends equal. Killed inside the commit's
+    buddy exchange (its receives posted, its first send launched), no step is held whole at the new
+    step: the survivor rolls back to the step before (its snapshot and copy), and still ends equal."""
+    fault = {"kind": "sigkill", "step": 17, "rank": 1, **({"inside": inside} if inside else {})}
+    r = _fit(tmp_path / "run", 2, faults=[fault], marker_dir=tmp_path, skip_init=True)
     assert r.ok, r.error
-    assert fired(tmp_path) == ["fault-sigkill-step17-rank1"] and r.failures == 1
+    assert fired(tmp_path) == ["fault-sigkill-step17-rank1" + (f"-in-{inside}" if inside else "")]
+    assert r.failures == 1
     assert r.metrics["init_skipped"] == 1.0  # the recovery built its model without initialising it
     built = [e for e in r.events if e["event"] == "group_built"]
     survivor = {m["rank"]: m["pid"] for m in built[0]["members"]}[0]
@@ -93,10 +97,10 @@ def test_four_ranks_a_killed_rank_comes_back_from_its_buddy_and_ends_equal(ray_l
 
 
 @pytest.mark.slow  # ~25 s each
-@pytest.mark.parametrize("inside", ["all_gather", "reduce_scatter"])
+@pytest.mark.parametrize("inside", ["all_gather", "reduce_scatter", "buddy_exchange"])
 def test_four_ranks_a_rank_killed_inside_a_collective_costs_one_failure(ray_local, tmp_path, inside):
-    """Rank 2 launches its share of an FSDP2 all-gather (forward) / reduce-scatter (backward) and
-    dies: every survivor is out of that collective within a second, none is replaced."""
+    """Rank 2 launches its share of an FSDP2 all-gather (forward) / reduce-scatter (backward) / its
+    commit's buddy exchange and dies: every survivor is out of it within a second, none is replaced."""
     from elastic.chaos.faults import fired_at
 
     r = _fit(tmp_path / "run", 4, faults=[{"kind": "sigkill", "step": 17, "rank": 2, "inside": inside}],

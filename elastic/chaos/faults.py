@@ -38,7 +38,7 @@ class Fault:
     rank: int
     inside: str | None = None
     """None: at the top of the step; "all_gather" / "reduce_scatter": inside the step's first FSDP2
-    collective of that kind (elastic.chaos.inside)."""
+    collective of that kind; "buddy_exchange": inside the commit's buddy exchange (elastic.chaos.inside)."""
 
     @property
     def marker(self) -> str:

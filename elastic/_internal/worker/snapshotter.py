@@ -118,8 +118,7 @@ class Snapshotter:
             self.s.snapshot.release_previous()
             return
         snap, buddy = self.s.snapshot, self.s.buddy
-        to = reshard.buddies(list(self.nodes()))
-        ward = to.index(rank)  # the rank whose buddy we are
+        to, ward = self._ring()
         which = snap.pin()
 
         def done() -> None:
@@ -127,9 +126,9 @@ class Snapshotter:
             if buddy.error is None:
                 snap.release_previous(keep_buffers=True)  # the next capture's buffers
 
-        buddy.exchange(self.groups.xfer, me=rank, world=world, to=to[rank], frm=ward, step=snap.step,
+        buddy.exchange(self.groups.xfer, me=rank, world=world, to=to, frm=ward, step=snap.step,
                        mine=[(p, t) for p, t in snap.tensors if p in snap.shards], shards=snap.shards,
-                       ready=snap.waiter(), done=done, send=to[rank] not in in_place, recv=rank not in in_place)
+                       ready=snap.waiter(), done=done, send=to not in in_place, recv=rank not in in_place)
         if wait:
             buddy.wait()
 
@@ -146,16 +145,20 @@ class Snapshotter:
         thread waits, so the live rows are the step's throughout. If the exchange fails, the step
         is snapshotted beside the one before (what an overlapped exchange would hold): a restore
         finds one step held everywhere, the newer one if every copy of it arrived."""
-        rank, world, buddy = self.groups.rank, self.groups.world_size, self.s.buddy
-        to = reshard.buddies(list(self.nodes()))
+        buddy, (to, ward) = self.s.buddy, self._ring()
         mine = [(p, t.contiguous()) for p, t in [*items.volatile, *items.stable] if p in items.shards]
-        buddy.exchange(self.groups.xfer, me=rank, world=world, to=to[rank], frm=to.index(rank), step=step,
-                       mine=mine, shards=items.shards, ready=lambda: None, done=lambda: None)
+        buddy.exchange(self.groups.xfer, me=self.groups.rank, world=self.groups.world_size, to=to, frm=ward,
+                       step=step, mine=mine, shards=items.shards, ready=lambda: None, done=lambda: None)
         with self.s.clock.timing():  # waiting on peers: this rank is not the one to blame
             settled = buddy.finish(self.s.pause, INLINE_GRACE_S)
         if settled:  # the step before is not needed any more (nor one a failed exchange left)
             self.s.snapshot.release_previous(keep_buffers=True)
         self._capture(items, step, keep_previous=not settled)
+
+    def _ring(self) -> tuple[int, int]:
+        """(the rank this one sends its rows to, its ward: the rank whose rows it holds)."""
+        to = reshard.buddies(list(self.nodes()))
+        return to[self.groups.rank], to.index(self.groups.rank)
 
     def nodes(self) -> tuple[str, ...]:
         """Every rank's node, in rank order (ModelPrep gathers them once per generation)."""
