@@ -18,11 +18,10 @@ from elastic._internal.checkpoint.shards import row_chunks
 from elastic._internal.collectives import CollectiveClock, Collectives
 from elastic._internal.worker.capture import Items
 from elastic._internal.worker.recovery.buddy import BuddyCopies
-from elastic._internal.worker.recovery.reshard import Layout, choose
-from elastic._internal.worker.recovery.sharded_state import _held, holding
+from elastic._internal.worker.recovery.reshard import Layout
 from elastic._internal.worker.snapshot import Snapshot
 from elastic._internal.worker.snapshotter import INLINE_GRACE_S, Snapshotter
-from test_reshard import _Killed, _NeverEnding
+from test_reshard import _Killed, _NeverEnding, assert_rank_1_lost_mid_exchange_leaves_step_1_whole
 from worker_threads import in_threads
 
 pytestmark = pytest.mark.timeout(60)
@@ -113,19 +112,7 @@ def test_a_rank_killed_during_an_inline_exchange_leaves_one_step_complete_in_mem
 
     in_threads(world, rank, 30)
     assert not errors, errors
-    assert services[1].buddy.error is not None and services[2].buddy.error is not None  # 1 never sent
-    survivors = {0: services[0], 1: services[2]}  # new rank -> what the old ranks 0 and 2 hold
-    src = choose([holding(s, new) for new, s in survivors.items()])
-    assert src is not None and src.step == 1, [holding(s, new) for new, s in survivors.items()]
-    shard = _rows(0, world, 1).numel() * _rows(0, world, 1).element_size()
-    for new, s in survivors.items():
-        s.snapshot.keep(src.step)
-        s.buddy.keep(src.step)
-        assert s.snapshot.nbytes + s.buddy.nbytes <= 3 * shard
-        held = _held(s, src)
-        for o, h in src.holder.items():
-            if h == new:
-                assert torch.equal(held[o][("w",)], _rows(o, world, 1)), (new, o)
+    assert_rank_1_lost_mid_exchange_leaves_step_1_whole(services, lambda o: _rows(o, world, 1))
 
 
 def test_a_pause_during_an_inline_exchange_that_never_ends_leaves_it_behind_within_the_grace():

@@ -169,7 +169,6 @@ def test_a_rank_killed_during_an_exchange_leaves_one_step_complete_in_memory():
     the survivors still hold every rank's rows at step 1, and a restore keeps only that step
     (no more than 3x this rank's rows)."""
     from elastic._internal.worker.recovery.buddy import BuddyCopies
-    from elastic._internal.worker.recovery.sharded_state import _held, holding
     from elastic._internal.worker.snapshot import Snapshot
     from elastic._internal.worker.snapshotter import Snapshotter
 
@@ -203,11 +202,20 @@ def test_a_rank_killed_during_an_exchange_leaves_one_step_complete_in_memory():
 
     in_threads(world, rank, 30)
     assert not errors, errors
+    assert_rank_1_lost_mid_exchange_leaves_step_1_whole(services, lambda o: rows(o, 1))
+
+
+def assert_rank_1_lost_mid_exchange_leaves_step_1_whole(services, rows_at_1) -> None:
+    """3 ranks in a ring, rank 1 lost during the exchange of step 2 before sending: ranks 1 and 2
+    saw the exchange fail; the survivors (old ranks 0 and 2) hold every rank's rows at step 1 (their
+    values: rows_at_1(old rank)), and a restore keeps only that step, in no more than 3x the rows."""
+    from elastic._internal.worker.recovery.sharded_state import _held, holding
+
     assert services[1].buddy.error is not None and services[2].buddy.error is not None  # 1 never sent
-    survivors = {0: services[0], 1: services[2]}  # new rank -> what the old rank 0 and 2 hold
+    survivors = {0: services[0], 1: services[2]}  # new rank -> what the old ranks 0 and 2 hold
     src = choose([holding(s, new) for new, s in survivors.items()])
     assert src is not None and src.step == 1, [holding(s, new) for new, s in survivors.items()]
-    shard = rows(0, 1).numel() * rows(0, 1).element_size()
+    shard = rows_at_1(0).numel() * rows_at_1(0).element_size()
     for new, s in survivors.items():
         s.snapshot.keep(src.step)
         s.buddy.keep(src.step)
@@ -215,8 +223,7 @@ def test_a_rank_killed_during_an_exchange_leaves_one_step_complete_in_memory():
         held = _held(s, src)
         for o, h in src.holder.items():
             if h == new:
-                assert torch.equal(held[o][("w",)], rows(o, 1)), (new, o)
-
+                assert torch.equal(held[o][("w",)], rows_at_1(o)), (new, o)
 
 
 class _Work:
