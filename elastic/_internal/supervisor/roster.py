@@ -10,6 +10,7 @@ members of a node that is being drained. It decides nothing (the policy does) an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from elastic._internal.events import Event
@@ -33,7 +34,9 @@ class Roster:
 
     def assign(self, members: list[int]) -> None:
         """These workers are the group now (rank = position in keep_places' order)."""
-        self.members = keep_places(self.members, members)
+        infos = self._ctl.group.infos
+        self.members = keep_places(self.members, members,
+                                   node_of=lambda w: (i.node_id if (i := infos.get(w)) is not None else None))
         self.rank_of = {w: r for r, w in enumerate(self.members)}
 
     def join(self, wid: int, **fields: Any) -> None:
@@ -96,14 +99,18 @@ class Roster:
                 "node_id": info.node_id if info else None}
 
 
-def keep_places(previous: list[int], members: list[int]) -> list[int]:
+def keep_places(previous: list[int], members: list[int],
+                node_of: Callable[[int], str | None] = lambda _: None) -> list[int]:
     """The rank order of a new group: at the same world size, a member that was in the previous group
-    keeps its rank and newcomers take the ranks the lost ones left, in order; otherwise `members` as
-    given. A rank's data and, under HSDP, which ranks share a node then stay as they were: the
-    gradient sums add the same numbers in the same order, and a run with a replaced rank stays
-    bitwise equal to one without failures (and a sharded model moves only the newcomers' rows)."""
+    keeps its rank and newcomers take the ranks the lost ones left, in order; otherwise `members`
+    with each node's ranks contiguous (nodes in the order of their first member, as torchrun numbers
+    ranks node by node). A rank's data and, under HSDP, which ranks share a node then stay as they
+    were, and do not depend on where Ray placed each worker: the gradient sums add the same numbers
+    in the same order, and a run with a replaced rank stays bitwise equal to one without failures
+    (and a sharded model moves only the newcomers' rows)."""
     if len(previous) != len(members) or set(previous) == set(members):
-        return list(members)
+        nodes = list(dict.fromkeys(node_of(w) for w in members))
+        return sorted(members, key=lambda w: nodes.index(node_of(w)))  # stable: order kept within a node
     mine = set(members)
     newcomers = iter([w for w in members if w not in set(previous)])
     return [w if w in mine else next(newcomers) for w in previous]

@@ -2,10 +2,11 @@
 (its snapshot), so that losing any one rank (or several that are not each other's buddies) loses no
 state and no work.
 
-After every snapshot a background thread sends this rank's rows to its buddy and receives the rows
-of the rank whose buddy it is, on a gloo group of its own (the training thread keeps using the
-control plane meanwhile; collectives of two threads on one group could interleave differently on
-different ranks). The copy being received goes to a second buffer set: the newest complete copy
+At every snapshot a thread of its own sends this rank's rows to its buddy and receives the rows of
+the rank whose buddy it is, on a gloo group of its own (the training thread keeps using the control
+plane meanwhile; collectives of two threads on one group could interleave differently on different
+ranks). By default the training thread waits for it inside the commit (finish; snapshotter.py says
+why); with FailureConfig.buddy_overlap it goes on with the next step. The copy being received goes to a second buffer set: the newest complete copy
 stays intact until the next one has fully arrived, so a failure during the exchange still finds a
 complete copy one step older.
 
