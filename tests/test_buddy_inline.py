@@ -34,8 +34,13 @@ def _rows(o: int, world: int, step: int) -> torch.Tensor:
     return torch.full((b - a, SHAPE[1]), float(10 * step + o))
 
 
-def _rank(r: int, world: int, xfer, pause: threading.Event | None = None):
-    """What one rank of a sharded model needs for take_inline: its services and a Snapshotter."""
+def _rank(r: int, world: int, xfer, pause: threading.Event | None = None, timeout_s: float = 10.0):
+    """What one rank of a sharded model needs for take_inline: its services and a Snapshotter; `xfer`
+    a transfer plane, or the store on which rank r joins a gloo one of `world` ranks (whose
+    collectives wait for a missing peer `timeout_s`)."""
+    if isinstance(xfer, dist.Store):
+        pg = dist.ProcessGroupGloo(dist.PrefixStore("x", xfer), r, world, timedelta(seconds=timeout_s))
+        xfer = Collectives(pg, CollectiveClock())
     s = SimpleNamespace(snapshot=Snapshot(), buddy=BuddyCopies(), pause=pause or threading.Event(),
                         clock=CollectiveClock())
     groups = SimpleNamespace(rank=r, world_size=world, xfer=xfer)
@@ -60,8 +65,7 @@ def test_inline_exchanges_hold_three_copies_of_the_shard_and_allocate_nothing_pe
 
     def rank(r: int) -> None:
         try:
-            pg = dist.ProcessGroupGloo(dist.PrefixStore("i", store), r, world, timedelta(seconds=20))
-            s, _, snaps = _rank(r, world, Collectives(pg, CollectiveClock()))
+            s, _, snaps = _rank(r, world, store)
             live = _rows(r, world, 0)
             allocs = []
             for step in range(1, 6):
@@ -96,15 +100,13 @@ def test_a_rank_killed_during_an_inline_exchange_leaves_one_step_complete_in_mem
 
     def rank(r: int) -> None:
         try:
-            pg = dist.ProcessGroupGloo(dist.PrefixStore("k", store), r, world, timedelta(seconds=3))
-            xfer = Collectives(pg, CollectiveClock())
-            s, groups, snaps = _rank(r, world, xfer)
+            s, groups, snaps = _rank(r, world, store, timeout_s=3)
             services[r] = s
             live = _rows(r, world, 0)
             for step in (1, 2):
                 live.copy_(_rows(r, world, step))
                 if step == 2 and r == 1:
-                    groups.xfer = _Killed(xfer)
+                    groups.xfer = _Killed(groups.xfer)
                 snaps.take_inline(_items(live, r, world), step)
             live.fill_(-1.0)  # the next optimizer step: the live rows are no longer step 2's
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below

@@ -130,6 +130,7 @@ def test_at_the_same_world_size_survivors_keep_their_ranks_and_newcomers_fill_th
     ([], [0, 1, 2, 3], [0, 2, 1, 3]),  # Ray put 0 and 2 on node a, 1 and 3 on b: ranks 0-1 on a, 2-3 on b
     ([0, 1], [0, 1, 2, 3], [0, 2, 1, 3]),  # grown: numbered afresh, node by node
     ([0, 2, 1, 3], [0, 2, 4, 3], [0, 2, 4, 3]),  # a rank replaced (here across nodes): places kept
+    ([0, 2, 4, 3], [0, 2, 4, 3], [0, 2, 4, 3]),  # the same members again: nobody moves
 ])
 def test_a_group_numbered_afresh_has_each_nodes_ranks_contiguous_whatever_the_placement(previous, members, want):
     """Under HSDP which ranks share a node decides the order of the gradient sums: a fresh numbering

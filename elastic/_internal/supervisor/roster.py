@@ -102,15 +102,18 @@ class Roster:
 def keep_places(previous: list[int], members: list[int],
                 node_of: Callable[[int], str | None] = lambda _: None) -> list[int]:
     """The rank order of a new group: at the same world size, a member that was in the previous group
-    keeps its rank and newcomers take the ranks the lost ones left, in order; otherwise `members`
-    with each node's ranks contiguous (nodes in the order of their first member, as torchrun numbers
-    ranks node by node). A rank's data and, under HSDP, which ranks share a node then stay as they
-    were, and do not depend on where Ray placed each worker: the gradient sums add the same numbers
-    in the same order, and a run with a replaced rank stays bitwise equal to one without failures
-    (and a sharded model moves only the newcomers' rows)."""
-    if len(previous) != len(members) or set(previous) == set(members):
-        nodes = list(dict.fromkeys(node_of(w) for w in members))
-        return sorted(members, key=lambda w: nodes.index(node_of(w)))  # stable: order kept within a node
+    keeps its rank and newcomers take the ranks the lost ones left, in order; the same members keep
+    the order given; a group of another size is numbered afresh, each node's ranks contiguous (nodes
+    in the order of their first member, as torchrun numbers ranks node by node). A rank's data and,
+    under HSDP, which ranks share a node then stay as they were, and do not depend on where Ray
+    placed each worker: the gradient sums add the same numbers in the same order, and a run with a
+    replaced rank stays bitwise equal to one without failures (and a sharded model moves only the
+    newcomers' rows)."""
+    if len(previous) != len(members):
+        order = {n: i for i, n in enumerate(dict.fromkeys(node_of(w) for w in members))}
+        return sorted(members, key=lambda w: order[node_of(w)])  # stable: the order given within a node
+    if set(previous) == set(members):
+        return list(members)
     mine = set(members)
     newcomers = iter([w for w in members if w not in set(previous)])
     return [w if w in mine else next(newcomers) for w in previous]
