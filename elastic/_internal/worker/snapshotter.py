@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from elastic.errors import WorkerGroupError
 from elastic.train_state import TrainState
 from elastic._internal.worker.capture import CapturePlan, Items
 from elastic._internal.worker.groups import ProcessGroups
@@ -54,6 +55,8 @@ class Snapshotter:
     def take(self, state: TrainState, *, live: bool = False) -> None:
         """A commit's snapshot of `state`, and for a sharded model its buddy copy: inline (the
         exchange first, from the live rows, then the copy) or overlapped (see the module's doc)."""
+        if self.model.sharded and not self.model.replicated:
+            self._refuse_unprotected()
         if self._inline(state):
             self.take_inline(self._plan_for(state).items(), state.step)
             return
@@ -154,6 +157,16 @@ class Snapshotter:
         if settled:  # the step before is not needed any more (nor one a failed exchange left)
             self.s.snapshot.release_previous(keep_buffers=True)
         self._capture(items, step, keep_previous=not settled)
+
+    def _refuse_unprotected(self) -> None:
+        """The newest step's buddy exchange failed (the step before is still held for it): a peer is
+        gone. Another commit on top would drop the step a restore needs (its rows are at no buddy)
+        and lose two steps: the group is broken, leave it now."""
+        self.s.buddy.wait()
+        if self.s.buddy.error is not None and self.s.snapshot.previous is not None:
+            self.s.clock.broken = True
+            raise WorkerGroupError(f"the buddy exchange of step {self.s.snapshot.step} failed "
+                                   f"({self.s.buddy.error}): the group is broken")
 
     def _ring(self) -> tuple[int, int]:
         """(the rank this one sends its rows to, its ward: the rank whose rows it holds)."""
