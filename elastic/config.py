@@ -188,6 +188,11 @@ class FailureConfig:
     3x, for the exchange's time off the commit (0.1 s for a 146 MB shard on loopback here, about
     what the background exchange takes from the step on a busy CPU). State on a GPU always
     overlaps (its rows are staged through the snapshot's host buffers)."""
+    buddy_shm: bool = True
+    """Sharded models: a buddy on the same node maps the rank's rows in shared memory (a memfd,
+    one memcpy per commit) instead of receiving them over loopback TCP; the rows outlive the
+    rank's process (a SIGKILL, the OOM killer), not its node, like a loopback copy held on that
+    node. Off: every copy travels over the transfer plane."""
 
     def __post_init__(self) -> None:
         _require(self.max_failures >= -1, "max_failures must be >= -1 (-1: unlimited)")

@@ -18,6 +18,7 @@ from elastic._internal.checkpoint.shards import row_chunks
 from elastic._internal.collectives import CollectiveClock, Collectives
 from elastic._internal.worker.capture import Items
 from elastic._internal.worker.recovery.buddy import BuddyCopies
+from elastic._internal.worker.recovery.host_slots import ALIGN
 from elastic._internal.worker.recovery.reshard import Layout
 from elastic._internal.worker.snapshot import Snapshot
 from elastic._internal.worker.snapshotter import INLINE_GRACE_S, Snapshotter
@@ -34,10 +35,12 @@ def _rows(o: int, world: int, step: int) -> torch.Tensor:
     return torch.full((b - a, SHAPE[1]), float(10 * step + o))
 
 
-def _rank(r: int, world: int, xfer, pause: threading.Event | None = None, timeout_s: float = 10.0):
+def _rank(r: int, world: int, xfer, pause: threading.Event | None = None, timeout_s: float = 10.0,
+          shm: bool = False):
     """What one rank of a sharded model needs for take_inline: its services and a Snapshotter; `xfer`
     a transfer plane, or the store on which rank r joins a gloo one of `world` ranks (whose
-    collectives wait for a missing peer `timeout_s`)."""
+    collectives wait for a missing peer `timeout_s`). shm: buddies map each other's rows
+    (host_slots.py) instead of receiving them."""
     if isinstance(xfer, dist.Store):
         pg = dist.ProcessGroupGloo(dist.PrefixStore("x", xfer), r, world, timedelta(seconds=timeout_s))
         xfer = Collectives(pg, CollectiveClock())
@@ -47,6 +50,7 @@ def _rank(r: int, world: int, xfer, pause: threading.Event | None = None, timeou
     model = SimpleNamespace(sharded=True, replicated=False, layout=Layout.flat(world))
     snaps = Snapshotter(groups, s, model)
     snaps._nodes = ("n",) * world  # one node: rank r's buddy is r + 1
+    snaps._mapped = frozenset((w, r) for w in range(world) for r in range(world) if w != r) if shm else frozenset()
     return s, groups, snaps
 
 
@@ -55,23 +59,25 @@ def _items(live: torch.Tensor, r: int, world: int) -> Items:
     return Items(stable=[(("w",), live)], volatile=[], values=[], shards={("w",): (SHAPE, (a, 0))})
 
 
-def test_inline_exchanges_hold_three_copies_of_the_shard_and_allocate_nothing_per_step():
+@pytest.mark.parametrize("shm", [False, True], ids=["loopback", "shm"])
+def test_inline_exchanges_hold_three_copies_of_the_shard_and_allocate_nothing_per_step(shm):
     """2 ranks, 5 commits: each rank's snapshot and copy are of the newest step, its memory is 3x
-    its rows (snapshot, copy, the set the next copy arrives in) and no buffer is allocated after
-    the second step."""
+    its rows (snapshot, copy, the set the next copy arrives in; shm: snapshot and its two slots)
+    and no buffer is allocated after the second step."""
     world, store = 2, dist.HashStore()
     seen: dict = {}
     errors: list = []
 
     def rank(r: int) -> None:
         try:
-            s, _, snaps = _rank(r, world, store)
+            s, _, snaps = _rank(r, world, store, shm=shm)
             live = _rows(r, world, 0)
             allocs = []
             for step in range(1, 6):
                 live.copy_(_rows(r, world, step))  # the optimizer's step, in place
                 snaps.take_inline(_items(live, r, world), step)
-                allocs.append(sum(b.allocations for b in [*s.snapshot._sets, *s.buddy._sets]))
+                allocs.append((sum(b.allocations for b in [*s.snapshot._sets, *s.buddy._sets]),
+                               [slot.serial for slot in s.buddy.slots._slots]))
             shard = live.numel() * live.element_size()
             seen[r] = (s.snapshot.step, dict(s.snapshot.tensors)[("w",)].clone(), s.buddy.complete.step,
                        s.buddy.complete.tensors[("w",)].clone(), (s.snapshot.nbytes + s.buddy.nbytes) / shard,
@@ -85,11 +91,13 @@ def test_inline_exchanges_hold_three_copies_of_the_shard_and_allocate_nothing_pe
         step, own, copy_step, copy, ratio, allocs, previous, error = seen[r]
         assert step == copy_step == 5 and error is None and previous is None
         assert torch.equal(own, _rows(r, world, 5)) and torch.equal(copy, _rows(1 - r, world, 5))
-        assert ratio == 3.0, ratio
+        # shm: each slot is rounded up to host_slots.ALIGN bytes (these rows are 48 bytes)
+        assert ratio == (1 + 2 * ALIGN / 48 if shm else 3.0), ratio
         assert allocs[1:] == [allocs[1]] * 4, allocs
 
 
-def test_a_rank_killed_during_an_inline_exchange_leaves_one_step_complete_in_memory():
+@pytest.mark.parametrize("shm", [False, True], ids=["loopback", "shm"])
+def test_a_rank_killed_during_an_inline_exchange_leaves_one_step_complete_in_memory(shm):
     """3 ranks in a ring: step 1 is exchanged everywhere; during the exchange of step 2 rank 1 dies
     after receiving rank 0's rows and before sending its own. No rank may have given up step 1
     (rank 0's rows of step 1 were only in its snapshot and at rank 1): the survivors hold every
@@ -100,7 +108,7 @@ def test_a_rank_killed_during_an_inline_exchange_leaves_one_step_complete_in_mem
 
     def rank(r: int) -> None:
         try:
-            s, groups, snaps = _rank(r, world, store, timeout_s=3)
+            s, groups, snaps = _rank(r, world, store, timeout_s=3, shm=shm)
             services[r] = s
             live = _rows(r, world, 0)
             for step in (1, 2):

@@ -95,7 +95,7 @@ class Restorer:
             # and the older): only the agreed one is read, the other goes before any row moves.
             s.snapshot.keep(found.step)
             s.buddy.keep(found.step)
-        self.host_bytes = s.snapshot.nbytes + s.buddy.nbytes
+        self.host_bytes = s.snapshot.nbytes + s.buddy.restore_bytes
         source = "fresh"
         if (found is not None and found.step >= durable) or durable >= 0:
             fsdp.init_optimizer_state(state.optimizer)  # what state_dict() would make by a real step

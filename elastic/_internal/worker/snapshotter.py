@@ -19,6 +19,7 @@ collective count when the step begins, and the commit checks it did not move.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from elastic.errors import WorkerGroupError
@@ -26,7 +27,7 @@ from elastic.train_state import TrainState
 from elastic._internal.worker.capture import CapturePlan, Items
 from elastic._internal.worker.groups import ProcessGroups
 from elastic._internal.worker.model_prep import ModelPrep
-from elastic._internal.worker.recovery import reshard
+from elastic._internal.worker.recovery import host_slots, reshard
 from elastic._internal.worker.services import Services
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Snapshotter:
         self.s = services
         self.model = model
         self._nodes: tuple[str, ...] | None = None
+        self._mapped: frozenset[tuple[int, int]] | None = None
         self._plan: CapturePlan | None = None
         self._hooks: list[Any] = []
         self._seq_at_step: int | None = None
@@ -122,6 +124,7 @@ class Snapshotter:
             return
         snap, buddy = self.s.snapshot, self.s.buddy
         to, ward = self._ring()
+        local = self._local(to, ward)
         which = snap.pin()
 
         def done() -> None:
@@ -131,7 +134,8 @@ class Snapshotter:
 
         buddy.exchange(self.groups.xfer, me=rank, world=world, to=to, frm=ward, step=snap.step,
                        mine=[(p, t) for p, t in snap.tensors if p in snap.shards], shards=snap.shards,
-                       ready=snap.waiter(), done=done, send=to not in in_place, recv=rank not in in_place)
+                       ready=snap.waiter(), done=done, send=to not in in_place, recv=rank not in in_place,
+                       local_to=local[0], local_frm=local[1])
         if wait:
             buddy.wait()
 
@@ -150,8 +154,10 @@ class Snapshotter:
         finds one step held everywhere, the newer one if every copy of it arrived."""
         buddy, (to, ward) = self.s.buddy, self._ring()
         mine = [(p, t.contiguous()) for p, t in [*items.volatile, *items.stable] if p in items.shards]
+        local_to, local_frm = self._local(to, ward)
         buddy.exchange(self.groups.xfer, me=self.groups.rank, world=self.groups.world_size, to=to, frm=ward,
-                       step=step, mine=mine, shards=items.shards, ready=lambda: None, done=lambda: None)
+                       step=step, mine=mine, shards=items.shards, ready=lambda: None, done=lambda: None,
+                       local_to=local_to, local_frm=local_frm)
         with self.s.clock.timing():  # waiting on peers: this rank is not the one to blame
             settled = buddy.finish(self.s.pause, INLINE_GRACE_S)
         if settled:  # the step before is not needed any more (nor one a failed exchange left)
@@ -172,6 +178,23 @@ class Snapshotter:
         """(the rank this one sends its rows to, its ward: the rank whose rows it holds)."""
         to = reshard.buddies(list(self.nodes()))
         return to[self.groups.rank], to.index(self.groups.rank)
+
+    def _local(self, to: int, ward: int) -> tuple[bool, bool]:
+        """(whether rank `to` maps this rank's rows, whether this rank maps its ward's) instead of
+        receiving them over the transfer plane (host_slots.py; FailureConfig.buddy_shm)."""
+        if self._mapped is None:
+            self._mapped = self._gather_mapped() if self.s.run.failure.buddy_shm else frozenset()
+        me = self.groups.rank
+        return (me, to) in self._mapped, (ward, me) in self._mapped
+
+    def _gather_mapped(self) -> frozenset[tuple[int, int]]:
+        """The (writer, reader) pairs of ranks on one node where the reader may map the writer's
+        memory: two gathers on the control plane, once per generation (every rank at its first
+        exchange)."""
+        nodes, me, ctrl = self.nodes(), self.groups.rank, self.groups.ctrl
+        pids = ctrl.all_gather_json(os.getpid())
+        can = [w for w in range(len(nodes)) if w != me and nodes[w] == nodes[me] and host_slots.can_map(pids[w])]
+        return frozenset((w, r) for r, ws in enumerate(ctrl.all_gather_json(can)) for w in ws)
 
     def nodes(self) -> tuple[str, ...]:
         """Every rank's node, in rank order (ModelPrep gathers them once per generation)."""

@@ -6,9 +6,11 @@ At every snapshot a thread of its own sends this rank's rows to its buddy and re
 the rank whose buddy it is, on a gloo group of its own (the training thread keeps using the control
 plane meanwhile; collectives of two threads on one group could interleave differently on different
 ranks). By default the training thread waits for it inside the commit (finish; snapshotter.py says
-why); with FailureConfig.buddy_overlap it goes on with the next step. The copy being received goes to a second buffer set: the newest complete copy
-stays intact until the next one has fully arrived, so a failure during the exchange still finds a
-complete copy one step older.
+why); with FailureConfig.buddy_overlap it goes on with the next step. The copy being received goes
+to a second buffer set: the newest complete copy stays intact until the next one has fully arrived,
+so a failure during the exchange still finds a complete copy one step older. A buddy on the same
+host maps the rank's rows instead of receiving them (host_slots.py: one memcpy, no loopback TCP);
+everything below holds for it unchanged.
 
 An exchange ends in a collective on that group (`_settle`): a rank that returns from it knows every
 rank received its copy of the new step. Only then is the older step given up, here (`previous`) and
@@ -31,6 +33,7 @@ import torch
 from elastic._internal.checkpoint.shards import row_chunks
 from elastic._internal.hostbuf import HostBuffers
 from elastic._internal.tree import Path
+from elastic._internal.worker.recovery.host_slots import SlotReader, SlotWriter, Spec
 
 
 @dataclass(frozen=True)
@@ -41,12 +44,17 @@ class Copy:
     old_world: int
     step: int
     tensors: dict[Path, torch.Tensor]
+    held: HostBuffers | None = None
+    """The buffer set it was received into (None: views of its writer's slot, host_slots.py)."""
 
 
 class BuddyCopies:
     def __init__(self) -> None:
         self._sets = [HostBuffers(), HostBuffers()]
-        self._next = 0
+        self._receiving: HostBuffers | None = None
+        self.slots = SlotWriter()
+        """This rank's rows for a buddy on the same host."""
+        self.maps = SlotReader()
         self.complete: Copy | None = None
         self.previous: Copy | None = None
         """The copy before `complete`, in the other buffer set, until every rank is known to hold its
@@ -60,7 +68,7 @@ class BuddyCopies:
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self._sets)
+        return sum(s.nbytes for s in self._sets) + self.slots.nbytes
 
     def wait(self, timeout_s: float | None = None) -> None:
         """Until the exchange in flight ended (complete or failed)."""
@@ -81,34 +89,44 @@ class BuddyCopies:
 
     def exchange(self, xfer: Any, *, me: int, world: int, to: int, frm: int, step: int,
                  mine: list[tuple[Path, torch.Tensor]], shards: dict[Path, tuple[tuple[int, ...], tuple[int, ...]]],
-                 ready: Callable[[], None], done: Callable[[], None], send: bool = True, recv: bool = True) -> None:
+                 ready: Callable[[], None], done: Callable[[], None], send: bool = True, recv: bool = True,
+                 local_to: bool = False, local_frm: bool = False) -> None:
         """Start sending `mine` (this rank's rows of each sharded tensor, in the agreed order) to rank
         `to` and receiving rank `frm`'s rows, in the background, then settling with every rank.
         `ready()` blocks until `mine` holds the snapshot; `done()` is called when the exchange ended,
         whatever its outcome: `error` is None only when every rank holds its copy of `step`.
         send=False: `to` already holds these rows; recv=False: `complete` already is `frm`'s rows of
-        `step` (a survivor in its old place after a restore): only the newcomers' copies move."""
+        `step` (a survivor in its old place after a restore): only the newcomers' copies move.
+        local_to / local_frm: `to` / `frm` is on this host and maps the rows (host_slots.py)."""
         self.wait()
         self.previous = None  # its buffers are the ones this exchange receives into
-        dst = self._reserve(mine, shards, world, frm) if recv else {}
+        specs = self._ward_specs(mine, shards, world, frm)
+        self._receiving = self._free_set() if recv and not local_frm else None
+        dst = self._receiving.reserve((p, torch.empty(sh, dtype=dt, device="meta")) for p, sh, dt in specs) \
+            if self._receiving is not None else {}
+        msg_tag = len(mine)  # after the rows' tags
 
         def run() -> None:
             me_ = threading.current_thread()
             try:
                 ready()
-                works = [xfer.recv(dst[path], frm, tag) for tag, (path, _) in enumerate(mine)
-                         if recv and dst[path].numel()]
-                works += [xfer.send(t, to, tag) for tag, (_, t) in enumerate(mine) if send and t.numel()]
+                msg = torch.zeros(5, dtype=torch.int64)
+                works = [xfer.recv(msg, frm, msg_tag)] if recv and local_frm else \
+                    [xfer.recv(dst[path], frm, tag) for tag, (path, _) in enumerate(mine) if recv and dst[path].numel()]
+                if send and local_to:
+                    works.append(xfer.send(self.slots.write(step, (me, world), mine), to, msg_tag))
+                else:
+                    works += [xfer.send(t, to, tag) for tag, (_, t) in enumerate(mine) if send and t.numel()]
                 for w in works:
                     w.wait()
+                got = self.maps.views(msg, specs, step) if recv and local_frm else dst
                 with self._lock:
                     if self._thread is not me_:
                         return  # abandoned: the group broke, the older copies stay
                     if recv:  # our ward's rows of `step` are whole here; the older copy stays until every rank's are
                         self.previous = self.complete
                         self.complete = Copy(old_rank=frm, old_world=world, step=step,
-                                             tensors={p: dst[p] for p, _ in mine})
-                        self._next = 1 - self._next  # the next copy goes to the other set
+                                             tensors={p: got[p] for p, _ in mine}, held=self._receiving)
                     if send:
                         self.bytes_sent += sum(t.numel() * t.element_size() for _, t in mine)
                 self._settle(xfer, step)
@@ -127,16 +145,23 @@ class BuddyCopies:
         self._thread = threading.Thread(target=run, name=f"elastic-buddy-{step}", daemon=True)
         self._thread.start()
 
-    def _reserve(self, mine: list[tuple[Path, torch.Tensor]],
-                 shards: dict[Path, tuple[tuple[int, ...], tuple[int, ...]]], world: int, frm: int) -> dict:
-        """Buffers for rank `frm`'s rows of each tensor, in the set the next copy goes to: shaped by
-        the layout every rank knows."""
-        recv_specs = []
+    @staticmethod
+    def _ward_specs(mine: list[tuple[Path, torch.Tensor]],
+                    shards: dict[Path, tuple[tuple[int, ...], tuple[int, ...]]], world: int, frm: int) -> list[Spec]:
+        """Rank `frm`'s rows of each tensor: shaped by the layout every rank knows."""
+        out = []
         for path, t in mine:
             shape, _ = shards[path]
             a, b = row_chunks(shape[0], world)[frm]
-            recv_specs.append((path, torch.empty((b - a, *shape[1:]), dtype=t.dtype, device="meta")))
-        return self._sets[self._next].reserve(recv_specs)
+            out.append((path, (b - a, *shape[1:]), t.dtype))
+        return out
+
+    def _held(self) -> list[HostBuffers]:
+        return [c.held for c in (self.complete, self.previous) if c is not None and c.held is not None]
+
+    def _free_set(self) -> HostBuffers:
+        """The buffer set no copy lives in (the next copy goes there)."""
+        return next(s for s in self._sets if not any(s is h for h in self._held()))
 
     def _finish(self, thread: threading.Thread) -> None:
         """Call the exchange's done() once: from its thread, or from abandon() (never both)."""
@@ -161,8 +186,8 @@ class BuddyCopies:
         with self._lock:
             if not t.is_alive() or self._thread is not t:
                 return False
-            if self.previous is None:  # the set it receives into (while it lives) is not ours any more
-                self._sets[self._next] = HostBuffers()
+            if self.previous is None and self._receiving is not None:  # the set it receives into
+                self._sets = [HostBuffers() if s is self._receiving else s for s in self._sets]  # is not ours any more
             self.error = "abandoned: the group broke during the exchange"
             done, self._done = self._done, None
             self._thread = None
@@ -180,27 +205,42 @@ class BuddyCopies:
 
     def keep(self, step: int) -> None:
         """Free every copy that is not of `step` (a restore agreed on it: the others are never read).
-        `complete` lives in the set the next exchange does not write to, `previous` in the other."""
+        """
         self.wait()
         if self.previous is not None and self.previous.step != step:
-            self.previous = None
-            self._sets[self._next].release()
+            self.previous = self._drop(self.previous)
         if self.complete is not None and self.complete.step != step:
-            self.complete = None
-            self._sets[1 - self._next].release()
+            self.complete = self._drop(self.complete)
             if self.previous is not None:  # the older copy is the one kept: it becomes `complete`
                 self.complete, self.previous = self.previous, None
-                self._next = 1 - self._next
+
+    @staticmethod
+    def _drop(c: Copy) -> None:
+        if c.held is not None:
+            c.held.release()
 
     def release_spare(self) -> None:
         """Free the set that does not hold the complete copy, unless it holds the previous one (a
-        copy cut short will never complete)."""
+        copy cut short will never complete), and this rank's slots (a restore moves rows from
+        snapshots and copies; the next exchange takes fresh slots)."""
         self.wait()
-        if self.previous is None:
-            self._sets[self._next].release()
+        for s in self._sets:
+            if not any(s is h for h in self._held()):
+                s.release()
+        self.slots.close()
+        self.maps.clear()  # a ward's slots live on only in the copies that use them
+
+    @property
+    def restore_bytes(self) -> int:
+        """The host memory this rank's copies hold: its buffer sets and slots, and a ward's slot it
+        maps (after the ward's death nothing else holds it)."""
+        mapped = sum(t.numel() * t.element_size() for c in (self.complete, self.previous)
+                     if c is not None and c.held is None for t in c.tensors.values())
+        return self.nbytes + mapped
 
     def clear(self) -> None:
         self.wait()
         self.complete = self.previous = None
         for s in self._sets:
             s.release()
+        self.maps.clear()
