@@ -9,6 +9,9 @@ checkpoint every C steps in every arm. Per world size (--ranks):
   torchrun-dcp  the same under torchrun --max-restarts (fresh store per restart); rank 1 SIGKILLs
                 itself at step K; torchrun restarts every rank, which dcp.load the newest checkpoint
   elastic       elastic, strategy="fsdp", no failure: steady state and host memory
+  overlap       the same with FailureConfig(buddy_overlap=True) (the exchange behind the next step)
+  loopback      the same with FailureConfig(buddy_shm=False) (ranks on one node send their buddy
+                copies over loopback TCP instead of mapping them from shared memory)
   buddy         elastic, rank 1 SIGKILLed at step K: its rows come back from its buddy's host copy
                 (no storage read), cold replacement actor
   buddy+spare   the same with one warm spare (spares=1)
@@ -67,8 +70,9 @@ from bench_recovery import breakdown  # noqa: E402
 from sharded_ray import RaySession  # noqa: E402
 from sharded_report import report  # noqa: E402
 
-ARMS = ["fsdp", "torchrun-dcp", "elastic", "overlap", "buddy", "buddy+spare", "checkpoint", "hsdp"]
-"""overlap: elastic with FailureConfig(buddy_overlap=True), no failure (its steady state and memory)."""
+ARMS = ["fsdp", "torchrun-dcp", "elastic", "overlap", "loopback", "buddy", "buddy+spare", "checkpoint", "hsdp"]
+"""overlap: elastic with FailureConfig(buddy_overlap=True), no failure (its steady state and memory);
+loopback: elastic with FailureConfig(buddy_shm=False): every buddy copy over loopback TCP, no failure."""
 SCHEDULE_ARMS = ["elastic", "hsdp", "torchrun-dcp"]
 TORCHRUN_ARMS = ("fsdp", "torchrun-dcp")
 MEM_LOG = "mem.log"
@@ -207,7 +211,8 @@ def run_elastic(cfg: dict, world: int, spares: int, max_failures: int = 3) -> di
         elastic_worker, train_loop_config=cfg, name="sharded",
         scaling=elastic.ScalingConfig(min_workers=world, max_workers=world, spares=spares),
         checkpoint=elastic.CheckpointConfig(uri=os.path.join(cfg["run_dir"], "ckpt"), every_n_steps=cfg["every"]),
-        failure=elastic.FailureConfig(max_failures=max_failures, buddy_overlap=cfg["arm"] == "overlap"),
+        failure=elastic.FailureConfig(max_failures=max_failures, buddy_overlap=cfg["arm"] == "overlap",
+                                      buddy_shm=cfg["arm"] != "loopback"),
     ).fit(quiet=True, raise_on_failure=False)
     sources = sorted({e.get("source") for e in r.events if e["event"] == "restored" and e.get("generation", 0) > 0})
     return {"ok": r.ok, "error": r.error, "total_s": time.time() - t0, "restored_from": sources, "events": r.events}

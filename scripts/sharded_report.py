@@ -94,7 +94,7 @@ def targets(S: dict, args: argparse.Namespace) -> list[dict]:
         lost = [x for a in ("buddy", "buddy+spare", "hsdp") if (w, a) in S for x in S[(w, a)]["lost"]]
         out.append({"what": f"{w} ranks: lost work ≤ {TARGETS['lost_steps']} step", "got": f"max {max(lost) if lost else '—'}",
                     "ok": None if not lost else max(lost) <= TARGETS["lost_steps"]})
-        for arm in ("elastic", "overlap"):  # the default inline exchange, and buddy_overlap=True
+        for arm in ("elastic", "overlap", "loopback"):  # the default, buddy_overlap=True, buddy_shm=False
             if (w, arm) in S:
                 out += _steady(S, w, arm, m(w, arm, "copies_x_shard"))
     return out
