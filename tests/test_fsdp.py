@@ -16,13 +16,14 @@ pytestmark = pytest.mark.timeout(240)
 STEPS = 30
 
 
-def _fit(uri, workers, faults=(), marker_dir="/tmp", steps=STEPS, every=10, overlap=False, **config):
+def _fit(uri, workers, faults=(), marker_dir="/tmp", steps=STEPS, every=10, overlap=False, shm=True, **config):
     return elastic.ElasticTrainer(
         jobs.train, train_loop_config={"steps": steps, "strategy": "fsdp", "dropout": 0.0, "faults": list(faults),
                                        "marker_dir": str(marker_dir), **config},
         scaling=elastic.ScalingConfig(min_workers=workers, placement_timeout_s=30),
         checkpoint=elastic.CheckpointConfig(uri=str(uri), every_n_steps=every),
-        failure=elastic.FailureConfig(max_failures=3, collective_timeout_s=10, poll_timeout_s=2, buddy_overlap=overlap),
+        failure=elastic.FailureConfig(max_failures=3, collective_timeout_s=10, poll_timeout_s=2, buddy_overlap=overlap,
+                                      buddy_shm=shm),
     ).fit(raise_on_failure=False, quiet=True)
 
 
@@ -38,16 +39,18 @@ def reference(ray_local, tmp_path_factory):
 
 
 @pytest.mark.parametrize("inside,overlap", [(None, False), ("buddy_exchange", False), ("buddy_exchange", True)],
-                         ids=["step-start", "in-buddy-exchange", "in-overlapped-exchange"])
+                         ids=["step-start", "in-buddy-exchange", "in-overlapped-exchange-over-loopback"])
 def test_a_killed_rank_comes_back_from_its_buddy_and_the_model_ends_equal(reference, tmp_path, inside, overlap):
     """The recovery builds its model inside skip_init_if_restoring (the reference run initialises it:
     generation 0 must init exactly as without it), and still ends equal. Killed inside the commit's
     buddy exchange (its receives posted, its first send launched), no step is held whole at the new
     step: the survivor rolls back to the step before (its snapshot and copy), and still ends equal;
     so does the background exchange (buddy_overlap), killed while the next step runs: a survivor
-    whose exchange failed commits nothing on top of it (≤ 1 step lost, however late the send)."""
+    whose exchange failed commits nothing on top of it (≤ 1 step lost, however late the send). The
+    two ranks share a node: the survivor maps its dead buddy's rows from shared memory, except in
+    the overlapped case, run with buddy_shm off (its copies go over loopback TCP)."""
     fault = {"kind": "sigkill", "step": 17, "rank": 1, **({"inside": inside} if inside else {})}
-    r = _fit(tmp_path / "run", 2, faults=[fault], marker_dir=tmp_path, skip_init=True, overlap=overlap)
+    r = _fit(tmp_path / "run", 2, faults=[fault], marker_dir=tmp_path, skip_init=True, overlap=overlap, shm=not overlap)
     assert r.ok, r.error
     assert fired(tmp_path) == ["fault-sigkill-step17-rank1" + (f"-in-{inside}" if inside else "")]
     assert r.failures == 1
@@ -61,6 +64,8 @@ def test_a_killed_rank_comes_back_from_its_buddy_and_the_model_ends_equal(refere
     assert len(rec) == 1 and rec[0]["lost_steps"] <= 1
     # No rank gathered the whole state: host memory during the restore stayed within 3x its rows.
     assert 0 < r.metrics["restore_host_bytes"] <= 3 * r.metrics["shard_bytes"], r.metrics
+    # rank 0 (the survivor) restored its dead buddy's rows from the slot it maps, not a received copy
+    assert (r.metrics["restore_mapped_bytes"] > 0) == (not overlap), r.metrics
     assert_models_equal(reference[2], final_model(str(tmp_path / "run")))
 
 

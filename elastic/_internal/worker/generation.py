@@ -112,7 +112,8 @@ class Generation:
         return {"snapshot_bytes": float(s.snapshot.nbytes), "snapshot_blocked_s": s.snapshot.blocked_s,
                 "snapshot_copy_s": s.snapshot.copy_s, "checkpoint_stall_s": s.checkpointer.last_stall_s or 0.0,
                 "buddy_bytes": float(s.buddy.nbytes), "shard_bytes": float(shard),
-                "restore_host_bytes": float(self._restorer.host_bytes)}
+                "restore_host_bytes": float(self._restorer.host_bytes),
+                "restore_mapped_bytes": float(self._restorer.mapped_bytes)}
 
     # -- what the runtime calls ---------------------------------------------------------------
     def drain_vote(self) -> None:

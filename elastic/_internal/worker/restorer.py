@@ -32,6 +32,8 @@ class Restorer:
         self.snapshots = snapshots
         self.host_bytes = 0
         """Host memory of the snapshot and buddy buffers when the last restore began (tests read it)."""
+        self.mapped_bytes = 0
+        """Of host_bytes: a ward's rows mapped from its shared memory (recovery/host_slots.py)."""
         self.restored_state: TrainState | None = None
         """The state given to restore() in this generation (where data_loader() starts)."""
         self.init_skipped = False
@@ -95,7 +97,8 @@ class Restorer:
             # and the older): only the agreed one is read, the other goes before any row moves.
             s.snapshot.keep(found.step)
             s.buddy.keep(found.step)
-        self.host_bytes = s.snapshot.nbytes + s.buddy.restore_bytes
+        self.mapped_bytes = s.buddy.mapped_bytes
+        self.host_bytes = s.snapshot.nbytes + s.buddy.nbytes + self.mapped_bytes
         source = "fresh"
         if (found is not None and found.step >= durable) or durable >= 0:
             fsdp.init_optimizer_state(state.optimizer)  # what state_dict() would make by a real step

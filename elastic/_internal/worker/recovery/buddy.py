@@ -104,22 +104,26 @@ class BuddyCopies:
         self._receiving = self._free_set() if recv and not local_frm else None
         dst = self._receiving.reserve((p, torch.empty(sh, dtype=dt, device="meta")) for p, sh, dt in specs) \
             if self._receiving is not None else {}
-        msg_tag = len(mine)  # after the rows' tags
+
+        def transfer() -> dict[Path, torch.Tensor]:
+            """Send our rows and receive our ward's (or the message saying where they are): the
+            ward's rows of `step`, once whole here."""
+            msg, msg_tag = torch.zeros(5, dtype=torch.int64), len(mine)  # its tag follows the rows'
+            works = [xfer.recv(msg, frm, msg_tag)] if recv and local_frm else \
+                [xfer.recv(dst[path], frm, tag) for tag, (path, _) in enumerate(mine) if recv and dst[path].numel()]
+            if send and local_to:
+                works.append(xfer.send(self.slots.write(step, (me, world), mine), to, msg_tag))
+            else:
+                works += [xfer.send(t, to, tag) for tag, (_, t) in enumerate(mine) if send and t.numel()]
+            for w in works:
+                w.wait()
+            return self.maps.views(msg, specs, step) if recv and local_frm else dst
 
         def run() -> None:
             me_ = threading.current_thread()
             try:
                 ready()
-                msg = torch.zeros(5, dtype=torch.int64)
-                works = [xfer.recv(msg, frm, msg_tag)] if recv and local_frm else \
-                    [xfer.recv(dst[path], frm, tag) for tag, (path, _) in enumerate(mine) if recv and dst[path].numel()]
-                if send and local_to:
-                    works.append(xfer.send(self.slots.write(step, (me, world), mine), to, msg_tag))
-                else:
-                    works += [xfer.send(t, to, tag) for tag, (_, t) in enumerate(mine) if send and t.numel()]
-                for w in works:
-                    w.wait()
-                got = self.maps.views(msg, specs, step) if recv and local_frm else dst
+                got = transfer()
                 with self._lock:
                     if self._thread is not me_:
                         return  # abandoned: the group broke, the older copies stay
@@ -231,12 +235,11 @@ class BuddyCopies:
         self.maps.clear()  # a ward's slots live on only in the copies that use them
 
     @property
-    def restore_bytes(self) -> int:
-        """The host memory this rank's copies hold: its buffer sets and slots, and a ward's slot it
-        maps (after the ward's death nothing else holds it)."""
-        mapped = sum(t.numel() * t.element_size() for c in (self.complete, self.previous)
-                     if c is not None and c.held is None for t in c.tensors.values())
-        return self.nbytes + mapped
+    def mapped_bytes(self) -> int:
+        """The bytes of the ward's slots this rank's copies map (after the ward's death nothing else
+        holds them: a restore counts them as this rank's memory)."""
+        return sum(t.numel() * t.element_size() for c in (self.complete, self.previous)
+                   if c is not None and c.held is None for t in c.tensors.values())
 
     def clear(self) -> None:
         self.wait()
