@@ -105,25 +105,11 @@ class BuddyCopies:
         dst = self._receiving.reserve((p, torch.empty(sh, dtype=dt, device="meta")) for p, sh, dt in specs) \
             if self._receiving is not None else {}
 
-        def transfer() -> dict[Path, torch.Tensor]:
-            """Send our rows and receive our ward's (or the message saying where they are): the
-            ward's rows of `step`, once whole here."""
-            msg, msg_tag = torch.zeros(5, dtype=torch.int64), len(mine)  # its tag follows the rows'
-            works = [xfer.recv(msg, frm, msg_tag)] if recv and local_frm else \
-                [xfer.recv(dst[path], frm, tag) for tag, (path, _) in enumerate(mine) if recv and dst[path].numel()]
-            if send and local_to:
-                works.append(xfer.send(self.slots.write(step, (me, world), mine), to, msg_tag))
-            else:
-                works += [xfer.send(t, to, tag) for tag, (_, t) in enumerate(mine) if send and t.numel()]
-            for w in works:
-                w.wait()
-            return self.maps.views(msg, specs, step) if recv and local_frm else dst
-
         def run() -> None:
             me_ = threading.current_thread()
             try:
                 ready()
-                got = transfer()
+                got = self._transfer(xfer, me, world, to, frm, step, mine, specs, dst, send, recv, local_to, local_frm)
                 with self._lock:
                     if self._thread is not me_:
                         return  # abandoned: the group broke, the older copies stay
@@ -148,6 +134,22 @@ class BuddyCopies:
         self._done = done
         self._thread = threading.Thread(target=run, name=f"elastic-buddy-{step}", daemon=True)
         self._thread.start()
+
+    def _transfer(self, xfer: Any, me: int, world: int, to: int, frm: int, step: int,
+                  mine: list[tuple[Path, torch.Tensor]], specs: list[Spec], dst: dict[Path, torch.Tensor],
+                  send: bool, recv: bool, local_to: bool, local_frm: bool) -> dict[Path, torch.Tensor]:
+        """Send our rows and receive our ward's into `dst` (or the message saying where they are):
+        the ward's rows of `step`, once whole here."""
+        msg, msg_tag = torch.zeros(5, dtype=torch.int64), len(mine)  # its tag follows the rows'
+        works = [xfer.recv(msg, frm, msg_tag)] if recv and local_frm else \
+            [xfer.recv(dst[path], frm, tag) for tag, (path, _) in enumerate(mine) if recv and dst[path].numel()]
+        if send and local_to:
+            works.append(xfer.send(self.slots.write(step, (me, world), mine), to, msg_tag))
+        else:
+            works += [xfer.send(t, to, tag) for tag, (_, t) in enumerate(mine) if send and t.numel()]
+        for w in works:
+            w.wait()
+        return self.maps.views(msg, specs, step) if recv and local_frm else dst
 
     @staticmethod
     def _ward_specs(mine: list[tuple[Path, torch.Tensor]],
