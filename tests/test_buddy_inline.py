@@ -62,8 +62,9 @@ def _items(live: torch.Tensor, r: int, world: int) -> Items:
 @pytest.mark.parametrize("shm", [False, True], ids=["loopback", "shm"])
 def test_inline_exchanges_hold_three_copies_of_the_shard_and_allocate_nothing_per_step(shm):
     """2 ranks, 5 commits: each rank's snapshot and copy are of the newest step, its memory is 3x
-    its rows (snapshot, copy, the set the next copy arrives in; shm: snapshot and its two slots)
-    and no buffer is allocated after the second step."""
+    its rows (snapshot, copy, the set the next copy arrives in) and no buffer is allocated after the
+    second step. shm: 2x, its two slots; the snapshot is the newest slot (no copy of its own), and a
+    checkpoint pinning it gets a copy that stays step 5's while steps 6 and 7 overwrite both slots."""
     world, store = 2, dist.HashStore()
     seen: dict = {}
     errors: list = []
@@ -79,21 +80,33 @@ def test_inline_exchanges_hold_three_copies_of_the_shard_and_allocate_nothing_pe
                 allocs.append((sum(b.allocations for b in [*s.snapshot._sets, *s.buddy._sets]),
                                [slot.serial for slot in s.buddy.slots._slots]))
             shard = live.numel() * live.element_size()
-            seen[r] = (s.snapshot.step, dict(s.snapshot.tensors)[("w",)].clone(), s.buddy.complete.step,
+            own = dict(s.snapshot.tensors)[("w",)]
+            seen[r] = (s.snapshot.step, own.clone(), s.buddy.complete.step,
                        s.buddy.complete.tensors[("w",)].clone(), (s.snapshot.nbytes + s.buddy.nbytes) / shard,
                        allocs, s.snapshot.previous, s.buddy.error)
+            if shm:
+                assert own.data_ptr() == s.buddy.slots.rows(5)[("w",)].data_ptr()  # referenced, not copied
+                s.snapshot.pin(own=True)  # a checkpoint of step 5 writes from it for several steps
+                ckpt = s.snapshot.checkpoint_state()["w"].chunks[0][1]
+                for step in (6, 7):
+                    live.copy_(_rows(r, world, step))
+                    snaps.take_inline(_items(live, r, world), step)
+                seen[r] += (ckpt.clone(), dict(s.snapshot.tensors)[("w",)].clone())
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 
     in_threads(world, rank, 40)
     assert not errors, errors
     for r in range(world):
-        step, own, copy_step, copy, ratio, allocs, previous, error = seen[r]
+        step, own, copy_step, copy, ratio, allocs, previous, error = seen[r][:8]
         assert step == copy_step == 5 and error is None and previous is None
         assert torch.equal(own, _rows(r, world, 5)) and torch.equal(copy, _rows(1 - r, world, 5))
         # shm: each slot is rounded up to host_slots.ALIGN bytes (these rows are 48 bytes)
-        assert ratio == (1 + 2 * ALIGN / 48 if shm else 3.0), ratio
+        assert ratio == (2 * ALIGN / 48 if shm else 3.0), ratio
         assert allocs[1:] == [allocs[1]] * 4, allocs
+        if shm:
+            ckpt, newest = seen[r][8:]
+            assert torch.equal(ckpt, _rows(r, world, 5)) and torch.equal(newest, _rows(r, world, 7))
 
 
 @pytest.mark.parametrize("shm", [False, True], ids=["loopback", "shm"])

@@ -98,7 +98,7 @@ class Restorer:
             s.snapshot.keep(found.step)
             s.buddy.keep(found.step)
         self.mapped_bytes = s.buddy.mapped_bytes
-        self.host_bytes = s.snapshot.nbytes + s.buddy.nbytes + self.mapped_bytes
+        self.host_bytes = s.snapshot.nbytes + s.snapshot.borrowed_nbytes + s.buddy.nbytes + self.mapped_bytes
         source = "fresh"
         if (found is not None and found.step >= durable) or durable >= 0:
             fsdp.init_optimizer_state(state.optimizer)  # what state_dict() would make by a real step

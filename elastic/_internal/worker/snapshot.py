@@ -64,6 +64,9 @@ class Snapshot:
         """Seconds spent copying stable tensors (on CUDA: launching the copies)."""
         self.live = False
         """The stable tensors are the live ones (a live capture), valid while their versions hold."""
+        self._borrowed: frozenset[Path] = frozenset()
+        """The newest snapshot's tensors that live in memory it does not own (capture_items)."""
+        self._prev_borrowed: frozenset[Path] = frozenset()
         self._guard = LiveGuard()
 
     @property
@@ -80,6 +83,11 @@ class Snapshot:
     def nbytes(self) -> int:
         """Host memory held by the snapshot's buffers (both sets)."""
         return sum(s.nbytes for s in self._sets)
+
+    @property
+    def borrowed_nbytes(self) -> int:
+        """Bytes of the newest snapshot that live in memory it references, not in its buffers."""
+        return sum(t.numel() * t.element_size() for p, t in self.tensors if p in self._borrowed)
 
     def held_step(self) -> int:
         """The step whose state this snapshot holds; -1 for none (never taken, or live tensors that
@@ -100,22 +108,33 @@ class Snapshot:
                       values: list[tuple[Path, Any]], step: int,
                       shards: dict[Path, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
                       origin: tuple[int, int] | None = None, keep_previous: bool = False,
-                      live: bool = False) -> None:
+                      live: bool = False, borrowed: dict[Path, torch.Tensor] | None = None) -> None:
         """Take a snapshot of `step`: every tensor is copied before this returns (on CUDA: before
         the current stream's next kernel), or, when `live`, the stable ones are referenced as they
-        are. A live capture falls back to a copy once a violation was seen."""
+        are. A live capture falls back to a copy once a violation was seen. `borrowed`: tensors that
+        already hold this step's values in memory nothing else writes before step + 2 (this rank's
+        rows in its own buddy slot): referenced, not copied, until a checkpoint pins them."""
         t0 = time.perf_counter()
         self.wait()  # the previous capture is complete before a new one starts
         live = live and self._guard.sound(stable, self.step)
+        borrowed = borrowed or {}
+        order = [p for p, _ in volatile] + [p for p, _ in stable]
+        if borrowed:  # (unfiltered otherwise: _stable_buffers knows the same list again)
+            volatile = [(p, t) for p, t in volatile if p not in borrowed]
+            stable = [(p, t) for p, t in stable if p not in borrowed]
         with self._lock:
             if keep_previous and self.step >= 0 and self.previous is None:
                 self._pinned[self._newest] += 1
                 self.previous = (self.step, dict(self.tensors), list(self.values), self._newest)
+                self._prev_borrowed = self._borrowed
             target = self._free_set()
             bufs = self._sets[target]
-            order = [p for p, _ in volatile] + [p for p, _ in stable]
-            # Live: this set keeps no stable buffers (the staging copy of the last checkpoint goes).
-            host = dict(bufs.copy_in(volatile, keep=[p for p, _ in volatile] if live else order))
+            # Live: this set keeps no stable buffers (the staging copy of the last checkpoint goes);
+            # nor buffers for the borrowed tensors.
+            owned = [p for p in order if p not in borrowed]
+            host = dict(bufs.copy_in(volatile, keep=[p for p, _ in volatile] if live else owned))
+            host.update(borrowed)
+            self._borrowed = frozenset(borrowed)
             pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
             if live:
                 host.update(self._guard.refs)
@@ -197,9 +216,17 @@ class Snapshot:
             self._cuda_event = None
 
     # -- checkpoints write from the snapshot --------------------------------------------------
-    def pin(self) -> int:
-        """Keep the newest set as it is until unpin() (a checkpoint writes from it)."""
+    def pin(self, *, own: bool = False) -> int:
+        """Keep the newest set as it is until unpin(). `own` (a checkpoint writes from it for several
+        steps): borrowed tensors are copied into the set first, as their memory is written again at
+        step + 2."""
         with self._lock:
+            if own and self._borrowed:
+                bufs = self._sets[self._newest]
+                got = dict(bufs.copy_in([(p, t) for p, t in self.tensors if p in self._borrowed],
+                                        keep=[p for p, _ in self.tensors]))
+                self.tensors = [(p, got.get(p, t)) for p, t in self.tensors]
+                self._borrowed = frozenset()
             self._pinned[self._newest] += 1
             return self._newest
 
@@ -222,6 +249,7 @@ class Snapshot:
             if step == prev[0]:  # back to the older snapshot: it becomes the newest
                 dropped = self._newest
                 self.step, self.tensors, self.values, self._newest = prev[0], list(prev[1].items()), prev[2], prev[3]
+                self._borrowed = self._prev_borrowed
                 self.previous = None
                 self._pinned[prev[3]] -= 1  # pinned as `previous`; the newest is held by being newest
                 if self._pinned[dropped] == 0:
@@ -242,6 +270,7 @@ class Snapshot:
         with self._lock:
             self.tensors, self.values, self.step = list(tensors), list(values), step
             self.live = False
+            self._borrowed = frozenset()
             self._guard.forget()
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -266,6 +295,7 @@ class Snapshot:
         self.step = -1
         self.values, self.tensors = [], []
         self.live = False
+        self._borrowed = self._prev_borrowed = frozenset()
         self._guard.reset()
         self.previous = None
         self._pinned = [0] * len(self._sets)

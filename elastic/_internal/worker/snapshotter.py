@@ -73,7 +73,8 @@ class Snapshotter:
         if wait:
             self.s.snapshot.wait()
 
-    def _capture(self, items: Items, step: int, *, live: bool = False, keep_previous: bool | None = None) -> None:
+    def _capture(self, items: Items, step: int, *, live: bool = False, keep_previous: bool | None = None,
+                 borrowed: dict | None = None) -> None:
         """keep_previous: the snapshot before stays until release_previous() (by default for a
         sharded model on several ranks: until the new one's buddy copy arrived)."""
         sharded, rank, world = self.model.sharded, self.groups.rank, self.groups.world_size
@@ -89,7 +90,7 @@ class Snapshotter:
         if keep_previous is None:
             keep_previous = sharded and world > 1
         self.s.snapshot.capture_items(items.stable, items.volatile, items.values, step, items.shards,
-                                      origin=origin, keep_previous=keep_previous, live=live)
+                                      origin=origin, keep_previous=keep_previous, live=live, borrowed=borrowed)
 
     def live(self, state: TrainState) -> bool:
         """Whether this commit's snapshot may reference the live tensors: replicated state on the
@@ -160,9 +161,14 @@ class Snapshotter:
                        local_to=local_to, local_frm=local_frm)
         with self.s.clock.timing():  # waiting on peers: this rank is not the one to blame
             settled = buddy.finish(self.s.pause, INLINE_GRACE_S)
+        borrowed = None
         if settled:  # the step before is not needed any more (nor one a failed exchange left)
             self.s.snapshot.release_previous(keep_buffers=True)
-        self._capture(items, step, keep_previous=not settled)
+            # Our rows of the step are in our slot already (a buddy on this host maps it), and nothing
+            # writes there before step + 2: the snapshot references them, one copy less per step.
+            if buddy.written is not None and buddy.written[0] == step:
+                borrowed = buddy.written[1]
+        self._capture(items, step, keep_previous=not settled, borrowed=borrowed)
 
     def _refuse_unprotected(self) -> None:
         """The newest step's buddy exchange failed (the step before is still held for it): a peer is

@@ -117,6 +117,11 @@ class SlotWriter:
                 slot.tensors[path].copy_(t)
         return torch.tensor([os.getpid(), slot.fd, slot.serial, slot.size, step], dtype=torch.int64)
 
+    def rows(self, step: int) -> dict[Path, torch.Tensor]:
+        """The tensors of the slot `step` was written to (views that keep it mapped, closed or not):
+        whole until step + 2 is written there."""
+        return dict(self._slots[step % 2].tensors) if len(self._slots) == 2 else {}
+
     def close(self) -> None:
         for s in self._slots:
             s.close()
