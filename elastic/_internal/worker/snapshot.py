@@ -13,6 +13,10 @@ Two buffer sets: the newest snapshot lives in one; a checkpoint still writing fr
 the next capture goes to the other. Host memory is 1x the state while no save is in flight and 2x
 while one is; a set that no longer holds the newest snapshot is freed when its save ends.
 
+A sharded rank whose buddy maps its rows (recovery/host_slots.py) has already copied them into its
+own slot during the commit: the snapshot references that slot (`borrowed`) and takes a copy of its
+own only when a checkpoint pins it.
+
 A live capture (FailureConfig.live_snapshots, CPU, replicated state) copies nothing stable: the
 snapshot keeps references to the live parameters and optimizer state, which are the committed
 step's until the next optimizer.step(). live_guard.py says whether that still holds: held_step() is
@@ -111,9 +115,8 @@ class Snapshot:
                       live: bool = False, borrowed: dict[Path, torch.Tensor] | None = None) -> None:
         """Take a snapshot of `step`: every tensor is copied before this returns (on CUDA: before
         the current stream's next kernel), or, when `live`, the stable ones are referenced as they
-        are. A live capture falls back to a copy once a violation was seen. `borrowed`: tensors that
-        already hold this step's values in memory nothing else writes before step + 2 (this rank's
-        rows in its own buddy slot): referenced, not copied, until a checkpoint pins them."""
+        are (a copy once a violation was seen). `borrowed`: tensors holding this step's values where
+        nothing writes before step + 2 (our rows in our buddy slot): referenced, not copied."""
         t0 = time.perf_counter()
         self.wait()  # the previous capture is complete before a new one starts
         live = live and self._guard.sound(stable, self.step)

@@ -7,8 +7,10 @@ A sharded model's exchange runs inside ctx.commit() by default (FailureConfig.bu
 state on the CPU): the rank sends its live rows, which nothing changes while the commit runs, and
 copies them into its snapshot only once every rank holds its copy of the step. The snapshot of the
 step before is then what a failure during the exchange rolls back to, and its buffers take the new
-copy: host copies are 3x the shard (snapshot, buddy copy, the copy being received). Overlapped, the
-new snapshot is taken first and sent in the background while the next step runs: 4x.
+copy: host copies are 3x the shard (snapshot, buddy copy, the copy being received). A buddy on the
+same host maps the rows from the rank's own slot instead (host_slots.py), and the snapshot references
+that slot rather than copying the rows a second time: one memcpy per step, 2x (the rank's two slots).
+Overlapped, the new snapshot is taken first and sent in the background while the next step runs: 4x.
 
 A snapshot is copied, or references the live tensors (FailureConfig.live_snapshots) when the state
 is replicated, on the CPU, and changed by an optimizer. Live snapshots assume that no collective

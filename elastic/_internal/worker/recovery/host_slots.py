@@ -17,6 +17,11 @@ is not allowed keeps the loopback exchange (can_map). A writer has two slots and
 slot s % 2, so that its buddy's complete copy (the other slot) stays whole while the next one is
 written, like the two receive buffer sets of the loopback exchange. A writer whose rows change
 place (a resize) takes fresh slots: a survivor may still be sending its old rows to a newcomer.
+
+Slot s % 2 is also the writer's own snapshot of step s (Snapshot.capture_items, `borrowed`): nothing
+writes it again before step s + 2, by which time step s + 1 is held everywhere (the exchange settled)
+or the group is broken (snapshotter._refuse_unprotected). A checkpoint, which writes from a snapshot
+for several steps, copies it out first (Snapshot.pin(own=True)).
 """
 
 from __future__ import annotations
