@@ -86,8 +86,9 @@ def test_inline_exchanges_hold_three_copies_of_the_shard_and_allocate_nothing_pe
                        allocs, s.snapshot.previous, s.buddy.error)
             if shm:
                 assert own.data_ptr() == s.buddy.slots.rows(5)[("w",)].data_ptr()  # referenced, not copied
-                s.snapshot.pin(own=True)  # a checkpoint of step 5 writes from it for several steps
+                s.snapshot.pin()  # a checkpoint of step 5 writes from it for several steps (Saver's calls)
                 ckpt = s.snapshot.checkpoint_state()["w"].chunks[0][1]
+                assert ckpt.data_ptr() != own.data_ptr()  # its own copy: the slot is written at step 7
                 for step in (6, 7):
                     live.copy_(_rows(r, world, step))
                     snaps.take_inline(_items(live, r, world), step)

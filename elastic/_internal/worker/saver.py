@@ -34,7 +34,7 @@ class Saver:
         `wait`, block until it commits and say whether it did. `must_commit`: the run's newest state
         depends on it (the final save): CheckpointFailedError if it did not commit."""
         snap = self.s.snapshot
-        which = snap.pin(own=True)  # its rows may be written again while the save runs
+        which = snap.pin()
         ck = self.s.checkpointer
         ck.save(snap.checkpoint_state(), step=step, rank=self.groups.rank, world_size=self.groups.world_size,
                 pg=self.groups.ctrl, store=self.groups.ckpt_store, on_commit=self._on_commit,

@@ -15,7 +15,7 @@ while one is; a set that no longer holds the newest snapshot is freed when its s
 
 A sharded rank whose buddy maps its rows (recovery/host_slots.py) has already copied them into its
 own slot during the commit: the snapshot references that slot (`borrowed`) and takes a copy of its
-own only when a checkpoint pins it.
+own only when a checkpoint reads it (checkpoint_state).
 
 A live capture (FailureConfig.live_snapshots, CPU, replicated state) copies nothing stable: the
 snapshot keeps references to the live parameters and optimizer state, which are the committed
@@ -51,8 +51,9 @@ class Snapshot:
         """Sharded entries (FSDP2): path -> (the whole tensor's shape, the offsets of our rows)."""
         self.origin: tuple[int, int] | None = None
         """(rank, world size) of the generation that took it (a sharded state's rows depend on both)."""
-        self.previous: tuple[int, dict[Path, torch.Tensor], list[tuple[Path, Any]], int] | None = None
-        """A sharded run keeps the snapshot before the newest one (step, tensors, values, its set) until
+        self.previous: tuple[int, dict[Path, torch.Tensor], list[tuple[Path, Any]], int, frozenset[Path]] | None = None
+        """A sharded run keeps the snapshot before the newest one (step, tensors, values, its set, its
+        borrowed paths) until
         the newest one's buddy copy has arrived: a failure meanwhile rolls back to it."""
         # Buffer sets, allocated as needed: the newest snapshot's; one a checkpoint still writes from;
         # the snapshot before the newest one while a sharded run's buddy copy is on its way.
@@ -70,7 +71,6 @@ class Snapshot:
         """The stable tensors are the live ones (a live capture), valid while their versions hold."""
         self._borrowed: frozenset[Path] = frozenset()
         """The newest snapshot's tensors that live in memory it does not own (capture_items)."""
-        self._prev_borrowed: frozenset[Path] = frozenset()
         self._guard = LiveGuard()
 
     @property
@@ -128,8 +128,7 @@ class Snapshot:
         with self._lock:
             if keep_previous and self.step >= 0 and self.previous is None:
                 self._pinned[self._newest] += 1
-                self.previous = (self.step, dict(self.tensors), list(self.values), self._newest)
-                self._prev_borrowed = self._borrowed
+                self.previous = (self.step, dict(self.tensors), list(self.values), self._newest, self._borrowed)
             target = self._free_set()
             bufs = self._sets[target]
             # Live: this set keeps no stable buffers (the staging copy of the last checkpoint goes);
@@ -219,17 +218,9 @@ class Snapshot:
             self._cuda_event = None
 
     # -- checkpoints write from the snapshot --------------------------------------------------
-    def pin(self, *, own: bool = False) -> int:
-        """Keep the newest set as it is until unpin(). `own` (a checkpoint writes from it for several
-        steps): borrowed tensors are copied into the set first, as their memory is written again at
-        step + 2."""
+    def pin(self) -> int:
+        """Keep the newest set as it is until unpin() (a checkpoint writes from it)."""
         with self._lock:
-            if own and self._borrowed:
-                bufs = self._sets[self._newest]
-                got = dict(bufs.copy_in([(p, t) for p, t in self.tensors if p in self._borrowed],
-                                        keep=[p for p, _ in self.tensors]))
-                self.tensors = [(p, got.get(p, t)) for p, t in self.tensors]
-                self._borrowed = frozenset()
             self._pinned[self._newest] += 1
             return self._newest
 
@@ -252,7 +243,7 @@ class Snapshot:
             if step == prev[0]:  # back to the older snapshot: it becomes the newest
                 dropped = self._newest
                 self.step, self.tensors, self.values, self._newest = prev[0], list(prev[1].items()), prev[2], prev[3]
-                self._borrowed = self._prev_borrowed
+                self._borrowed = prev[4]
                 self.previous = None
                 self._pinned[prev[3]] -= 1  # pinned as `previous`; the newest is held by being newest
                 if self._pinned[dropped] == 0:
@@ -278,8 +269,16 @@ class Snapshot:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The state to checkpoint, reading from the buffers (a CUDA copy may still be filling them:
-        the writer waits with waiter()); sharded entries as Shards of this rank's rows."""
+        the writer waits with waiter()); sharded entries as Shards of this rank's rows. A writer
+        reads it for several steps: borrowed tensors, whose memory is written again at step + 2, are
+        copied into the newest set first."""
         self._guard.require(self.step, live=self.live)
+        with self._lock:
+            if self._borrowed:
+                got = dict(self._sets[self._newest].copy_in(
+                    [(p, t) for p, t in self.tensors if p in self._borrowed], keep=[p for p, _ in self.tensors]))
+                self.tensors = [(p, got.get(p, t)) for p, t in self.tensors]
+                self._borrowed = frozenset()
         return tree.build([*((p, Shards(self.shards[p][0], [(self.shards[p][1], t)]) if p in self.shards else t)
                              for p, t in self.tensors), *self.values])
 
@@ -298,7 +297,7 @@ class Snapshot:
         self.step = -1
         self.values, self.tensors = [], []
         self.live = False
-        self._borrowed = self._prev_borrowed = frozenset()
+        self._borrowed = frozenset()
         self._guard.reset()
         self.previous = None
         self._pinned = [0] * len(self._sets)

@@ -168,8 +168,8 @@ class Snapshotter:
             self.s.snapshot.release_previous(keep_buffers=True)
             # Our rows of the step are in our slot already (a buddy on this host maps it), and nothing
             # writes there before step + 2: the snapshot references them, one copy less per step.
-            if buddy.written is not None and buddy.written[0] == step:
-                borrowed = buddy.written[1]
+            if local_to:
+                borrowed = buddy.slots.rows(step)
         self._capture(items, step, keep_previous=not settled, borrowed=borrowed)
 
     def _refuse_unprotected(self) -> None:

@@ -65,10 +65,6 @@ class BuddyCopies:
         self._lock = threading.Lock()
         self.error: str | None = None
         self.bytes_sent = 0
-        self.written: tuple[int, dict[Path, torch.Tensor]] | None = None
-        """(step, this rank's rows of it in its own slot) once the exchange in flight wrote them there
-        (a buddy on this host maps them): a snapshot of that step may reference them instead of
-        copying them again (snapshotter.take_inline)."""
 
     @property
     def nbytes(self) -> int:
@@ -104,7 +100,6 @@ class BuddyCopies:
         local_to / local_frm: `to` / `frm` is on this host and maps the rows (host_slots.py)."""
         self.wait()
         self.previous = None  # its buffers are the ones this exchange receives into
-        self.written = None
         specs = self._ward_specs(mine, shards, world, frm)
         self._receiving = self._free_set() if recv and not local_frm else None
         dst = self._receiving.reserve((p, torch.empty(sh, dtype=dt, device="meta")) for p, sh, dt in specs) \
@@ -150,7 +145,6 @@ class BuddyCopies:
             [xfer.recv(dst[path], frm, tag) for tag, (path, _) in enumerate(mine) if recv and dst[path].numel()]
         if send and local_to:
             works.append(xfer.send(self.slots.write(step, (me, world), mine), to, msg_tag))
-            self.written = (step, self.slots.rows(step))
         else:
             works += [xfer.send(t, to, tag) for tag, (_, t) in enumerate(mine) if send and t.numel()]
         for w in works:

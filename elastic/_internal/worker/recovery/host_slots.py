@@ -21,7 +21,7 @@ place (a resize) takes fresh slots: a survivor may still be sending its old rows
 Slot s % 2 is also the writer's own snapshot of step s (Snapshot.capture_items, `borrowed`): nothing
 writes it again before step s + 2, by which time step s + 1 is held everywhere (the exchange settled)
 or the group is broken (snapshotter._refuse_unprotected). A checkpoint, which writes from a snapshot
-for several steps, copies it out first (Snapshot.pin(own=True)).
+for several steps, copies it out first (Snapshot.checkpoint_state).
 """
 
 from __future__ import annotations
