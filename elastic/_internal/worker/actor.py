@@ -44,6 +44,7 @@ class WorkerActor:
         # reason, and the training function comes boxed, pickled (RayWorkerGroup): unpickling it
         # imports the user's module, and with it torch, inside the block.
         with background_priority(background) as lowered:
+            from elastic._internal.worker.heap import keep_freed_memory
             from elastic._internal.worker.runtime import WorkerRuntime
 
             fn: Callable[[dict], Any] = _unbox(fn_box[0])
@@ -51,6 +52,7 @@ class WorkerActor:
             # A spot VM gets SIGTERM before it is reclaimed: turn it into a graceful leave at the next
             # step boundary instead of dying mid-step.
             _on_sigterm(self._rt.request_preempt)
+            keep_freed_memory()  # a rebuild reuses what the last generation freed (heap.py)
             _warm_up()
         self._background = lowered
         self._heard = time.monotonic()

@@ -5,6 +5,12 @@ The training function runs in a thread (as in Ray Train) so that the actor keeps
 and pause requests while it trains. A generation ends when the function returns (finished), when
 every rank agreed to pause (parked, for a resize or preemption), when the group broke under it
 (parked, a peer died or froze), or when user code raised (failed).
+
+Every generation of a worker runs in the same long-lived thread, not in a thread of its own: glibc
+gives each new thread a malloc arena of its own, so a new thread's first step would fault in all
+of its memory afresh (measured at 2 ranks, 25 M parameters: the first step 1.4-1.9 s in a new
+thread against 0.9 s in the same one, same model, same group), and DTensor's sharding cache would
+miss for every op (a DeviceMesh compares equal only to one built on the same thread).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import threading
 import time
 import traceback
@@ -45,22 +52,23 @@ class WorkerRuntime:
         self.fn = fn
         self.run = run
         self.s = Services(run, lease_token=lease_token)
-        self._thread: threading.Thread | None = None
         self._notice_lock = threading.RLock()
+        self._assignments: queue.SimpleQueue[Assignment] = queue.SimpleQueue()
+        self._idle = threading.Event()
+        """No generation is running: the generation thread waits for the next assignment."""
+        self._idle.set()
+        threading.Thread(target=self._generations, name="elastic-gen", daemon=True).start()
 
     # -- called from the actor's thread ---------------------------------------------------------
     def start(self, assignment: Assignment) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self._thread.join(timeout=GENERATION_HANDOFF_S)
-            if self._thread.is_alive():
-                raise RuntimeError(f"generation {self.s.board.get().generation} is still running on this worker")
+        if not self._idle.wait(timeout=GENERATION_HANDOFF_S):
+            raise RuntimeError(f"generation {self.s.board.get().generation} is still running on this worker")
+        self._idle.clear()
         self.s.pause.clear()
         self.s.clock.broken = False
         self.s.board.update(state=WorkerState.RUNNING, generation=assignment.generation, failure=None,
                             park_reason=None, last_progress=time.monotonic())
-        self._thread = threading.Thread(target=self._run_generation, args=(assignment,),
-                                        name=f"elastic-gen{assignment.generation}", daemon=True)
-        self._thread.start()
+        self._assignments.put(assignment)
 
     def poll(self, ack: tuple[int, int] = (0, 0)) -> WorkerPoll:
         """What this worker says; `ack`: the (event, record) sequence numbers the supervisor has."""
@@ -93,6 +101,18 @@ class WorkerRuntime:
         self.s.leave.set()
 
     # -- the generation thread ------------------------------------------------------------------
+    def _generations(self) -> None:
+        """The generation thread: runs each assignment in turn (why one thread: the module docstring)."""
+        while True:
+            a = self._assignments.get()
+            threading.current_thread().name = f"elastic-gen{a.generation}"
+            try:
+                self._run_generation(a)
+            except BaseException:  # noqa: BLE001 - it reports its own outcome; the thread must live on
+                log.exception("generation %d ended outside its own report", a.generation)
+            finally:
+                self._idle.set()
+
     def _run_generation(self, a: Assignment) -> None:
         s = self.s
         groups: ProcessGroups | None = None
