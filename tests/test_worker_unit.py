@@ -500,8 +500,8 @@ def test_live_snapshots_with_an_optimizer_that_updates_p_data_restore_the_commit
 def test_every_generation_of_a_worker_runs_on_the_same_thread(tmp_path):
     """A worker runs each generation on one long-lived thread (runtime.py): a new thread would get a
     malloc arena of its own and DTensor's sharding cache would miss (a DeviceMesh compares equal only
-    to one built on the same thread). Two generations in a row on a real runtime: same thread, and
-    the same mesh as far as DTensor's cache can tell."""
+    to one built on the same thread). Two generations in a row on a real runtime: same thread, the
+    same mesh as far as DTensor's cache can tell, and grad mode as a fresh thread has it."""
     import threading
     import time
     from datetime import timedelta
@@ -514,10 +514,12 @@ def test_every_generation_of_a_worker_runs_on_the_same_thread(tmp_path):
     from elastic._internal.worker.runtime import WorkerRuntime
     from elastic import get_context
 
-    seen: list[tuple[int, DeviceMesh]] = []
+    seen: list[tuple[int, DeviceMesh, bool]] = []
 
     def fn(_config: dict) -> None:
-        seen.append((threading.get_ident(), DeviceMesh.from_group(get_context().process_group, "cpu")))
+        seen.append((threading.get_ident(), DeviceMesh.from_group(get_context().process_group, "cpu"),
+                     torch.is_grad_enabled()))
+        torch.set_grad_enabled(False)  # left set: the next generation must not inherit it
 
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=20))
     rt = WorkerRuntime(fn, RunConfig(checkpoint=CheckpointConfig(uri=f"file://{tmp_path}")))
@@ -536,9 +538,10 @@ def test_every_generation_of_a_worker_runs_on_the_same_thread(tmp_path):
         assert rt.s.board.get().state is WorkerState.FINISHED, rt.s.board.get().failure
     done.set()
     assert len(seen) == 2
-    (first, mesh0), (second, mesh1) = seen
+    (first, mesh0, grad0), (second, mesh1, grad1) = seen
     assert first == second != threading.get_ident()
     assert mesh0 == mesh1 and hash(mesh0) == hash(mesh1)
+    assert grad0 and grad1
 
 
 _GENERATIONS = """

@@ -106,6 +106,9 @@ class WorkerRuntime:
         while True:
             a = self._assignments.get()
             threading.current_thread().name = f"elastic-gen{a.generation}"
+            # Thread-local state the last generation may have left set, as a fresh thread would have
+            # it (context managers restore theirs; a bare set_grad_enabled(False) does not).
+            torch.set_grad_enabled(True)
             try:
                 self._run_generation(a)
             except BaseException:  # noqa: BLE001 - it reports its own outcome; the thread must live on
