@@ -7,10 +7,11 @@ every rank agreed to pause (parked, for a resize or preemption), when the group 
 (parked, a peer died or froze), or when user code raised (failed).
 
 Every generation of a worker runs in the same long-lived thread, not in a thread of its own: glibc
-gives each new thread a malloc arena of its own, so a new thread's first step would fault in all
-of its memory afresh (measured at 2 ranks, 25 M parameters: the first step 1.4-1.9 s in a new
-thread against 0.9 s in the same one, same model, same group), and DTensor's sharding cache would
-miss for every op (a DeviceMesh compares equal only to one built on the same thread).
+gives each new thread a malloc arena of its own, so a new thread's first step faults in its memory
+afresh (at 2 ranks, 25 M parameters, on a VM whose memory was still untouched: the first step 1.4-1.9
+s in a new thread against 0.9 s in the same one, same model, same group), and DTensor's sharding
+cache misses for every op (a DeviceMesh compares equal only to one built on the same thread).
+Together with heap.py this took a 4-rank recovery from 5.5 to 3.7 s (docs/benchmarks.md).
 """
 
 from __future__ import annotations
