@@ -532,9 +532,9 @@ def test_every_generation_of_a_worker_runs_on_the_same_thread(tmp_path):
             assert between.wait(5)
         rt.start(Assignment(generation=generation, rank=0, world_size=1, store_host="127.0.0.1",
                             store_port=store.port, backend="gloo", collective_timeout_s=10))
-        deadline = time.monotonic() + 30
+        deadline, version = time.monotonic() + 30, 0
         while rt.s.board.get().state is WorkerState.RUNNING and time.monotonic() < deadline:
-            time.sleep(0.05)
+            version = rt.s.board.wait_change(version, -1, deadline - time.monotonic())  # the supervisor's wait
         assert rt.s.board.get().state is WorkerState.FINISHED, rt.s.board.get().failure
     done.set()
     assert len(seen) == 2

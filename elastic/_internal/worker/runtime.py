@@ -64,11 +64,13 @@ class WorkerRuntime:
     def start(self, assignment: Assignment) -> None:
         if not self._idle.wait(timeout=GENERATION_HANDOFF_S):
             raise RuntimeError(f"generation {self.s.board.get().generation} is still running on this worker")
-        self._idle.clear()
         self.s.pause.clear()
         self.s.clock.broken = False
         self.s.board.update(state=WorkerState.RUNNING, generation=assignment.generation, failure=None,
                             park_reason=None, last_progress=time.monotonic())
+        # Cleared only with the assignment on its way: nothing between them can raise and leave the
+        # thread idle but the worker refusing every later assignment.
+        self._idle.clear()
         self._assignments.put(assignment)
 
     def poll(self, ack: tuple[int, int] = (0, 0)) -> WorkerPoll:
