@@ -829,3 +829,37 @@ def test_a_rank_promoted_onto_another_ranks_node_hands_over_to_a_newcomer_once_o
     final = sorted(w for w, gen, _ in g.starts if gen == last)
     assert crowded not in final and 0 in final and len(final) == 2
     assert ctl.failures == 1 and not ctl.supply.crowded
+
+
+@pytest.mark.parametrize("spare_on", ["nodeA", "nodeB"])
+def test_a_lost_rank_is_replaced_on_its_own_node_before_a_spare_on_another(spare_on):
+    """HSDP needs as many ranks on every node: a rank lost on node B is replaced by B's standby, not by
+    a spare that happens to be ready on node A (the nodes went 3/1 and the mesh flat for the rest of
+    a run under a failure schedule); a spare ready on B itself goes first, and B's standby stays."""
+    from elastic._internal.protocol import WorkerInfo
+    from elastic._internal.supervisor.policy import DefaultPolicy
+
+    g = StandbyGroup(capacity=9, steps=40)
+    g.die_at = {2: 8}
+    nodes = {0: "nodeA", 1: "nodeA", 2: "nodeB", 3: "nodeB", 4: spare_on}
+    refresh = g.refresh
+
+    def on_two_nodes() -> list[int]:
+        newly = refresh()
+        for w in newly:
+            if w in nodes:
+                g.infos[w] = WorkerInfo(pid=10_000 + w, node_id=nodes[w], ip="127.0.0.1")
+        return newly
+
+    g.refresh = on_two_nodes
+    ctl, _, _ = make(g, min_w=4, max_w=4, spares=1)
+    ctl.run = replace(ctl.run, policy=DefaultPolicy(standby_after_s=0.0))
+    assert run_states(ctl)[-1] is StateType.FINISHED
+    last = max(gen for _, gen, _ in g.starts)
+    final = [w for w, gen, _ in g.starts if gen == last]
+    per_node = sorted(sum(1 for w in final if g.infos[w].node_id == n) for n in ("nodeA", "nodeB"))
+    assert per_node == [2, 2] and ctl.failures == 1
+    if spare_on == "nodeB":
+        assert 4 in final and g.promoted == []
+    else:
+        assert 4 not in final and len(g.promoted) == 1 and g.infos[g.promoted[0]].node_id == "nodeB"

@@ -75,8 +75,8 @@ class Formation:
         most = ctl.run.scaling.max_workers
         assert most is not None
         survivors = list(survivors)
-        members = list(survivors) + supply.newcomers(limit=most - len(survivors))
-        members += supply.promote(missing=most - len(members))
+        members = list(survivors)
+        members += supply.replacements(missing=most - len(members), exclude=members)
         t0 = ctl.clock()
         no_room_since: float | None = None
         announced = False
@@ -113,8 +113,7 @@ class Formation:
         assert most is not None
         supply.top_up()
         ctl.group.refresh()
-        members += supply.newcomers(limit=most - len(members), exclude=members)
-        members += supply.promote(missing=most - len(members))
+        members += supply.replacements(missing=most - len(members), exclude=members)
         return len(members) >= most
 
     def _drop_gone(self, members: list[int], survivors: list[int]) -> None:
@@ -139,7 +138,7 @@ class Formation:
             ctl.roster.drop(wid, "lost while the next group was formed")
         most = ctl.run.scaling.max_workers
         assert most is not None
-        members += ctl.supply.promote(missing=most - len(members))
+        members += ctl.supply.replacements(missing=most - len(members), exclude=members)
 
     def build(self, members: list[int], *, reason: str,
               mode: AssignmentMode = AssignmentMode.TRAIN) -> Running | Restarting:

@@ -44,6 +44,24 @@ class Supply:
         taken = set(self._ctl.roster.members) | set(exclude or [])
         return [w for w in self._ctl.group.ready() if w not in taken][:limit]
 
+    def replacements(self, *, missing: int, exclude: list[int]) -> list[int]:
+        """Who fills `missing` places in the next group (besides `exclude`, the members so far), the
+        lost workers' own nodes first: a ready newcomer there, then a standby promoted there, then a
+        newcomer on any node. A rank replaced on its own node keeps the ranks per node as they were:
+        HSDP's mesh stays two-dimensional (a spare that happened to be ready on another node made
+        the nodes uneven, and the run trained on as flat FSDP2 with buddy copies from then on)."""
+        if missing <= 0:
+            return []
+        infos = self._ctl.group.infos
+        picks: list[int] = []
+        for wid in self.newcomers(limit=len(infos), exclude=exclude):
+            node = infos[wid].node_id if wid in infos else None
+            if node in self.lost_nodes and len(picks) < missing:
+                self.lost_nodes.remove(node)  # replaced there: that node's standby stays a standby
+                picks.append(wid)
+        picks += self.promote(missing=missing - len(picks))
+        return picks + self.newcomers(limit=missing - len(picks), exclude=exclude + picks)
+
     def top_up(self, *, background: bool = False) -> None:
         """Keep as many workers requested as the policy wants; `background` when the group trains
         meanwhile (they start at idle priority). A crowded member (promoted onto another rank's
