@@ -544,7 +544,10 @@ def test_standbys_start_after_the_first_step_and_the_pool_grows_with_the_failure
         ensure(node_ids, per_node=per_node)
 
     g.ensure_standbys = recording
-    ctl, events, clock = make(g, max_failures=-1)
+    from elastic._internal.supervisor.policy import DefaultPolicy
+
+    # Start-ups of 10 s (none measured here), two nodes: each expects half the run's failures.
+    ctl, events, clock = make(g, max_failures=-1, policy=DefaultPolicy(standby_startup_s=10.0))
     start = g.start
     built: list[float] = []
 

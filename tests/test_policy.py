@@ -232,6 +232,9 @@ def test_the_standby_pool_covers_the_failures_expected_during_one_start_up():
     assert size(8, 64) == 2  # every 8 s: a second failure during a start-up is likely enough
     assert size(60, 60, 10.0) == p.standby_max_per_node  # capped
     assert size(1, 1) == 1  # one early failure is not a rate: the window counts at least a minute
+    # A standby serves its own node: the run's failures over four nodes are a quarter as many on each.
+    assert size(8, 64) == 2 and p.standbys_per_node(run, failures_in_window=8, window_s=64, startup_s=4.0,
+                                                    nodes=4) == 1
     assert p.standbys_per_node(RunConfig(scaling=ScalingConfig(standby_per_node=0)), failures_in_window=50,
                                window_s=60, startup_s=4.0) == 0  # turned off stays off
 

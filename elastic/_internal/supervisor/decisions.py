@@ -169,8 +169,9 @@ class Policy(Protocol):
         ...
 
     def standbys_per_node(self, run: RunConfig, *, failures_in_window: int, window_s: float,
-                          startup_s: float | None) -> int:
-        """How many standbys to keep warm on each node that hosts ranks."""
+                          startup_s: float | None, nodes: int = 1) -> int:
+        """How many standbys to keep warm on each node that hosts ranks (`failures_in_window`: the
+        run's, over `nodes` nodes; given only when there are several)."""
         ...
 
     def final_save_timeout(self, run: RunConfig) -> float:

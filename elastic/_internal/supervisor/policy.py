@@ -334,15 +334,20 @@ class DefaultPolicy:
         return min(f.collective_timeout_s, f.liveness_interval_s + f.poll_timeout_s + self.rendezvous_per_rank_s * world_size)
 
     def standbys_per_node(self, run: RunConfig, *, failures_in_window: int, window_s: float,
-                          startup_s: float | None) -> int:
+                          startup_s: float | None, nodes: int = 1) -> int:
         """How many standbys to keep warm on each node that hosts ranks: at least
         ScalingConfig.standby_per_node, more when failures come often enough that a second one may
         arrive before a promoted standby's successor is up — the smallest pool that more failures
-        than it holds overrun, during one start-up, with probability <= standby_miss."""
+        than it holds overrun, during one start-up, with probability <= standby_miss.
+        `failures_in_window` are the run's, over `nodes` nodes hosting ranks: a standby serves only
+        its own node's failures, so each node expects its share. (Counting them all per node kept
+        three per node at 4 ranks on 2 nodes, whose start-ups, 4 CPU-seconds each, slowed the
+        steps after every recovery of a failure schedule by 2x.)"""
         base = run.scaling.standby_per_node
         if base <= 0:
             return 0
-        expected = failures_in_window / max(window_s, 60.0) * (startup_s or self.standby_startup_s)
+        rate = failures_in_window / max(window_s, 60.0) / max(nodes, 1)
+        expected = rate * (startup_s or self.standby_startup_s)
         k, p_le, term = 0, math.exp(-expected), math.exp(-expected)  # P(N <= k) for N ~ Poisson(expected)
         while 1.0 - p_le > self.standby_miss and k < self.standby_max_per_node:
             k += 1

@@ -92,9 +92,12 @@ class Supply:
         since = now - (first if first is not None else now)
         window = min(ctl.policy.standby_rate_window_s, since)
         recent = sum(1 for t in ctl.ledger.failure_times if t >= now - window)
+        nodes = ctl.roster.nodes() - ctl.roster.draining
+        # A policy written before `nodes` existed is only asked the old question.
+        extra = {"nodes": len(nodes)} if len(nodes) > 1 else {}
         per_node = ctl.policy.standbys_per_node(ctl.run, failures_in_window=recent, window_s=window,
-                                                startup_s=ctl.group.standby_startup_s())
-        ctl.group.ensure_standbys(ctl.roster.nodes() - ctl.roster.draining, per_node=per_node)
+                                                startup_s=ctl.group.standby_startup_s(), **extra)
+        ctl.group.ensure_standbys(nodes, per_node=per_node)
 
     def node_mates(self, lost: list[int], others: list[int]) -> list[int]:
         """The workers of `others` that were lost with a node of a worker in `lost`: one look at
