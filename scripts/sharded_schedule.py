@@ -81,6 +81,23 @@ def recovered_from(events: list[dict]) -> Counter:
     return Counter("+".join(sorted(s - {"memory"}) or ["memory"]) for s in by_gen.values())
 
 
+def steady_steps(r: dict) -> list[float]:
+    """Step times within a generation (a step after another of the same group: no restore in it)."""
+    st = r["steps"]
+    return [b[1] - a[1] for a, b in zip(st, st[1:]) if a[2] == b[2]]
+
+
+def lost_split(r: dict, free: dict) -> str:
+    """Where a run's time under the schedule went beyond its failure-free time: the failures' costs
+    (kill to a step beyond the newest before it), and the rest, in steps between recoveries that ran
+    slower than failure-free ones (standby start-ups, a newcomer's first steps, checkpoints)."""
+    lost, costs = r["train_s"] - free["train_s"], sum(r["costs"])
+    mine, theirs = steady_steps(r), steady_steps(free)
+    return (f"{lost:.1f} s lost = {costs:.1f} s in failures (sum of costs) + {lost - costs:.1f} s elsewhere; "
+            f"steps between recoveries {statistics.mean(mine):.3f} s (mean) against {statistics.mean(theirs):.3f} s "
+            "failure-free" if mine and theirs else f"{lost:.1f} s lost, {costs:.1f} s in failures")
+
+
 def run(args: argparse.Namespace, root: str, launch: Launch) -> list[dict]:
     """Every (world, arm): a failure-free run, then one per seed under the same schedule."""
     runs: list[dict] = []
@@ -129,6 +146,10 @@ def report(runs: list[dict], args: argparse.Namespace, params: int) -> list[str]
         if any(ph.values()):
             lines.append(f"  {r['arm']} {r['label']}: per kill, median seconds: "
                          + ", ".join(f"{k} {ch.fmt(statistics.median(v) if v else None)}" for k, v in ph.items()))
+    for r in runs:
+        f = free.get((r["world"], r["arm"]))
+        if r["label"] != "free" and f and r["finished"]:
+            lines.append(f"  {r['arm']} {r['label']}: " + lost_split(r, f))
     hs = [r["ettr"] for r in runs if r["arm"] == "hsdp" and r["label"] != "free" and r["world"] == 4]
     if hs:
         ok = all(e is not None and e >= ETTR_TARGET for e in hs)
