@@ -157,6 +157,9 @@ class FakeGroup:
     def standbys(self) -> dict[str, int]:
         return {}
 
+    def standbys_starting(self) -> dict[str, int]:
+        return {}
+
     def promote(self, wid: int) -> None:
         raise AssertionError("no standby to promote")
 

@@ -866,3 +866,46 @@ def test_a_lost_rank_is_replaced_on_its_own_node_before_a_spare_on_another(spare
         assert 4 in final and g.promoted == []
     else:
         assert 4 not in final and len(g.promoted) == 1 and g.infos[g.promoted[0]].node_id == "nodeB"
+
+
+@pytest.mark.parametrize("ready_after_s", [1.0, None])
+def test_a_rebuild_waits_for_a_standby_starting_on_the_lost_node_before_asking_for_a_cold_worker(ready_after_s):
+    """A second failure on a node soon after a recovery finds its successor standby still starting: a
+    cold worker asked for then competes with it for the CPU the parked group freed (and stays on as a
+    spare). Within one standby start-up (5 s here) the rebuild waits for the standby; one that never
+    comes gets a cold worker after that."""
+    from elastic._internal.supervisor.policy import DefaultPolicy
+
+    class StartingStandby(StandbyGroup):  # node1's standby is ready only ready_after_s after rank 1 died
+        died_at: float | None = None
+
+        def _ready(self) -> bool:
+            return ready_after_s is not None and self.died_at is not None and clock() >= self.died_at + ready_after_s
+
+        def poll(self, wids, timeout_s):
+            out = super().poll(wids, timeout_s)
+            if 1 in self.dead and self.died_at is None:
+                self.died_at = clock()
+            return out
+
+        def standbys(self):
+            return {n: w for n, w in super().standbys().items() if n != "node1" or self._ready()}
+
+        def standbys_starting(self):
+            return {"node1": 1} if "node1" in self.standby_of and not self._ready() else {}
+
+        def request(self, n, *, background=False):
+            asked_at.append(clock())
+            return super().request(n, background=background)
+
+    asked_at: list[float] = []
+    g = StartingStandby(capacity=4, steps=40)
+    g.die_at = {1: 8}
+    ctl, _, clock = make(g)
+    ctl.run = replace(ctl.run, policy=DefaultPolicy(standby_after_s=0.0))
+    assert run_states(ctl)[-1] is StateType.FINISHED and ctl.failures == 1
+    later = [t for t in asked_at if g.died_at is not None and t >= g.died_at]
+    if ready_after_s is not None:
+        assert later == [] and len(g.promoted) == 1  # no cold worker: the standby took the place
+    else:
+        assert later and later[0] - g.died_at >= 5.0 and g.promoted == []  # asked for after one start-up

@@ -194,6 +194,9 @@ class SimulatedGroup:
     def standbys(self) -> dict[str, int]:
         return {}
 
+    def standbys_starting(self) -> dict[str, int]:
+        return {}
+
     def promote(self, wid: int) -> None:
         raise AssertionError("the simulated group keeps no standbys")
 

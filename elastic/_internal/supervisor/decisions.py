@@ -141,8 +141,11 @@ class Policy(Protocol):
         """A running group's health, every poll interval."""
         ...
 
-    def to_request(self, run: RunConfig, have: int) -> int:
-        """Workers to ask for, given those ready or on their way."""
+    def to_request(self, run: RunConfig, have: int, *, standbys_coming: int = 0, waited_s: float = 0.0,
+                   startup_s: float | None = None) -> int:
+        """Workers to ask for, given those ready or on their way (`standbys_coming`: standbys still
+        starting on the nodes of workers just lost, the rebuild having waited `waited_s`; given only
+        when there are any)."""
         ...
 
     def after_failure(self, run: RunConfig, failures: int, consecutive: int, reason: str,

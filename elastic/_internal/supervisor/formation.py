@@ -97,7 +97,7 @@ class Formation:
             if d.below_min and not announced:
                 announced = True
                 ctl.events.emit(Event.WAITING_FOR_WORKERS, have=len(members), need=ctl.run.scaling.min_workers)
-            if self._gather(members):
+            if self._gather(members, waited_s=now - t0):
                 continue
             if ctl.group.placeable() > 0:
                 no_room_since = None
@@ -105,16 +105,21 @@ class Formation:
                 no_room_since = ctl.clock()
             ctl.sleep(ctl.run.failure.poll_interval_s)
 
-    def _gather(self, members: list[int]) -> bool:
-        """While the next group waits: ask for more, add the newcomers and standbys ready now to
-        `members`; whether it is full."""
+    def _gather(self, members: list[int], *, waited_s: float) -> bool:
+        """While the next group waits: add the newcomers and standbys ready now to `members`, then
+        ask for more (a standby that became ready since the last look is a member, not a reason to
+        ask for a cold worker); whether it is full."""
         ctl, supply = self._ctl, self._ctl.supply
         most = ctl.run.scaling.max_workers
         assert most is not None
-        supply.top_up()
-        ctl.group.refresh()
-        members += supply.replacements(missing=most - len(members), exclude=members)
-        return len(members) >= most
+        for ask in (False, True):
+            if ask:
+                supply.top_up(waited_s=waited_s)
+            ctl.group.refresh()
+            members += supply.replacements(missing=most - len(members), exclude=members)
+            if len(members) >= most:
+                return True
+        return False
 
     def _drop_gone(self, members: list[int], survivors: list[int]) -> None:
         """Of the parked survivors, drop those whose last word says they are gone (their watches

@@ -89,6 +89,14 @@ class StandbyPool:
         """node id -> a standby there that is ready to become a worker (and not known to be dead)."""
         return {node: wid for wid, node in sorted(self.nodes.items()) if wid in infos and not dead(wid)}
 
+    def starting(self, infos: dict[int, WorkerInfo]) -> dict[str, int]:
+        """node id -> how many of its standbys are not ready yet."""
+        out: dict[str, int] = {}
+        for wid, node in self.nodes.items():
+            if wid not in infos:
+                out[node] = out.get(node, 0) + 1
+        return out
+
     def startup_s(self) -> float | None:
         """The median start-up of the standbys started so far (request to ready); None before one."""
         return statistics.median(self._startups) if self._startups else None

@@ -62,14 +62,31 @@ class Supply:
         picks += self.promote(missing=missing - len(picks))
         return picks + self.newcomers(limit=missing - len(picks), exclude=exclude + picks)
 
-    def top_up(self, *, background: bool = False) -> None:
+    def top_up(self, *, background: bool = False, waited_s: float | None = None) -> None:
         """Keep as many workers requested as the policy wants; `background` when the group trains
         meanwhile (they start at idle priority). A crowded member (promoted onto another rank's
-        node) does not count: a newcomer is asked for to take its place."""
+        node) does not count: a newcomer is asked for to take its place. `waited_s`: how long the
+        rebuild asking has waited (the policy is told of standbys still starting where workers
+        were lost; a policy written before that is only asked the old question)."""
         ctl = self._ctl
-        n = ctl.policy.to_request(ctl.run, len((set(ctl.group.ready()) | set(ctl.group.pending())) - self.crowded))
+        have = len((set(ctl.group.ready()) | set(ctl.group.pending())) - self.crowded)
+        coming = self._standbys_coming() if waited_s is not None else 0
+        extra = {"standbys_coming": coming, "waited_s": waited_s,
+                 "startup_s": ctl.group.standby_startup_s()} if coming else {}
+        n = ctl.policy.to_request(ctl.run, have, **extra)
         if n > 0:
             ctl.group.request(n, background=background)
+
+    def _standbys_coming(self) -> int:
+        """Places of lost workers that a standby still starting on their (live) node can take."""
+        if not self.lost_nodes:
+            return 0
+        starting = self._ctl.group.standbys_starting()
+        lost: dict[str, int] = {}
+        for node in self.lost_nodes:
+            if node not in self.dead_nodes:
+                lost[node] = lost.get(node, 0) + 1
+        return sum(min(n, starting.get(node, 0)) for node, n in lost.items())
 
     def standbys_due(self) -> bool:
         """The run's first start-up is protected from standbys' start-up (a Ray worker process and

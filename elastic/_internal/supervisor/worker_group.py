@@ -41,7 +41,8 @@ class WorkerGroup(Protocol):
     - request_pause / request_preempt / request_stop: running workers leave at a step boundary
       (parked, ParkReason.PAUSE) or finish; kill(wid) ends a worker and forgets it.
     - Standbys are not workers: ensure_standbys keeps them on nodes, standbys() lists the ready
-      ones (node id -> worker id), promote(wid) makes one a worker (in ready() from then on) and
+      ones (node id -> worker id), standbys_starting() counts those not ready yet per node,
+      promote(wid) makes one a worker (in ready() from then on) and
       gpu_ids(wid) returns the GPUs its reservation holds (() for every other worker). A group
       that keeps none returns {} from standbys().
     - lost_nodes(node_ids): of these nodes, those the cluster reports dead or no longer lists; every
@@ -64,6 +65,7 @@ class WorkerGroup(Protocol):
     def lost_nodes(self, node_ids: set[str]) -> set[str]: ...
     def ensure_standbys(self, node_ids: set[str], *, per_node: int | None = None) -> None: ...
     def standbys(self) -> dict[str, int]: ...
+    def standbys_starting(self) -> dict[str, int]: ...
     def standby_startup_s(self) -> float | None: ...
     def promote(self, wid: int) -> None: ...
     def gpu_ids(self, wid: int, timeout_s: float) -> tuple[str, ...]: ...
@@ -199,6 +201,10 @@ class RayWorkerGroup:
         moment ago is not offered for promotion)."""
         self._watches.harvest(time.monotonic())
         return self._standbys.ready(self.infos, self._watches.is_dead)
+
+    def standbys_starting(self) -> dict[str, int]:
+        """node id -> how many standbys there are still starting (asked for, not ready yet)."""
+        return self._standbys.starting(self.infos)
 
     def standby_startup_s(self) -> float | None:
         """The median start-up of the standbys started so far (request to ready); None before one."""
