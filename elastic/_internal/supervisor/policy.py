@@ -236,8 +236,9 @@ class DefaultPolicy:
         `standbys_coming`: standbys still starting on the nodes of workers just lost, the rebuild
         having waited `waited_s`. Within one standby start-up (`startup_s` as measured, else
         standby_startup_s) they count as on their way: a cold worker asked for now would compete
-        with them for the CPU the parked group freed, and stay on as a spare (a burst of kills on one
-        node: 5.7 s of rebuild here, against about 2.6 s of CPU left to a started standby)."""
+        with them for the CPU the parked group freed, and stay on as a spare nobody asked for (a burst
+        of kills on one node, docs/benchmarks.md: a 5.7 s rebuild with a cold worker competing, 4.7 s
+        without)."""
         sc = run.scaling
         assert sc.max_workers is not None
         if standbys_coming and waited_s < (startup_s or self.standby_startup_s):
@@ -348,9 +349,9 @@ class DefaultPolicy:
         arrive before a promoted standby's successor is up — the smallest pool that more failures
         than it holds overrun, during one start-up, with probability <= standby_miss.
         `failures_in_window` are the run's, over `nodes` nodes hosting ranks: a standby serves only
-        its own node's failures, so each node expects its share. (Counting them all per node kept
-        three per node at 4 ranks on 2 nodes, whose start-ups, 4 CPU-seconds each, slowed the
-        steps after every recovery of a failure schedule by 2x.)"""
+        its own node's failures, so each node expects its share. (Counting them all per node started
+        3 standbys after a recovery at 4 ranks on 2 nodes, where 1 replaces the promoted one; each
+        start-up takes 2.6 CPU-seconds from training on a node without cores to spare.)"""
         base = run.scaling.standby_per_node
         if base <= 0:
             return 0
