@@ -56,7 +56,7 @@ class Supply:
         picks: list[int] = []
         for wid in self.newcomers(limit=len(infos), exclude=exclude):
             node = infos[wid].node_id if wid in infos else None
-            if node in self.lost_nodes and len(picks) < missing:
+            if node in self.lost_nodes and node not in self.dead_nodes and len(picks) < missing:
                 self.lost_nodes.remove(node)  # replaced there: that node's standby stays a standby
                 picks.append(wid)
         picks += self.promote(missing=missing - len(picks))
