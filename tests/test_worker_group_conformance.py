@@ -281,16 +281,19 @@ def test_standbys_wait_on_their_nodes_and_a_promoted_one_becomes_a_worker(group,
     if not impl.keeps_standbys:
         g.ensure_standbys(nodes, per_node=1)
         g.refresh()
-        assert g.standbys() == {} and g.standby_startup_s() is None
+        assert g.standbys() == {} and g.standbys_starting() == {} and g.standby_startup_s() is None
         return
 
     g.ensure_standbys(nodes, per_node=1)
+    if isinstance(g, RayWorkerGroup):  # asked for, not collected yet (a start-up takes seconds)
+        assert g.standbys_starting() == {n: 1 for n in nodes} and g.standbys() == {}
 
     def one_per_node() -> dict[str, int] | None:
         g.refresh()
         return g.standbys() if set(g.standbys()) == nodes else None
 
     standbys = eventually(one_per_node, "a ready standby on every node")
+    assert g.standbys_starting() == {}
     for node, s in standbys.items():
         assert s not in g.ready() and s not in g.pending() and s not in ids and g.infos[s].node_id == node
     g.ensure_standbys(nodes, per_node=1)
