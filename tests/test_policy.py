@@ -86,6 +86,21 @@ def test_top_up_keeps_max_plus_spares_asked_for():
     assert [P.to_request(r, have) for have in (0, 3, 4, 6)] == [4, 1, 0, 0]
 
 
+def test_a_standby_starting_on_the_lost_node_defers_a_cold_request_for_one_start_up_and_half_the_placement_budget():
+    """One rank lost, its node's standby still starting: no cold worker while the rebuild has waited
+    less than a standby start-up (measured: startup_s), nor ever past half of placement_timeout_s
+    (60 s here), so a cold worker asked for then still has the other half to be placed."""
+    r = RunConfig(scaling=ScalingConfig(min_workers=2, max_workers=2, placement_timeout_s=60))
+    assert P.to_request(r, 1) == 1
+    assert P.to_request(r, 1, standbys_coming=1, waited_s=1.0, startup_s=3.0) == 0
+    assert P.to_request(r, 1, standbys_coming=1, waited_s=3.5, startup_s=3.0) == 1
+    assert P.to_request(r, 1, standbys_coming=1, waited_s=1.0) == 0  # none measured: standby_startup_s (5 s)
+    assert P.to_request(r, 1, standbys_coming=1, waited_s=5.5) == 1
+    # Standbys that take 100 s to start: the wait ends at half the placement budget.
+    assert P.to_request(r, 1, standbys_coming=1, waited_s=29.0, startup_s=100.0) == 0
+    assert P.to_request(r, 1, standbys_coming=1, waited_s=31.0, startup_s=100.0) == 1
+
+
 # -- after a failure -------------------------------------------------------------------------
 def test_failures_within_budget_retry_with_backoff_and_one_more_fails_with_a_final_save():
     r = run(max_failures=2, backoff_base_s=0.5, backoff_max_s=1.0)

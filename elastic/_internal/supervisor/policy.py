@@ -238,10 +238,11 @@ class DefaultPolicy:
         standby_startup_s) they count as on their way: a cold worker asked for now would compete
         with them for the CPU the parked group freed, and stay on as a spare nobody asked for (a burst
         of kills on one node, docs/benchmarks.md: a 5.7 s rebuild with a cold worker competing, 4.7 s
-        without)."""
+        without). Never past half of placement_timeout_s: standbys that start slowly (a minute, on
+        a loaded host) must leave a cold worker asked for then the other half to be placed."""
         sc = run.scaling
         assert sc.max_workers is not None
-        if standbys_coming and waited_s < (startup_s or self.standby_startup_s):
+        if standbys_coming and waited_s < min(startup_s or self.standby_startup_s, sc.placement_timeout_s / 2):
             have += standbys_coming
         return max(0, sc.max_workers + sc.spares - have)
 
