@@ -72,6 +72,23 @@ def test_a_killed_rank_comes_back_from_its_buddy_and_the_model_ends_equal(refere
     assert_models_equal(reference[2], final_model(str(tmp_path / "run")))
 
 
+def test_a_rank_killed_in_the_first_step_after_a_recovery_comes_back_from_memory(reference, tmp_path):
+    """Rank 1 killed at step 17, then rank 0 (the survivor) at the top of the first step after the
+    recovery: the newcomer must already hold rank 0's rows of step 17 (the restore's buddy exchange
+    done before training resumes), so the second recovery comes from memory too, not from the
+    step-10 checkpoint (7 steps lost)."""
+    from elastic.chaos.job import FIRST_STEP
+
+    faults = [{"kind": "sigkill", "step": 17, "rank": 1}, {"kind": "sigkill", "step": FIRST_STEP, "rank": 0}]
+    r = _fit(tmp_path / "run", 2, faults=faults, marker_dir=tmp_path, shm=False)
+    assert r.ok, r.error
+    assert len(fired(tmp_path)) == 2 and r.failures == 2, r.events
+    restored = [(e["generation"], e["source"]) for e in r.events if e["event"] == "restored" and e["generation"] > 0]
+    assert sorted(set(restored)) == [(1, "buddy"), (2, "buddy")], restored
+    assert max(e["lost_steps"] for e in r.events if e["event"] == "recovered") <= 1
+    assert_models_equal(reference[2], final_model(str(tmp_path / "run")))
+
+
 @pytest.mark.slow  # ~50 s: four runs at 2-3 ranks
 def test_a_rank_lost_with_its_buddy_falls_back_to_the_checkpoint_and_a_resume_reshards(ray_local, tmp_path):
     """3 ranks, rank 0 and its buddy (rank 1) killed together: their rows exist only in the step-10

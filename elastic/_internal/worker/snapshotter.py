@@ -117,7 +117,8 @@ class Snapshotter:
                         "copied from now on (a failure there must still find this step's state)", self.groups.rank)
 
     def exchange(self, *, wait: bool = False, in_place: frozenset[int] = frozenset()) -> None:
-        """Send the newest snapshot's rows to our buddy and take our ward's, in the background.
+        """Send the newest snapshot's rows to our buddy and take our ward's, in the background;
+        `wait`: return once it settled (or, the group breaking, was left behind after the grace).
         `in_place`: the ranks that already hold their ward's rows of this step (nothing goes to them)."""
         rank, world = self.groups.rank, self.groups.world_size
         if self.model is not None and self.model.replicated:
@@ -140,7 +141,8 @@ class Snapshotter:
                        ready=snap.waiter(), done=done, send=to not in in_place, recv=rank not in in_place,
                        local_to=local[0], local_frm=local[1])
         if wait:
-            buddy.wait()
+            with self.s.clock.timing():  # waiting on peers: this rank is not the one to blame
+                buddy.finish(self.s.pause, INLINE_GRACE_S)
 
     def _inline(self, state: TrainState) -> bool:
         """Whether this commit's exchange runs inline: a sharded model without replicas, on several
