@@ -60,3 +60,32 @@ def test_an_exchange_with_a_copy_in_place_sends_one_way_and_keeps_it():
     before, after, sent, error = seen[1]
     assert before is None and after.step == 4 and torch.equal(after.tensors[("w",)], torch.full((2, 3), 40.0))
     assert sent == 0 and error is None
+
+
+def test_a_survivor_in_place_points_its_new_buddy_at_the_slot_its_snapshot_borrows():
+    """Shared memory: a rank's snapshot of step 5 is its slot 1 (borrowed). A restore releases the
+    slots but keeps that one; sending step 5 again (to a newcomer) points at it (same slot, no new
+    memfd, its rows not copied onto themselves), and a reader maps step 5's rows there. Step 6 takes
+    a fresh slot 0; step 7 writes slot 1 again, in place."""
+    import os
+
+    from elastic._internal.worker.recovery.host_slots import SlotReader, SlotWriter
+
+    w = SlotWriter()
+    key, spec = (0, 2), [(("w",), (4, 3), torch.float32)]
+    for step in (4, 5):
+        w.write(step, key, [(("w",), torch.full((4, 3), float(step)))])
+    borrowed = w.rows(5)
+    two = w.nbytes
+    w.close(keep=borrowed)
+    assert w.holds(borrowed) and w.nbytes == two // 2 and w.rows(4) == {}
+    msg = w.write(5, key, list(borrowed.items()))
+    assert int(msg[2]) == w._slots[1].serial and w.rows(5)[("w",)].data_ptr() == borrowed[("w",)].data_ptr()
+    assert torch.equal(SlotReader().views(msg, spec, 5)[("w",)], torch.full((4, 3), 5.0))
+    assert int(msg[0]) == os.getpid()
+    w.write(6, key, [(("w",), torch.full((4, 3), 6.0))])
+    serial = w._slots[1].serial
+    w.write(7, key, [(("w",), torch.full((4, 3), 7.0))])
+    assert w._slots[1].serial == serial and torch.equal(borrowed[("w",)], torch.full((4, 3), 7.0))
+    w.close()
+    assert w.nbytes == 0 and not w.holds(borrowed)

@@ -175,7 +175,8 @@ def test_a_rank_killed_during_an_exchange_leaves_one_step_complete_in_memory():
     world, shape = 3, (6, 4)
     shards = {("w",): (shape, (0, 0))}
     store = dist.HashStore()
-    services = [SimpleNamespace(snapshot=Snapshot(), buddy=BuddyCopies()) for _ in range(world)]
+    services = [SimpleNamespace(snapshot=Snapshot(), buddy=BuddyCopies(), clock=CollectiveClock(), pause=threading.Event())
+                for _ in range(world)]
     errors: list = []
 
     def rows(o: int, step: int) -> torch.Tensor:

@@ -89,7 +89,7 @@ class Restorer:
         fsdp.check_optimizer(state.model, state.optimizer)
         s = self.s
         s.buddy.wait()
-        s.buddy.release_spare()  # an exchange cut short will never complete: its memory goes first
+        s.buddy.release_spare(s.snapshot.borrowed)  # an exchange cut short will never complete: its memory goes first
         found, durable, last_committed = sharded_state.agree(self.groups, s, s.latest_durable_step(),
                                                              s.board.get().step)
         if found is not None and found.step >= durable:
@@ -98,7 +98,9 @@ class Restorer:
             s.snapshot.keep(found.step)
             s.buddy.keep(found.step)
         self.mapped_bytes = s.buddy.mapped_bytes
-        self.host_bytes = s.snapshot.nbytes + s.snapshot.borrowed_nbytes + s.buddy.nbytes + self.mapped_bytes
+        # The borrowed rows are counted once: in the slot kept for them, or else as the snapshot's.
+        borrowed = 0 if s.buddy.slots.holds(s.snapshot.borrowed) else s.snapshot.borrowed_nbytes
+        self.host_bytes = s.snapshot.nbytes + borrowed + s.buddy.nbytes + self.mapped_bytes
         source = "fresh"
         if (found is not None and found.step >= durable) or durable >= 0:
             fsdp.init_optimizer_state(state.optimizer)  # what state_dict() would make by a real step

@@ -89,6 +89,11 @@ class Snapshot:
         return sum(s.nbytes for s in self._sets)
 
     @property
+    def borrowed(self) -> dict[Path, torch.Tensor]:
+        """The newest snapshot's tensors that live in memory it references (host_slots.py)."""
+        return {p: t for p, t in self.tensors if p in self._borrowed}
+
+    @property
     def borrowed_nbytes(self) -> int:
         """Bytes of the newest snapshot that live in memory it references, not in its buffers."""
         return sum(t.numel() * t.element_size() for p, t in self.tensors if p in self._borrowed)

@@ -225,15 +225,16 @@ class BuddyCopies:
         if c.held is not None:
             c.held.release()
 
-    def release_spare(self) -> None:
+    def release_spare(self, borrowed: dict[Path, torch.Tensor] | None = None) -> None:
         """Free the set that does not hold the complete copy, unless it holds the previous one (a
         copy cut short will never complete), and this rank's slots (a restore moves rows from
-        snapshots and copies; the next exchange takes fresh slots)."""
+        snapshots and copies; the next exchange takes fresh slots), except the one `borrowed` (the
+        snapshot's rows) lives in: the snapshot keeps its memory anyway."""
         self.wait()
         for s in self._sets:
             if not any(s is h for h in self._held()):
                 s.release()
-        self.slots.close()
+        self.slots.close(keep=borrowed)
         self.maps.clear()  # a ward's slots live on only in the copies that use them
 
     @property
