@@ -97,11 +97,23 @@ def world_of_one():
         dist.destroy_process_group()
 
 
+def _two_groups(ps, opt_cls, **kw):
+    """Matrices and vectors in groups of their own, the second with other options. (No L2 weight
+    decay: torch's step at lr 0 would then leave gradient statistics of the weights, not zeros.)"""
+    ps = list(ps)
+    return opt_cls([{"params": [p for p in ps if p.dim() > 1]},
+                    {"params": [p for p in ps if p.dim() <= 1], "lr": 0.05}], lr=0.1, **kw)
+
+
 @pytest.mark.parametrize("make_opt", [lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.01),
-                                      lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)])
+                                      lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                                      lambda ps: _two_groups(ps, torch.optim.Adam, amsgrad=True),
+                                      lambda ps: _two_groups(ps, torch.optim.Adagrad)],
+                         ids=["adamw", "sgd", "adam-amsgrad-2-groups", "adagrad-2-groups"])
 def test_optimizer_state_made_on_meta_is_torchs_zero_step_state(world_of_one, make_opt):
     """The state dict after init_optimizer_state equals the one torch's get_state_dict makes by a
-    real step at lr 0 (paths, DTensor layouts, values), parameters included."""
+    real step at lr 0 (paths, DTensor layouts, values), parameters included; no two parameters share
+    a state tensor (one stand-in serves every parameter of its kind)."""
     out = []
     for fast in (False, True):
         model = fsdp.shard(build(), world_of_one, torch.device("cpu"))
@@ -109,6 +121,10 @@ def test_optimizer_state_made_on_meta_is_torchs_zero_step_state(world_of_one, ma
         if fast:
             fsdp.init_optimizer_state(opt)
             assert opt.state  # made here, not by get_state_dict's step
+            held = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+            assert len({id(v) for v in held}) == len(held)
+            assert len({(v.to_local() if fsdp.is_sharded(v) else v).data_ptr() for v in held if v.numel()}) == \
+                len([v for v in held if v.numel()])
         out.append(TrainState(model=model, optimizer=opt).state_dict())
 
     def leaves(sd: dict) -> list:
