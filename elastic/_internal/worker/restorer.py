@@ -97,6 +97,8 @@ class Restorer:
             # and the older): only the agreed one is read, the other goes before any row moves.
             s.snapshot.keep(found.step)
             s.buddy.keep(found.step)
+        # The slot kept for the snapshot's rows stays only while the snapshot to restore borrows it.
+        s.buddy.slots.close(keep=s.snapshot.borrowed if found is not None and found.step >= durable else None)
         self.mapped_bytes = s.buddy.mapped_bytes
         # The borrowed rows are counted once: in the slot kept for them, or else as the snapshot's.
         borrowed = 0 if s.buddy.slots.holds(s.snapshot.borrowed) else s.snapshot.borrowed_nbytes
