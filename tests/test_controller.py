@@ -902,7 +902,9 @@ def test_a_rebuild_waits_for_a_standby_starting_on_the_lost_node_before_asking_f
     g = StartingStandby(capacity=4, steps=40)
     g.die_at = {1: 8}
     ctl, _, clock = make(g)
-    ctl.run = replace(ctl.run, policy=DefaultPolicy(standby_after_s=0.0))
+    # A placement budget above two start-ups: the wait is one start-up, not half of the budget (test_policy).
+    ctl.run = replace(ctl.run, policy=DefaultPolicy(standby_after_s=0.0),
+                      scaling=replace(ctl.run.scaling, placement_timeout_s=20))
     assert run_states(ctl)[-1] is StateType.FINISHED and ctl.failures == 1
     later = [t for t in asked_at if g.died_at is not None and t >= g.died_at]
     if ready_after_s is not None:
