@@ -76,11 +76,12 @@ def test_a_survivor_in_place_points_its_new_buddy_at_the_slot_its_snapshot_borro
     for step in (4, 5):
         w.write(step, key, [(("w",), torch.full((4, 3), float(step)))])
     borrowed = w.rows(5)
-    two = w.nbytes
+    two, serial5 = w.nbytes, w._slots[1].serial
     w.close(keep=borrowed)
     assert w.holds(borrowed) and w.nbytes == two // 2 and w.rows(4) == {}
     msg = w.write(5, key, list(borrowed.items()))
-    assert int(msg[2]) == w._slots[1].serial and w.rows(5)[("w",)].data_ptr() == borrowed[("w",)].data_ptr()
+    assert int(msg[2]) == serial5 == w._slots[1].serial  # the same memfd, not a fresh one
+    assert w.rows(5)[("w",)].data_ptr() == borrowed[("w",)].data_ptr()
     assert torch.equal(SlotReader().views(msg, spec, 5)[("w",)], torch.full((4, 3), 5.0))
     assert int(msg[0]) == os.getpid()
     w.write(6, key, [(("w",), torch.full((4, 3), 6.0))])

@@ -72,15 +72,18 @@ def test_a_killed_rank_comes_back_from_its_buddy_and_the_model_ends_equal(refere
     assert_models_equal(reference[2], final_model(str(tmp_path / "run")))
 
 
-def test_a_rank_killed_in_the_first_step_after_a_recovery_comes_back_from_memory(reference, tmp_path):
+@pytest.mark.parametrize("shm", [False, True], ids=["loopback", "shared-memory"])
+def test_a_rank_killed_in_the_first_step_after_a_recovery_comes_back_from_memory(reference, tmp_path, shm):
     """Rank 1 killed at step 17, then rank 0 (the survivor) at the top of the first step after the
     recovery: the newcomer must already hold rank 0's rows of step 17 (the restore's buddy exchange
     done before training resumes), so the second recovery comes from memory too, not from the
-    step-10 checkpoint (7 steps lost)."""
+    step-10 checkpoint (7 steps lost). Over loopback the old background exchange lost this race;
+    through shared memory the newcomer maps the slot the survivor kept for its snapshot, which must
+    outlive the survivor's death."""
     from elastic.chaos.job import FIRST_STEP
 
     faults = [{"kind": "sigkill", "step": 17, "rank": 1}, {"kind": "sigkill", "step": FIRST_STEP, "rank": 0}]
-    r = _fit(tmp_path / "run", 2, faults=faults, marker_dir=tmp_path, shm=False)
+    r = _fit(tmp_path / "run", 2, faults=faults, marker_dir=tmp_path, shm=shm)
     assert r.ok, r.error
     assert len(fired(tmp_path)) == 2 and r.failures == 2, r.events
     restored = [(e["generation"], e["source"]) for e in r.events if e["event"] == "restored" and e["generation"] > 0]

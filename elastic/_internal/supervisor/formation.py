@@ -112,14 +112,16 @@ class Formation:
         ctl, supply = self._ctl, self._ctl.supply
         most = ctl.run.scaling.max_workers
         assert most is not None
-        for ask in (False, True):
-            if ask:
-                supply.top_up(waited_s=waited_s)
+
+        def take() -> bool:
             ctl.group.refresh()
-            members += supply.replacements(missing=most - len(members), exclude=members)
-            if len(members) >= most:
-                return True
-        return False
+            members.extend(supply.replacements(missing=most - len(members), exclude=members))
+            return len(members) >= most
+
+        if take():
+            return True
+        supply.top_up(waited_s=waited_s)
+        return take()
 
     def _drop_gone(self, members: list[int], survivors: list[int]) -> None:
         """Of the parked survivors, drop those whose last word says they are gone (their watches

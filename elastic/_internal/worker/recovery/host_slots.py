@@ -91,6 +91,10 @@ class _Slot:
         self.serial = next(_serials)
         self.tensors = _views(self.buf, specs)
 
+    def holds(self, tensors: dict[Path, torch.Tensor]) -> bool:
+        """Whether `tensors` are views of this slot's tensors (the same memory, path by path)."""
+        return all(p in self.tensors and self.tensors[p].data_ptr() == t.data_ptr() for p, t in tensors.items())
+
     def close(self) -> None:
         """Give up this process's hold: the memory lives on while a buddy maps it."""
         self.tensors = {}
@@ -136,8 +140,7 @@ class SlotWriter:
 
     def holds(self, tensors: dict[Path, torch.Tensor]) -> bool:
         """Whether `tensors` (not empty) are the views of one of these slots."""
-        return bool(tensors) and any(all(p in s.tensors and s.tensors[p].data_ptr() == t.data_ptr()
-                                         for p, t in tensors.items()) for s in self._slots.values())
+        return bool(tensors) and any(s.holds(tensors) for s in self._slots.values())
 
     def close(self, keep: dict[Path, torch.Tensor] | None = None) -> None:
         """Give up the slots, except the one whose views are `keep` (a snapshot borrows it): a
@@ -146,7 +149,7 @@ class SlotWriter:
         and writes its next step's rows into the other."""
         kept = {}
         for parity, s in self._slots.items():
-            if keep and all(p in s.tensors and s.tensors[p].data_ptr() == t.data_ptr() for p, t in keep.items()):
+            if keep and s.holds(keep):
                 kept[parity] = s
             else:
                 s.close()
