@@ -14,9 +14,18 @@ def train_other_model(config: dict) -> None:
 
 
 def train_noting_priority(config: dict) -> None:
-    """Same loop; first notes this rank's nice value as a file `<generation>-<rank>-<nice>`."""
+    """Same loop; first notes this rank's nice value as a file `<generation>-<rank>-<nice>`, and the
+    nice value of every supervisor process on this machine as `supervisor-<nice>`."""
     import elastic
 
     ctx = elastic.get_context()
-    open(os.path.join(config["nice_dir"], f"{ctx.generation}-{ctx.rank}-{os.getpriority(os.PRIO_PROCESS, 0)}"), "w").close()
+    notes = [f"{ctx.generation}-{ctx.rank}-{os.getpriority(os.PRIO_PROCESS, 0)}"]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if open(f"/proc/{pid}/cmdline", "rb").read().startswith(b"ray::SupervisorActor"):
+                notes.append(f"supervisor-{os.getpriority(os.PRIO_PROCESS, int(pid))}")
+        except OSError:  # gone meanwhile
+            pass
+    for note in notes:
+        open(os.path.join(config["nice_dir"], note), "w").close()
     train(config)

@@ -83,10 +83,11 @@ def test_worker_crash_keeps_survivors_and_final_model(reference, tmp_path, kind,
     assert_models_equal(reference[workers], final_model(str(tmp_path / "run")))
 
 
-def test_ranks_and_the_standby_that_replaces_one_train_at_the_configured_priority(ray_local, tmp_path):
+def test_the_supervisor_ranks_and_the_standby_that_replaces_one_run_at_the_configured_priority(ray_local, tmp_path):
     # Ray starts its workers at nice 15: a rank then yields the CPU to every process at nice 0 (Ray's
     # daemons, the driver) and its peers wait on it in the next collective (1.26x plain FSDP2's step
-    # at 2 ranks on 2 cores). Ranks, and the standby promoted in the dead rank's place, run at 0.
+    # at 2 ranks on 2 cores). Ranks, the standby promoted in the dead rank's place and the supervisor
+    # (which would otherwise get a few per cent of a busy core) run at 0.
     nice_dir = tmp_path / "nice"
     nice_dir.mkdir()
     r = elastic.ElasticTrainer(
@@ -98,7 +99,7 @@ def test_ranks_and_the_standby_that_replaces_one_train_at_the_configured_priorit
     ).fit(raise_on_failure=False, quiet=True)
     assert r.ok, r.error
     assert r.failures == 1
-    assert sorted(p.name for p in nice_dir.iterdir()) == ["0-0-0", "0-1-0", "1-0-0", "1-1-0"]
+    assert sorted(p.name for p in nice_dir.iterdir()) == ["0-0-0", "0-1-0", "1-0-0", "1-1-0", "supervisor-0"]
     assert ray_local.get(_nice_of_a_ray_task.remote()) == 15  # what the ranks would get from Ray
 
 
