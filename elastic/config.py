@@ -78,13 +78,6 @@ class ScalingConfig:
     survivors (if >= min_workers) and grow back when the replacement is ready (fastest recovery;
     results then match only up to float summation order)."""
 
-    niceness: int = 0
-    """CPU niceness of elastic's processes (the supervisor and the workers: ranks, spares, standbys),
-    0-19. Ray starts its workers at 15 so that its daemons win the CPU; ranks training in lock-step
-    then stall whenever a process at nice 0 wakes (a Ray daemon, the driver, a data-loading process).
-    Measured on 2 cores, 2 ranks: 1.26x plain FSDP2's step at 15, 1.0x at 0. 15 keeps Ray's default;
-    below 0 needs privilege."""
-
     def __post_init__(self) -> None:
         if self.max_workers is None:
             object.__setattr__(self, "max_workers", self.min_workers)
@@ -107,8 +100,6 @@ class ScalingConfig:
         require_duration("placement_timeout_s", self.placement_timeout_s)
         require_duration("grow_interval_s", self.grow_interval_s)
         _require(self.replacement in ("wait", "continue"), "replacement must be 'wait' or 'continue'")
-        _require(type(self.niceness) is int and 0 <= self.niceness <= 19,
-                 f"niceness must be an integer from 0 to 19 (15 is Ray's default), got {self.niceness!r}")
 
     @property
     def resources_per_worker(self) -> dict[str, float]:

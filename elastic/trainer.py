@@ -39,7 +39,6 @@ from elastic.result import Result
 from elastic._internal.storage import RunLocation, resolve
 from elastic._internal.supervisor.decisions import Policy
 from elastic._internal.supervisor.policy_record import policy_spec
-from elastic._internal.worker.priority import RAY_NICENESS_ENV
 
 RUN_SPEC_FILE = "run.json"
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -142,10 +141,7 @@ class ElasticTrainer:
         # The supervisor lives on the driver's node (normally the head, not a spot node): losing a
         # worker node must never take the supervisor with it.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        # At the ranks' priority: it decides every recovery, and at Ray's nice 15 beside ranks at 0 it
-        # would get a few per cent of a busy core.
-        env = {"env_vars": {RAY_NICENESS_ENV: str(self.run.scaling.niceness)}}
-        sup = RemoteSupervisor.options(num_cpus=0, max_concurrency=4, max_restarts=0, runtime_env=env,
+        sup = RemoteSupervisor.options(num_cpus=0, max_concurrency=4, max_restarts=0,
                                        scheduling_strategy=here).remote(self.train_fn, self.run, owner)
         sup_box.append(sup)
         signals = _Signals(sup, quiet, self.run.stop_timeout_s)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import ray
 
 import elastic
 from elastic._internal.supervisor.decisions import Fail
@@ -81,33 +80,6 @@ def test_worker_crash_keeps_survivors_and_final_model(reference, tmp_path, kind,
     restored = [e for e in r.events if e["event"] == "restored" and e["generation"] == 1]
     assert restored and all(not e["source"].startswith("checkpoint") for e in restored)
     assert_models_equal(reference[workers], final_model(str(tmp_path / "run")))
-
-
-def test_the_supervisor_ranks_and_the_standby_that_replaces_one_run_at_the_configured_priority(ray_local, tmp_path):
-    # Ray starts its workers at nice 15: a rank then yields the CPU to every process at nice 0 (Ray's
-    # daemons, the driver) and its peers wait on it in the next collective (1.26x plain FSDP2's step
-    # at 2 ranks on 2 cores). Ranks, the standby promoted in the dead rank's place and the supervisor
-    # (which would otherwise get a few per cent of a busy core) run at 0.
-    nice_dir = tmp_path / "nice"
-    nice_dir.mkdir()
-    r = elastic.ElasticTrainer(
-        jobs.train_noting_priority,
-        train_loop_config={"steps": 20, "faults": [{"kind": "sigkill", "step": 8, "rank": 1}],
-                           "marker_dir": str(tmp_path), "nice_dir": str(nice_dir)},
-        scaling=elastic.ScalingConfig(min_workers=2, max_workers=2, placement_timeout_s=30),
-        failure=elastic.FailureConfig(collective_timeout_s=8, poll_timeout_s=2),
-    ).fit(raise_on_failure=False, quiet=True)
-    assert r.ok, r.error
-    assert r.failures == 1
-    assert sorted(p.name for p in nice_dir.iterdir()) == ["0-0-0", "0-1-0", "1-0-0", "1-1-0", "supervisor-0"]
-    assert ray_local.get(_nice_of_a_ray_task.remote()) == 15  # what the ranks would get from Ray
-
-
-@ray.remote(num_cpus=0)
-def _nice_of_a_ray_task() -> int:
-    import os
-
-    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 @SLOW  # the chaos subset's cascade kills twice in a row

@@ -17,10 +17,6 @@ import threading
 from typing import Iterator
 
 MAX_IDLE_S = 5.0
-RAY_NICENESS_ENV = "RAY_worker_niceness"
-"""Read by Ray's core worker as it starts (default 15). The runtime_env of elastic's actors (the
-supervisor and the workers) sets it to ScalingConfig.niceness: an unprivileged process may not lower
-its own nice value later."""
 
 
 def can_restore() -> bool:
