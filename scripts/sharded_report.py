@@ -72,7 +72,9 @@ def table(S: dict, args: argparse.Namespace, params: int) -> list[dict]:
                     "restored from", "ckpt stall", "peak RSS/rank", "shard", "copies ÷ shard",
                     "restore mem ÷ shard (max)"], rows)
     print("  restart = kill → every rank of the new group is in the training code; restore = → state loaded;"
-          " copies = snapshot + buddy buffers at the end (hsdp: no buddy buffers, the replica is live)")
+          " copies = snapshot + buddy buffers at the end (hsdp: no buddy buffers, the replica is live);"
+          " step s of an arm with a kill includes the steps after its recovery (a successor standby starting):"
+          " the steady state is the elastic arm's")
     verdicts = targets(S, args)
     print("\nTargets (from this run):")
     for v in verdicts:
