@@ -25,6 +25,7 @@ from elastic._internal.protocol import Assignment, PollFailure, WorkerInfo, Work
 from elastic._internal.supervisor.standby_pool import StandbyPool
 from elastic._internal.supervisor.watches import Watches
 from elastic._internal.worker.devices import NCCL_ENV
+from elastic._internal.worker.heap import ARENA_ENV
 
 
 class WorkerGroup(Protocol):
@@ -114,7 +115,7 @@ class RayWorkerGroup:
         # Threaded: a watch (long poll) waits in one thread while start/pause/stop calls go through.
         opts = {"num_cpus": run.scaling.cpus_per_worker, "num_gpus": run.scaling.gpus_per_worker,
                 "max_restarts": 0, "max_task_retries": 0, "max_concurrency": WORKER_THREADS,
-                "runtime_env": {"env_vars": dict(NCCL_ENV)}}
+                "runtime_env": {"env_vars": {**NCCL_ENV, **ARENA_ENV}}}
         self._cls = worker_cls.options(**opts)
         # Pickled once, here; each actor gets the bytes boxed and unpickles them itself (WorkerActor).
         # Not a ray.put reference: every worker that fetched one holds a copy, and Ray may pull a

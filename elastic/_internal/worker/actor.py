@@ -55,6 +55,10 @@ class WorkerActor:
             keep_freed_memory()  # a rebuild reuses what the last generation freed (heap.py)
             _warm_up()
         self._background = lowered
+        if lowered:  # after the block: its end sets every thread back to normal priority
+            from elastic._internal.worker.heap import PREFAULT_BYTES
+
+            self._rt.fault_in_heap(PREFAULT_BYTES)
         self._heard = time.monotonic()
         threading.Thread(target=self._watch_supervisor, name="elastic-orphan-watch", daemon=True).start()
 

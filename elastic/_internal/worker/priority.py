@@ -77,3 +77,31 @@ def background_priority(enabled: bool, *, max_idle_s: float = MAX_IDLE_S) -> Ite
         block_done.set()
         timer.join()
         _set_all(os.SCHED_OTHER)
+
+
+def normal(tid: int) -> None:
+    """Thread `tid` (0: this one) back at SCHED_OTHER, if it may and it is not already."""
+    if hasattr(os, "SCHED_IDLE") and can_restore():
+        try:
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def idle_unless(stop: threading.Event) -> Iterator[bool]:
+    """This thread at SCHED_IDLE for the block, unless `stop` is set (checked after lowering: whoever
+    sets it then raises this thread with normal(), and either order ends at SCHED_OTHER); yields
+    whether it runs lowered."""
+    if not hasattr(os, "SCHED_IDLE") or not can_restore():
+        yield False
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        yield False
+        return
+    try:
+        yield not stop.is_set()
+    finally:
+        normal(0)

@@ -31,7 +31,7 @@ from elastic.config import RunConfig
 from elastic._internal.events import Event
 from elastic import context as ctx_mod
 from elastic.errors import exit_code_of
-from elastic._internal.worker import failures
+from elastic._internal.worker import failures, heap, priority
 from elastic._internal.worker.devices import device_for, torch_env
 from elastic._internal.worker.generation import Generation
 from elastic._internal.worker.groups import ProcessGroups, connect
@@ -54,14 +54,25 @@ class WorkerRuntime:
         self.run = run
         self.s = Services(run, lease_token=lease_token)
         self._notice_lock = threading.RLock()
-        self._assignments: queue.SimpleQueue[Assignment] = queue.SimpleQueue()
+        self._assignments: queue.SimpleQueue[Assignment | int] = queue.SimpleQueue()
         self._idle = threading.Event()
         """No generation is running: the generation thread waits for the next assignment."""
         self._idle.set()
+        self._prefault_stop = threading.Event()
+        """Set by the first assignment: a standby's heap prefault (fault_in_heap) gives way at once."""
+        self._gen_tid = 0
         threading.Thread(target=self._generations, name="elastic-gen", daemon=True).start()
+
+    def fault_in_heap(self, nbytes: int) -> None:
+        """While no assignment has come, fault in `nbytes` of the generation thread's heap at idle
+        priority (a standby: its first step would otherwise take each page as a fault on the critical
+        path of a recovery). On idle cycles only, so it never slows ranks it shares cores with."""
+        self._assignments.put(nbytes)
 
     # -- called from the actor's thread ---------------------------------------------------------
     def start(self, assignment: Assignment) -> None:
+        self._prefault_stop.set()
+        priority.normal(self._gen_tid)  # a prefault at idle priority ends its chunk at full speed
         if not self._idle.wait(timeout=GENERATION_HANDOFF_S):
             raise RuntimeError(f"generation {self.s.board.get().generation} is still running on this worker")
         self.s.pause.clear()
@@ -106,8 +117,14 @@ class WorkerRuntime:
     # -- the generation thread ------------------------------------------------------------------
     def _generations(self) -> None:
         """The generation thread: runs each assignment in turn (why one thread: the module docstring)."""
+        self._gen_tid = threading.get_native_id()
         while True:
             a = self._assignments.get()
+            if isinstance(a, int):  # fault_in_heap
+                with priority.idle_unless(self._prefault_stop):
+                    if not self._prefault_stop.is_set():
+                        heap.prefault(a, self._prefault_stop)
+                continue
             threading.current_thread().name = f"elastic-gen{a.generation}"
             # Thread-local state the last generation may have left set, as a fresh thread would have
             # it (context managers restore theirs; a bare set_grad_enabled(False) does not).
