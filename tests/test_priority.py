@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from elastic._internal.waiting import wait_until
-from elastic._internal.worker.priority import background_priority, can_restore
+from elastic._internal.worker.priority import background_priority, can_restore, idle_unless, normal
 
 pytestmark = pytest.mark.timeout(60)
 needs_restore = pytest.mark.skipif(not can_restore(), reason="this process may not leave SCHED_IDLE (RLIMIT_NICE)")
@@ -69,3 +69,32 @@ def test_idle_priority_ends_after_the_cap_even_while_the_block_runs():
         assert os.sched_getscheduler(t.native_id) == os.SCHED_OTHER
     stop.set()
     t.join(10)
+
+
+@needs_restore
+def test_idle_unless_runs_the_block_idle_and_a_stop_from_another_thread_raises_it_at_once():
+    stop = threading.Event()
+    seen: dict[str, object] = {}
+    lowered_in_block = threading.Event()
+
+    def block_thread() -> None:  # like the generation thread prefaulting
+        with idle_unless(stop) as go:
+            seen["go"], seen["in_block"] = go, os.sched_getscheduler(0)
+            seen["tid"] = threading.get_native_id()
+            lowered_in_block.set()
+            wait_until(stop.is_set, timeout_s=10, interval_s=0.01)
+            seen["after_stop"] = os.sched_getscheduler(0)
+        seen["after"] = os.sched_getscheduler(0)
+
+    t = threading.Thread(target=block_thread)
+    t.start()
+    assert lowered_in_block.wait(10)
+    normal(seen["tid"])  # what WorkerRuntime.start does (it sets the stop first: either order ends normal)
+    stop.set()
+    t.join(10)
+    assert seen == {"go": True, "in_block": os.SCHED_IDLE, "tid": seen["tid"], "after_stop": os.SCHED_OTHER,
+                    "after": os.SCHED_OTHER}
+    # Stopped before it began: the block is told not to go on, and the thread ends at normal priority.
+    with idle_unless(stop) as go:
+        assert not go
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER

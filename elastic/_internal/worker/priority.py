@@ -92,7 +92,7 @@ def normal(tid: int) -> None:
 def idle_unless(stop: threading.Event) -> Iterator[bool]:
     """This thread at SCHED_IDLE for the block, unless `stop` is set (checked after lowering: whoever
     sets it then raises this thread with normal(), and either order ends at SCHED_OTHER); yields
-    whether it runs lowered."""
+    whether the block may go on: lowered, and not stopped."""
     if not hasattr(os, "SCHED_IDLE") or not can_restore():
         yield False
         return

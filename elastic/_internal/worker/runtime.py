@@ -72,7 +72,8 @@ class WorkerRuntime:
     # -- called from the actor's thread ---------------------------------------------------------
     def start(self, assignment: Assignment) -> None:
         self._prefault_stop.set()
-        priority.normal(self._gen_tid)  # a prefault at idle priority ends its chunk at full speed
+        if self._gen_tid:  # a prefault at idle priority ends its chunk at full speed
+            priority.normal(self._gen_tid)
         if not self._idle.wait(timeout=GENERATION_HANDOFF_S):
             raise RuntimeError(f"generation {self.s.board.get().generation} is still running on this worker")
         self.s.pause.clear()
@@ -121,8 +122,8 @@ class WorkerRuntime:
         while True:
             a = self._assignments.get()
             if isinstance(a, int):  # fault_in_heap
-                with priority.idle_unless(self._prefault_stop):
-                    if not self._prefault_stop.is_set():
+                with priority.idle_unless(self._prefault_stop) as lowered:
+                    if lowered:  # never at normal priority: it would compete with the ranks
                         heap.prefault(a, self._prefault_stop)
                 continue
             threading.current_thread().name = f"elastic-gen{a.generation}"
