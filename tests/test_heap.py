@@ -14,24 +14,17 @@ from elastic._internal.worker import heap
 
 pytestmark = pytest.mark.timeout(60)
 
-ROUNDS = """
-import ctypes, resource, sys, threading
+ROUNDS = f"""
+import sys, threading
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 from elastic._internal.worker import heap
+from jobs import faults_per_round
 heap.keep_freed_memory()
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 out = []
-def rounds():  # like the generation thread: a thread of its own, blocks below the mmap threshold
+def rounds():  # like the generation thread: a thread of its own
     if sys.argv[1] == "prefault":
         heap.prefault(256 << 20, threading.Event())
-    for _ in range(2):
-        f0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-        ptrs = [libc.malloc(4 << 20) for _ in range(40)]
-        for p in ptrs:
-            ctypes.memset(p, 1, 4 << 20)
-        out.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - f0)
-        for p in ptrs:
-            libc.free(p)
+    out.extend(faults_per_round())
 t = threading.Thread(target=rounds)
 t.start()
 t.join()
