@@ -11,7 +11,8 @@ import threading
 import pytest
 
 from elastic._internal.waiting import wait_until
-from elastic._internal.worker.priority import background_priority, can_restore, idle_unless, normal
+from elastic._internal.worker.heap import prefault
+from elastic._internal.worker.priority import background_priority, can_restore, lowered, normal
 
 pytestmark = pytest.mark.timeout(60)
 needs_restore = pytest.mark.skipif(not can_restore(), reason="this process may not leave SCHED_IDLE (RLIMIT_NICE)")
@@ -71,30 +72,33 @@ def test_idle_priority_ends_after_the_cap_even_while_the_block_runs():
     t.join(10)
 
 
+ASKED = 8 << 30  # seconds of page faults: far more than a test lets it finish
+
+
 @needs_restore
-def test_idle_unless_runs_the_block_idle_and_a_stop_from_another_thread_raises_it_at_once():
-    stop = threading.Event()
-    seen: dict[str, object] = {}
-    lowered_in_block = threading.Event()
+def test_a_standby_prefault_runs_idle_and_ends_when_raised_by_the_cap_or_by_an_assignment():
+    # The cap: raised by the timer, the prefault stops at its next chunk (seconds' worth asked for).
+    with background_priority(True, max_idle_s=0.3) as low:
+        assert low and lowered()
+        got = prefault(ASKED, lowered)
+    assert 0 < got < ASKED and not lowered()
+    # An assignment (WorkerRuntime.start): normal() on the thread from another one ends it too.
+    done: list[int] = []
+    running = threading.Event()
 
-    def block_thread() -> None:  # like the generation thread prefaulting
-        with idle_unless(stop) as go:
-            seen["go"], seen["in_block"] = go, os.sched_getscheduler(0)
-            seen["tid"] = threading.get_native_id()
-            lowered_in_block.set()
-            wait_until(stop.is_set, timeout_s=10, interval_s=0.01)
-            seen["after_stop"] = os.sched_getscheduler(0)
-        seen["after"] = os.sched_getscheduler(0)
+    def go() -> bool:
+        running.set()
+        return lowered()
 
-    t = threading.Thread(target=block_thread)
+    def gen_thread() -> None:
+        with background_priority(True, max_idle_s=30) as low:
+            assert low
+            done.append(threading.get_native_id())
+            done.append(prefault(ASKED, go))
+
+    t = threading.Thread(target=gen_thread)
     t.start()
-    assert lowered_in_block.wait(10)
-    normal(seen["tid"])  # what WorkerRuntime.start does (it sets the stop first: either order ends normal)
-    stop.set()
-    t.join(10)
-    assert seen == {"go": True, "in_block": os.SCHED_IDLE, "tid": seen["tid"], "after_stop": os.SCHED_OTHER,
-                    "after": os.SCHED_OTHER}
-    # Stopped before it began: the block is told not to go on, and the thread ends at normal priority.
-    with idle_unless(stop) as go:
-        assert not go
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    assert running.wait(10)
+    normal(done[0])
+    t.join(20)
+    assert not t.is_alive() and 0 < done[1] < ASKED

@@ -52,10 +52,10 @@ class WorkerActor:
             # A spot VM gets SIGTERM before it is reclaimed: turn it into a graceful leave at the next
             # step boundary instead of dying mid-step.
             _on_sigterm(self._rt.request_preempt)
-            keep_freed_memory()  # a rebuild reuses what the last generation freed (heap.py)
+            kept = keep_freed_memory()  # a rebuild reuses what the last generation freed (heap.py)
             _warm_up()
         self._background = lowered
-        if lowered:  # after the block: its end sets every thread back to normal priority
+        if lowered and kept:  # after the block: its end sets every thread back to normal priority
             from elastic._internal.worker.heap import PREFAULT_BYTES
 
             self._rt.fault_in_heap(PREFAULT_BYTES)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import threading
+from typing import Callable
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -54,10 +54,10 @@ PREFAULT_CHUNK = 16 << 20
 """Below MMAP_THRESHOLD_BYTES: the chunks come from the heap, not pages of their own."""
 
 
-def prefault(nbytes: int, stop: threading.Event) -> int:
+def prefault(nbytes: int, go: Callable[[], bool]) -> int:
     """Fault in up to `nbytes` of the process's heap and free it again, so that the next allocations
-    find resident pages (kept after keep_freed_memory, in the main arena); ends early once `stop` is
-    set. Returns the bytes faulted in. ctypes drops the GIL during each call."""
+    find resident pages (kept after keep_freed_memory, in the main arena); ends at the first chunk
+    for which `go()` is false. Returns the bytes faulted in. ctypes drops the GIL during each call."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
@@ -66,7 +66,7 @@ def prefault(nbytes: int, stop: threading.Event) -> int:
     malloc.restype, malloc.argtypes, free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
     chunks: list[int] = []
     try:
-        while len(chunks) * PREFAULT_CHUNK < nbytes and not stop.is_set():
+        while len(chunks) * PREFAULT_CHUNK < nbytes and go():
             ptr = malloc(PREFAULT_CHUNK)
             if not ptr:
                 break

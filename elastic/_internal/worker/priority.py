@@ -17,6 +17,10 @@ import threading
 from typing import Iterator
 
 MAX_IDLE_S = 5.0
+PREFAULT_IDLE_S = 10.0
+"""The bound on a standby's heap prefault (runtime.WorkerRuntime.fault_in_heap): a thread at
+SCHED_IDLE preempted inside malloc holds the process's one arena lock (heap.ARENA_ENV) from its other
+threads until it runs again; past this the timer raises it, and the prefault ends at its next chunk."""
 
 
 def can_restore() -> bool:
@@ -88,20 +92,6 @@ def normal(tid: int) -> None:
             pass
 
 
-@contextlib.contextmanager
-def idle_unless(stop: threading.Event) -> Iterator[bool]:
-    """This thread at SCHED_IDLE for the block, unless `stop` is set (checked after lowering: whoever
-    sets it then raises this thread with normal(), and either order ends at SCHED_OTHER); yields
-    whether the block may go on: lowered, and not stopped."""
-    if not hasattr(os, "SCHED_IDLE") or not can_restore():
-        yield False
-        return
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError:
-        yield False
-        return
-    try:
-        yield not stop.is_set()
-    finally:
-        normal(0)
+def lowered() -> bool:
+    """Whether this thread runs at SCHED_IDLE."""
+    return hasattr(os, "SCHED_IDLE") and os.sched_getscheduler(0) == os.SCHED_IDLE

@@ -122,9 +122,10 @@ class WorkerRuntime:
         while True:
             a = self._assignments.get()
             if isinstance(a, int):  # fault_in_heap
-                with priority.idle_unless(self._prefault_stop) as lowered:
-                    if lowered:  # never at normal priority: it would compete with the ranks
-                        heap.prefault(a, self._prefault_stop)
+                stop = self._prefault_stop
+                with priority.background_priority(not stop.is_set(), max_idle_s=priority.PREFAULT_IDLE_S) as low:
+                    if low:  # only while idle: raised (by start() or the cap), it would compete with the ranks
+                        heap.prefault(a, lambda: not stop.is_set() and priority.lowered())
                 continue
             threading.current_thread().name = f"elastic-gen{a.generation}"
             # Thread-local state the last generation may have left set, as a fresh thread would have
