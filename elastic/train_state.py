@@ -48,6 +48,10 @@ class TrainState:
             model_state_dict=sd["model"],
             optim_state_dict=sd["optim"] if optimizers else {},
         )
+        self._load_step_and_extra(sd)
+
+    def _load_step_and_extra(self, sd: dict[str, Any]) -> None:
+        """The half of load_state_dict() beside torch's model and optimizer state."""
         self.step = int(sd["step"])
         for key, value in sd.get("extra", {}).items():
             current = self.extra.get(key)

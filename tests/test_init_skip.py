@@ -17,7 +17,9 @@ from elastic.context import get_context
 from elastic._internal.worker.generation import Generation
 from elastic.train_state import TrainState
 from elastic._internal import tree
+from elastic._internal.checkpoint.state import like_template, split_state
 from elastic._internal.worker import fsdp, init_skip
+from elastic._internal.worker.recovery import sharded_state
 from elastic._internal.worker.services import Services
 from worker_threads import make_services, ok, run_generation
 
@@ -151,3 +153,42 @@ def test_an_optimizer_that_cannot_step_on_meta_is_left_to_torchs_step(world_of_o
     opt = _NeedsValues(model.parameters(), lr=0.1)
     fsdp.init_optimizer_state(opt)
     assert not opt.state  # no partial state: get_state_dict's own step makes all of it
+
+
+def _saved(world: DeviceMesh) -> tuple[dict, list]:
+    """A committed state to restore (another model's, trained one step): its tensors and values."""
+    model = fsdp.shard(build(), world, torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(3, 4)).sum().backward()
+    opt.step()
+    opt.param_groups[0]["lr"] = 0.02  # a scheduler's doing: a value the restore must load
+    tensors, values = split_state(TrainState(model=model, optimizer=opt, step=7, extra={"seen": 5}).state_dict())
+    return {tuple(p): t.full_tensor() if fsdp.is_sharded(t) else t for p, t in tree.tensor_leaves(tensors)}, values
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["template-is-the-state", "template-copied"])
+def test_a_restore_written_in_place_loads_all_but_the_model_into_itself(world_of_one, in_place):
+    """What sharded_state.restore does: rows written into state.state_dict()'s tensors, then loaded.
+    Written into the model's own tensors, the model's half of the load (each parameter copied into
+    itself) is skipped; written into copies, it runs. Either way the state ends as the one saved."""
+    want, values = _saved(world_of_one)
+    model = fsdp.shard(build(), world_of_one, torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    fsdp.init_optimizer_state(opt)
+    state = TrainState(model=model, optimizer=opt, extra={"seen": 0})
+    template = state.state_dict()
+    if not in_place:
+        template = tree.map_tensors(template, lambda _, t: t.clone())
+    with torch.no_grad():
+        for path, t in tree.tensor_leaves(template):
+            (t.to_local() if fsdp.is_sharded(t) else t).copy_(want[tuple(path)])
+    loads: list[str] = []
+    model.register_load_state_dict_pre_hook(lambda *a, **k: loads.append("model"))
+    sd = tree.build([*tree.tensor_leaves(template), *values])
+    sharded_state.load_written_in_place(state, template, like_template(template, sd))
+    assert loads == ([] if in_place else ["model"])
+    assert state.step == 7 and state.extra == {"seen": 5} and opt.param_groups[0]["lr"] == 0.02
+    got = state.state_dict()
+    assert all(torch.equal(want[tuple(p)], t.full_tensor() if fsdp.is_sharded(t) else t)
+               for p, t in tree.tensor_leaves(got))
+    assert len(tree.tensor_leaves(got)) == len(want)
