@@ -19,7 +19,6 @@ from elastic.train_state import TrainState
 from elastic._internal import tree
 from elastic._internal.checkpoint.state import like_template, split_state
 from elastic._internal.worker import fsdp, init_skip
-from elastic._internal.worker.recovery import sharded_state
 from elastic._internal.worker.services import Services
 from worker_threads import make_services, ok, run_generation
 
@@ -168,7 +167,8 @@ def _saved(world: DeviceMesh) -> tuple[dict, list]:
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["template-is-the-state", "template-copied"])
 def test_a_restore_written_in_place_loads_all_but_the_model_into_itself(world_of_one, in_place):
-    """What sharded_state.restore does: rows written into state.state_dict()'s tensors, then loaded.
+    """What a restore does (sharded_state.restore, Restorer._restore_checkpoint): rows written into
+    state.state_dict()'s tensors, then loaded.
     Written into the model's own tensors, the model's half of the load (each parameter copied into
     itself) is skipped; written into copies, it runs. Either way the state ends as the one saved."""
     want, values = _saved(world_of_one)
@@ -185,7 +185,7 @@ def test_a_restore_written_in_place_loads_all_but_the_model_into_itself(world_of
     loads: list[str] = []
     model.register_load_state_dict_pre_hook(lambda *a, **k: loads.append("model"))
     sd = tree.build([*tree.tensor_leaves(template), *values])
-    sharded_state.load_written_in_place(state, template, like_template(template, sd))
+    state._load_written_in_place(like_template(template, sd))
     assert loads == ([] if in_place else ["model"])
     assert state.step == 7 and state.extra == {"seen": 5} and opt.param_groups[0]["lr"] == 0.02
     got = state.state_dict()

@@ -86,9 +86,11 @@ def test_a_standby_prefault_runs_idle_and_ends_when_raised_by_the_cap_or_by_an_a
     done: list[int] = []
     running = threading.Event()
 
-    def go() -> bool:
-        running.set()
-        return lowered()
+    def go() -> bool:  # `running` once a chunk is sure to be faulted in: normal() may come at once
+        idle = lowered()
+        if idle:
+            running.set()
+        return idle
 
     def gen_thread() -> None:
         with background_priority(True, max_idle_s=30) as low:

@@ -142,7 +142,7 @@ class Restorer:
         info = self.s.checkpointer.load(template, step=step, fallback=True)
         if info is None:
             raise WorkerGroupError(f"checkpoint at step {step} vanished while loading")
-        state.load_state_dict(template)
+        state._load_written_in_place(template)  # the checkpointer loads in place
         self.snapshots.capture(state, wait=True, live=self.snapshots.live(state))
         return f"checkpoint:{info.step}"
 

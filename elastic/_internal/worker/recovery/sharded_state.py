@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 from elastic._internal import tree
 from elastic._internal.checkpoint.shards import Shards, row_chunks
@@ -112,43 +111,8 @@ def restore(groups: Any, s: Any, state: Any, source: reshard.Source, layout: res
                 at += t.numel()
     values = [(tuple(p), v) for p, v in header["values"]]
     sd = tree.build([*tree.tensor_leaves(template), *values])
-    load_written_in_place(state, template, like_template(template, sd))
+    state._load_written_in_place(like_template(template, sd))  # the rows went into template's tensors
     return label(plan, source, hsdp)
-
-
-def load_written_in_place(state: Any, template: dict[str, Any], sd: dict[str, Any]) -> None:
-    """state.load_state_dict(sd), where `sd`'s tensors are `template`'s (from state.state_dict()),
-    written in place; without the model's half when those are the model's own parameters and buffers
-    (get_state_dict's default: detached views of them) and it has no other values. That half would
-    copy every parameter into itself: 0.13-0.16 s of a 4-rank recovery here, on every rank, most of it
-    DTensor working out the sharding of a copy of each shape it has not copied before (7 ms each).
-    The optimizer's half stays: its hyperparameters are values (a scheduler's learning rate), and it
-    costs a few milliseconds."""
-    if not _is_live(state.model, template["model"]):
-        state.load_state_dict(sd)
-        return
-    if state.optimizer is not None:
-        set_optimizer_state_dict(state.model, [state.optimizer], sd["optim"])
-    state._load_step_and_extra(sd)
-
-
-def _is_live(model: torch.nn.Module, model_sd: dict[str, Any]) -> bool:
-    """Whether every entry of `model_sd` is a tensor viewing all of one of the model's parameters or
-    buffers (this rank's rows of it, for a sharded one)."""
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.to_local() if is_sharded(t) else t
-
-    live = {rows(t).data_ptr(): rows(t) for t in (*model.parameters(), *model.buffers())}
-    for t in model_sd.values():
-        if not isinstance(t, torch.Tensor):
-            return False
-        mine = rows(t)
-        if mine.numel() == 0:
-            continue  # no rows here: nothing was written
-        own = live.get(mine.data_ptr())
-        if own is None or (own.shape, own.stride(), own.dtype) != (mine.shape, mine.stride(), mine.dtype):
-            return False
-    return True
 
 
 def copies_in_place(source: reshard.Source, layout: reshard.Layout, buddy: list[int]) -> frozenset[int]:
