@@ -27,15 +27,24 @@ def _fit(uri, workers, faults=(), marker_dir="/tmp", steps=STEPS, every=10, over
     ).fit(raise_on_failure=False, quiet=True)
 
 
-@pytest.fixture(scope="module")
-def reference(ray_local, tmp_path_factory):
-    refs = {}
-    for workers in (2,):
-        uri = tmp_path_factory.mktemp(f"fsdp-ref{workers}")
+class _References(dict):
+    """Failure-free final models by world size, each computed on first use (once per module)."""
+
+    def __init__(self, tmp_path_factory):
+        super().__init__()
+        self._tmp = tmp_path_factory
+
+    def __missing__(self, workers: int) -> dict:
+        uri = self._tmp.mktemp(f"fsdp-ref{workers}")
         r = _fit(uri, workers)
         assert r.ok, r.error
-        refs[workers] = final_model(str(uri))
-    return refs
+        self[workers] = final_model(str(uri))
+        return self[workers]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tmp_path_factory):
+    return _References(tmp_path_factory)
 
 
 # Killed inside the (shared-memory) exchange: -m slow here (test_buddy_inline kills a rank there in
@@ -58,6 +67,7 @@ def test_a_killed_rank_comes_back_from_its_buddy_and_the_model_ends_equal(refere
     assert fired(tmp_path) == ["fault-sigkill-step17-rank1" + (f"-in-{inside}" if inside else "")]
     assert r.failures == 1
     assert r.metrics["init_skipped"] == 1.0  # the recovery built its model without initialising it
+    assert r.metrics["model_kept"] == 1.0  # the survivor (rank 0) trained on the model it had sharded
     built = [e for e in r.events if e["event"] == "group_built"]
     survivor = {m["rank"]: m["pid"] for m in built[0]["members"]}[0]
     assert survivor in [m["pid"] for m in built[1]["members"]]  # the survivor kept its process
@@ -114,9 +124,7 @@ def test_a_rank_lost_with_its_buddy_falls_back_to_the_checkpoint_and_a_resume_re
 
 
 @pytest.mark.slow  # ~40 s; the 2-rank kill above is the same path at the smallest world size
-def test_four_ranks_a_killed_rank_comes_back_from_its_buddy_and_ends_equal(ray_local, tmp_path):
-    s = _fit(tmp_path / "straight", 4)
-    assert s.ok, s.error
+def test_four_ranks_a_killed_rank_comes_back_from_its_buddy_and_ends_equal(reference, tmp_path):
     r = _fit(tmp_path / "run", 4, faults=[{"kind": "sigkill", "step": 17, "rank": 2}], marker_dir=tmp_path)
     assert r.ok, r.error
     # Exactly one: no survivor is held in the old group (a buddy send to the dead rank that gloo
@@ -124,14 +132,16 @@ def test_four_ranks_a_killed_rank_comes_back_from_its_buddy_and_ends_equal(ray_l
     assert fired(tmp_path) == ["fault-sigkill-step17-rank2"] and r.failures == 1, r.events
     assert {e["source"] for e in r.events if e["event"] == "restored" and e["generation"] == 1} == {"buddy"}
     assert max(e["lost_steps"] for e in r.events if e["event"] == "recovered") <= 1
-    assert_models_equal(final_model(str(tmp_path / "straight")), final_model(str(tmp_path / "run")))
+    assert_models_equal(reference[4], final_model(str(tmp_path / "run")))
 
 
 @pytest.mark.slow  # ~25 s each
 @pytest.mark.parametrize("inside", ["all_gather", "reduce_scatter", "buddy_exchange"])
-def test_four_ranks_a_rank_killed_inside_a_collective_costs_one_failure(ray_local, tmp_path, inside):
+def test_four_ranks_a_rank_killed_inside_a_collective_costs_one_failure(reference, tmp_path, inside):
     """Rank 2 launches its share of an FSDP2 all-gather (forward) / reduce-scatter (backward) / its
-    commit's buddy exchange and dies: every survivor is out of it within a second, none is replaced."""
+    commit's buddy exchange and dies: every survivor is out of it within a second, none is replaced,
+    and the survivors train on, on the models they had sharded (kept_model.py: FSDP2's state reset
+    from inside a forward or a backward), to the failure-free run's model."""
     from elastic.chaos.faults import fired_at
 
     r = _fit(tmp_path / "run", 4, faults=[{"kind": "sigkill", "step": 17, "rank": 2, "inside": inside}],
@@ -143,6 +153,8 @@ def test_four_ranks_a_rank_killed_inside_a_collective_costs_one_failure(ray_loca
     assert sorted(left) == ["left-gen0-rank0", "left-gen0-rank1", "left-gen0-rank3"], left
     assert max(left.values()) < 1.0, left
     assert max(e["lost_steps"] for e in r.events if e["event"] == "recovered") <= 1
+    assert r.metrics["model_kept"] == 1.0, r.metrics  # rank 0 survived
+    assert_models_equal(reference[4], final_model(str(tmp_path / "run")))
 
 
 @pytest.mark.slow  # ~20 s; test_resume covers stop + resume for DDP replicas

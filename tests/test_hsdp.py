@@ -64,6 +64,7 @@ def _kill_and_check(tmp_path, workers, cpus, rank):
     assert len(rec) == 1 and rec[0]["lost_steps"] <= 1, rec
     # No buddy copy: a rank holds its rows twice (the newest snapshot and the one before it).
     assert 0 < r.metrics["restore_host_bytes"] <= 2 * r.metrics["shard_bytes"], r.metrics
+    assert r.metrics["model_kept"] == 1.0, r.metrics  # rank 0 survived: it trained on, on its 2-D mesh's model
     assert_models_equal(final_model(str(tmp_path / "ref")), final_model(str(tmp_path / "run")))
     return rec[0]
 

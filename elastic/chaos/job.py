@@ -78,7 +78,8 @@ def train(config: dict) -> None:
     if fsdp and ctx.generation > 0:  # what a sharded restore held in host memory, for the tests
         st = ctx.stats()
         ctx.report({"restore_host_bytes": st["restore_host_bytes"], "shard_bytes": st["shard_bytes"],
-                    "restore_mapped_bytes": st["restore_mapped_bytes"], "init_skipped": float(skipped)})
+                    "restore_mapped_bytes": st["restore_mapped_bytes"], "init_skipped": float(skipped),
+                    "model_kept": st["model_kept"]})
     ddp = model if fsdp else ctx.prepare_model(model)
     sampler = elastic.ElasticSampler(num_samples=N_SAMPLES, global_batch_size=config.get("global_batch", 48), seed=3)
     batch = _batches(ctx, config, sampler, x, y)

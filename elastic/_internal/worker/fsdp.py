@@ -39,22 +39,25 @@ def flat_mesh(train_group: Any, device: torch.device) -> Any:
     return DeviceMesh.from_group(train_group, device.type)
 
 
+def blocks(model: nn.Module, shard_modules: Iterable[nn.Module] | Iterable[type] | None = None) -> list[nn.Module]:
+    """The modules to shard one at a time: those named (instances, or every module of the given
+    classes), else default_blocks."""
+    if shard_modules is None:
+        return default_blocks(model)
+    given = list(shard_modules)
+    if given and all(isinstance(g, type) for g in given):
+        return [m for m in model.modules() if m is not model and isinstance(m, tuple(given))]
+    return [m for m in given if isinstance(m, nn.Module)]
+
+
 def shard(model: nn.Module, mesh: Any, device: torch.device,
           shard_modules: Iterable[nn.Module] | Iterable[type] | None = None) -> nn.Module:
-    """Apply FSDP2 to `model` in place (blocks, then the root) on `mesh` (a 2-D mesh is HSDP);
+    """Apply FSDP2 to `model` in place (its blocks, then the root) on `mesh` (a 2-D mesh is HSDP);
     returns it."""
     from torch.distributed.fsdp import fully_shard
 
     model.to(device)
-    if shard_modules is None:
-        blocks = default_blocks(model)
-    else:
-        given = list(shard_modules)
-        if given and all(isinstance(g, type) for g in given):
-            blocks = [m for m in model.modules() if m is not model and isinstance(m, tuple(given))]
-        else:
-            blocks = [m for m in given if isinstance(m, nn.Module)]
-    for block in blocks:
+    for block in blocks(model, shard_modules):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model

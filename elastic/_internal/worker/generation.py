@@ -46,7 +46,7 @@ class Generation:
         self.s = services
         self.local_rank = local_rank
         self.local_world_size = local_world_size
-        self._model = ModelPrep(groups, device, services.clock, node_id=node_id or "?")
+        self._model = ModelPrep(groups, device, services.clock, node_id=node_id or "?", kept=services.kept_model)
         self._snapshots = Snapshotter(groups, services, self._model)
         self._vote = PauseVote(groups)
         self._saver = Saver(groups, services, self._model)
@@ -113,7 +113,8 @@ class Generation:
                 "snapshot_copy_s": s.snapshot.copy_s, "checkpoint_stall_s": s.checkpointer.last_stall_s or 0.0,
                 "buddy_bytes": float(s.buddy.nbytes), "shard_bytes": float(shard),
                 "restore_host_bytes": float(self._restorer.host_bytes),
-                "restore_mapped_bytes": float(self._restorer.mapped_bytes)}
+                "restore_mapped_bytes": float(self._restorer.mapped_bytes),
+                "model_kept": float(self._model.reused)}
 
     # -- what the runtime calls ---------------------------------------------------------------
     def drain_vote(self) -> None:
@@ -129,10 +130,11 @@ class Generation:
         """Make the newest state any rank holds durable (the run is ending, finished or not)."""
         self._saver.save_newest()
 
-    def release(self, *, broken: bool = False) -> None:
+    def release(self, *, broken: bool = False, keep: bool = False) -> None:
+        """`keep`: the next generation may train this one's sharded model (kept_model.py)."""
         # The wrapper holds the process group: drop it before the group is destroyed. A copy still
         # in flight completes (its sources no longer change) before anyone reads the snapshot.
-        self._model.release()
+        self._model.release(keep=keep)
         self._vote.forget()
         self._snapshots.release()
         self.s.snapshot.wait()

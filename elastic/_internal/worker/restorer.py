@@ -13,7 +13,7 @@ from elastic.errors import ConfigError, WorkerGroupError
 from elastic._internal.events import Event
 from elastic._internal.protocol import Restored
 from elastic.train_state import TrainState
-from elastic._internal.worker import fsdp
+from elastic._internal.worker import fsdp, kept_model
 from elastic._internal.worker.groups import ProcessGroups
 from elastic._internal.worker.model_prep import ModelPrep
 from elastic._internal.worker.recovery import peer_sync, reshard, sharded_state
@@ -87,6 +87,7 @@ class Restorer:
         """A sharded state: the newest step every rank's rows are held at (own snapshots and buddy
         copies), moved onto this group's layout; storage only when a rank and its buddy were lost."""
         fsdp.check_optimizer(state.model, state.optimizer)
+        self.model.optimizer = state.optimizer
         s = self.s
         s.buddy.wait()
         s.buddy.release_spare(s.snapshot.borrowed)  # an exchange cut short will never complete: its memory goes first
@@ -105,7 +106,10 @@ class Restorer:
         self.host_bytes = s.snapshot.nbytes + borrowed + s.buddy.nbytes + self.mapped_bytes
         source = "fresh"
         if (found is not None and found.step >= durable) or durable >= 0:
-            fsdp.init_optimizer_state(state.optimizer)  # what state_dict() would make by a real step
+            # What state_dict() would make by a real step: the kept model's optimizer has it already.
+            if not kept_model.adopt_optimizer_state(state.optimizer, self.model.previous_optimizer):
+                fsdp.init_optimizer_state(state.optimizer)
+        self.model.previous_optimizer = None
         if found is not None and found.step >= durable:
             source = sharded_state.restore(self.groups, s, state, found, self.model.layout, self.model.replicated)
         elif durable >= 0:

@@ -173,7 +173,7 @@ class WorkerRuntime:
                 with contextlib.suppress(Exception):
                     groups.abort()
             if gen is not None:
-                gen.release(broken=park is ParkReason.BROKEN)
+                gen.release(broken=park is ParkReason.BROKEN, keep=park is not None)
             ctx_mod.set_context(None)
             if groups is not None:
                 with contextlib.suppress(Exception):

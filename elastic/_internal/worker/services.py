@@ -1,5 +1,6 @@
 """What outlives process-group generations in a worker process: the snapshot, the checkpointer,
-the status the supervisor polls, the buddy copies, and the pause and preemption flags.
+the status the supervisor polls, the buddy copies, a survivor's sharded model (kept_model.py), and
+the pause and preemption flags.
 
 A Generation (generation.py) is built on one Services per process, given explicitly, so several
 ranks can run in one test process.
@@ -14,6 +15,7 @@ from elastic._internal.collectives import CollectiveClock
 from elastic.config import RunConfig
 from elastic.errors import ConfigError
 from elastic._internal.lease import Lease
+from elastic._internal.worker.kept_model import Slot
 from elastic._internal.worker.recovery.buddy import BuddyCopies
 from elastic._internal.worker.snapshot import Snapshot
 from elastic._internal.worker.status import StatusBoard
@@ -40,6 +42,7 @@ class Services:
                                          when_busy=ck.when_busy, commit_timeout_s=ck.commit_timeout_s, lease=fence)
         self.board = board or StatusBoard()
         self.buddy = BuddyCopies()
+        self.kept_model = Slot()
         self.pause = threading.Event()
         """Leave the group at the next agreed step boundary (a resize)."""
         self.leave = threading.Event()
