@@ -13,7 +13,10 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from elastic.errors import ConfigError
+from elastic._internal.collectives import CollectiveClock
 from elastic._internal.worker import fsdp, kept_model
+from elastic._internal.worker.groups import ProcessGroups
+from elastic._internal.worker.model_prep import ModelPrep
 
 pytestmark = [pytest.mark.timeout(60),
               pytest.mark.skipif(not kept_model.supported(), reason="torch without FSDPModule.reset_iter_state")]
@@ -127,3 +130,28 @@ def test_an_optimizer_takes_the_kept_state_only_for_the_same_parameters_and_opti
     assert not kept_model.adopt_optimizer_state(torch.optim.SGD(model.parameters(), lr=0.1), old)
     assert not kept_model.adopt_optimizer_state(torch.optim.AdamW(list(model.parameters())[:-1]), old)
     assert kept_model.adopt_optimizer_state(torch.optim.AdamW(model.parameters(), lr=0.5), old)  # lr: restored
+
+
+def _prep(slot: kept_model.Slot) -> ModelPrep:
+    groups = ProcessGroups(generation=0, rank=0, world_size=1, train=dist.group.WORLD, ctrl=None, ckpt_store=None)
+    return ModelPrep(groups, torch.device("cpu"), CollectiveClock(), kept=slot)
+
+
+def test_a_model_is_kept_only_from_a_broken_or_paused_generation_and_only_for_a_restore(generations):
+    slot = kept_model.Slot()
+    generations()
+    first = _prep(slot)
+    model = first.prepare(build(), "fsdp", will_load=lambda: False)
+    first.release(keep=True)  # broken or paused: kept
+    generations()
+    fresh = _prep(slot)  # nothing to restore (nobody committed a step): the kept weights are not trained on
+    assert fresh.prepare(build(), "fsdp", will_load=lambda: False) is not model and not fresh.reused
+    fresh.release(keep=True)
+    generations()
+    again = _prep(slot)
+    model = again.prepare(build(), "fsdp", will_load=lambda: True)
+    assert again.reused  # the model `fresh` sharded and kept
+    again.release(keep=False)  # failed or finished: nothing kept
+    generations()
+    last = _prep(slot)
+    assert last.prepare(build(), "fsdp", will_load=lambda: True) is not model and not last.reused

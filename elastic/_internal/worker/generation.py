@@ -96,7 +96,8 @@ class Generation:
 
     def prepare_model(self, model: torch.nn.Module, strategy: str = "ddp", shard_modules: Any = None,
                       **ddp_kwargs: Any) -> torch.nn.Module:
-        return self._model.prepare(model, strategy=strategy, shard_modules=shard_modules, **ddp_kwargs)
+        return self._model.prepare(model, strategy=strategy, shard_modules=shard_modules,
+                                   will_load=self._restorer.will_load, **ddp_kwargs)
 
     def commit(self, state: TrainState, metrics: dict[str, float] | None = None, *, reduce: bool = False) -> None:
         self._committer.commit(state, metrics, reduce=reduce)

@@ -96,7 +96,8 @@ def reuse(kept: KeptModel | None, built: nn.Module, mesh: Any, place: tuple[Any,
         return None
     try:
         _rebind(kept.model, kept.mesh, mesh)
-        kept.model.reset_iter_state()  # type: ignore[operator]
+        if kept.model._get_fsdp_state()._is_root:  # type: ignore[operator]  # else it never ran a forward
+            kept.model.reset_iter_state()  # type: ignore[operator]
     except Exception:  # noqa: BLE001 - whatever the last step left that cannot be reset: shard afresh
         return None
     _drop_gradients(kept.model)

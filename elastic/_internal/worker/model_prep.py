@@ -5,7 +5,7 @@ save it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -53,16 +53,18 @@ class ModelPrep:
             self._nodes = tuple(self.groups.ctrl.all_gather_json(self.node_id))
         return self._nodes
 
-    def prepare(self, model: torch.nn.Module, strategy: str = "ddp", shard_modules: Any = None,
-                **ddp_kwargs: Any) -> torch.nn.Module:
+    def prepare(self, model: torch.nn.Module, strategy: str = "ddp", shard_modules: Any = None, *,
+                will_load: Callable[[], bool] = lambda: False, **ddp_kwargs: Any) -> torch.nn.Module:
         """Move `model` to this rank's device and make it data parallel over the training group:
         "ddp": wrapped in ExactDDP (ddp.py), whose bucket layout is a pure function of the model;
         "fsdp": sharded in place with FSDP2 (fsdp.py), per block then the root;
-        "hsdp": the same on a (node, rank within node) mesh (hsdp.py) when the nodes are even."""
+        "hsdp": the same on a (node, rank within node) mesh (hsdp.py) when the nodes are even; the
+        model this rank kept from the last generation instead, when the restore will load a state
+        into it (`will_load`: agreed by every rank, a collective)."""
         if strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")
         if strategy in ("fsdp", "hsdp"):
-            model = self._shard_or_reuse(model, strategy, shard_modules)
+            model = self._shard_or_reuse(model, strategy, shard_modules, will_load)
             self.sharded = True
             if self.groups.world_size > 1 and not self.replicated:
                 self.groups.open_transfer_plane()  # for the buddy copies
@@ -71,9 +73,11 @@ class ModelPrep:
         self._ddp = ExactDDP(model, process_group=self.groups.train, clock=self._clock, **ddp_kwargs)
         return self._ddp
 
-    def _shard_or_reuse(self, model: torch.nn.Module, strategy: str, shard_modules: Any) -> torch.nn.Module:
-        """The model this rank kept from the last generation when it fits this one (kept_model.py),
-        else `model`, sharded; the first sharded model of a generation is the one kept."""
+    def _shard_or_reuse(self, model: torch.nn.Module, strategy: str, shard_modules: Any,
+                        will_load: Callable[[], bool]) -> torch.nn.Module:
+        """The model this rank kept from the last generation when it fits this one (kept_model.py)
+        and a state will be loaded into it (never the weights of steps nobody committed), else
+        `model`, sharded; the first sharded model of a generation is the one kept."""
         mesh = self._mesh(strategy)
         blocks = fsdp.blocks(model, shard_modules)
         names = {id(m): n for n, m in model.named_modules()}
@@ -83,7 +87,7 @@ class ModelPrep:
         if self._kept is not None:  # a second model in this generation: sharded, not kept
             return fsdp.shard(model, mesh, self.device, blocks)
         previous = self._slot.take()  # not reused, it is freed before the new model is sharded
-        reused = kept_model.reuse(previous, model, mesh, place, built)
+        reused = kept_model.reuse(previous, model, mesh, place, built) if will_load() else None
         if reused is not None and previous is not None:
             self._kept, self.reused, self.previous_optimizer = previous, True, previous.optimizer
             previous.optimizer = None
@@ -103,6 +107,10 @@ class ModelPrep:
                 self.layout, self.replicated = plan.layout, True
                 return hsdp.build_mesh(plan, g.rank, self.device, g.timeout_s, g.gloo_sockets)
         return fsdp.flat_mesh(g.train, self.device)
+
+    def forget_kept(self) -> None:
+        """This generation's model is not to be kept (the next one builds its own)."""
+        self._kept = None
 
     def release(self, *, keep: bool = False) -> None:
         """The wrapper holds the process group: drop it before the group is destroyed. `keep`: the

@@ -38,12 +38,18 @@ class Restorer:
         """The state given to restore() in this generation (where data_loader() starts)."""
         self.init_skipped = False
         """The model was built without initialising its weights (skip_init_if_restoring)."""
+        self._will_load: bool | None = None
 
     def will_load(self) -> bool:
         """Whether restore() will load a state (from memory or storage) rather than start fresh, as
         every rank agrees: the same test restore() makes, on what each rank holds now (a collective
-        on the control plane: every rank calls it at the same point). Holdings only grow until
-        restore() runs, so a True here is a load there."""
+        on the control plane: every rank calls it at the same point; the first answer is kept).
+        Holdings only grow until restore() runs, so a True here is a load there."""
+        if self._will_load is None:
+            self._will_load = self._agree_to_load()
+        return self._will_load
+
+    def _agree_to_load(self) -> bool:
         s = self.s
         s.snapshot.wait()
         s.buddy.wait()
@@ -152,9 +158,11 @@ class Restorer:
 
     def _restored(self, state: TrainState, source: str, last_committed: int) -> bool:
         s = self.s
-        if source == "fresh" and self.init_skipped:  # will_load() said otherwise: never train on garbage
-            raise WorkerGroupError("the model was built without initialising its weights (a restore was agreed), "
-                                   "but there was no state to restore: the next generation builds it afresh")
+        if source == "fresh" and (self.init_skipped or self.model.reused):  # will_load() said otherwise
+            self.model.forget_kept()  # never train on garbage, nor on the weights of steps nobody committed
+            raise WorkerGroupError("the model was built without initialising its weights, or kept from the last "
+                                   "generation (a restore was agreed), but there was no state to restore: the next "
+                                   "generation builds it afresh")
         restored = Restored(generation=self.groups.generation, step=state.step,
                             lost_steps=max(0, last_committed - state.step))
         s.board.progress(state.step, restored=restored)
