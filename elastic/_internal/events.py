@@ -36,7 +36,7 @@ class Event(str, enum.Enum):
                    ("generation", "world_size", "reason", "seconds", "members"), True)
     RESTORED = ("restored", "a rank loaded the newest committed state (source: fresh, memory, "
                 "peer:R, buddy, replica or checkpoint:STEP)",
-                ("step", "source", "generation", "lost_steps", "worker", "rank", "pid"),
+                ("step", "source", "generation", "lost_steps", "model_kept", "rehearsed", "worker", "rank", "pid"),
                 True)
     CHECKPOINT_COMMITTED = ("checkpoint_committed", "a durable checkpoint was committed",
                             ("step", "seconds", "bytes", "world_size", "uri", "worker", "rank", "pid"), True)

@@ -133,6 +133,8 @@ class RayWorkerGroup:
         # A standby reserves nothing: it becomes a worker by taking a reservation of the resources
         # a worker needs, on its own node.
         self._standbys = StandbyPool(worker_cls, opts, run, (self._fn_box, run, True, lease_token))
+        self._generation: tuple[int, list[int]] = (-1, [])  # the latest generation started, and its members
+        self._rehearsed: dict[int, int] = {}  # standby -> the generation whose optimizer step it rehearsed
 
     def request(self, n: int, *, background: bool = False) -> list[int]:
         """Ask for n more workers; `background`: others are training meanwhile, so these start at
@@ -195,6 +197,25 @@ class RayWorkerGroup:
         for wid, actor in self._standbys.start(node_ids, want, now).items():
             self._actors[wid] = actor
             self._info_refs[wid] = actor.info.remote()
+        self._rehearse_standbys()
+
+    def _rehearse_standbys(self) -> None:
+        """Each ready standby rehearses the running generation's optimizer step once (its DTensor
+        layout, from a member: worker/rehearsal.py), so that its first step as a newcomer finds
+        DTensor's sharding worked out. The layout travels as a reference from the member's call
+        straight to the standbys': the supervisor waits for neither."""
+        gen, members = self._generation
+        due = [w for w in self._standbys.nodes if w in self.infos and w in self._actors
+               and self._rehearsed.get(w) != gen]
+        source = next((w for w in members if w in self._actors and w not in self._standbys), None)
+        if not due or source is None:
+            return
+        layout = self._actors[source].layout.remote()
+        for wid in due:
+            self._actors[wid].rehearse.remote(layout)
+            self._rehearsed[wid] = gen
+        for wid in [w for w in self._rehearsed if w not in self._standbys.nodes]:
+            del self._rehearsed[wid]
 
     def standbys(self) -> dict[str, int]:
         """node id -> a standby there that is ready to become a worker (and not known to be dead:
@@ -223,6 +244,8 @@ class RayWorkerGroup:
     # -- running ------------------------------------------------------------------------------
     def start(self, assignments: dict[int, Assignment], timeout_s: float) -> list[int]:
         """Hand each worker its place in a new generation; the ids that did not accept it."""
+        if assignments:
+            self._generation = (max(a.generation for a in assignments.values()), sorted(assignments))
         refs = {wid: self._actors[wid].start.remote(a) for wid, a in assignments.items() if wid in self._actors}
         for wid in refs:
             self._watches.forget(wid)  # its answers from the previous generation say nothing about this one

@@ -70,6 +70,16 @@ class WorkerActor:
     def start(self, assignment: Assignment) -> None:
         self._rt.start(assignment)
 
+    def layout(self) -> dict | None:
+        """The running generation's optimizer over its sharded parameters, for a standby to
+        rehearse (rehearsal.describe); None if there is none."""
+        return self._rt.s.layout
+
+    def rehearse(self, layout: dict | None) -> None:
+        """A standby: rehearse this optimizer step before any assignment comes (rehearsal.py)."""
+        if layout:
+            self._rt.rehearse(layout)
+
     def poll(self, ack: tuple[int, int] = (0, 0)) -> WorkerPoll:
         self._heard = time.monotonic()
         return self._rt.poll(ack)

@@ -13,7 +13,7 @@ from elastic.errors import ConfigError, WorkerGroupError
 from elastic._internal.events import Event
 from elastic._internal.protocol import Restored
 from elastic.train_state import TrainState
-from elastic._internal.worker import fsdp, kept_model
+from elastic._internal.worker import fsdp, kept_model, rehearsal
 from elastic._internal.worker.groups import ProcessGroups
 from elastic._internal.worker.model_prep import ModelPrep
 from elastic._internal.worker.recovery import peer_sync, reshard, sharded_state
@@ -116,6 +116,7 @@ class Restorer:
             if not kept_model.adopt_optimizer_state(state.optimizer, self.model.previous_optimizer):
                 fsdp.init_optimizer_state(state.optimizer)
         self.model.previous_optimizer = None
+        s.layout = rehearsal.describe(state.optimizer)  # what a standby rehearses (asked for by the supervisor)
         if found is not None and found.step >= durable:
             source = sharded_state.restore(self.groups, s, state, found, self.model.layout, self.model.replicated)
         elif durable >= 0:
@@ -166,7 +167,9 @@ class Restorer:
         restored = Restored(generation=self.groups.generation, step=state.step,
                             lost_steps=max(0, last_committed - state.step))
         s.board.progress(state.step, restored=restored)
+        # model_kept: a survivor trained on the model it had sharded (kept_model.py); rehearsed: a
+        # standby had rehearsed the job's optimizer step before it was promoted (rehearsal.py).
         s.board.emit(Event.RESTORED, step=state.step, source=source, generation=restored.generation,
-                     lost_steps=restored.lost_steps)
+                     lost_steps=restored.lost_steps, model_kept=self.model.reused, rehearsed=s.rehearsed)
         reseed(s.seed, state.step, self.groups.rank)
         return source != "fresh"

@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -31,7 +32,7 @@ from elastic.config import RunConfig
 from elastic._internal.events import Event
 from elastic import context as ctx_mod
 from elastic.errors import exit_code_of
-from elastic._internal.worker import failures, heap, priority
+from elastic._internal.worker import failures, heap, priority, rehearsal
 from elastic._internal.worker.devices import device_for, torch_env
 from elastic._internal.worker.generation import Generation
 from elastic._internal.worker.groups import ProcessGroups, connect
@@ -48,13 +49,20 @@ GENERATION_HANDOFF_S = 10.0
 just before it ends; past that the assignment is refused (the supervisor then drops this worker)."""
 
 
+@dataclass(frozen=True)
+class _Rehearsal:
+    """A standby's rehearsal of the job's optimizer step, queued for the generation thread."""
+
+    layout: dict
+
+
 class WorkerRuntime:
     def __init__(self, fn: Callable[[dict], Any], run: RunConfig, lease_token: int = 0):
         self.fn = fn
         self.run = run
         self.s = Services(run, lease_token=lease_token)
         self._notice_lock = threading.RLock()
-        self._assignments: queue.SimpleQueue[Assignment | int] = queue.SimpleQueue()
+        self._assignments: queue.SimpleQueue[Assignment | int | _Rehearsal] = queue.SimpleQueue()
         self._idle = threading.Event()
         """No generation is running: the generation thread waits for the next assignment."""
         self._idle.set()
@@ -68,6 +76,12 @@ class WorkerRuntime:
         priority (a standby: its first step would otherwise take each page as a fault on the critical
         path of a recovery). On idle cycles only, so it never slows ranks it shares cores with."""
         self._assignments.put(nbytes)
+
+    def rehearse(self, layout: dict) -> None:
+        """While no assignment has come, rehearse the job's optimizer step on the generation thread
+        (rehearsal.py). At normal priority: it holds the GIL most of its 0.1-0.3 s, and a thread at
+        SCHED_IDLE preempted holding it would keep the actor from answering start() meanwhile."""
+        self._assignments.put(_Rehearsal(layout))
 
     # -- called from the actor's thread ---------------------------------------------------------
     def start(self, assignment: Assignment) -> None:
@@ -121,11 +135,8 @@ class WorkerRuntime:
         self._gen_tid = threading.get_native_id()
         while True:
             a = self._assignments.get()
-            if isinstance(a, int):  # fault_in_heap
-                stop = self._prefault_stop
-                with priority.background_priority(not stop.is_set(), max_idle_s=priority.PREFAULT_IDLE_S) as low:
-                    if low:  # only while idle: raised (by start() or the cap), it would compete with the ranks
-                        heap.prefault(a, lambda: not stop.is_set() and priority.lowered())
+            if isinstance(a, (int, _Rehearsal)):
+                self._while_idle(a)
                 continue
             threading.current_thread().name = f"elastic-gen{a.generation}"
             # Thread-local state the last generation may have left set, as a fresh thread would have
@@ -137,6 +148,20 @@ class WorkerRuntime:
                 log.exception("generation %d ended outside its own report", a.generation)
             finally:
                 self._idle.set()
+
+    def _while_idle(self, a: int | _Rehearsal) -> None:
+        """A standby's preparation, on the generation thread, given up once an assignment came."""
+        stop = self._prefault_stop
+        if isinstance(a, _Rehearsal):
+            if not stop.is_set():
+                try:
+                    self.s.rehearsed = rehearsal.rehearse(a.layout) or self.s.rehearsed
+                except Exception:  # noqa: BLE001 - a lost head start, never a lost worker
+                    log.debug("rehearsal failed", exc_info=True)
+            return
+        with priority.background_priority(not stop.is_set(), max_idle_s=priority.PREFAULT_IDLE_S) as low:
+            if low:  # only while idle: raised (by start() or the cap), it would compete with the ranks
+                heap.prefault(a, lambda: not stop.is_set() and priority.lowered())
 
     def _run_generation(self, a: Assignment) -> None:
         s = self.s

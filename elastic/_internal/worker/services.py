@@ -43,6 +43,11 @@ class Services:
         self.board = board or StatusBoard()
         self.buddy = BuddyCopies()
         self.kept_model = Slot()
+        self.layout: dict | None = None
+        """The running generation's optimizer over its sharded parameters, as a standby rehearses it
+        (rehearsal.describe; None before a sharded restore)."""
+        self.rehearsed = False
+        """This process rehearsed a job's optimizer step while it was a standby (rehearsal.py)."""
         self.pause = threading.Event()
         """Leave the group at the next agreed step boundary (a resize)."""
         self.leave = threading.Event()
