@@ -14,7 +14,8 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from elastic._internal.worker import fsdp, rehearsal
+from elastic._internal.worker import fsdp, meshes, rehearsal
+from elastic._internal.worker.fsdp import local_chunk
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,7 +28,8 @@ def _sharded(world: int, rank: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     """A model sharded on a fake group of `world` ranks (torch's "fake" backend), and its AdamW."""
     __import__("torch.testing._internal.distributed.fake_pg")
     dist.init_process_group("fake", rank=rank, world_size=world, store=dist.HashStore())
-    model = fsdp.shard(build(), DeviceMesh.from_group(dist.group.WORLD, "cpu"), torch.device("cpu"))
+    mesh = meshes.canonical(DeviceMesh.from_group(dist.group.WORLD, "cpu"))  # as ModelPrep builds it
+    model = fsdp.shard(build(), mesh, torch.device("cpu"))
     return model, torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() > 1]},
                                      {"params": [p for p in model.parameters() if p.dim() <= 1], "lr": 0.5}],
                                     lr=1e-3, weight_decay=0.01)
@@ -91,12 +93,36 @@ def test_after_a_rehearsal_the_first_step_works_out_no_sharding():
         return _worked_out_in_first_step(*_sharded(4, 2))
 
     def rehearsed() -> int:
-        assert rehearsal.rehearse(layout)
+        assert rehearsal.rehearse(layout)  # as rank 0 of a fake group
         assert not dist.is_initialized()  # its fake group is gone again
-        return _worked_out_in_first_step(*_sharded(4, 2))  # another rank's place: the same entries
+        model, opt = _sharded(4, 2)  # another rank's place: the same entries
+        assert _declares_its_own_rows(model, 2)  # not the rehearsal's rank 0, nor its group
+        return _worked_out_in_first_step(model, opt)
 
     assert _on_a_thread(cold) > 0
     assert _on_a_thread(rehearsed) == 0
+
+
+def _declares_its_own_rows(model: nn.Module, rank: int) -> bool:
+    """Every parameter says it holds rank `rank`'s rows (of 4), on this generation's group."""
+    return all(local_chunk(p)[1][0] == rank * (p.shape[0] // 4) and p.device_mesh.get_group() is dist.group.WORLD
+               for p in model.parameters())
+
+
+def test_each_generation_declares_its_own_rank_on_a_mesh_seen_before():
+    """A worker's generations run on one thread, where DTensor's cache hands out the mesh object it
+    first saw for an equal mesh: without meshes.canonical the second model below declares rank 1's
+    rows (DCP then refuses the checkpoint's plan: "invalid fill")."""
+
+    def generations() -> list[bool]:
+        out = []
+        for rank in (1, 2, 3):
+            model, _ = _sharded(4, rank)
+            out.append(_declares_its_own_rows(model, rank))
+            dist.destroy_process_group()
+        return out
+
+    assert _on_a_thread(generations) == [True, True, True]
 
 
 class _Custom(torch.optim.SGD):

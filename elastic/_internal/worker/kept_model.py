@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from elastic.errors import ConfigError
+from elastic._internal.worker import meshes
 
 _MODULE_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                  "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
@@ -141,9 +142,7 @@ def _rebind(model: nn.Module, kept_mesh: Any, mesh: Any) -> None:
     infos hold them (recomputed from the mesh by their __post_init__)."""
     from torch.distributed.fsdp import FSDPModule
 
-    kept_mesh._dim_group_names = list(mesh._dim_group_names)
-    if hasattr(mesh, "_pg_registry"):
-        kept_mesh._pg_registry = dict(mesh._pg_registry)
+    meshes.adopt(kept_mesh, mesh)  # prepare_model's mesh already is the kept one (meshes.canonical)
     for m in model.modules():
         if not isinstance(m, FSDPModule):
             continue

@@ -11,7 +11,7 @@ import torch
 
 from elastic._internal.collectives import CollectiveClock
 from elastic.errors import ConfigError
-from elastic._internal.worker import fsdp, hsdp, kept_model
+from elastic._internal.worker import fsdp, hsdp, kept_model, meshes
 from elastic._internal.worker.ddp import ExactDDP
 from elastic._internal.worker.groups import ProcessGroups
 from elastic._internal.worker.recovery.reshard import Layout
@@ -98,7 +98,11 @@ class ModelPrep:
         return model
 
     def _mesh(self, strategy: str) -> Any:
-        """The DeviceMesh to shard on; sets `layout` and `replicated`."""
+        """The DeviceMesh to shard on (this thread's object for it: meshes.py); sets `layout` and
+        `replicated`."""
+        return meshes.canonical(self._new_mesh(strategy))
+
+    def _new_mesh(self, strategy: str) -> Any:
         g = self.groups
         if strategy == "hsdp" and g.world_size > 1 and g.is_default:  # the mesh's groups come from new_group
             plan = hsdp.plan_mesh(self.nodes())

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from elastic._internal.worker import meshes
+
 _SCALARS = (bool, int, float, str, type(None))
 
 
@@ -71,7 +73,10 @@ def rehearse(layout: dict[str, Any], steps: int = 2) -> bool:
 
     dist.init_process_group("fake", rank=0, world_size=ranks.numel(), store=dist.HashStore())
     try:
-        mesh = DeviceMesh(layout["device"], ranks, mesh_dim_names=tuple(layout["mesh"]["names"]) or None)
+        # This thread's object for the mesh (meshes.py): the entries the rehearsal leaves in DTensor's
+        # cache point at it, and the generation's real mesh makes it its own (groups, coordinate).
+        mesh = meshes.canonical(DeviceMesh(layout["device"], ranks,
+                                           mesh_dim_names=tuple(layout["mesh"]["names"]) or None))
         groups = []
         for g in layout["groups"]:
             ps = []
