@@ -35,7 +35,8 @@ class Event(str, enum.Enum):
     GROUP_BUILT = ("group_built", "a new generation of the process group was formed",
                    ("generation", "world_size", "reason", "seconds", "members"), True)
     RESTORED = ("restored", "a rank loaded the newest committed state (source: fresh, memory, "
-                "peer:R, buddy, replica or checkpoint:STEP)",
+                "peer:R, buddy, replica or checkpoint:STEP; model_kept: a survivor loaded it into the "
+                "sharded model it kept; rehearsed: a promoted standby had rehearsed the optimizer step)",
                 ("step", "source", "generation", "lost_steps", "model_kept", "rehearsed", "worker", "rank", "pid"),
                 True)
     CHECKPOINT_COMMITTED = ("checkpoint_committed", "a durable checkpoint was committed",

@@ -76,6 +76,13 @@ class StandInWorker:
     def heartbeat(self) -> None:
         pass
 
+    def layout(self) -> dict | None:
+        """No sharded model: nothing for a standby to rehearse (worker/rehearsal.py)."""
+        return None
+
+    def rehearse(self, layout: dict | None) -> None:
+        pass
+
     def _park(self) -> None:
         self._stop.set()
         if self.board.get().state is WorkerState.RUNNING:
