@@ -39,3 +39,19 @@ def assert_models_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs: max |d| = {(a[k] - b[k]).abs().max().item():.3g}"
+
+
+class References(dict):
+    """Failure-free final models by world size, each computed on first use (once per module):
+    `fit(uri, workers)` runs the failure-free job."""
+
+    def __init__(self, tmp_path_factory, fit, prefix: str = "ref"):
+        super().__init__()
+        self._tmp, self._fit, self._prefix = tmp_path_factory, fit, prefix
+
+    def __missing__(self, workers: int) -> dict:
+        uri = self._tmp.mktemp(f"{self._prefix}{workers}")
+        r = self._fit(uri, workers)
+        assert r.ok, r.error
+        self[workers] = final_model(str(uri))
+        return self[workers]

@@ -8,7 +8,7 @@ import pytest
 
 import elastic
 from chaos_tests.harness import model_diff
-from conftest import assert_models_equal, final_model
+from conftest import References, assert_models_equal, final_model
 from elastic.chaos.faults import fired
 import jobs
 
@@ -27,24 +27,9 @@ def _fit(uri, workers, faults=(), marker_dir="/tmp", steps=STEPS, every=10, over
     ).fit(raise_on_failure=False, quiet=True)
 
 
-class _References(dict):
-    """Failure-free final models by world size, each computed on first use (once per module)."""
-
-    def __init__(self, tmp_path_factory):
-        super().__init__()
-        self._tmp = tmp_path_factory
-
-    def __missing__(self, workers: int) -> dict:
-        uri = self._tmp.mktemp(f"fsdp-ref{workers}")
-        r = _fit(uri, workers)
-        assert r.ok, r.error
-        self[workers] = final_model(str(uri))
-        return self[workers]
-
-
 @pytest.fixture(scope="module")
 def reference(ray_local, tmp_path_factory):
-    return _References(tmp_path_factory)
+    return References(tmp_path_factory, _fit, "fsdp-ref")
 
 
 # Killed inside the (shared-memory) exchange: -m slow here (test_buddy_inline kills a rank there in

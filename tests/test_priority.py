@@ -104,3 +104,35 @@ def test_a_standby_prefault_runs_idle_and_ends_when_raised_by_the_cap_or_by_an_a
     normal(done[0])
     t.join(20)
     assert not t.is_alive() and 0 < done[1] < ASKED
+
+
+@needs_restore
+def test_a_rehearsal_goes_before_the_standby_prefault_which_goes_on_after_it(monkeypatch, tmp_path):
+    """A standby's prefault can take its 10 s at idle priority; a rehearsal asked for meanwhile
+    (0.1-0.3 s, worth 0.4 s of a newcomer's first step) runs at its next chunk, then the prefault again."""
+    import time
+
+    from elastic.config import CheckpointConfig, RunConfig
+    from elastic._internal.worker import heap, rehearsal
+    from elastic._internal.worker.runtime import WorkerRuntime
+
+    order: list[str] = []
+
+    def chunks_until_told(nbytes: int, go) -> int:
+        order.append("prefault")
+        deadline = time.monotonic() + 20
+        while go() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        order.append("prefault gives way")
+        return 0
+
+    monkeypatch.setattr(heap, "prefault", chunks_until_told)
+    monkeypatch.setattr(rehearsal, "rehearse", lambda layout: order.append(f"rehearsal {layout}") or True)
+    rt = WorkerRuntime(lambda config: None, RunConfig(checkpoint=CheckpointConfig(uri=str(tmp_path))))
+    rt.fault_in_heap(1 << 30)
+    assert wait_until(lambda: order == ["prefault"], timeout_s=10)
+    rt.rehearse({"n": 1})
+    assert wait_until(lambda: len(order) == 4, timeout_s=10), order
+    assert order == ["prefault", "prefault gives way", "rehearsal {'n': 1}", "prefault"] and rt.s.rehearsed
+    rt._prefault_stop.set()  # an assignment: the prefault gives way for good
+    assert wait_until(lambda: order[-1] == "prefault gives way", timeout_s=10)

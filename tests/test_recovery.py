@@ -7,7 +7,7 @@ import pytest
 import elastic
 from elastic._internal.supervisor.decisions import Fail
 from elastic._internal.supervisor.policy import DefaultPolicy
-from conftest import assert_models_equal, final_model
+from conftest import References, assert_models_equal, final_model
 from elastic.chaos.faults import fired, fired_at
 from elastic._internal.worker.priority import can_restore
 import jobs
@@ -31,24 +31,9 @@ def _fit(uri, workers=2, faults=(), marker_dir="/tmp", max_failures=3, spares=0,
     ).fit(raise_on_failure=False, quiet=True)
 
 
-class _References(dict):
-    """Failure-free final models by world size, each computed on first use (once per module)."""
-
-    def __init__(self, tmp_path_factory):
-        super().__init__()
-        self._tmp = tmp_path_factory
-
-    def __missing__(self, workers: int) -> dict:
-        uri = self._tmp.mktemp(f"ref{workers}")
-        r = _fit(uri, workers)
-        assert r.ok, r.error
-        self[workers] = final_model(str(uri))
-        return self[workers]
-
-
 @pytest.fixture(scope="module")
 def reference(ray_local, tmp_path_factory):
-    return _References(tmp_path_factory)
+    return References(tmp_path_factory, _fit, "ref")
 
 
 def _pids_by_rank(result, generation):

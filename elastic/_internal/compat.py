@@ -52,6 +52,13 @@ PRIVATE_APIS: dict[str, str] = {
     "torch.distributed.checkpoint.filesystem._StoragePrefix": "unique shard file names per save",
     "torch.distributed.checkpoint.filesystem._FileSystemWriter": "DCP's shard writer",
     "torch.distributed.checkpoint._fsspec_filesystem.FileSystem": "DCP's fsspec adapter",
+    "torch.distributed.fsdp.FSDPModule._get_fsdp_state": "a kept model's FSDP2 parameter groups (kept_model.py)",
+    "torch.distributed.fsdp._fully_shard._fsdp_common.FSDPMeshInfo.__post_init__": "re-derives a kept model's "
+                                                                                   "process groups from its mesh",
+    "torch.distributed.fsdp._fully_shard._fsdp_param.FSDPParam": "its unsharded gradient, left by a backward cut short",
+    "torch.testing._internal.distributed.fake_pg": "torch's fake process group, for a standby's rehearsal (rehearsal.py)",
+    "torch.distributed.device_mesh.DeviceMesh._compute_coordinate_on_dim": "a mesh's groups, rank and coordinate "
+                                                                           "are its attributes (meshes.py)",
 }
 """Every private name elastic imports, and why (checked against torch 2.13 and Ray 2.60)."""
 

@@ -68,6 +68,8 @@ class WorkerRuntime:
         self._idle.set()
         self._prefault_stop = threading.Event()
         """Set by the first assignment: a standby's heap prefault (fault_in_heap) gives way at once."""
+        self._rehearsal_due = threading.Event()
+        """A rehearsal is queued: the prefault gives way to it, and goes on after it."""
         self._gen_tid = 0
         threading.Thread(target=self._generations, name="elastic-gen", daemon=True).start()
 
@@ -82,6 +84,7 @@ class WorkerRuntime:
         (rehearsal.py). At normal priority: it holds the GIL most of its 0.1-0.3 s, and a thread at
         SCHED_IDLE preempted holding it would keep the actor from answering start() meanwhile."""
         self._assignments.put(_Rehearsal(layout))
+        self._rehearsal_due.set()  # after the put: a prefault that gives way queues itself behind it
 
     # -- called from the actor's thread ---------------------------------------------------------
     def start(self, assignment: Assignment) -> None:
@@ -153,15 +156,21 @@ class WorkerRuntime:
         """A standby's preparation, on the generation thread, given up once an assignment came."""
         stop = self._prefault_stop
         if isinstance(a, _Rehearsal):
+            self._rehearsal_due.clear()
             if not stop.is_set():
                 try:
                     self.s.rehearsed = rehearsal.rehearse(a.layout) or self.s.rehearsed
                 except Exception:  # noqa: BLE001 - a lost head start, never a lost worker
                     log.debug("rehearsal failed", exc_info=True)
             return
+        due = self._rehearsal_due
         with priority.background_priority(not stop.is_set(), max_idle_s=priority.PREFAULT_IDLE_S) as low:
             if low:  # only while idle: raised (by start() or the cap), it would compete with the ranks
-                heap.prefault(a, lambda: not stop.is_set() and priority.lowered())
+                heap.prefault(a, lambda: not stop.is_set() and not due.is_set() and priority.lowered())
+        if due.is_set() and not stop.is_set():
+            # The rehearsal first (it takes 0.1-0.3 s and a newcomer's first step 0.4 s less; the
+            # prefault can take its 10 s): then the prefault again, its pages so far already resident.
+            self._assignments.put(a)
 
     def _run_generation(self, a: Assignment) -> None:
         s = self.s
