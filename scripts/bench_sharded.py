@@ -214,8 +214,14 @@ def run_elastic(cfg: dict, world: int, spares: int, max_failures: int = 3) -> di
         failure=elastic.FailureConfig(max_failures=max_failures, buddy_overlap=cfg["arm"] == "overlap",
                                       buddy_shm=cfg["arm"] != "loopback"),
     ).fit(quiet=True, raise_on_failure=False)
-    sources = sorted({e.get("source") for e in r.events if e["event"] == "restored" and e.get("generation", 0) > 0})
-    return {"ok": r.ok, "error": r.error, "total_s": time.time() - t0, "restored_from": sources, "events": r.events}
+    later = [e for e in r.events if e["event"] == "restored" and e.get("generation", 0) > 0]
+    sources = sorted({e.get("source") for e in later})
+    # Of the restores after a failure: how many survivors trained on the model they kept, and how
+    # many newcomers had rehearsed the optimizer step as standbys (kept_model.py, rehearsal.py).
+    warm = {"kept": sum(bool(e.get("model_kept")) for e in later), "restores": len(later),
+            "rehearsed": sum(bool(e.get("rehearsed")) for e in later)}
+    return {"ok": r.ok, "error": r.error, "total_s": time.time() - t0, "restored_from": sources, "events": r.events,
+            **warm}
 
 
 def job_config(arm: str, world: int, run_dir: str, args: argparse.Namespace, steps: int, kills: list[int]) -> dict:
@@ -276,6 +282,7 @@ def one_run(arm: str, world: int, root: str, i: int, args: argparse.Namespace, s
     print(f"  {arm:13} w={world} run {i}: {done}/{args.steps} steps, total {info['total_s']:.1f}s, "
           f"step {out['step_s'] or 0:.3f}s" + (f", recovery {r['seconds']:.2f}s, lost {r['lost_steps']}" if r else "")
           + (f", restored from {info['restored_from']}" if info.get("restored_from") else "")
+          + (f", kept {info['kept']}/{info['restores']}, rehearsed {info['rehearsed']}" if info.get("restores") else "")
           + ("".join(f", {k} {v:.2f}" for k, v in r["phases"].items() if isinstance(v, float)) if r and "phases" in r else "")
           + ("" if info.get("ok", info.get("rc") == 0) else f" FAILED {info.get('error') or info.get('rc')}"),
           flush=True)
