@@ -83,8 +83,12 @@ class WorkerRuntime:
         """While no assignment has come, rehearse the job's optimizer step on the generation thread
         (rehearsal.py). At normal priority: it holds the GIL most of its 0.1-0.3 s, and a thread at
         SCHED_IDLE preempted holding it would keep the actor from answering start() meanwhile."""
+        # Set before the put: set after it, the generation thread could take the rehearsal (clearing
+        # the flag) in between, and a flag left set with no rehearsal queued would make the prefault
+        # give way and queue itself again forever. Set first, a prefault that gives way before the
+        # put lands queues itself at most a few times more, until the rehearsal is ahead of it.
+        self._rehearsal_due.set()
         self._assignments.put(_Rehearsal(layout))
-        self._rehearsal_due.set()  # after the put: a prefault that gives way queues itself behind it
 
     # -- called from the actor's thread ---------------------------------------------------------
     def start(self, assignment: Assignment) -> None:
