@@ -95,6 +95,13 @@ def eventually(check: Callable[[], Any], what: str, timeout_s: float = 20.0) -> 
     return out
 
 
+def cpus_free(n: float) -> Callable[[], bool]:
+    """Whether Ray counts `n` CPUs free (a RayWorkerGroup's workers hold 2 each of 4)."""
+    import ray
+
+    return lambda: ray.available_resources().get("CPU", 0.0) == n
+
+
 def placed(g: Any, n: int) -> list[int]:
     """Ask for n workers and wait until they are ready (refresh, as the controller does)."""
     ids = g.request(n)
@@ -317,12 +324,20 @@ def test_standbys_wait_on_their_nodes_and_a_promoted_one_becomes_a_worker(group,
     survivor, victim = ids
     node = g.infos[victim].node_id
     g.kill(victim)  # its node has a worker's resources free again
+    if isinstance(g, RayWorkerGroup):
+        eventually(cpus_free(2.0), "the dead worker's 2 CPUs free")
     promoted = standbys[node]
     g.promote(promoted)
     assert promoted not in g.standbys().values() and promoted in g.ready()
     assert g.gpu_ids(promoted, 30.0) == ()  # its reservation placed (no GPU on this cluster)
     assert g.start(assign([survivor, promoted], 1), POLL_TIMEOUT_S) == []
     Poller(g).until([survivor, promoted], running(1), "the promoted standby running generation 1")
+    if isinstance(g, RayWorkerGroup):
+        # The promoted standby holds the dead worker's CPUs on its node (a placement group: no Ray
+        # worker process of its own), and gives them back when it goes.
+        eventually(cpus_free(0.0), "the reservation holding the dead worker's 2 CPUs")
+        g.kill(promoted)
+        eventually(cpus_free(2.0), "the reservation released with its worker")
 
 
 def test_what_the_group_says_about_the_cluster(group):

@@ -325,11 +325,9 @@ class RayWorkerGroup:
         actor = self._actors.pop(wid, None)
         self._info_refs.pop(wid, None)
         self.infos.pop(wid, None)
-        slot = self._standbys.forget(wid)
         if actor is not None:
             ray.kill(actor, no_restart=True)
-        if slot is not None:
-            ray.kill(slot, no_restart=True)
+        self._standbys.forget(wid)
 
     # -- the cluster --------------------------------------------------------------------------
     def placeable(self) -> int:
