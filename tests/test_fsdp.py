@@ -67,7 +67,9 @@ def test_a_killed_rank_comes_back_from_its_buddy_and_the_model_ends_equal(refere
     assert_models_equal(reference[2], final_model(str(tmp_path / "run")))
 
 
-@pytest.mark.parametrize("shm", [False, True], ids=["loopback", "shared-memory"])
+# Over loopback: -m slow (~20 s); the default run keeps the shared-memory transport, the default one,
+# and a kill over loopback in the overlapped-exchange case above.
+@pytest.mark.parametrize("shm", [pytest.param(False, marks=pytest.mark.slow), True], ids=["loopback", "shared-memory"])
 def test_a_rank_killed_in_the_first_step_after_a_recovery_comes_back_from_memory(reference, tmp_path, shm):
     """Rank 1 killed at step 17, then rank 0 (the survivor) at the top of the first step after the
     recovery: the newcomer must already hold rank 0's rows of step 17 (the restore's buddy exchange
