@@ -74,6 +74,28 @@ def test_two_nodes_one_rank_each_a_killed_rank_is_healed_from_its_replica(cluste
     print(f"recovery: {rec['seconds']:.2f}s (cost {rec['cost_s']:.2f}s)")
 
 
+def test_a_promoted_standby_reservation_is_placed_on_the_node_it_names(cluster):
+    """The reservation holding a promoted standby's CPUs (standby_pool.Reservation: a placement group
+    pinned by Ray's node-id label, no process) lands on that standby's node, whichever of two nodes
+    with room it names, and is gone once released. A label the scheduler ignored (as some Ray
+    releases did, ray#55590 and ray#60170) would put some of them on the other node."""
+    from ray.util.placement_group import placement_group_table
+
+    from elastic._internal.supervisor.standby_pool import Reservation
+
+    c, other = cluster
+    nodes = [other.node_id, c.head_node.node_id] * 2
+    held = [Reservation(node, cpus=1.0, gpus=0.0) for node in nodes]  # 2 per node: each node's 2 CPUs
+    if held[0]._pg is None:
+        pytest.skip("this Ray reserves with a _Slot actor (no trusted bundle label selector)")
+    for node, r in zip(nodes, held):
+        assert r._pg.wait(30), "the reservation was not placed"
+        assert placement_group_table(r._pg)["bundles_to_node_id"][0] == node
+    for r in held:
+        r.release()
+    assert all(wait_until(lambda r=r: placement_group_table(r._pg)["state"] == "REMOVED", timeout_s=10) for r in held)
+
+
 @pytest.mark.slow  # ~70 s: two 4-rank runs, then both resumed
 def test_two_nodes_two_ranks_each_a_killed_rank_is_healed_from_its_replica_and_dcp_reshards(cluster, tmp_path):
     rec = _kill_and_check(tmp_path, 4, 1, rank=2)

@@ -35,9 +35,20 @@ class _Slot:
 
 RemoteSlot = ray.remote(_Slot)
 
-_PINS_BUNDLES = "bundle_label_selector" in inspect.signature(placement_group).parameters  # Ray >= 2.47
 NODE_LABEL = "ray.io/node-id"
 """The label Ray gives every node, its id: what pins a placement group's bundle to one node."""
+LABELS_TRUSTED_FROM = (2, 60)
+"""The Ray release (the one CI tests, tests/test_hsdp.py) from which a bundle's label selector is
+trusted to place it: earlier releases with the parameter ignored it in bundle scheduling (ray#55590)
+or under STRICT_PACK (ray#60170). Before it, a reservation is a _Slot actor placed by node affinity."""
+
+
+def _pins_bundles() -> bool:
+    try:
+        release = tuple(int(x) for x in ray.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return release >= LABELS_TRUSTED_FROM and "bundle_label_selector" in inspect.signature(placement_group).parameters
 
 
 class Reservation:
@@ -54,8 +65,9 @@ class Reservation:
         self._pg = self._actor = None
         if not bundle:
             return
-        if gpus <= 0 and _PINS_BUNDLES:
-            self._pg = placement_group([bundle], strategy="STRICT_PACK", bundle_label_selector=[{NODE_LABEL: node}])
+        if gpus <= 0 and _pins_bundles():
+            # PACK: one bundle is placed alone either way, and PACK schedules it with its labels.
+            self._pg = placement_group([bundle], strategy="PACK", bundle_label_selector=[{NODE_LABEL: node}])
             return
         here = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
         self._actor = RemoteSlot.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
