@@ -55,8 +55,8 @@ class Reservation:
     """A worker's resources on one node, held for a promoted standby.
 
     Without GPUs, a placement group: the _Slot actor it replaces is a Ray worker process, whose start
-    (about 1 CPU-second of Python and `import ray` at nice 0, before Ray lowers its workers to nice
-    15, below which the training ranks run) took most of a core from the recovery it was made in
+    (about 1 CPU-second of Python and `import ray` at nice 0, above the training ranks' nice 15: Ray
+    lowers a worker only once it runs) took most of a core from the recovery it was made in
     (sampled at 4 ranks on 2 cores: 0.9 CPU-s within 2 s of the kill). With GPUs, the _Slot actor:
     only a task or actor is told which GPUs Ray assigned."""
 
