@@ -89,6 +89,8 @@ def test_two_kills_in_a_row(reference, tmp_path):
     assert_models_equal(reference[2], final_model(str(tmp_path / "run")))
 
 
+@pytest.mark.slow  # ~27 s; promotion of a warm worker started in the background is in the default run
+# through the node standbys (test_fsdp, test_hsdp), spares are not the default
 def test_spares_replace_two_kills_and_the_next_spare_starts_in_the_background(reference, tmp_path):
     # 0.3 s steps: the first kill (3 s in) finds the first spare ready, and the spare asked for
     # then has ~7 s, at idle priority on cores the ranks leave free, before the second kill.
