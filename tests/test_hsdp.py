@@ -86,13 +86,15 @@ def test_a_promoted_standby_reservation_is_placed_on_the_node_it_names(cluster):
     c, other = cluster
     nodes = [other.node_id, c.head_node.node_id] * 2
     held = [Reservation(node, cpus=1.0, gpus=0.0) for node in nodes]  # 2 per node: each node's 2 CPUs
-    if held[0]._pg is None:
-        pytest.skip("this Ray reserves with a _Slot actor (no trusted bundle label selector)")
-    for node, r in zip(nodes, held):
-        assert r._pg.wait(30), "the reservation was not placed"
-        assert placement_group_table(r._pg)["bundles_to_node_id"][0] == node
-    for r in held:
-        r.release()
+    try:
+        if held[0]._pg is None:
+            pytest.skip("this Ray reserves with a _Slot actor (no trusted bundle label selector)")
+        for node, r in zip(nodes, held):
+            assert r._pg.wait(30), "the reservation was not placed"
+            assert placement_group_table(r._pg)["bundles_to_node_id"][0] == node
+    finally:  # a failed check must not leave the module's cluster without CPUs for the next tests
+        for r in held:
+            r.release()
     assert all(wait_until(lambda r=r: placement_group_table(r._pg)["state"] == "REMOVED", timeout_s=10) for r in held)
 
 
