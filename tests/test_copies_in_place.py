@@ -90,3 +90,27 @@ def test_a_survivor_in_place_points_its_new_buddy_at_the_slot_its_snapshot_borro
     assert w._slots[1].serial == serial and torch.equal(borrowed[("w",)], torch.full((4, 3), 7.0))
     w.close()
     assert w.nbytes == 0 and not w.holds(borrowed)
+
+
+def test_a_standby_s_stocked_blanks_become_its_first_two_slots():
+    """A standby stocks two blanks (faulted-in memory, sized by its rehearsal); as a rank, its
+    first two writes take them over, shrunk to the slot's size (what a reader checks), and a
+    reader finds the rows there. Blanks too small for the rows are dropped, not held."""
+    from elastic._internal.worker.recovery.host_slots import SlotReader, SlotWriter
+
+    w = SlotWriter()
+    key, spec = (1, 2), [(("w",), (4, 3), torch.float32)]
+    w.stock(1 << 16)
+    assert w.blank_bytes == 2 << 16 and w.nbytes == 0
+    for step in (6, 7):
+        msg = w.write(step, key, [(("w",), torch.full((4, 3), float(step)))])
+        # the blank's mapping (64 KiB), its memfd shrunk to the rows (64 bytes)
+        assert len(w._slots[step % 2].buf) == 1 << 16 and int(msg[3]) == 64
+        assert torch.equal(SlotReader().views(msg, spec, step)[("w",)], torch.full((4, 3), float(step)))
+    assert w.blank_bytes == 0
+    w.close()
+
+    w.stock(64)
+    w.write(1, key, [(("w",), torch.zeros(40, 3))])  # 480 bytes: no blank fits
+    assert w.blank_bytes == 0 and len(w._slots[1].buf) == 512  # a slot of its own
+    w.close()

@@ -127,7 +127,7 @@ def test_a_rehearsal_goes_before_the_standby_prefault_which_goes_on_after_it(mon
         return 0
 
     monkeypatch.setattr(heap, "prefault", chunks_until_told)
-    monkeypatch.setattr(rehearsal, "rehearse", lambda layout: order.append(f"rehearsal {layout}") or True)
+    monkeypatch.setattr(rehearsal, "rehearse", lambda layout: order.append(f"rehearsal {layout}") or 0)
     rt = WorkerRuntime(lambda config: None, RunConfig(checkpoint=CheckpointConfig(uri=str(tmp_path))))
     rt.fault_in_heap(1 << 30)
     assert wait_until(lambda: order == ["prefault"], timeout_s=10)

@@ -145,4 +145,24 @@ def test_what_cannot_be_rehearsed_is_not():
         return rehearsal.rehearse(layout)
 
     layout = _on_a_thread(_layout)
-    assert _on_a_thread(while_a_group_is_up) is False
+    assert _on_a_thread(while_a_group_is_up) is None
+
+
+def test_a_rehearsal_sizes_the_buddy_slot_a_rank_of_its_layout_writes():
+    """What a standby stocks its slots by (host_slots.SlotWriter.stock): the bytes of rank 0's rows
+    (the most of any rank) of every parameter and AdamW state, as a real sharded step holds them."""
+    from elastic._internal.worker.recovery import host_slots
+
+    layout = _on_a_thread(_layout)
+
+    def real() -> int:
+        model, opt = _sharded(4, 0)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        rows = [(("x",), tuple(t.to_local().shape), t.dtype) for p in model.parameters()
+                for t in [p, *opt.state[p].values()] if isinstance(t, DTensor) and t.shape == p.shape]
+        assert len(rows) == 3 * len(list(model.parameters()))
+        return host_slots._offsets(rows)[1]
+
+    assert _on_a_thread(lambda: rehearsal.rehearse(layout)) == _on_a_thread(real) > 0

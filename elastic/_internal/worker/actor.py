@@ -44,7 +44,7 @@ class WorkerActor:
         # reason, and the training function comes boxed, pickled (RayWorkerGroup): unpickling it
         # imports the user's module, and with it torch, inside the block.
         with background_priority(background) as lowered:
-            from elastic._internal.worker.heap import keep_freed_memory
+            from elastic._internal.worker.heap import freeze_objects, keep_freed_memory
             from elastic._internal.worker.runtime import WorkerRuntime
 
             fn: Callable[[dict], Any] = _unbox(fn_box[0])
@@ -54,6 +54,7 @@ class WorkerActor:
             _on_sigterm(self._rt.request_preempt)
             kept = keep_freed_memory()  # a rebuild reuses what the last generation freed (heap.py)
             _warm_up()
+            freeze_objects()  # after the warm-up's own objects are gone
         self._background = lowered
         if lowered and kept:  # after the block: its end sets every thread back to normal priority
             from elastic._internal.worker.heap import PREFAULT_BYTES

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 from typing import Callable
 
 M_TRIM_THRESHOLD = -1
@@ -76,3 +77,13 @@ def prefault(nbytes: int, go: Callable[[], bool]) -> int:
         for ptr in chunks:
             free(ptr)
     return len(chunks) * PREFAULT_CHUNK
+
+
+def freeze_objects() -> None:
+    """Collect the garbage there is, then exempt every object alive from later collections
+    (gc.freeze): a worker's start-up objects (modules, torch's, a standby's rehearsal) live as long
+    as the process does. Walked by a full collection, they cost 0.17 s of CPU that fell into a
+    promoted standby's first commit after a 2-rank recovery here, while its buddy waited. Objects
+    made later (a generation's model, optimizer) are collected as before."""
+    gc.collect()
+    gc.freeze()

@@ -19,6 +19,7 @@ on a standby's say-so) and each group's options.
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any
 
 import torch
@@ -58,15 +59,16 @@ def describe(optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
             "groups": groups}
 
 
-def rehearse(layout: dict[str, Any], steps: int = 2) -> bool:
-    """Run `steps` optimizer steps of `layout` on a fake process group, on this thread; whether it
-    ran (not where a process group is up: a generation's, or a test's)."""
+def rehearse(layout: dict[str, Any], steps: int = 2) -> int | None:
+    """Run `steps` optimizer steps of `layout` on a fake process group, on this thread; None when it
+    did not run (where a process group is up: a generation's, or a test's), else the bytes a rank
+    of this layout writes into a buddy slot (row_bytes)."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     module, _, name = layout["optimizer"].partition(":")
     if dist.is_initialized() or not module.startswith("torch.optim.") or layout["device"] != "cpu":
-        return False
+        return None
     cls = getattr(importlib.import_module(module), name)
     ranks = torch.tensor(layout["mesh"]["ranks"])
     importlib.import_module("torch.testing._internal.distributed.fake_pg")  # registers the "fake" backend
@@ -96,6 +98,26 @@ def rehearse(layout: dict[str, Any], steps: int = 2) -> bool:
         opt = cls(groups)
         for _ in range(steps):
             opt.step()
-        return True
+        return row_bytes(opt, ranks.numel())
     finally:
         dist.destroy_process_group()
+
+
+def row_bytes(optimizer: torch.optim.Optimizer, world: int) -> int:
+    """The most bytes any rank of `world` writes into its buddy slot (host_slots.py) for a model
+    sharded on dim 0 of a one-dimensional mesh: its rows of each parameter and of each optimizer
+    state laid out as that parameter (one layout row each here: counted by their global shapes).
+    0 for other meshes (HSDP keeps no buddy copy)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    from elastic._internal.worker.recovery.host_slots import ALIGN
+
+    total = 0
+    for p in (p for g in optimizer.param_groups for p in g["params"]):
+        if p.device_mesh.ndim != 1 or list(p.placements) != [Shard(0)]:
+            return 0
+        like = [p, *(v for v in optimizer.state[p].values() if isinstance(v, DTensor) and v.shape == p.shape)]
+        rows = -(-p.shape[0] // world)  # torch.chunk's: the first ranks hold the most
+        n = rows * math.prod(p.shape[1:]) * torch.empty((), dtype=p.dtype).element_size()
+        total += len(like) * -(-n // ALIGN) * ALIGN
+    return total

@@ -163,7 +163,11 @@ class WorkerRuntime:
             self._rehearsal_due.clear()
             if not stop.is_set():
                 try:
-                    self.s.rehearsed = rehearsal.rehearse(a.layout) or self.s.rehearsed
+                    nbytes = rehearsal.rehearse(a.layout)
+                    self.s.rehearsed = nbytes is not None or self.s.rehearsed
+                    if nbytes and self.run.failure.buddy_shm:
+                        self._stock_slots(nbytes)
+                    heap.freeze_objects()  # what the rehearsal imported and left (DTensor's cache)
                 except Exception:  # noqa: BLE001 - a lost head start, never a lost worker
                     log.debug("rehearsal failed", exc_info=True)
             return
@@ -175,6 +179,14 @@ class WorkerRuntime:
             # The rehearsal first (it takes 0.1-0.3 s and a newcomer's first step 0.4 s less; the
             # prefault can take its 10 s): then the prefault again, its pages so far already resident.
             self._assignments.put(a)
+
+    def _stock_slots(self, nbytes: int) -> None:
+        """The buddy slots of a rank of the rehearsed layout, made ahead at idle priority
+        (host_slots.SlotWriter.stock): a newcomer's first two commits no longer fault them in."""
+        stop = self._prefault_stop
+        with priority.background_priority(not stop.is_set(), max_idle_s=priority.PREFAULT_IDLE_S) as low:
+            if low:
+                self.s.buddy.slots.stock(nbytes, go_on=lambda: not stop.is_set() and priority.lowered())
 
     def _run_generation(self, a: Assignment) -> None:
         s = self.s
