@@ -128,8 +128,12 @@ class _Slot:
         """`blank`: memory made ahead (at least this slot's size), taken over and shrunk to it."""
         _, size = _offsets(specs)
         if blank is not None:
+            try:
+                os.ftruncate(blank.fd, size)  # a reader checks the size; the pages past it are freed
+            except BaseException:
+                blank.close()
+                raise
             self.fd, self.buf = blank.fd, blank.buf
-            os.ftruncate(self.fd, size)  # a reader checks the size; the pages past it are freed
         else:
             self.fd, self.buf = _memory(size)
         self.size = size
