@@ -129,12 +129,15 @@ def test_a_rehearsal_goes_before_the_standby_prefault_which_goes_on_after_it(mon
     monkeypatch.setattr(heap, "prefault", chunks_until_told)
     # The rehearsal reports the bytes of a rank's buddy slot: the standby stocks two blanks of it.
     monkeypatch.setattr(rehearsal, "rehearse", lambda layout: order.append(f"rehearsal {layout}") or 1 << 16)
+    # Recorded, not run: gc.freeze here would freeze the test process's objects for the rest of the suite.
+    monkeypatch.setattr(heap, "freeze_objects", lambda: order.append("freeze"))
     rt = WorkerRuntime(lambda config: None, RunConfig(checkpoint=CheckpointConfig(uri=str(tmp_path))))
     rt.fault_in_heap(1 << 30)
     assert wait_until(lambda: order == ["prefault"], timeout_s=10)
     rt.rehearse({"n": 1})
-    assert wait_until(lambda: len(order) == 4, timeout_s=10), order
-    assert order == ["prefault", "prefault gives way", "rehearsal {'n': 1}", "prefault"] and rt.s.rehearsed
+    assert wait_until(lambda: len(order) == 5, timeout_s=10), order
+    assert order == ["prefault", "prefault gives way", "rehearsal {'n': 1}", "freeze", "prefault"] and rt.s.rehearsed
     assert rt.s.buddy.slots.blank_bytes == 2 << 16 or not can_restore()  # made at idle priority only
     rt._prefault_stop.set()  # an assignment: the prefault gives way for good
     assert wait_until(lambda: order[-1] == "prefault gives way", timeout_s=10)
+    rt.s.buddy.slots.stock(0)  # the blanks' memfds go with the test

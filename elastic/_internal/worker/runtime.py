@@ -165,9 +165,9 @@ class WorkerRuntime:
                 try:
                     nbytes = rehearsal.rehearse(a.layout)
                     self.s.rehearsed = nbytes is not None or self.s.rehearsed
-                    if nbytes and self.run.failure.buddy_shm:
-                        self._stock_slots(nbytes)
                     heap.freeze_objects()  # what the rehearsal imported and left (DTensor's cache)
+                    if nbytes and self.run.failure.buddy_shm:
+                        self._stock_slots(nbytes)  # may fail (no room in /dev/shm): after the freeze
                 except Exception:  # noqa: BLE001 - a lost head start, never a lost worker
                     log.debug("rehearsal failed", exc_info=True)
             return

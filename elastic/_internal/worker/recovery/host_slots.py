@@ -185,7 +185,8 @@ class SlotWriter:
 
     def stock(self, nbytes: int, count: int = 2, go_on: Callable[[], bool] = lambda: True) -> None:
         """Hold `count` blanks of `nbytes` (a standby, sized by its rehearsal: the rows it will write
-        as a rank), made while `go_on()`; blanks of another size go (those of this size stay)."""
+        as a rank), made while `go_on()`; blanks of another size go (those of this size stay;
+        stock(0) holds none)."""
         keep = [b for b in self._blanks if b.size == nbytes]
         for b in self._blanks:
             if b.size != nbytes:
